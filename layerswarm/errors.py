@@ -1,0 +1,66 @@
+"""The errors layerswarm raises on purpose: one base class and a few precise ones.
+
+This module imports nothing, so every subpackage (even `swarm/`, which imports none of ours)
+can share one hierarchy.
+"""
+
+
+class LayerswarmError(Exception):
+    """Base class of every error layerswarm raises on purpose."""
+
+
+class ModelFormatError(LayerswarmError):
+    """A model folder or file is missing something, or holds an unsupported model."""
+
+
+class ContextOverflow(LayerswarmError):
+    """A prompt or session needs more tokens than the model or the session allows."""
+
+
+class CacheFull(LayerswarmError):
+    """The KV cache has no room for another session of the asked length."""
+
+
+class ProtocolError(LayerswarmError):
+    """A frame or message off the wire is malformed, oversized or not allowed here."""
+
+
+class PeerUnavailable(LayerswarmError):
+    """A peer could not be reached, closed the connection, or stopped answering."""
+
+
+class PeerIdMismatch(PeerUnavailable):
+    """The peer at an address proved a different identity than the one the dialer pinned."""
+
+
+class RemoteError(LayerswarmError):
+    """A peer answered a request with an error reply; `code` names the kind of error."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+
+
+class SessionExpired(LayerswarmError):
+    """The session is unknown to the peer, or it expired after idling too long."""
+
+
+class NoRouteError(LayerswarmError):
+    """No set of live peers covers every layer; `missing_layers` names the uncovered ones."""
+
+    def __init__(self, missing_layers: list[int]) -> None:
+        super().__init__(f"no peer serves layers {_ranges(missing_layers)}")
+        self.missing_layers = missing_layers
+
+
+def _ranges(layers: list[int]) -> str:
+    out: list[str] = []
+    for layer in sorted(layers):
+        if out and out[-1].endswith(f"-{layer - 1}"):
+            out[-1] = out[-1].rsplit("-", 1)[0] + f"-{layer}"
+        elif out and out[-1] == str(layer - 1):
+            out[-1] = f"{layer - 1}-{layer}"
+        else:
+            out.append(str(layer))
+    return ", ".join(out)

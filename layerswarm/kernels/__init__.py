@@ -1,0 +1,1 @@
+"""Triton kernels, their plain-torch twins, and the dispatcher that picks per device."""

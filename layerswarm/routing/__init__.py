@@ -1,0 +1,1 @@
+"""The client side: run a session across hops, the local engine, the public client."""

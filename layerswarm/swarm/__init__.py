@@ -1,0 +1,1 @@
+"""Bytes and peers, no model: identity, wire protocol, transport, peer records, discovery."""
