@@ -1,0 +1,120 @@
+"""Plain-torch twins of every kernel: the CPU path, and the reference the Triton kernels match.
+
+Shapes use a flat token axis: a batch of sessions is laid out token after token, so
+`(tokens, heads, head_dim)` tensors serve prefill (many tokens of one session) and batched
+decode (one token of many sessions) alike.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm over the last axis, computed in fp32 and cast back (as transformers does).
+
+    Args:
+        x: `(..., hidden)`.
+        weight: `(hidden,)`.
+    Returns:
+        `(..., hidden)` in `x.dtype`.
+    """
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+def add_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`s = x + residual`, then RMSNorm of `s`. Returns `(normed, s)`; `s` is the new residual."""
+    s = x + residual
+    return rms_norm(s, weight, eps), s
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
+    """Rotate q and k in place (the half-split layout of Hugging Face Llama checkpoints).
+
+    Args:
+        q: `(tokens, q_heads, head_dim)`.
+        k: `(tokens, kv_heads, head_dim)`.
+        cos, sin: `(tokens, head_dim)`, fp32.
+    """
+    c = cos[:, None, :].to(q.dtype)
+    s = sin[:, None, :].to(q.dtype)
+    q.copy_(q * c + rotate_half(q) * s)
+    k.copy_(k * c + rotate_half(k) * s)
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """`silu(gate) * up`, elementwise."""
+    return F.silu(gate) * up
+
+
+def prefill_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int, scale: float
+) -> torch.Tensor:
+    """Causal attention of one session's new tokens over its whole context.
+
+    Args:
+        q: `(tokens, q_heads, head_dim)`, the queries at positions `start .. start+tokens`.
+        k, v: `(start + tokens, kv_heads, head_dim)`, keys and values of positions `0 ..`.
+        start: position of the first query.
+    Returns:
+        `(tokens, q_heads, head_dim)`.
+    """
+    t = q.shape[0]
+    qh, kh, vh = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)  # (heads, seq, hd)
+    gqa = q.shape[1] != k.shape[1]
+    if t == 1:  # one query sees every key: no mask needed
+        out = F.scaled_dot_product_attention(qh, kh, vh, scale=scale, enable_gqa=gqa)
+    elif start == 0:
+        out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scale, enable_gqa=gqa)
+    else:
+        keys = torch.arange(start + t, device=q.device)
+        mask = keys[None, :] <= (keys[start:, None])  # (tokens, context)
+        out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=scale, enable_gqa=gqa)
+    return out.transpose(0, 1)
+
+
+def decode_attention(
+    q: torch.Tensor,
+    k_pages: torch.Tensor,
+    v_pages: torch.Tensor,
+    block_table: torch.Tensor,
+    lengths: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """One new token per session, attending over that session's paged KV cache.
+
+    Args:
+        q: `(sessions, q_heads, head_dim)`.
+        k_pages, v_pages: `(num_pages, page_size, kv_heads, head_dim)`, one layer's page pool.
+        block_table: `(sessions, max_pages)` int32, the pages of each session in order.
+        lengths: `(sessions,)` int32, tokens in each session's context (the new one included).
+    Returns:
+        `(sessions, q_heads, head_dim)`.
+    """
+    page_size = k_pages.shape[1]
+    out = torch.empty_like(q)
+    for i, n in enumerate(lengths.tolist()):
+        pages = block_table[i, : (n + page_size - 1) // page_size]
+        k = k_pages[pages].flatten(0, 1)[:n]  # (n, kv_heads, head_dim)
+        v = v_pages[pages].flatten(0, 1)[:n]
+        out[i] = _one_query(q[i], k, v, scale)
+    return out
+
+
+def _one_query(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """`q (q_heads, hd)` over `k, v (n, kv_heads, hd)` -> `(q_heads, hd)`."""
+    qh = q[:, None, :]  # (q_heads, 1, hd)
+    out = F.scaled_dot_product_attention(
+        qh, k.transpose(0, 1), v.transpose(0, 1), scale=scale, enable_gqa=q.shape[0] != k.shape[1]
+    )
+    return out[:, 0, :]

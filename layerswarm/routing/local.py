@@ -1,0 +1,54 @@
+"""The local engine: every layer in this process, behind the same interface as the swarm."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from layerswarm.routing.generate import Generator, Pipeline
+from layerswarm.routing.text import ChatTokenizer
+from layerswarm.shards.blocks import SpanModel
+from layerswarm.shards.config import ModelConfig, Span
+from layerswarm.shards.kv_cache import PagedKVCache
+from layerswarm.shards.weights import Progress, load_client_head, load_span
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    try:
+        return DTYPES[name]
+    except KeyError:
+        raise ValueError(f"unknown dtype {name!r}; choose float32, bfloat16 or float16") from None
+
+
+class LocalPipeline:
+    """A session over a whole model held in this process, with its own KV cache."""
+
+    def __init__(self, model: SpanModel, max_length: int) -> None:
+        self.model = model
+        self.cache: PagedKVCache = model.new_cache(max_length)
+        self.session = self.cache.allocate(max_length)
+
+    def forward(self, hidden: torch.Tensor, start: int) -> torch.Tensor:
+        return self.model(hidden, [start], self.cache, [self.session])
+
+    def close(self) -> None:
+        self.cache.free(self.session)
+
+
+def open_local_generator(
+    model_dir: str | Path, dtype: torch.dtype = torch.float32, progress: Progress | None = None
+) -> Generator:
+    """Load a whole model (a folder in Hugging Face layout) for generation in this process."""
+    config = ModelConfig.from_file(model_dir)
+    tokenizer = ChatTokenizer(model_dir)
+    head = load_client_head(model_dir, dtype, config)
+    model = load_span(model_dir, Span(0, config.num_layers), dtype, config, progress=progress)
+
+    def open_pipeline(max_length: int) -> Pipeline:
+        return LocalPipeline(model, max_length)
+
+    return Generator(head, tokenizer, open_pipeline)

@@ -1,0 +1,74 @@
+"""Choose the next token from logits: greedy, temperature, top-k, top-p, repetition penalty."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """How a reply is sampled and when it stops."""
+
+    max_new_tokens: int = 256  # unit: tokens generated at most
+    temperature: float = 0.0  # 0 means greedy
+    top_k: int = 0  # unit: tokens kept; 0 keeps all
+    top_p: float = 1.0  # unit: probability mass kept; 1 keeps all
+    repetition_penalty: float = 1.0  # >1 discourages tokens already in the context
+    seed: int | None = None  # fixes the random choices for a reproducible reply
+    stop: tuple[str, ...] = field(default_factory=tuple)  # strings that end the reply
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 0:
+            raise ValueError("max_new_tokens must be >= 0")
+        if self.temperature < 0:
+            raise ValueError("temperature must be >= 0")
+        if not 0 < self.top_p <= 1:
+            raise ValueError("top_p must be in (0, 1]")
+        if self.top_k < 0:
+            raise ValueError("top_k must be >= 0")
+        if self.repetition_penalty <= 0:
+            raise ValueError("repetition_penalty must be > 0")
+
+
+class Sampler:
+    """Stateful only in its random generator, so a seed makes a reply reproducible."""
+
+    def __init__(self, config: SamplingConfig) -> None:
+        self.config = config
+        self.generator = torch.Generator()
+        if config.seed is not None:
+            self.generator.manual_seed(config.seed)
+        else:
+            self.generator.seed()
+
+    def __call__(self, logits: torch.Tensor, context: Sequence[int]) -> int:
+        """Pick a token from `logits (vocab,)` given the token ids seen so far."""
+        c = self.config
+        logits = logits.float()
+        if c.repetition_penalty != 1.0 and context:
+            ids = torch.tensor(sorted(set(context)), dtype=torch.long, device=logits.device)
+            seen = logits[ids]
+            logits = logits.clone()
+            logits[ids] = torch.where(seen < 0, seen * c.repetition_penalty, seen / c.repetition_penalty)
+        if c.temperature == 0:
+            return int(torch.argmax(logits))
+        logits = logits / c.temperature
+        if c.top_k:
+            kth = torch.topk(logits, min(c.top_k, logits.numel())).values[-1]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        if c.top_p < 1.0:
+            logits = _top_p(logits, c.top_p)
+        probs = torch.softmax(logits, dim=-1)
+        return int(torch.multinomial(probs.cpu(), 1, generator=self.generator))
+
+
+def _top_p(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Keep the smallest set of tokens whose probability reaches `top_p` (at least one)."""
+    sorted_logits, order = torch.sort(logits, descending=True)
+    cum = torch.softmax(sorted_logits, dim=-1).cumsum(-1)
+    drop = cum - torch.softmax(sorted_logits, dim=-1) >= top_p  # mass before this token
+    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+    return torch.empty_like(logits).scatter_(0, order, sorted_logits)

@@ -1,0 +1,200 @@
+"""The math of a span of Llama-family decoder layers, and of the client's embedding and head.
+
+Hidden states travel between spans as the residual stream `(batch, tokens, hidden)`; each span
+reads and writes the KV cache of its own layers only.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from layerswarm.kernels import ops_for
+from layerswarm.shards.config import ModelConfig, Span
+from layerswarm.shards.kv_cache import PagedKVCache, SessionCache
+
+
+class Rotary:
+    """RoPE angles for any positions (with Llama 3 frequency scaling when configured)."""
+
+    def __init__(self, config: ModelConfig, device: torch.device | str = "cpu") -> None:
+        dim = config.head_dim
+        inv_freq = 1.0 / (
+            config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64, device=device).float() / dim)
+        )
+        if config.rope_scaling is not None:
+            inv_freq = _llama3_scale(inv_freq, config)
+        self.inv_freq = inv_freq  # (head_dim / 2,)
+
+    def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`positions (tokens,)` -> cos, sin `(tokens, head_dim)` in fp32."""
+        freqs = positions.float()[:, None] * self.inv_freq[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos(), emb.sin()
+
+
+def _llama3_scale(inv_freq: torch.Tensor, config: ModelConfig) -> torch.Tensor:
+    s = config.rope_scaling
+    assert s is not None  # checked by the caller; not wire input
+    low_wavelen = s.original_max_position_embeddings / s.low_freq_factor
+    high_wavelen = s.original_max_position_embeddings / s.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_wavelen, inv_freq / s.factor, inv_freq)
+    smooth = (s.original_max_position_embeddings / wavelen - s.low_freq_factor) / (
+        s.high_freq_factor - s.low_freq_factor
+    )
+    smoothed = (1 - smooth) * scaled / s.factor + smooth * scaled
+    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return torch.where(medium, smoothed, scaled)
+
+
+class DecoderLayer(nn.Module):
+    """One block: attention and SwiGLU MLP, each behind an RMSNorm, with residual adds.
+
+    q/k/v are one fused projection and gate/up another: one matmul each instead of three and
+    two, which matters on a CPU where decode is a chain of small GEMVs.
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        c = config
+        self.q_size = c.num_heads * c.head_dim
+        self.kv_size = c.num_kv_heads * c.head_dim
+        self.input_norm = nn.Parameter(torch.ones(c.hidden_size), requires_grad=False)
+        self.qkv = nn.Linear(c.hidden_size, self.q_size + 2 * self.kv_size, bias=c.attention_bias)
+        self.o_proj = nn.Linear(self.q_size, c.hidden_size, bias=False)
+        self.post_norm = nn.Parameter(torch.ones(c.hidden_size), requires_grad=False)
+        self.gate_up = nn.Linear(c.hidden_size, 2 * c.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(c.intermediate_size, c.hidden_size, bias=False)
+
+
+class SpanModel(nn.Module):
+    """The decoder layers `[span.start, span.end)` of a model, and the math to run them."""
+
+    def __init__(self, config: ModelConfig, span: Span, kernel_backend: str | None = None) -> None:
+        super().__init__()
+        span.check_within(config.num_layers)
+        self.config = config
+        self.span = span
+        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(len(span)))
+        self.kernel_backend = kernel_backend
+        self.rotary = Rotary(config, "cpu")
+        self.ops = ops_for("cpu", kernel_backend)
+        self.scale = 1.0 / math.sqrt(config.head_dim)
+
+    def to_device(self, device: torch.device | str) -> SpanModel:
+        self.to(device)
+        self.rotary = Rotary(self.config, device)
+        self.ops = ops_for(device, self.kernel_backend)
+        return self
+
+    def new_cache(self, tokens: int, page_size: int = 16) -> PagedKVCache:
+        """A KV cache for this span with room for `tokens` tokens in all."""
+        p = next(self.parameters())
+        c = self.config
+        pages = -(-tokens // page_size)
+        return PagedKVCache(
+            len(self.span), c.num_kv_heads, c.head_dim, pages, page_size, p.dtype, p.device
+        )
+
+    @torch.inference_mode()
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        starts: Sequence[int],
+        cache: PagedKVCache,
+        sessions: Sequence[SessionCache],
+    ) -> torch.Tensor:
+        """Run the span's layers over new tokens of one or more sessions.
+
+        Args:
+            hidden: `(batch, tokens, hidden)`, one row per session. Several rows only for
+                decode (tokens == 1), the batched case.
+            starts: the position of each row's first token.
+            cache: the KV cache of this span; each session's entries are written, then read.
+            sessions: each row's share of the cache.
+        Returns:
+            `(batch, tokens, hidden)`, the residual stream after the span.
+        """
+        b, t, d = hidden.shape
+        if b != len(starts) or b != len(sessions) or (b > 1 and t != 1):
+            raise ValueError("batch rows need one start and session each, and one token each")
+        pos = torch.cat([torch.arange(s, s + t) for s in starts]).to(hidden.device)
+        cos, sin = self.rotary.cos_sin(pos)
+        x = hidden.reshape(b * t, d)  # (tokens, hidden), sessions one after another
+        delta: torch.Tensor | None = None
+        for i, layer in enumerate(self.layers):
+            if delta is None:
+                normed = self.ops.rms_norm(x, layer.input_norm, self.config.rms_norm_eps)
+            else:
+                normed, x = self.ops.add_rms_norm(delta, x, layer.input_norm, self.config.rms_norm_eps)
+            attn = self._attention(i, layer, normed, cos, sin, starts, t, cache, sessions)
+            normed, x = self.ops.add_rms_norm(attn, x, layer.post_norm, self.config.rms_norm_eps)
+            gate, up = layer.gate_up(normed).chunk(2, dim=-1)
+            delta = layer.down_proj(self.ops.swiglu(gate, up))
+        assert delta is not None  # a span has at least one layer
+        for s, start in zip(sessions, starts, strict=True):
+            s.length = start + t
+        return (x + delta).reshape(b, t, d)
+
+    def _attention(
+        self,
+        i: int,
+        layer: DecoderLayer,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        starts: Sequence[int],
+        t: int,
+        cache: PagedKVCache,
+        sessions: Sequence[SessionCache],
+    ) -> torch.Tensor:
+        c = self.config
+        n = x.shape[0]
+        qkv = layer.qkv(x)
+        q = qkv[:, : layer.q_size].reshape(n, c.num_heads, c.head_dim)
+        k = qkv[:, layer.q_size : layer.q_size + layer.kv_size].reshape(n, c.num_kv_heads, c.head_dim)
+        v = qkv[:, layer.q_size + layer.kv_size :].reshape(n, c.num_kv_heads, c.head_dim)
+        q, k = q.contiguous(), k.contiguous()
+        self.ops.apply_rope(q, k, cos, sin)
+        for row, (s, start) in enumerate(zip(sessions, starts, strict=True)):
+            rows = slice(row * t, (row + 1) * t)
+            cache.write(i, s, start, k[rows], v[rows])
+        if t == 1 and (len(sessions) > 1 or x.is_cuda):
+            lengths = torch.tensor([s + 1 for s in starts], dtype=torch.int32, device=x.device)
+            table = cache.block_tables(list(sessions))
+            out = self.ops.decode_attention(q, cache.k[i], cache.v[i], table, lengths, self.scale)
+        else:
+            # One session: on a CPU its pages are usually one run, so this read is a view.
+            kk, vv = cache.read(i, sessions[0], starts[0] + t)
+            out = self.ops.prefill_attention(q, kk, vv, starts[0], self.scale)
+        return layer.o_proj(out.reshape(n, layer.q_size))
+
+
+class ClientHead(nn.Module):
+    """The parts a client holds: token embedding, final norm and the output head."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.norm = nn.Parameter(torch.ones(config.hidden_size), requires_grad=False)
+        self.head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.head.weight = self.embed.weight
+
+    @torch.inference_mode()
+    def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
+        """`ids (batch, tokens)` -> `(batch, tokens, hidden)`."""
+        return self.embed(ids)
+
+    @torch.inference_mode()
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """`hidden (batch, tokens, hidden)` -> fp32 logits `(batch, tokens, vocab)`."""
+        ops = ops_for(hidden.device)
+        h = ops.rms_norm(hidden, self.norm, self.config.rms_norm_eps)
+        return self.head(h).float()

@@ -1,0 +1,141 @@
+"""Load a span's weights, or the client's, from memory-mapped safetensors, reading nothing else."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+
+from layerswarm.errors import ModelFormatError
+from layerswarm.shards.blocks import ClientHead, DecoderLayer, SpanModel
+from layerswarm.shards.config import ModelConfig, Span
+
+Progress = Callable[[str, float | None], None]
+
+
+class WeightFiles:
+    """The tensors of a model folder: which file holds each name, opened lazily with mmap."""
+
+    def __init__(self, model_dir: Path) -> None:
+        self.model_dir = model_dir
+        self.where = _tensor_locations(model_dir)
+        self.read: list[str] = []  # names read so far, in order (tests check what a span touches)
+        self._stack = ExitStack()
+        self._open: dict[str, Any] = {}
+
+    def get(self, name: str, dtype: torch.dtype) -> torch.Tensor:
+        """Read one tensor and cast it.
+
+        Raises:
+            ModelFormatError: no file in the folder holds `name`.
+        """
+        file = self.where.get(name)
+        if file is None:
+            raise ModelFormatError(f"the model in {self.model_dir} lacks the tensor {name!r}")
+        if file not in self._open:
+            path = str(self.model_dir / file)
+            self._open[file] = self._stack.enter_context(safe_open(path, framework="pt"))
+        self.read.append(name)
+        return self._open[file].get_tensor(name).to(dtype)
+
+    def has(self, name: str) -> bool:
+        return name in self.where
+
+    def close(self) -> None:
+        self._stack.close()
+        self._open.clear()
+
+
+@contextmanager
+def open_weights(model_dir: str | Path) -> Iterator[WeightFiles]:
+    files = WeightFiles(Path(model_dir))
+    try:
+        yield files
+    finally:
+        files.close()
+
+
+def _tensor_locations(model_dir: Path) -> dict[str, str]:
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        return dict(json.loads(index.read_text())["weight_map"])
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise ModelFormatError(f"no *.safetensors weights in {model_dir}")
+    where: dict[str, str] = {}
+    for f in files:
+        with safe_open(str(f), framework="pt") as st:
+            for name in st.keys():  # noqa: SIM118 (safe_open is not a dict)
+                where[name] = f.name
+    return where
+
+
+def load_span(
+    model_dir: str | Path,
+    span: Span,
+    dtype: torch.dtype = torch.float32,
+    config: ModelConfig | None = None,
+    files: WeightFiles | None = None,
+    progress: Progress | None = None,
+) -> SpanModel:
+    """Build the layers `[span.start, span.end)` of the model in `model_dir`.
+
+    Only those layers' tensors are read, so memory grows with the span, not the model.
+
+    Raises:
+        ModelFormatError: the folder lacks config.json, weights, or one of the span's tensors.
+    """
+    config = config or ModelConfig.from_file(model_dir)
+    with ExitStack() as stack:
+        if files is None:
+            files = stack.enter_context(open_weights(model_dir))
+        with torch.device("meta"):
+            model = SpanModel(config, span)
+        for i, layer in enumerate(model.layers):
+            _fill_layer(layer, files, span.start + i, dtype)
+            if progress:
+                progress(f"loading layer {span.start + i + 1}/{config.num_layers}", (i + 1) / len(span))
+    return model
+
+
+def _fill_layer(layer: DecoderLayer, files: WeightFiles, index: int, dtype: torch.dtype) -> None:
+    pre = f"model.layers.{index}."
+    a = pre + "self_attn."
+    qkv = [files.get(f"{a}{p}_proj.weight", dtype) for p in "qkv"]
+    gate_up = [files.get(f"{pre}mlp.{p}_proj.weight", dtype) for p in ("gate", "up")]
+    params = {
+        "input_norm": files.get(pre + "input_layernorm.weight", dtype),
+        "post_norm": files.get(pre + "post_attention_layernorm.weight", dtype),
+        "qkv.weight": torch.cat(qkv),
+        "o_proj.weight": files.get(a + "o_proj.weight", dtype),
+        "gate_up.weight": torch.cat(gate_up),
+        "down_proj.weight": files.get(pre + "mlp.down_proj.weight", dtype),
+    }
+    if layer.qkv.bias is not None:
+        params["qkv.bias"] = torch.cat([files.get(f"{a}{p}_proj.bias", dtype) for p in "qkv"])
+    layer.load_state_dict(params, strict=True, assign=True)
+
+
+def load_client_head(
+    model_dir: str | Path, dtype: torch.dtype = torch.float32, config: ModelConfig | None = None
+) -> ClientHead:
+    """Build the embedding, final norm and head: the parts a client holds."""
+    config = config or ModelConfig.from_file(model_dir)
+    with torch.device("meta"):
+        head = ClientHead(config)
+    with open_weights(model_dir) as files:
+        params = {
+            "embed.weight": files.get("model.embed_tokens.weight", dtype),
+            "norm": files.get("model.norm.weight", dtype),
+        }
+        if not config.tie_word_embeddings:
+            params["head.weight"] = files.get("lm_head.weight", dtype)
+        head.load_state_dict(params, strict=False, assign=True)
+    if config.tie_word_embeddings:
+        head.head.weight = head.embed.weight
+    return head
