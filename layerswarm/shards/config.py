@@ -73,6 +73,8 @@ class ModelConfig:
                 f"unsupported architecture {archs or model_type!r}: layerswarm runs Llama-family "
                 f"decoders ({', '.join(sorted(SUPPORTED_ARCHITECTURES))})"
             )
+        # transformers 5 writes `rope_parameters`; older configs `rope_theta` + `rope_scaling`.
+        rope = d.get("rope_parameters") or {}
         try:
             hidden = int(d["hidden_size"])
             heads = int(d["num_attention_heads"])
@@ -86,8 +88,8 @@ class ModelConfig:
                 num_kv_heads=int(d.get("num_key_value_heads") or heads),
                 head_dim=int(d.get("head_dim") or hidden // heads),
                 rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
-                rope_theta=float(d.get("rope_theta", 10000.0)),
-                rope_scaling=_rope_scaling(d.get("rope_scaling")),
+                rope_theta=float(rope.get("rope_theta", d.get("rope_theta", 10000.0))),
+                rope_scaling=_rope_scaling(d.get("rope_scaling") or rope),
                 max_position_embeddings=int(d.get("max_position_embeddings", 2048)),
                 tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
                 attention_bias=bool(d.get("attention_bias", arch == "qwen2")),

@@ -1,0 +1,134 @@
+"""`swarm-chat`: chat with a model, locally (`--local`) or through peers (`--peer ADDR ...`).
+
+    swarm-chat --local --model smollm2-135m                       # interactive
+    swarm-chat --local --model M --prompt TEXT --max-new-tokens N --temperature 0   # one shot
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Iterable
+
+from layerswarm.cli.common import default_cache_dir, resolve_model_cli, run_main, setup_logging
+from layerswarm.routing.generate import Generator
+from layerswarm.routing.local import open_local_generator, parse_dtype
+from layerswarm.routing.sampling import SamplingConfig
+from layerswarm.routing.text import Message
+
+HELP = "commands: /reset (forget the conversation), /system TEXT, /quit"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="swarm-chat", description="Chat with a model.")
+    ap.add_argument("--model", default="smollm2-135m",
+                    help="model name, a Hugging Face style folder, or a .gguf file")
+    where = ap.add_mutually_exclusive_group()
+    where.add_argument("--local", action="store_true", help="run every layer in this process")
+    where.add_argument("--peer", action="append", default=[], metavar="HOST:PORT[/PEERID]",
+                       help="a peer to use; repeat so that their spans cover every layer")
+    ap.add_argument("--prompt", help="answer this one prompt, print the reply and exit")
+    ap.add_argument("--system", help="a system message to start the conversation with")
+    ap.add_argument("--max-new-tokens", type=int, default=256)
+    ap.add_argument("--temperature", type=float, default=0.7)
+    ap.add_argument("--top-k", type=int, default=0)
+    ap.add_argument("--top-p", type=float, default=0.9)
+    ap.add_argument("--repetition-penalty", type=float, default=1.0)
+    ap.add_argument("--seed", type=int, default=None)
+    ap.add_argument("--stop", action="append", default=[], help="a string that ends the reply")
+    ap.add_argument("--dtype", default="float32", help="float32 or bfloat16 (local engine)")
+    ap.add_argument("--insecure-plaintext", action="store_true",
+                    help="talk to peers without encryption (trusted LANs and measurements only)")
+    ap.add_argument("--verbose", action="store_true")
+    return ap
+
+
+def sampling_from(args: argparse.Namespace) -> SamplingConfig:
+    try:
+        return SamplingConfig(
+            max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature,
+            top_k=args.top_k,
+            top_p=args.top_p,
+            repetition_penalty=args.repetition_penalty,
+            seed=args.seed,
+            stop=tuple(args.stop),
+        )
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+
+
+def open_generator(args: argparse.Namespace) -> Generator:
+    model_dir = resolve_model_cli(args.model, default_cache_dir())
+    if args.peer:
+        from layerswarm.routing.swarm_client import open_swarm_generator
+
+        return open_swarm_generator(
+            model_dir, args.peer, insecure_plaintext=args.insecure_plaintext
+        )
+    if not args.local:
+        raise SystemExit("error: say --local to run the model here, or name peers with --peer")
+    return open_local_generator(model_dir, parse_dtype(args.dtype))
+
+
+def show(pieces: Iterable[str]) -> str:
+    """Print pieces as they come; return the whole reply."""
+    reply = []
+    for piece in pieces:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+        reply.append(piece)
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+    return "".join(reply)
+
+
+def interactive(gen: Generator, sampling: SamplingConfig, system: str | None) -> None:
+    print(f"chat with the model; {HELP}", file=sys.stderr)
+    messages: list[Message] = [{"role": "system", "content": system}] if system else []
+    while True:
+        try:
+            line = input("> ").strip()
+        except EOFError:
+            return
+        if not line:
+            continue
+        if line in ("/quit", "/exit"):
+            return
+        if line == "/reset":
+            messages = [m for m in messages if m["role"] == "system"]
+            continue
+        if line.startswith("/system "):
+            messages = [{"role": "system", "content": line[8:]}]
+            continue
+        if line.startswith("/"):
+            print(HELP, file=sys.stderr)
+            continue
+        messages.append({"role": "user", "content": line})
+        try:
+            reply = show(gen.chat(messages, sampling))
+        except KeyboardInterrupt:
+            print("\n(stopped)", file=sys.stderr)
+            messages.pop()
+            continue
+        messages.append({"role": "assistant", "content": reply})
+
+
+def main(argv: list[str] | None = None) -> None:
+    run_main(_main, argv)
+
+
+def _main(argv: list[str] | None) -> None:
+    args = build_parser().parse_args(argv)
+    setup_logging(args.verbose)
+    sampling = sampling_from(args)
+    gen = open_generator(args)
+    if args.prompt is not None:
+        messages: list[Message] = [{"role": "system", "content": args.system}] if args.system else []
+        show(gen.chat([*messages, {"role": "user", "content": args.prompt}], sampling))
+        return
+    interactive(gen, sampling, args.system)
+
+
+if __name__ == "__main__":
+    main()

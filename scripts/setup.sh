@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Create (or reuse) the virtual environment .venv and install layerswarm into it.
+#
+# torch goes in first, pinned: on a machine without a GPU any other torch version, or an
+# unpinned one pulled in by another package, downloads several GB of CUDA wheels.
+# With a GPU, install the CUDA build of torch you need first (see README), then run this:
+# it keeps a torch that is already installed.
+#
+#   scripts/setup.sh          # runtime dependencies
+#   scripts/setup.sh dev      # plus test tools (pytest, ruff, mypy, hypothesis, transformers, triton)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+TORCH_VERSION="${LAYERSWARM_TORCH_VERSION:-2.13.0}"
+PY="${PYTHON:-python3}"
+extra="${1:-}"
+
+if [[ ! -x .venv/bin/python ]]; then
+    echo "setup: creating .venv" >&2
+    "$PY" -m venv .venv
+fi
+VPY=.venv/bin/python
+stamp=".venv/.layerswarm-setup-${extra:-runtime}"
+if [[ -f $stamp && $stamp -nt pyproject.toml ]]; then
+    exit 0  # already set up for this pyproject.toml
+fi
+if ! "$VPY" -c "import torch" 2>/dev/null; then
+    echo "setup: installing torch==$TORCH_VERSION" >&2
+    "$VPY" -m pip install --disable-pip-version-check -q "torch==$TORCH_VERSION"
+fi
+target="."
+[[ $extra == dev ]] && target=".[dev]"
+echo "setup: installing layerswarm${extra:+ with [$extra]}" >&2
+"$VPY" -m pip install --disable-pip-version-check -q -e "$target"
+touch "$stamp"
