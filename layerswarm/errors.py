@@ -21,6 +21,10 @@ class CacheFull(LayerswarmError):
     """The KV cache has no room for another session of the asked length."""
 
 
+class StepCancelled(LayerswarmError):
+    """A step was stopped part-way (its deadline passed, or the peer is shutting down)."""
+
+
 class ProtocolError(LayerswarmError):
     """A frame or message off the wire is malformed, oversized or not allowed here."""
 

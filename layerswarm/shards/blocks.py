@@ -7,12 +7,13 @@ reads and writes the KV cache of its own layers only.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from layerswarm.errors import StepCancelled
 from layerswarm.kernels import ops_for
 from layerswarm.shards.config import ModelConfig, Span
 from layerswarm.shards.kv_cache import PagedKVCache, SessionCache
@@ -108,6 +109,8 @@ class SpanModel(nn.Module):
         starts: Sequence[int],
         cache: PagedKVCache,
         sessions: Sequence[SessionCache],
+        layers: Span | None = None,
+        should_stop: Callable[[], bool] | None = None,
     ) -> torch.Tensor:
         """Run the span's layers over new tokens of one or more sessions.
 
@@ -117,6 +120,9 @@ class SpanModel(nn.Module):
             starts: the position of each row's first token.
             cache: the KV cache of this span; each session's entries are written, then read.
             sessions: each row's share of the cache.
+            layers: the layers to run (absolute indices), a part of the span; all if None.
+            should_stop: checked before each layer; when it says so, `StepCancelled` is raised
+                and the sessions' lengths stay as they were.
         Returns:
             `(batch, tokens, hidden)`, the residual stream after the span.
         """
@@ -126,8 +132,14 @@ class SpanModel(nn.Module):
         pos = torch.cat([torch.arange(s, s + t) for s in starts]).to(hidden.device)
         cos, sin = self.rotary.cos_sin(pos)
         x = hidden.reshape(b * t, d)  # (tokens, hidden), sessions one after another
+        layers = layers or self.span
+        if layers.start < self.span.start or layers.end > self.span.end:
+            raise ValueError(f"layers {layers} are not within the span {self.span}")
         delta: torch.Tensor | None = None
-        for i, layer in enumerate(self.layers):
+        for i in range(layers.start - self.span.start, layers.end - self.span.start):
+            if should_stop is not None and should_stop():
+                raise StepCancelled(f"step stopped before layer {self.span.start + i}")
+            layer = self.layers[i]
             if delta is None:
                 normed = self.ops.rms_norm(x, layer.input_norm, self.config.rms_norm_eps)
             else:

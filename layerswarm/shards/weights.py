@@ -139,3 +139,18 @@ def load_client_head(
     if config.tie_word_embeddings:
         head.head.weight = head.embed.weight
     return head
+
+
+def model_fingerprint(model_dir: str | Path) -> str:
+    """A short hash of a model's identity: its config and the names and sizes of its weights.
+
+    Peers announce it and clients compare it, so that peers of different models or revisions
+    never mix in one pipeline. Cheap: it reads no tensor data.
+    """
+    import hashlib
+
+    model_dir = Path(model_dir)
+    h = hashlib.sha256((model_dir / "config.json").read_bytes())
+    for f in sorted(model_dir.glob("*.safetensors")):
+        h.update(f"{f.name}:{f.stat().st_size}".encode())
+    return h.hexdigest()[:16]

@@ -1,0 +1,92 @@
+"""`swarm-peer`: run a peer daemon that serves a span of a model's layers.
+
+    swarm-peer start --model smollm2-135m --layers 0:15 --host 127.0.0.1 --port 0
+
+With `--port 0` the peer picks a free port; scripts read the line it prints on stdout once it
+serves: `LAYERSWARM-PEER-READY {"host": ..., "port": ..., "peer_id": ..., "address": ...}`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from pathlib import Path
+
+from layerswarm.cli.common import (
+    ProgressLine,
+    default_cache_dir,
+    default_config_dir,
+    resolve_model_cli,
+    run_main,
+    setup_logging,
+)
+from layerswarm.peer.config import PeerConfig
+from layerswarm.peer.server import DTYPES, serve_peer
+from layerswarm.shards.config import Span
+from layerswarm.swarm.identity import load_or_create_identity
+from layerswarm.swarm.transport import new_event_loop
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="swarm-peer", description="Serve a span of a model's layers.")
+    sub = ap.add_subparsers(dest="command", required=True)
+    start = sub.add_parser("start", help="load a span of layers and serve it until stopped")
+    start.add_argument("--model", default="smollm2-135m",
+                       help="model name, a Hugging Face style folder, or a .gguf file")
+    start.add_argument("--layers", required=True, metavar="A:B",
+                       help="serve layers A up to (not including) B")
+    start.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    start.add_argument("--port", type=int, default=0, help="TCP port (0: pick a free one)")
+    start.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    start.add_argument("--cache-memory", type=float, default=256, metavar="MIB",
+                       help="KV-cache budget for all sessions together, in MiB")
+    start.add_argument("--max-session-length", type=int, default=8192, metavar="TOKENS")
+    start.add_argument("--session-idle-timeout", type=float, default=300, metavar="S")
+    start.add_argument("--step-timeout", type=float, default=30, metavar="S")
+    start.add_argument("--key", type=Path, metavar="FILE",
+                       help="the peer's Ed25519 key (created if missing; default: in the config dir)")
+    start.add_argument("--insecure-plaintext", action="store_true",
+                       help="serve without encryption (trusted LANs and measurements only)")
+    start.add_argument("--verbose", action="store_true")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> None:
+    run_main(_main, argv)
+
+
+def _main(argv: list[str] | None) -> None:
+    args = build_parser().parse_args(argv)
+    setup_logging(args.verbose)
+    try:
+        span = Span.parse(args.layers)
+    except ValueError as e:
+        raise SystemExit(f"error: --layers: {e}") from None
+    model_dir = resolve_model_cli(args.model, default_cache_dir())
+    key_path = args.key or default_config_dir() / "peer.key"
+    identity = load_or_create_identity(key_path)
+    config = PeerConfig(
+        model_dir=model_dir,
+        model_name=args.model if "/" not in args.model else model_dir.name,
+        span=span,
+        host=args.host,
+        port=args.port,
+        dtype=args.dtype,
+        cache_memory_bytes=int(args.cache_memory * 2**20),
+        max_session_length=args.max_session_length,
+        session_idle_timeout=args.session_idle_timeout,
+        step_timeout=args.step_timeout,
+        key_path=key_path,
+        insecure_plaintext=args.insecure_plaintext,
+    )
+
+    def on_ready(line: str) -> None:
+        print(line, flush=True)
+
+    with asyncio.Runner(loop_factory=new_event_loop) as runner:
+        runner.run(serve_peer(config, identity, on_ready, ProgressLine(sys.stderr)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,27 @@
+"""What a peer daemon is told at start."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from layerswarm.shards.config import Span
+
+
+@dataclass(frozen=True)
+class PeerConfig:
+    """One peer: what it serves, where it listens, and the limits it keeps."""
+
+    model_dir: Path  # a Hugging Face style model folder (already resolved)
+    model_name: str  # what the peer announces; clients check it matches theirs
+    span: Span  # the layers served, half-open
+    host: str = "127.0.0.1"  # address to listen on
+    port: int = 0  # TCP port; 0 picks a free one (see the ready line)
+    dtype: str = "float32"  # compute dtype: float32, bfloat16 or float16
+    cache_memory_bytes: int = 256 * 2**20  # bytes: KV-cache budget for all sessions together
+    max_session_length: int = 8192  # tokens: the longest session one client may open
+    session_idle_timeout: float = 300.0  # s: a session with no request this long is dropped
+    step_timeout: float = 30.0  # s: a step waiting or running longer is cancelled
+    max_batch: int = 16  # sessions: decode steps of this many sessions run as one batch
+    key_path: Path | None = None  # the peer's Ed25519 key file; created if missing
+    insecure_plaintext: bool = False  # no TLS; trusted LANs and measurements only

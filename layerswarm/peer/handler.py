@@ -1,0 +1,81 @@
+"""Request handling on a peer: decode each request, check it, answer it or name what is wrong."""
+
+from __future__ import annotations
+
+import logging
+
+from layerswarm.errors import RemoteError
+from layerswarm.peer.config import PeerConfig
+from layerswarm.peer.sessions import SessionTable
+from layerswarm.shards.config import Span
+from layerswarm.swarm.protocol import (
+    CloseSession,
+    Closed,
+    ErrorCode,
+    InfoReply,
+    InfoRequest,
+    Message,
+    OpenSession,
+    SessionOpened,
+    Step,
+    StepResult,
+)
+from layerswarm.swarm.transport import ConnectionInfo
+
+log = logging.getLogger(__name__)
+
+
+class RequestHandler:
+    """Answers the requests of every connection to one peer."""
+
+    def __init__(self, config: PeerConfig, table: SessionTable, peer_id: str, model_id: str) -> None:
+        self.config = config
+        self.model_id = model_id  # "name@fingerprint": clients check the fingerprint
+        self.table = table
+        self.peer_id = peer_id
+        self.stopping = False
+
+    async def __call__(self, conn: ConnectionInfo, msg: Message) -> Message:
+        if self.stopping and not isinstance(msg, (InfoRequest, CloseSession)):
+            raise RemoteError(ErrorCode.SHUTTING_DOWN, "this peer is shutting down")
+        if isinstance(msg, InfoRequest):
+            return self.info()
+        if isinstance(msg, OpenSession):
+            return self._open(conn, msg)
+        if isinstance(msg, Step):
+            session = self.table.get(conn.peer_id, msg.session_id)
+            out = await self.table.step(session, msg.hidden, msg.start_position, self.config.step_timeout)
+            return StepResult(msg.session_id, out)
+        if isinstance(msg, CloseSession):
+            self.table.close(conn.peer_id, msg.session_id)
+            return Closed(msg.session_id)
+        raise RemoteError(ErrorCode.PROTOCOL, f"{type(msg).__name__} is not a request")
+
+    def _open(self, conn: ConnectionInfo, msg: OpenSession) -> SessionOpened:
+        if not 0 < msg.max_length <= self.config.max_session_length:
+            raise RemoteError(
+                ErrorCode.BAD_POSITION,
+                f"max_length must be in 1..{self.config.max_session_length}, got {msg.max_length}",
+            )
+        try:
+            layers = Span(msg.span_start, msg.span_end)
+        except ValueError as e:
+            raise RemoteError(ErrorCode.BAD_SPAN, str(e)) from None
+        self.table.open(conn.peer_id, msg.session_id, layers, msg.max_length)
+        log.debug("opened session %s for %s on layers %s", msg.session_id, conn.peer_id, layers)
+        return SessionOpened(msg.session_id)
+
+    def info(self) -> InfoReply:
+        span = self.table.model.span
+        cache = self.table.cache
+        return InfoReply(
+            peer_id=self.peer_id,
+            model=self.model_id,
+            span_start=span.start,
+            span_end=span.end,
+            num_layers=self.table.model.config.num_layers,
+            dtype=self.config.dtype,
+            cache_tokens_free=cache.tokens_free,
+            cache_tokens_total=cache.tokens_total,
+            active_sessions=len(self.table.sessions),
+        )

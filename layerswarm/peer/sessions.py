@@ -1,0 +1,199 @@
+"""Sessions on a peer: their KV cache, validation of each step, and batched compute.
+
+Compute runs on one worker thread: the model's matmuls already use every core, so two steps
+at once would only fight. Decode steps of different sessions that wait at the same time are
+run as one batch (one token each), which costs little more than a single one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import torch
+
+from layerswarm.errors import CacheFull, RemoteError, StepCancelled
+from layerswarm.shards.blocks import SpanModel
+from layerswarm.shards.config import Span
+from layerswarm.shards.kv_cache import PagedKVCache, SessionCache
+from layerswarm.swarm.protocol import ErrorCode
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Session:
+    key: tuple[str, str]  # (owner's peer ID, session ID): a client reaches only its own
+    layers: Span  # the part of the peer's span this session runs
+    cache: SessionCache
+    last_used: float  # unit: monotonic s of the last request
+
+
+@dataclass
+class _Job:
+    session: Session
+    hidden: torch.Tensor  # (1, tokens, hidden) in the model's dtype
+    start: int
+    deadline: float  # unit: monotonic s after which the step is abandoned
+    done: asyncio.Future[torch.Tensor] = field(repr=False)
+
+
+class SessionTable:
+    """Every open session of one peer, and the compute worker that serves their steps."""
+
+    def __init__(self, model: SpanModel, cache_tokens: int, max_batch: int = 16) -> None:
+        self.model = model
+        self.cache: PagedKVCache = model.new_cache(cache_tokens)
+        self.max_batch = max_batch
+        self.sessions: dict[tuple[str, str], Session] = {}
+        self.dtype = next(model.parameters()).dtype
+        self._queue: asyncio.Queue[_Job] = asyncio.Queue()
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="layerswarm-compute")
+        self._stopping = False
+
+    def open(self, owner: str, session_id: str, layers: Span, max_length: int) -> Session:
+        span = self.model.span
+        if layers.start < span.start or layers.end > span.end:
+            raise RemoteError(ErrorCode.BAD_SPAN, f"this peer serves layers {span}, not {layers}")
+        key = (owner, session_id)
+        if key in self.sessions:
+            raise RemoteError(ErrorCode.PROTOCOL, f"session {session_id!r} is already open")
+        try:
+            cache = self.cache.allocate(max_length)
+        except CacheFull as e:
+            raise RemoteError(ErrorCode.CACHE_FULL, str(e)) from None
+        session = Session(key, layers, cache, time.monotonic())
+        self.sessions[key] = session
+        return session
+
+    def get(self, owner: str, session_id: str) -> Session:
+        session = self.sessions.get((owner, session_id))
+        if session is None:
+            raise RemoteError(
+                ErrorCode.UNKNOWN_SESSION, f"no session {session_id!r} here (closed or expired)"
+            )
+        session.last_used = time.monotonic()
+        return session
+
+    def close(self, owner: str, session_id: str) -> None:
+        session = self.get(owner, session_id)
+        del self.sessions[session.key]
+        self.cache.free(session.cache)
+
+    def close_owner(self, owner: str) -> None:
+        """Drop every session of a client (its connection is gone)."""
+        for key in [k for k in self.sessions if k[0] == owner]:
+            self.cache.free(self.sessions.pop(key).cache)
+
+    def expire_idle(self, idle_timeout: float) -> int:
+        now = time.monotonic()
+        stale = [k for k, s in self.sessions.items() if now - s.last_used > idle_timeout]
+        for key in stale:
+            self.cache.free(self.sessions.pop(key).cache)
+        if stale:
+            log.info("expired %d idle sessions", len(stale))
+        return len(stale)
+
+    async def step(self, session: Session, hidden: torch.Tensor, start: int, timeout: float) -> torch.Tensor:
+        """Validate a step, queue it for the worker, and wait for its output."""
+        self._check_step(session, hidden, start)
+        loop = asyncio.get_running_loop()
+        job = _Job(session, hidden.to(self.dtype), start, time.monotonic() + timeout, loop.create_future())
+        self._queue.put_nowait(job)
+        try:
+            out = await asyncio.wait_for(asyncio.shield(job.done), timeout)
+        except asyncio.TimeoutError:
+            raise RemoteError(ErrorCode.TIMEOUT, f"the step ran past {timeout:.1f} s") from None
+        return out.to(hidden.dtype)
+
+    def _check_step(self, session: Session, hidden: torch.Tensor, start: int) -> None:
+        d = self.model.config.hidden_size
+        if hidden.ndim != 3 or hidden.shape[0] != 1 or hidden.shape[2] != d or hidden.shape[1] < 1:
+            raise RemoteError(
+                ErrorCode.BAD_SHAPE, f"hidden states must be (1, tokens, {d}), got {tuple(hidden.shape)}"
+            )
+        if not hidden.is_floating_point():
+            raise RemoteError(ErrorCode.BAD_SHAPE, f"hidden states must be floats, got {hidden.dtype}")
+        end = start + hidden.shape[1]
+        if start < 0 or start > session.cache.length:
+            raise RemoteError(
+                ErrorCode.BAD_POSITION,
+                f"start {start} leaves a gap: the session holds {session.cache.length} tokens",
+            )
+        if end > session.cache.max_length:
+            raise RemoteError(
+                ErrorCode.BAD_POSITION,
+                f"positions up to {end} pass the session's max_length {session.cache.max_length}",
+            )
+
+    async def serve_steps(self) -> None:
+        """The worker loop: take waiting steps, batch the decode ones, run them off the loop."""
+        loop = asyncio.get_running_loop()
+        while True:
+            jobs = [await self._queue.get()]
+            while not self._queue.empty() and len(jobs) < self.max_batch:
+                jobs.append(self._queue.get_nowait())
+            for batch in _batches(jobs):
+                live = [j for j in batch if not j.done.done() and j.session.key in self.sessions]
+                if not live:
+                    continue
+                try:
+                    out = await loop.run_in_executor(self._executor, self._run, live)
+                except Exception as e:  # each waiter gets the error; the worker goes on
+                    for j in live:
+                        if not j.done.done():
+                            j.done.set_exception(_as_remote(e))
+                    continue
+                for row, j in enumerate(live):
+                    if not j.done.done():
+                        j.done.set_result(out[row : row + 1])
+
+    def _run(self, jobs: Sequence[_Job]) -> torch.Tensor:
+        deadline = min(j.deadline for j in jobs)
+        hidden = torch.cat([j.hidden for j in jobs])  # (batch, tokens, hidden)
+        return self.model(
+            hidden,
+            [j.start for j in jobs],
+            self.cache,
+            [j.session.cache for j in jobs],
+            layers=jobs[0].session.layers,
+            should_stop=lambda: self._stopping or time.monotonic() > deadline,
+        )
+
+    def shutdown(self) -> None:
+        self._stopping = True
+        self._executor.shutdown(wait=True, cancel_futures=True)
+
+
+def _batches(jobs: list[_Job]) -> list[list[_Job]]:
+    """Group neighbouring decode steps (one token) of different sessions on the same layers.
+
+    Order is kept, so two steps of one session never swap.
+    """
+    out: list[list[_Job]] = []
+    for j in jobs:
+        last = out[-1] if out else None
+        if (
+            last is not None
+            and j.hidden.shape[1] == 1
+            and last[0].hidden.shape[1] == 1
+            and last[0].session.layers == j.session.layers
+            and all(k.session is not j.session for k in last)
+        ):
+            last.append(j)
+        else:
+            out.append([j])
+    return out
+
+
+def _as_remote(e: Exception) -> RemoteError:
+    if isinstance(e, RemoteError):
+        return e
+    if isinstance(e, StepCancelled):
+        return RemoteError(ErrorCode.TIMEOUT, str(e))
+    log.exception("step failed", exc_info=e)
+    return RemoteError(ErrorCode.INTERNAL, f"{type(e).__name__}: {e}")
