@@ -1,0 +1,61 @@
+"""`swarm-demo`: start a local swarm of peer processes on loopback and chat through it.
+
+Fetches the default model if missing, starts peers that split its layers between them, streams
+one reply generated through them, then stops the peers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from layerswarm.cli.common import default_cache_dir, resolve_model_cli, run_main, setup_logging
+from layerswarm.cli.chat import show
+from layerswarm.peer.launch import even_spans, start_peers
+from layerswarm.routing.sampling import SamplingConfig
+from layerswarm.routing.swarm_client import open_swarm_generator
+from layerswarm.shards.config import ModelConfig
+
+
+def main(argv: list[str] | None = None) -> None:
+    run_main(_main, argv)
+
+
+def _main(argv: list[str] | None) -> None:
+    ap = argparse.ArgumentParser(prog="swarm-demo", description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--peers", type=int, default=3, help="how many peers split the layers")
+    ap.add_argument("--prompt", default="What is the capital of France?")
+    ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--verbose", action="store_true")
+    args = ap.parse_args(argv)
+    setup_logging(args.verbose)
+    model_dir = resolve_model_cli(args.model, default_cache_dir())
+    spans = even_spans(ModelConfig.from_file(model_dir).num_layers, args.peers)
+    say(f"starting {len(spans)} peers on 127.0.0.1 serving layers "
+        + ", ".join(str(s) for s in spans))
+    with tempfile.TemporaryDirectory(prefix="layerswarm-demo-") as tmp:
+        t0 = time.monotonic()
+        with start_peers(model_dir, spans, Path(tmp)) as swarm:
+            say(f"peers ready in {time.monotonic() - t0:.1f} s:")
+            for p in swarm.peers:
+                say(f"  layers {p.span}  at {p.address}")
+            gen = open_swarm_generator(model_dir, swarm.addresses)
+            say(f"\n> {args.prompt}")
+            show(gen.chat([{"role": "user", "content": args.prompt}],
+                          SamplingConfig(max_new_tokens=args.max_new_tokens)))
+            s = gen.last_stats
+            say(f"\n{s.new_tokens} tokens through {len(spans)} peers: prefill "
+                f"{s.prefill_seconds * 1e3:.0f} ms, decode {s.decode_tokens_per_second:.1f} tok/s")
+            say("stopping the peers")
+
+
+def say(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+if __name__ == "__main__":
+    main()
