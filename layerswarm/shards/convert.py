@@ -1,0 +1,406 @@
+"""Convert a Llama-family GGUF file into a Hugging Face style model folder, weights in float32.
+
+The folder holds `model.safetensors` (Hugging Face Llama tensor names, written layer by layer so a
+span's tensors lie together on disk), `config.json`, `tokenizer.json`, `tokenizer_config.json`
+(with the chat template) and `generation_config.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from gguf import GGMLQuantizationType, GGUFReader, ReaderTensor, TokenType, quants
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+
+from layerswarm.errors import ModelFormatError
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[str, float | None], None]
+"""Called with a message and the fraction done (None when unknown)."""
+
+GGUF_ARCHITECTURES = ("llama",)  # values of `general.architecture` this module converts
+
+# (gguf name inside `blk.{i}.`, Hugging Face name inside `model.layers.{i}.`), in the order
+# written to disk. Biases are optional (Qwen2-style q/k/v biases).
+_LAYER_TENSORS = (
+    ("attn_norm.weight", "input_layernorm.weight"),
+    ("attn_q.weight", "self_attn.q_proj.weight"),
+    ("attn_q.bias", "self_attn.q_proj.bias"),
+    ("attn_k.weight", "self_attn.k_proj.weight"),
+    ("attn_k.bias", "self_attn.k_proj.bias"),
+    ("attn_v.weight", "self_attn.v_proj.weight"),
+    ("attn_v.bias", "self_attn.v_proj.bias"),
+    ("attn_output.weight", "self_attn.o_proj.weight"),
+    ("ffn_norm.weight", "post_attention_layernorm.weight"),
+    ("ffn_gate.weight", "mlp.gate_proj.weight"),
+    ("ffn_up.weight", "mlp.up_proj.weight"),
+    ("ffn_down.weight", "mlp.down_proj.weight"),
+)
+_OPTIONAL = {"attn_q.bias", "attn_k.bias", "attn_v.bias"}
+# Tensors llama.cpp may store that carry no weights of their own: `rope_freqs` becomes
+# `rope_scaling` in config.json; `attn_rot_embd` is a cache of RoPE sines that old files carry.
+_CONSUMED = ("rope_freqs.weight", ".attn_rot_embd")
+
+# Byte-level pre-tokenizers by `tokenizer.ggml.pre`, matched to each model's own tokenizer.json.
+_LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_GPT2_PRE = ("default", "gpt2", "gpt-2")
+_LLAMA3_PRE = ("llama-bpe", "llama3", "llama-v3")
+
+
+@dataclass(frozen=True)
+class _Entry:
+    """One tensor to write: its Hugging Face name, its GGUF source, and how to undo llama.cpp."""
+
+    name: str
+    source: ReaderTensor
+    unpermute_heads: int | None = None  # unit: heads of the Q/K row interleave to undo
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        # GGUF lists dimensions fastest first, the reverse of torch: [576, 49152] is (49152, 576).
+        return tuple(int(d) for d in reversed(self.source.shape.tolist()))
+
+
+def convert_gguf(gguf_path: Path, out_dir: Path, progress: Progress | None = None) -> None:
+    """Convert a Llama-family GGUF file into a Hugging Face style folder.
+
+    Args:
+        gguf_path: the `.gguf` file.
+        out_dir: the folder to write into (created if missing; files in it are overwritten).
+        progress: told `("converting 120/272 tensors", 0.44)` as each tensor is written.
+
+    Raises:
+        ModelFormatError: the file is not GGUF, not a Llama-family model, lacks metadata or
+            tensors, or stores a tensor type or tokenizer this converter cannot read.
+    """
+    gguf_path = Path(gguf_path)
+    reader = _open(gguf_path)
+    meta = {name: field.contents() for name, field in reader.fields.items()}
+    arch = meta.get("general.architecture")
+    if arch not in GGUF_ARCHITECTURES:
+        raise ModelFormatError(
+            f"{gguf_path} holds a {arch!r} model; layerswarm converts only "
+            f"{', '.join(GGUF_ARCHITECTURES)} GGUF files"
+        )
+    tensors = {t.name: t for t in reader.tensors}
+    config = _config(meta, tensors, gguf_path)
+    entries = _plan(tensors, config, gguf_path)
+    tokenizer = _tokenizer(meta, gguf_path)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _write_safetensors(out_dir / "model.safetensors", entries, progress)
+    _write_json(out_dir / "config.json", config)
+    tokenizer.save(str(out_dir / "tokenizer.json"))
+    _write_json(out_dir / "tokenizer_config.json", _tokenizer_config(meta, config))
+    generation: dict[str, Any] = {
+        k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in config
+    }
+    _write_json(out_dir / "generation_config.json", generation)
+
+
+def _open(path: Path) -> GGUFReader:
+    if not path.is_file():
+        raise ModelFormatError(f"no GGUF file at {path}")
+    try:
+        return GGUFReader(path)
+    except (ValueError, OSError, struct.error) as e:
+        raise ModelFormatError(f"{path} is not a readable GGUF file: {e}") from None
+
+
+def _int(meta: dict[str, Any], key: str, path: Path, default: int | None = None) -> int:
+    value = meta.get(key, default)
+    if value is None:
+        raise ModelFormatError(f"{path} lacks the GGUF metadata {key!r}")
+    if not isinstance(value, int):
+        raise ModelFormatError(f"{path}: {key!r} is {value!r}; layerswarm needs one number here")
+    return value
+
+
+def _float32(value: float) -> float:
+    # GGUF stores float32: 1e-5 is 9.999999747e-06 there; keep the shortest float32 spelling.
+    return float(str(np.float32(value)))
+
+
+def _config(meta: dict[str, Any], tensors: dict[str, ReaderTensor], path: Path) -> dict[str, Any]:
+    """A Hugging Face `config.json` for a Llama model, from `llama.*` metadata."""
+    if meta.get("llama.expert_count", 0):
+        raise ModelFormatError(f"{path} is a mixture-of-experts model, which layerswarm cannot run")
+    if "token_embd.weight" not in tensors:
+        raise ModelFormatError(f"{path} lacks the tensor 'token_embd.weight'")
+    hidden = _int(meta, "llama.embedding_length", path)
+    heads = _int(meta, "llama.attention.head_count", path)
+    head_dim = _int(meta, "llama.attention.key_length", path, hidden // heads)
+    rope_dim = _int(meta, "llama.rope.dimension_count", path, head_dim)
+    if rope_dim != head_dim:
+        raise ModelFormatError(
+            f"{path} rotates {rope_dim} of {head_dim} features per head; "
+            "partial RoPE is not supported"
+        )
+    theta = _float32(meta.get("llama.rope.freq_base", 10000.0))
+    config: dict[str, Any] = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": hidden,
+        "intermediate_size": _int(meta, "llama.feed_forward_length", path),
+        "num_hidden_layers": _int(meta, "llama.block_count", path),
+        "num_attention_heads": heads,
+        "num_key_value_heads": _int(meta, "llama.attention.head_count_kv", path, heads),
+        "head_dim": head_dim,
+        "vocab_size": int(tensors["token_embd.weight"].shape[1]),
+        "rms_norm_eps": _float32(meta.get("llama.attention.layer_norm_rms_epsilon", 1e-5)),
+        "rope_theta": theta,
+        "rope_scaling": _rope_scaling(meta, tensors, head_dim, theta, path),
+        "max_position_embeddings": _int(meta, "llama.context_length", path, 2048),
+        "tie_word_embeddings": "output.weight" not in tensors,
+        "attention_bias": "blk.0.attn_q.bias" in tensors,
+        "mlp_bias": False,
+        "hidden_act": "silu",
+        "torch_dtype": "float32",
+    }
+    eos = [
+        meta[k] for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id") if k in meta
+    ]
+    eos = list(dict.fromkeys(eos))  # Llama 3 instruct ends a turn with eot, a document with eos
+    if eos:
+        config["eos_token_id"] = eos[0] if len(eos) == 1 else eos
+    for key, hf_key in (("bos_token_id", "bos_token_id"), ("padding_token_id", "pad_token_id")):
+        if f"tokenizer.ggml.{key}" in meta:
+            config[hf_key] = meta[f"tokenizer.ggml.{key}"]
+    return config
+
+
+def _rope_scaling(
+    meta: dict[str, Any], tensors: dict[str, ReaderTensor], head_dim: int, theta: float, path: Path
+) -> dict[str, Any] | None:
+    """`rope_scaling` from `llama.rope.scaling.*`, or recovered from a `rope_freqs` tensor."""
+    original = meta.get("llama.rope.scaling.original_context_length")
+    if "rope_freqs.weight" in tensors:
+        # llama.cpp turns Llama 3's `rope_scaling` into per-frequency factors and drops the
+        # parameters; the largest factor is `factor`, the others are Meta's published defaults.
+        factors = _dequantize(tensors["rope_freqs.weight"])
+        factor, context = float(factors.max()), int(original or 8192)
+        if not np.allclose(factors, _llama3_factors(head_dim, theta, factor, 1.0, 4.0, context)):
+            raise ModelFormatError(f"{path}: rope_freqs.weight matches no llama3 rope_scaling")
+        return {
+            "rope_type": "llama3",
+            "factor": factor,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": context,
+        }
+    kind = meta.get("llama.rope.scaling.type")
+    if kind in (None, "none"):
+        return None
+    scaling = {"rope_type": kind, "factor": _float32(meta.get("llama.rope.scaling.factor", 1.0))}
+    if original:
+        scaling["original_max_position_embeddings"] = original
+    return scaling
+
+
+def _llama3_factors(
+    head_dim: int,
+    theta: float,
+    factor: float,
+    low_freq_factor: float,
+    high_freq_factor: float,
+    original_max_position_embeddings: int,
+) -> np.ndarray:
+    """The per-frequency factors llama.cpp's convert_hf_to_gguf stores as `rope_freqs`."""
+    freqs = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim))
+    wavelen = 2 * math.pi / freqs
+    smooth = (original_max_position_embeddings / wavelen - low_freq_factor) / (
+        high_freq_factor - low_freq_factor
+    )
+    out = 1 / ((1 - smooth) / factor + smooth)
+    out = np.where(wavelen < original_max_position_embeddings / high_freq_factor, 1.0, out)
+    return np.where(wavelen > original_max_position_embeddings / low_freq_factor, factor, out)
+
+
+def _plan(tensors: dict[str, ReaderTensor], config: dict[str, Any], path: Path) -> list[_Entry]:
+    """Every tensor to write, in disk order: embedding, layer 0, layer 1, ..., norm, head."""
+    entries = [_Entry("model.embed_tokens.weight", tensors["token_embd.weight"])]
+    heads = {"attn_q": config["num_attention_heads"], "attn_k": config["num_key_value_heads"]}
+    for i in range(config["num_hidden_layers"]):
+        for gguf_name, hf_name in _LAYER_TENSORS:
+            source = tensors.get(f"blk.{i}.{gguf_name}")
+            if source is None and gguf_name in _OPTIONAL:
+                continue
+            if source is None:
+                raise ModelFormatError(f"{path} lacks the tensor 'blk.{i}.{gguf_name}'")
+            n_heads = heads.get(gguf_name.split(".")[0])
+            entries.append(_Entry(f"model.layers.{i}.{hf_name}", source, n_heads))
+    if "output_norm.weight" not in tensors:
+        raise ModelFormatError(f"{path} lacks the tensor 'output_norm.weight'")
+    entries.append(_Entry("model.norm.weight", tensors["output_norm.weight"]))
+    if "output.weight" in tensors:
+        entries.append(_Entry("lm_head.weight", tensors["output.weight"]))
+    used = {e.source.name for e in entries}
+    extra = [n for n in tensors if n not in used and not any(c in n for c in _CONSUMED)]
+    if extra:
+        raise ModelFormatError(f"{path} holds tensors a Llama model does not have: {extra[:5]}")
+    _check_types(entries)
+    return entries
+
+
+def _check_types(entries: list[_Entry]) -> None:
+    """Fail before writing anything if a tensor type cannot be dequantized (one row is tried)."""
+    seen = set()
+    for e in entries:
+        if e.source.tensor_type not in seen:
+            seen.add(e.source.tensor_type)
+            _dequantize_rows(e.source, e.source.data[:1])
+
+
+def _dequantize(tensor: ReaderTensor) -> np.ndarray:
+    """The tensor as float32 in torch's dimension order."""
+    shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))
+    return _dequantize_rows(tensor, tensor.data).reshape(shape)
+
+
+def _dequantize_rows(tensor: ReaderTensor, data: np.ndarray) -> np.ndarray:
+    try:
+        values = quants.dequantize(data, GGMLQuantizationType(tensor.tensor_type))
+    except NotImplementedError:
+        raise ModelFormatError(
+            f"tensor {tensor.name!r} is stored as {tensor.tensor_type.name}, which the gguf "
+            "package cannot dequantize"
+        ) from None
+    return np.asarray(values, dtype=np.float32)
+
+
+def _unpermute(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """Undo the Q/K row interleave of llama.cpp's convert_hf_to_gguf (its `LlamaModel.permute`).
+
+    llama.cpp's RoPE rotates adjacent pairs, Hugging Face's rotates the two halves of each head, so
+    the converter reorders each head's rows `w.reshape(n_heads, 2, d, ...).swapaxes(1, 2)`.
+    """
+    rows = w.shape[0]
+    if rows % (2 * n_heads):
+        raise ModelFormatError(f"{rows} rows do not split into {n_heads} heads of pairs")
+    # (n_heads, head_dim // 2, 2, ...) -> (n_heads, 2, head_dim // 2, ...)
+    return w.reshape(n_heads, rows // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _write_safetensors(path: Path, entries: list[_Entry], progress: Progress | None) -> None:
+    """Write float32 tensors in the given order, dequantizing one at a time to bound memory.
+
+    `safetensors.save_file` sorts tensors by name (layer 10 before layer 2); the format itself
+    allows any order, so the header is written by hand.
+    """
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for e in entries:
+        size = 4 * math.prod(e.shape)
+        header[e.name] = {
+            "dtype": "F32",
+            "shape": list(e.shape),
+            "data_offsets": [offset, offset + size],
+        }
+        offset += size
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # the data starts 8-byte aligned
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)) + blob)
+        for n, e in enumerate(entries, 1):
+            w = _dequantize(e.source)
+            if w.shape != e.shape:
+                raise ModelFormatError(
+                    f"tensor {e.source.name!r} has shape {w.shape}, expected {e.shape}"
+                )
+            if e.unpermute_heads is not None:
+                w = _unpermute(w, e.unpermute_heads)
+            f.write(np.ascontiguousarray(w, dtype="<f4").tobytes())
+            if progress is not None:
+                progress(f"converting {n}/{len(entries)} tensors", n / len(entries))
+
+
+def _pre_tokenizer(pre: str) -> pre_tokenizers.PreTokenizer:
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True)
+    if pre == "smollm":  # SmolLM2's tokenizer.json splits every digit apart first
+        return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+    if pre in _LLAMA3_PRE:
+        split = pre_tokenizers.Split(Regex(_LLAMA3_SPLIT), behavior="isolated", invert=False)
+        no_regex = pre_tokenizers.ByteLevel(
+            add_prefix_space=False, trim_offsets=True, use_regex=False
+        )
+        return pre_tokenizers.Sequence([split, no_regex])
+    if pre not in _GPT2_PRE:
+        log.warning("unknown GGUF pre-tokenizer %r: splitting text as GPT-2 does", pre)
+    return byte_level
+
+
+def _tokenizer(meta: dict[str, Any], path: Path) -> Tokenizer:
+    """A byte-level BPE `tokenizers.Tokenizer` from `tokenizer.ggml.*` metadata."""
+    kind = meta.get("tokenizer.ggml.model")
+    if kind != "gpt2":
+        raise ModelFormatError(
+            f"{path} has a {kind!r} tokenizer; layerswarm converts byte-level BPE ('gpt2') only"
+        )
+    tokens: list[str] = meta.get("tokenizer.ggml.tokens") or []
+    merges: list[str] = meta.get("tokenizer.ggml.merges") or []
+    if not tokens or not merges:
+        raise ModelFormatError(f"{path} lacks tokenizer.ggml.tokens or tokenizer.ggml.merges")
+    vocab: dict[str, int] = {}
+    for i, token in enumerate(tokens):
+        vocab.setdefault(token, i)
+    pairs = [_merge_pair(m, path) for m in merges]
+    tokenizer = Tokenizer(models.BPE(vocab, pairs, fuse_unk=False, byte_fallback=False))
+    tokenizer.pre_tokenizer = _pre_tokenizer(meta.get("tokenizer.ggml.pre", "default"))
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
+    types = meta.get("tokenizer.ggml.token_type") or [TokenType.NORMAL] * len(tokens)
+    if len(types) != len(tokens):
+        raise ModelFormatError(f"{path} has {len(tokens)} tokens but {len(types)} token types")
+    kinds = {TokenType.CONTROL: True, TokenType.USER_DEFINED: False}  # value: special or not
+    added = [
+        AddedToken(token, special=kinds[t], normalized=False)
+        for token, t in zip(tokens, types, strict=True)
+        if t in kinds
+    ]
+    tokenizer.add_special_tokens([a for a in added if a.special])
+    tokenizer.add_tokens([a for a in added if not a.special])
+    return tokenizer
+
+
+def _merge_pair(merge: str, path: Path) -> tuple[str, str]:
+    left, space, right = merge.partition(" ")
+    if not space:
+        raise ModelFormatError(f"{path}: the merge {merge!r} is not two tokens")
+    return left, right
+
+
+def _tokenizer_config(meta: dict[str, Any], config: dict[str, Any]) -> dict[str, Any]:
+    tokens: list[str] = meta["tokenizer.ggml.tokens"]
+    out: dict[str, Any] = {
+        # Not "GPT2Tokenizer": transformers 5 then swaps in GPT-2's own pre-tokenizer and drops
+        # SmolLM2's Digits step; the generic class keeps tokenizer.json as written.
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "add_bos_token": bool(meta.get("tokenizer.ggml.add_bos_token", False)),
+        "add_prefix_space": False,
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": config["max_position_embeddings"],
+    }
+    for name in ("bos", "eos", "unknown", "padding"):
+        token_id = meta.get(f"tokenizer.ggml.{name}_token_id")
+        if token_id is not None and 0 <= token_id < len(tokens):
+            key = {"unknown": "unk", "padding": "pad"}.get(name, name)
+            out[f"{key}_token"] = tokens[token_id]
+    if "tokenizer.chat_template" in meta:
+        out["chat_template"] = meta["tokenizer.chat_template"]
+    return out
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
