@@ -42,7 +42,9 @@ def bench_ours(model_dir: Path, dtype: torch.dtype, ids: torch.Tensor) -> tuple[
     return t1 - t0, NEW_TOKENS / (t2 - t1)
 
 
-def bench_transformers(model_dir: Path, dtype: torch.dtype, ids: torch.Tensor) -> tuple[float, float]:
+def bench_transformers(
+    model_dir: Path, dtype: torch.dtype, ids: torch.Tensor
+) -> tuple[float, float]:
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
@@ -70,7 +72,9 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     model_dir = resolve_model_cli(args.model, default_cache_dir())
     config = ModelConfig.from_file(model_dir)
-    ids = torch.randint(100, config.vocab_size, (1, PROMPT_TOKENS), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(
+        100, config.vocab_size, (1, PROMPT_TOKENS), generator=torch.Generator().manual_seed(0)
+    )
     rows = []
     for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
         cells = {}
@@ -82,14 +86,20 @@ def main() -> None:
             )
         ours, ref = cells["layerswarm"], cells["transformers"]
         rows.append((name, ours, ref))
-    print(f"\nSmolLM2 local engine vs transformers, {torch.get_num_threads()} threads, "
-          f"prompt {PROMPT_TOKENS} tokens, decode {NEW_TOKENS} tokens, median of {args.repeats}\n")
-    print("| dtype | prefill ms (ours) | prefill ms (transformers) | prefill speed-up "
-          "| decode tok/s (ours) | decode tok/s (transformers) | decode speed-up |")
+    print(
+        f"\nSmolLM2 local engine vs transformers, {torch.get_num_threads()} threads, "
+        f"prompt {PROMPT_TOKENS} tokens, decode {NEW_TOKENS} tokens, median of {args.repeats}\n"
+    )
+    print(
+        "| dtype | prefill ms (ours) | prefill ms (transformers) | prefill speed-up "
+        "| decode tok/s (ours) | decode tok/s (transformers) | decode speed-up |"
+    )
     print("|---|---|---|---|---|---|---|")
     for name, ours, ref in rows:
-        print(f"| {name} | {ours[0] * 1e3:.0f} | {ref[0] * 1e3:.0f} | {ref[0] / ours[0]:.2f}x "
-              f"| {ours[1]:.1f} | {ref[1]:.1f} | {ours[1] / ref[1]:.2f}x |")
+        print(
+            f"| {name} | {ours[0] * 1e3:.0f} | {ref[0] * 1e3:.0f} | {ref[0] / ours[0]:.2f}x "
+            f"| {ours[1]:.1f} | {ref[1]:.1f} | {ours[1] / ref[1]:.2f}x |"
+        )
 
 
 if __name__ == "__main__":

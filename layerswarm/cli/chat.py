@@ -1,7 +1,7 @@
 """`swarm-chat`: chat with a model, locally (`--local`) or through peers (`--peer ADDR ...`).
 
-    swarm-chat --local --model smollm2-135m                       # interactive
-    swarm-chat --local --model M --prompt TEXT --max-new-tokens N --temperature 0   # one shot
+swarm-chat --local --model smollm2-135m                       # interactive
+swarm-chat --local --model M --prompt TEXT --max-new-tokens N --temperature 0   # one shot
 """
 
 from __future__ import annotations
@@ -21,12 +21,20 @@ HELP = "commands: /reset (forget the conversation), /system TEXT, /quit"
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="swarm-chat", description="Chat with a model.")
-    ap.add_argument("--model", default="smollm2-135m",
-                    help="model name, a Hugging Face style folder, or a .gguf file")
+    ap.add_argument(
+        "--model",
+        default="smollm2-135m",
+        help="model name, a Hugging Face style folder, or a .gguf file",
+    )
     where = ap.add_mutually_exclusive_group()
     where.add_argument("--local", action="store_true", help="run every layer in this process")
-    where.add_argument("--peer", action="append", default=[], metavar="HOST:PORT[/PEERID]",
-                       help="a peer to use; repeat so that their spans cover every layer")
+    where.add_argument(
+        "--peer",
+        action="append",
+        default=[],
+        metavar="HOST:PORT[/PEERID]",
+        help="a peer to use; repeat so that their spans cover every layer",
+    )
     ap.add_argument("--prompt", help="answer this one prompt, print the reply and exit")
     ap.add_argument("--system", help="a system message to start the conversation with")
     ap.add_argument("--max-new-tokens", type=int, default=256)
@@ -37,8 +45,11 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--seed", type=int, default=None)
     ap.add_argument("--stop", action="append", default=[], help="a string that ends the reply")
     ap.add_argument("--dtype", default="float32", help="float32 or bfloat16 (local engine)")
-    ap.add_argument("--insecure-plaintext", action="store_true",
-                    help="talk to peers without encryption (trusted LANs and measurements only)")
+    ap.add_argument(
+        "--insecure-plaintext",
+        action="store_true",
+        help="talk to peers without encryption (trusted LANs and measurements only)",
+    )
     ap.add_argument("--verbose", action="store_true")
     return ap
 
@@ -124,7 +135,9 @@ def _main(argv: list[str] | None) -> None:
     sampling = sampling_from(args)
     gen = open_generator(args)
     if args.prompt is not None:
-        messages: list[Message] = [{"role": "system", "content": args.system}] if args.system else []
+        messages: list[Message] = (
+            [{"role": "system", "content": args.system}] if args.system else []
+        )
         show(gen.chat([*messages, {"role": "user", "content": args.prompt}], sampling))
         return
     interactive(gen, sampling, args.system)

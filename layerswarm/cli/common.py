@@ -40,7 +40,9 @@ class ProgressLine:
             self.stream.write("\r\x1b[2K" + text)
             if fraction is not None and fraction >= 1.0:
                 self.stream.write("\n")
-        elif text != self.last and (fraction is None or fraction >= 1.0 or _step(fraction, self.last)):
+        elif text != self.last and (
+            fraction is None or fraction >= 1.0 or _step(fraction, self.last)
+        ):
             self.stream.write(text + "\n")
         self.stream.flush()
         self.last = text

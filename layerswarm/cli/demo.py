@@ -12,8 +12,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from layerswarm.cli.common import default_cache_dir, resolve_model_cli, run_main, setup_logging
 from layerswarm.cli.chat import show
+from layerswarm.cli.common import default_cache_dir, resolve_model_cli, run_main, setup_logging
 from layerswarm.peer.launch import even_spans, start_peers
 from layerswarm.routing.sampling import SamplingConfig
 from layerswarm.routing.swarm_client import open_swarm_generator
@@ -35,8 +35,10 @@ def _main(argv: list[str] | None) -> None:
     setup_logging(args.verbose)
     model_dir = resolve_model_cli(args.model, default_cache_dir())
     spans = even_spans(ModelConfig.from_file(model_dir).num_layers, args.peers)
-    say(f"starting {len(spans)} peers on 127.0.0.1 serving layers "
-        + ", ".join(str(s) for s in spans))
+    say(
+        f"starting {len(spans)} peers on 127.0.0.1 serving layers "
+        + ", ".join(str(s) for s in spans)
+    )
     with tempfile.TemporaryDirectory(prefix="layerswarm-demo-") as tmp:
         t0 = time.monotonic()
         with start_peers(model_dir, spans, Path(tmp)) as swarm:
@@ -45,11 +47,17 @@ def _main(argv: list[str] | None) -> None:
                 say(f"  layers {p.span}  at {p.address}")
             gen = open_swarm_generator(model_dir, swarm.addresses)
             say(f"\n> {args.prompt}")
-            show(gen.chat([{"role": "user", "content": args.prompt}],
-                          SamplingConfig(max_new_tokens=args.max_new_tokens)))
+            show(
+                gen.chat(
+                    [{"role": "user", "content": args.prompt}],
+                    SamplingConfig(max_new_tokens=args.max_new_tokens),
+                )
+            )
             s = gen.last_stats
-            say(f"\n{s.new_tokens} tokens through {len(spans)} peers: prefill "
-                f"{s.prefill_seconds * 1e3:.0f} ms, decode {s.decode_tokens_per_second:.1f} tok/s")
+            say(
+                f"\n{s.new_tokens} tokens through {len(spans)} peers: prefill "
+                f"{s.prefill_seconds * 1e3:.0f} ms, decode {s.decode_tokens_per_second:.1f} tok/s"
+            )
             say("stopping the peers")
 
 

@@ -32,22 +32,38 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="swarm-peer", description="Serve a span of a model's layers.")
     sub = ap.add_subparsers(dest="command", required=True)
     start = sub.add_parser("start", help="load a span of layers and serve it until stopped")
-    start.add_argument("--model", default="smollm2-135m",
-                       help="model name, a Hugging Face style folder, or a .gguf file")
-    start.add_argument("--layers", required=True, metavar="A:B",
-                       help="serve layers A up to (not including) B")
+    start.add_argument(
+        "--model",
+        default="smollm2-135m",
+        help="model name, a Hugging Face style folder, or a .gguf file",
+    )
+    start.add_argument(
+        "--layers", required=True, metavar="A:B", help="serve layers A up to (not including) B"
+    )
     start.add_argument("--host", default="127.0.0.1", help="address to listen on")
     start.add_argument("--port", type=int, default=0, help="TCP port (0: pick a free one)")
     start.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
-    start.add_argument("--cache-memory", type=float, default=256, metavar="MIB",
-                       help="KV-cache budget for all sessions together, in MiB")
+    start.add_argument(
+        "--cache-memory",
+        type=float,
+        default=256,
+        metavar="MIB",
+        help="KV-cache budget for all sessions together, in MiB",
+    )
     start.add_argument("--max-session-length", type=int, default=8192, metavar="TOKENS")
     start.add_argument("--session-idle-timeout", type=float, default=300, metavar="S")
     start.add_argument("--step-timeout", type=float, default=30, metavar="S")
-    start.add_argument("--key", type=Path, metavar="FILE",
-                       help="the peer's Ed25519 key (created if missing; default: in the config dir)")
-    start.add_argument("--insecure-plaintext", action="store_true",
-                       help="serve without encryption (trusted LANs and measurements only)")
+    start.add_argument(
+        "--key",
+        type=Path,
+        metavar="FILE",
+        help="the peer's Ed25519 key (created if missing; default: in the config dir)",
+    )
+    start.add_argument(
+        "--insecure-plaintext",
+        action="store_true",
+        help="serve without encryption (trusted LANs and measurements only)",
+    )
     start.add_argument("--verbose", action="store_true")
     return ap
 

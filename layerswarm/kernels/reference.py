@@ -75,11 +75,15 @@ def prefill_attention(
     if t == 1:  # one query sees every key: no mask needed
         out = F.scaled_dot_product_attention(qh, kh, vh, scale=scale, enable_gqa=gqa)
     elif start == 0:
-        out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scale, enable_gqa=gqa)
+        out = F.scaled_dot_product_attention(
+            qh, kh, vh, is_causal=True, scale=scale, enable_gqa=gqa
+        )
     else:
         keys = torch.arange(start + t, device=q.device)
         mask = keys[None, :] <= (keys[start:, None])  # (tokens, context)
-        out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=scale, enable_gqa=gqa)
+        out = F.scaled_dot_product_attention(
+            qh, kh, vh, attn_mask=mask, scale=scale, enable_gqa=gqa
+        )
     return out.transpose(0, 1)
 
 

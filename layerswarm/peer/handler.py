@@ -9,8 +9,8 @@ from layerswarm.peer.config import PeerConfig
 from layerswarm.peer.sessions import SessionTable
 from layerswarm.shards.config import Span
 from layerswarm.swarm.protocol import (
-    CloseSession,
     Closed,
+    CloseSession,
     ErrorCode,
     InfoReply,
     InfoRequest,
@@ -28,7 +28,9 @@ log = logging.getLogger(__name__)
 class RequestHandler:
     """Answers the requests of every connection to one peer."""
 
-    def __init__(self, config: PeerConfig, table: SessionTable, peer_id: str, model_id: str) -> None:
+    def __init__(
+        self, config: PeerConfig, table: SessionTable, peer_id: str, model_id: str
+    ) -> None:
         self.config = config
         self.model_id = model_id  # "name@fingerprint": clients check the fingerprint
         self.table = table
@@ -44,7 +46,9 @@ class RequestHandler:
             return self._open(conn, msg)
         if isinstance(msg, Step):
             session = self.table.get(conn.peer_id, msg.session_id)
-            out = await self.table.step(session, msg.hidden, msg.start_position, self.config.step_timeout)
+            out = await self.table.step(
+                session, msg.hidden, msg.start_position, self.config.step_timeout
+            )
             return StepResult(msg.session_id, out)
         if isinstance(msg, CloseSession):
             self.table.close(conn.peer_id, msg.session_id)

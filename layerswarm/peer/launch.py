@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import select
@@ -103,12 +104,31 @@ def _spawn(model: str | Path, span: Span, workdir: Path, extra_args: Sequence[st
     workdir.mkdir(parents=True, exist_ok=True)
     name = f"peer-{span.start}-{span.end}-{time.monotonic_ns()}"
     err_path = workdir / f"{name}.log"
-    cmd = [sys.executable, "-m", "layerswarm.cli.peer", "start", "--model", str(model),
-           "--layers", str(span), "--host", "127.0.0.1", "--port", "0",
-           "--key", str(workdir / f"{name}.key"), *extra_args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "layerswarm.cli.peer",
+        "start",
+        "--model",
+        str(model),
+        "--layers",
+        str(span),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "0",
+        "--key",
+        str(workdir / f"{name}.key"),
+        *extra_args,
+    ]
     with open(err_path, "w") as err:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True,
-                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        proc = subprocess.Popen(
+            cmd,
+            stdout=subprocess.PIPE,
+            stderr=err,
+            text=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
     return PeerProcess(span, proc, stderr_path=err_path)
 
 
@@ -121,7 +141,11 @@ def _wait_ready(peer: PeerProcess, deadline: float) -> None:
             line = proc.stdout.readline()
             if line.startswith(READY_PREFIX):
                 info = json.loads(line[len(READY_PREFIX) :])
-                peer.address, peer.peer_id, peer.port = info["address"], info["peer_id"], info["port"]
+                peer.address, peer.peer_id, peer.port = (
+                    info["address"],
+                    info["peer_id"],
+                    info["port"],
+                )
                 return
         if proc.poll() is not None:
             break
@@ -133,4 +157,4 @@ def _wait_ready(peer: PeerProcess, deadline: float) -> None:
 def even_spans(num_layers: int, parts: int) -> list[Span]:
     """Split `[0, num_layers)` into `parts` contiguous spans of near-equal length."""
     cuts = [round(i * num_layers / parts) for i in range(parts + 1)]
-    return [Span(a, b) for a, b in zip(cuts, cuts[1:], strict=False)]
+    return [Span(a, b) for a, b in itertools.pairwise(cuts)]

@@ -60,8 +60,13 @@ async def serve_peer(
     model = await asyncio.to_thread(
         load_span, config.model_dir, config.span, dtype, model_config, None, progress
     )
-    log.info("loaded layers %s of %s (%s, kernels: %s)", config.span, config.model_name,
-             config.dtype, ops_for("cpu").__name__)
+    log.info(
+        "loaded layers %s of %s (%s, kernels: %s)",
+        config.span,
+        config.model_name,
+        config.dtype,
+        ops_for("cpu").__name__,
+    )
     table = SessionTable(model, cache_tokens_for(config, model_config), config.max_batch)
     model_id = f"{config.model_name}@{model_fingerprint(config.model_dir)}"
     handler = RequestHandler(config, table, identity.peer_id, model_id)
@@ -71,7 +76,9 @@ async def serve_peer(
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     server = await serve_connections(handler, config.host, config.port, identity, transport)
-    log.info("serving layers %s at %s:%d as %s", config.span, config.host, server.port, identity.peer_id)
+    log.info(
+        "serving layers %s at %s:%d as %s", config.span, config.host, server.port, identity.peer_id
+    )
     on_ready(ready_line(config.host, server.port, identity.peer_id))
     try:
         async with asyncio.TaskGroup() as tasks:

@@ -98,11 +98,15 @@ class SessionTable:
             log.info("expired %d idle sessions", len(stale))
         return len(stale)
 
-    async def step(self, session: Session, hidden: torch.Tensor, start: int, timeout: float) -> torch.Tensor:
+    async def step(
+        self, session: Session, hidden: torch.Tensor, start: int, timeout: float
+    ) -> torch.Tensor:
         """Validate a step, queue it for the worker, and wait for its output."""
         self._check_step(session, hidden, start)
         loop = asyncio.get_running_loop()
-        job = _Job(session, hidden.to(self.dtype), start, time.monotonic() + timeout, loop.create_future())
+        job = _Job(
+            session, hidden.to(self.dtype), start, time.monotonic() + timeout, loop.create_future()
+        )
         self._queue.put_nowait(job)
         try:
             out = await asyncio.wait_for(asyncio.shield(job.done), timeout)
@@ -114,10 +118,13 @@ class SessionTable:
         d = self.model.config.hidden_size
         if hidden.ndim != 3 or hidden.shape[0] != 1 or hidden.shape[2] != d or hidden.shape[1] < 1:
             raise RemoteError(
-                ErrorCode.BAD_SHAPE, f"hidden states must be (1, tokens, {d}), got {tuple(hidden.shape)}"
+                ErrorCode.BAD_SHAPE,
+                f"hidden states must be (1, tokens, {d}), got {tuple(hidden.shape)}",
             )
         if not hidden.is_floating_point():
-            raise RemoteError(ErrorCode.BAD_SHAPE, f"hidden states must be floats, got {hidden.dtype}")
+            raise RemoteError(
+                ErrorCode.BAD_SHAPE, f"hidden states must be floats, got {hidden.dtype}"
+            )
         end = start + hidden.shape[1]
         if start < 0 or start > session.cache.length:
             raise RemoteError(

@@ -23,7 +23,7 @@ class Pipeline(Protocol):
     """All of a model's layers for one session, wherever they run."""
 
     def forward(self, hidden: torch.Tensor, start: int) -> torch.Tensor:
-        """`hidden (1, tokens, hidden)` at positions `start ..` -> the same shape, after all layers."""
+        """`hidden (1, tokens, hidden)` at positions `start ..` -> same shape, after all layers."""
         ...
 
     def close(self) -> None: ...

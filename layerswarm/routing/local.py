@@ -13,8 +13,14 @@ from layerswarm.shards.config import ModelConfig, Span
 from layerswarm.shards.kv_cache import PagedKVCache
 from layerswarm.shards.weights import Progress, load_client_head, load_span
 
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
 
 
 def parse_dtype(name: str) -> torch.dtype:

@@ -52,7 +52,9 @@ class Sampler:
             ids = torch.tensor(sorted(set(context)), dtype=torch.long, device=logits.device)
             seen = logits[ids]
             logits = logits.clone()
-            logits[ids] = torch.where(seen < 0, seen * c.repetition_penalty, seen / c.repetition_penalty)
+            logits[ids] = torch.where(
+                seen < 0, seen * c.repetition_penalty, seen / c.repetition_penalty
+            )
         if c.temperature == 0:
             return int(torch.argmax(logits))
         logits = logits / c.temperature

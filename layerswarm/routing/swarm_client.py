@@ -68,7 +68,9 @@ class BackgroundLoop:
 
     def __init__(self) -> None:
         self.loop = new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, name="layerswarm-net", daemon=True)
+        self.thread = threading.Thread(
+            target=self.loop.run_forever, name="layerswarm-net", daemon=True
+        )
         self.thread.start()
 
     def run(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
@@ -99,8 +101,8 @@ def choose_chain(infos: Sequence[InfoReply], num_layers: int) -> list[tuple[int,
             default=None,
         )
         if best is None:
-            served = {l for p in infos for l in range(p.span_start, p.span_end)}
-            raise NoRouteError([l for l in range(num_layers) if l not in served])
+            served = {n for p in infos for n in range(p.span_start, p.span_end)}
+            raise NoRouteError([n for n in range(num_layers) if n not in served])
         chain.append((best, Span(at, infos[best].span_end)))
         at = infos[best].span_end
     return chain
@@ -145,7 +147,9 @@ class SwarmClient:
             assert isinstance(info, InfoReply)
             self._check_model(conn, info)
             infos.append(info)
-        return [Hop(conns[i], span) for i, span in choose_chain(infos, self.model_config.num_layers)]
+        return [
+            Hop(conns[i], span) for i, span in choose_chain(infos, self.model_config.num_layers)
+        ]
 
     def _check_model(self, conn: Connection, info: InfoReply) -> None:
         theirs = info.model.rpartition("@")[2]

@@ -46,7 +46,9 @@ class ChatTokenizer:
     def decode(self, ids: Sequence[int]) -> str:
         return str(self.tokenizer.decode(list(ids), skip_special_tokens=True))
 
-    def apply_chat_template(self, messages: Sequence[Message], add_generation_prompt: bool = True) -> str:
+    def apply_chat_template(
+        self, messages: Sequence[Message], add_generation_prompt: bool = True
+    ) -> str:
         """Render a conversation with the model's template (or a plain fallback without one)."""
         if self.template_source is None:
             turns = [f"{m['role']}: {m['content']}" for m in messages]

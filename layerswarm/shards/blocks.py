@@ -10,7 +10,6 @@ import math
 from collections.abc import Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from layerswarm.errors import StepCancelled
@@ -25,7 +24,8 @@ class Rotary:
     def __init__(self, config: ModelConfig, device: torch.device | str = "cpu") -> None:
         dim = config.head_dim
         inv_freq = 1.0 / (
-            config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64, device=device).float() / dim)
+            config.rope_theta
+            ** (torch.arange(0, dim, 2, dtype=torch.int64, device=device).float() / dim)
         )
         if config.rope_scaling is not None:
             inv_freq = _llama3_scale(inv_freq, config)
@@ -143,7 +143,9 @@ class SpanModel(nn.Module):
             if delta is None:
                 normed = self.ops.rms_norm(x, layer.input_norm, self.config.rms_norm_eps)
             else:
-                normed, x = self.ops.add_rms_norm(delta, x, layer.input_norm, self.config.rms_norm_eps)
+                normed, x = self.ops.add_rms_norm(
+                    delta, x, layer.input_norm, self.config.rms_norm_eps
+                )
             attn = self._attention(i, layer, normed, cos, sin, starts, t, cache, sessions)
             normed, x = self.ops.add_rms_norm(attn, x, layer.post_norm, self.config.rms_norm_eps)
             gate, up = layer.gate_up(normed).chunk(2, dim=-1)
@@ -169,7 +171,9 @@ class SpanModel(nn.Module):
         n = x.shape[0]
         qkv = layer.qkv(x)
         q = qkv[:, : layer.q_size].reshape(n, c.num_heads, c.head_dim)
-        k = qkv[:, layer.q_size : layer.q_size + layer.kv_size].reshape(n, c.num_kv_heads, c.head_dim)
+        k = qkv[:, layer.q_size : layer.q_size + layer.kv_size].reshape(
+            n, c.num_kv_heads, c.head_dim
+        )
         v = qkv[:, layer.q_size + layer.kv_size :].reshape(n, c.num_kv_heads, c.head_dim)
         q, k = q.contiguous(), k.contiguous()
         self.ops.apply_rope(q, k, cos, sin)

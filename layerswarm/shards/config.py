@@ -65,7 +65,9 @@ class ModelConfig:
         """
         archs = d.get("architectures") or []
         model_type = d.get("model_type")
-        arch = next((SUPPORTED_ARCHITECTURES[a] for a in archs if a in SUPPORTED_ARCHITECTURES), None)
+        arch = next(
+            (SUPPORTED_ARCHITECTURES[a] for a in archs if a in SUPPORTED_ARCHITECTURES), None
+        )
         if arch is None and model_type in SUPPORTED_ARCHITECTURES.values():
             arch = model_type
         if arch is None:

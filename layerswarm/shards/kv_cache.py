@@ -126,8 +126,10 @@ class PagedKVCache:
         self.k[layer].view(-1, *k.shape[1:])[slots] = k
         self.v[layer].view(-1, *v.shape[1:])[slots] = v
 
-    def read(self, layer: int, session: SessionCache, end: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values of positions `0 .. end` of one layer, each `(end, kv_heads, head_dim)`."""
+    def read(
+        self, layer: int, session: SessionCache, end: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of positions `0 .. end` of one layer, `(end, kv_heads, head_dim)`."""
         if session.contiguous:
             base = session.pages[0] * self.page_size
             k = self.k[layer].flatten(0, 1)[base : base + end]
@@ -139,7 +141,10 @@ class PagedKVCache:
 
     def _slots(self, session: SessionCache, start: int, end: int) -> torch.Tensor:
         pos = torch.arange(start, end, device=self.k.device)
-        return session.block_table[pos // self.page_size].long() * self.page_size + pos % self.page_size
+        return (
+            session.block_table[pos // self.page_size].long() * self.page_size
+            + pos % self.page_size
+        )
 
     def block_tables(self, sessions: list[SessionCache]) -> torch.Tensor:
         """`(sessions, max_pages)` int32 block tables, padded with page 0, for batched decode."""

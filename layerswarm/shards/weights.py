@@ -99,7 +99,9 @@ def load_span(
         for i, layer in enumerate(model.layers):
             _fill_layer(layer, files, span.start + i, dtype)
             if progress:
-                progress(f"loading layer {span.start + i + 1}/{config.num_layers}", (i + 1) / len(span))
+                progress(
+                    f"loading layer {span.start + i + 1}/{config.num_layers}", (i + 1) / len(span)
+                )
     return model
 
 

@@ -97,19 +97,43 @@ def test_bad_sampling_settings_are_refused(bad: dict[str, float]) -> None:
 
 def test_cli_one_shot_prints_the_reply(smollm2_dir: Path) -> None:
     out = subprocess.run(
-        [sys.executable, "-m", "layerswarm.cli.chat", "--local", "--model", str(smollm2_dir),
-         "--prompt", "What is the capital of France?", "--max-new-tokens", "24",
-         "--temperature", "0"],
-        capture_output=True, text=True, timeout=300, check=True,
+        [
+            sys.executable,
+            "-m",
+            "layerswarm.cli.chat",
+            "--local",
+            "--model",
+            str(smollm2_dir),
+            "--prompt",
+            "What is the capital of France?",
+            "--max-new-tokens",
+            "24",
+            "--temperature",
+            "0",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
     )
     assert "Paris" in out.stdout
 
 
 def test_cli_names_a_missing_model_clearly(tmp_path: Path) -> None:
     out = subprocess.run(
-        [sys.executable, "-m", "layerswarm.cli.chat", "--local", "--model", str(tmp_path / "nope"),
-         "--prompt", "hi"],
-        capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "layerswarm.cli.chat",
+            "--local",
+            "--model",
+            str(tmp_path / "nope"),
+            "--prompt",
+            "hi",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert out.returncode != 0
     assert out.stderr.startswith("error:") and "Traceback" not in out.stderr

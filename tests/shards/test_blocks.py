@@ -22,8 +22,13 @@ def save_tiny(tmp_path: Path, kind: str = "llama", **overrides: object) -> Path:
 
     torch.manual_seed(0)
     common = dict(
-        vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
     )
     common.update(overrides)
     if kind == "qwen2":
@@ -62,9 +67,19 @@ def our_logits(model_dir: Path, ids: torch.Tensor, spans: list[Span] | None = No
 CASES = {
     "llama-gqa": ("llama", {}),
     "llama-tied-odd-head-dim": ("llama", {"tie_word_embeddings": True, "head_dim": 24}),
-    "llama3-rope-scaling": ("llama", {"rope_scaling": {
-        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-        "original_max_position_embeddings": 32}, "rope_theta": 500000.0}),
+    "llama3-rope-scaling": (
+        "llama",
+        {
+            "rope_scaling": {
+                "rope_type": "llama3",
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 32,
+            },
+            "rope_theta": 500000.0,
+        },
+    ),
     "qwen2-biases": ("qwen2", {}),
     "mha": ("llama", {"num_key_value_heads": 4}),
 }
@@ -161,7 +176,7 @@ def test_unsupported_architecture_is_a_clear_error(tmp_path: Path) -> None:
     cfg = json.loads((model_dir / "config.json").read_text())
     cfg["architectures"], cfg["model_type"] = ["GPT2LMHeadModel"], "gpt2"
     (model_dir / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ModelFormatError, match="unsupported architecture.*Llama-family"):
+    with pytest.raises(ModelFormatError, match=r"unsupported architecture.*Llama-family"):
         ModelConfig.from_file(model_dir)
 
 
