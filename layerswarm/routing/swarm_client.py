@@ -168,9 +168,16 @@ class SwarmClient:
         return pipeline
 
     def close(self) -> None:
+        """Close every connection, then the network thread."""
+        try:
+            self.net.run(self._close_all(), timeout=self.config.request_timeout)
+        finally:
+            self.net.stop()
+
+    async def _close_all(self) -> None:
         for hop in self.hops:
-            self.net.loop.call_soon_threadsafe(hop.peer.close)
-        self.net.stop()
+            hop.peer.close()
+        await asyncio.gather(*(hop.peer.wait_closed() for hop in self.hops))
 
 
 class RemotePipeline:

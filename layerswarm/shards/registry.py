@@ -91,7 +91,7 @@ def resolve_model(name_or_path: str, cache_dir: Path, progress: Progress | None 
 
 
 def check_model_dir(path: Path) -> None:
-    """Check that a folder holds a runnable Llama-family model in Hugging Face layout.
+    """Check that a folder holds the config and weights of a Llama-family model (HF layout).
 
     Reads config.json and the safetensors headers only, not the weights.
 
@@ -102,13 +102,8 @@ def check_model_dir(path: Path) -> None:
     files = sorted(path.glob("*.safetensors"))
     if not files:
         raise ModelFormatError(f"no *.safetensors in {path}")
-    if not (path / "tokenizer.json").is_file():
-        raise ModelFormatError(f"no tokenizer.json in {path}")
-    if not _has_chat_template(path):
-        raise ModelFormatError(
-            f"no chat template in {path}: neither chat_template.jinja nor a chat_template "
-            "in tokenizer_config.json"
-        )
+    # No tokenizer check here: a peer needs only config and weights. The client's tokenizer
+    # (routing.text.ChatTokenizer) names a missing tokenizer.json itself.
     names: set[str] = set()
     for file in files:
         try:
@@ -137,18 +132,6 @@ def expected_tensor_names(config: ModelConfig) -> list[str]:
     if not config.tie_word_embeddings:
         names.append("lm_head.weight")
     return names
-
-
-def _has_chat_template(path: Path) -> bool:
-    if (path / "chat_template.jinja").is_file():
-        return True
-    tokenizer_config = path / "tokenizer_config.json"
-    if not tokenizer_config.is_file():
-        return False
-    try:
-        return bool(json.loads(tokenizer_config.read_text()).get("chat_template"))
-    except (json.JSONDecodeError, AttributeError):
-        raise ModelFormatError(f"{tokenizer_config} is not a JSON object") from None
 
 
 Builder = Callable[[Path, Progress | None], None]  # builds a model folder into the given one

@@ -222,11 +222,9 @@ def _drop_chat_template(folder: Path) -> None:
     ("damage", "message"),
     [
         (lambda d: (d / "model.safetensors").unlink(), "no \\*.safetensors in "),
-        (lambda d: (d / "tokenizer.json").unlink(), "no tokenizer.json in "),
         (lambda d: (d / "config.json").unlink(), "no config.json at "),
         (_drop_layer_tensor, "lack model.layers.1.mlp.up_proj.weight"),
         (_set_architecture, "unsupported architecture \\['GPT2LMHeadModel'\\]"),
-        (_drop_chat_template, "no chat template in "),
         (lambda d: (d / "model.safetensors").write_bytes(b"junk"), "not a readable safetensors"),
     ],
 )
@@ -236,10 +234,21 @@ def test_broken_folder_gets_a_clear_error(tiny_dir: Path, damage: Any, message: 
         resolve_model(str(tiny_dir), tiny_dir.parent / "cache")
 
 
-def test_chat_template_jinja_file_is_enough(tiny_dir: Path) -> None:
+def test_a_folder_without_tokenizer_serves_peers_but_not_chat(tiny_dir: Path) -> None:
+    from layerswarm.routing.text import ChatTokenizer
+
+    (tiny_dir / "tokenizer.json").unlink()
+    resolve_model(str(tiny_dir), tiny_dir.parent / "cache")  # a peer needs only the weights
+    with pytest.raises(ModelFormatError, match=r"no tokenizer\.json in "):
+        ChatTokenizer(tiny_dir)
+
+
+def test_chat_template_jinja_file_is_used(tiny_dir: Path) -> None:
+    from layerswarm.routing.text import ChatTokenizer
+
     _drop_chat_template(tiny_dir)
-    (tiny_dir / "chat_template.jinja").write_text("{{ messages }}")
-    check_model_dir(tiny_dir)
+    (tiny_dir / "chat_template.jinja").write_text("{{ messages[0]['content'] }}!")
+    assert ChatTokenizer(tiny_dir).apply_chat_template([{"role": "user", "content": "hi"}]) == "hi!"
 
 
 @pytest.mark.parametrize("what", ["smollm3-3b", "no/such/path", "README.md"])

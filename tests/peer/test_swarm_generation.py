@@ -1,0 +1,104 @@
+"""Real peer processes on loopback serve SmolLM2: the same tokens as the local engine."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from layerswarm.errors import LayerswarmError
+from layerswarm.peer.launch import LocalSwarm, even_spans, start_peers
+from layerswarm.routing.generate import Generator
+from layerswarm.routing.local import open_local_generator
+from layerswarm.routing.sampling import SamplingConfig
+from layerswarm.routing.swarm_client import open_swarm_generator
+
+GREEDY_32 = SamplingConfig(max_new_tokens=32, temperature=0.0)
+LONG_QUESTION = (
+    "I am planning a week-long trip through the south of France in early autumn. I will arrive "
+    "in Marseille, rent a small car, and I would like to visit a few villages in Provence, spend "
+    "a day in Avignon, see the Pont du Gard, and end in Montpellier. Could you suggest an order "
+    "for these stops and say which single place I should not miss?"
+)
+
+
+def prompt_ids(gen: Generator, text: str) -> list[int]:
+    return gen.tokenizer.encode_chat([{"role": "user", "content": text}])
+
+
+@pytest.fixture(scope="module")
+def local(smollm2_dir: Path) -> Generator:
+    return open_local_generator(smollm2_dir)
+
+
+@pytest.fixture(scope="module")
+def three_peers(
+    smollm2_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[LocalSwarm]:
+    with start_peers(smollm2_dir, even_spans(30, 3), tmp_path_factory.mktemp("peers3")) as swarm:
+        yield swarm
+
+
+def test_long_prompt_is_about_100_tokens(local: Generator) -> None:
+    assert 90 <= len(prompt_ids(local, LONG_QUESTION)) <= 140
+
+
+@pytest.mark.parametrize("n_peers", [2, 3])
+def test_swarm_gives_the_local_engines_greedy_tokens(
+    smollm2_dir: Path, local: Generator, tmp_path: Path, n_peers: int, three_peers: LocalSwarm
+) -> None:
+    prompt = prompt_ids(local, LONG_QUESTION)
+    expected = list(local.tokens(prompt, GREEDY_32))
+    if n_peers == 3:
+        swarm_gen = open_swarm_generator(smollm2_dir, three_peers.addresses)
+        assert list(swarm_gen.tokens(prompt, GREEDY_32)) == expected
+        return
+    with start_peers(smollm2_dir, even_spans(30, 2), tmp_path) as swarm:
+        swarm_gen = open_swarm_generator(smollm2_dir, swarm.addresses)
+        assert list(swarm_gen.tokens(prompt, GREEDY_32)) == expected
+
+
+def test_two_clients_at_once_both_get_their_replies(
+    smollm2_dir: Path, local: Generator, three_peers: LocalSwarm
+) -> None:
+    questions = ["What is the capital of France?", "Name three colours of the rainbow."]
+    expected = [list(local.tokens(prompt_ids(local, q), GREEDY_32)) for q in questions]
+    got: dict[int, list[int]] = {}
+    errors: list[BaseException] = []
+
+    def run(i: int) -> None:
+        try:
+            gen = open_swarm_generator(smollm2_dir, three_peers.addresses)
+            got[i] = list(gen.tokens(prompt_ids(gen, questions[i]), GREEDY_32))
+        except BaseException as e:  # reported below, in the test's thread
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert not errors
+    assert [got[0], got[1]] == expected
+
+
+def test_sigterm_mid_session_stops_the_peer_cleanly_and_the_client_is_told(
+    smollm2_dir: Path, local: Generator, tmp_path: Path
+) -> None:
+    with start_peers(smollm2_dir, even_spans(30, 2), tmp_path) as swarm:
+        gen = open_swarm_generator(smollm2_dir, swarm.addresses)
+        tokens = gen.tokens(prompt_ids(gen, LONG_QUESTION), SamplingConfig(max_new_tokens=200))
+        next(tokens)
+        assert swarm.peers[1].stop() == 0  # SIGTERM: exits cleanly, with status 0
+        t0 = time.monotonic()
+        with pytest.raises(LayerswarmError) as failure:
+            for _ in tokens:
+                pass
+        assert time.monotonic() - t0 < 10  # told at once, not after a long timeout
+        message = str(failure.value)
+        assert "shutting down" in message or "closed" in message
+        log = swarm.peers[1].stderr_path.read_text()  # type: ignore[union-attr]
+        assert "stopped" in log and "Traceback" not in log
