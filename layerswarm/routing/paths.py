@@ -137,6 +137,10 @@ class BanList:
         now = time.monotonic() if now is None else now
         return {p for p, until in self._until.items() if until > now}
 
+    def lift(self, peer_id: str) -> None:
+        """End a peer's ban now (it came back), but remember its strikes."""
+        self._until.pop(peer_id, None)
+
     def forgive(self, peer_id: str) -> None:
         """A peer that served well again starts over with a short ban next time."""
         self._strikes.pop(peer_id, None)

@@ -1,17 +1,17 @@
-"""The client side of a swarm: connect to peers, chain their spans, run sessions through them.
+"""The client side of a swarm: connections to peers, what is known of them, and bans.
 
-This first version takes an explicit list of peers whose spans, between them, cover every layer.
 The network runs on an asyncio loop in a background thread, so the generation loop (and the
-people calling it) stay synchronous.
+people calling it) stay synchronous. Sessions across peers live in `routing.session`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import threading
-import uuid
-from collections.abc import Coroutine, Sequence
+import time
+from collections.abc import Callable, Coroutine, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,21 +19,16 @@ from typing import Any, TypeVar
 
 import torch
 
-from layerswarm.errors import LayerswarmError, NoRouteError, PeerUnavailable
+from layerswarm.errors import LayerswarmError, PeerUnavailable
 from layerswarm.routing.generate import Generator, Pipeline
+from layerswarm.routing.paths import BanList, PeerView
 from layerswarm.routing.text import ChatTokenizer
 from layerswarm.shards.config import ModelConfig, Span
 from layerswarm.shards.weights import load_client_head, model_fingerprint
 from layerswarm.swarm.identity import Identity, generate_identity
-from layerswarm.swarm.protocol import (
-    CloseSession,
-    InfoReply,
-    InfoRequest,
-    OpenSession,
-    Step,
-    StepResult,
-)
+from layerswarm.swarm.protocol import InfoReply, InfoRequest
 from layerswarm.swarm.transport import (
+    Address,
     Connection,
     TransportConfig,
     new_event_loop,
@@ -47,20 +42,15 @@ T = TypeVar("T")
 
 @dataclass(frozen=True)
 class ClientConfig:
-    """How a client talks to peers."""
+    """How a client talks to peers and reacts when they fail."""
 
-    connect_timeout: float = 5.0  # unit: s to reach a peer and prove who it is
-    step_timeout: float = 60.0  # unit: s to wait for one hop's step
+    connect_timeout: float = 3.0  # unit: s to reach a peer and prove who it is
     request_timeout: float = 10.0  # unit: s for small requests (info, open, close)
+    step_timeout_floor: float = 1.0  # unit: s every step may take, whatever the peer's speed
+    step_timeout_factor: float = 20.0  # unit: times a step's expected duration before giving up
+    max_reroutes: int = 8  # unit: reroutes per step before the step fails
+    ban_seconds: float = 5.0  # unit: s of a failed peer's first ban; doubles on each new failure
     insecure_plaintext: bool = False  # no TLS; trusted LANs and measurements only
-
-
-@dataclass(frozen=True)
-class Hop:
-    """One stage of a path: a peer and the layers it runs for us."""
-
-    peer: Connection
-    span: Span
 
 
 class BackgroundLoop:
@@ -86,30 +76,36 @@ class BackgroundLoop:
         self.thread.join(timeout=5)
 
 
-def choose_chain(infos: Sequence[InfoReply], num_layers: int) -> list[tuple[int, Span]]:
-    """Pick peers (by index) whose spans tile `[0, num_layers)`, longest reach first.
+@dataclass
+class PeerLink:
+    """One peer the client was told about, and what it learned of it."""
 
-    Raises:
-        NoRouteError: some layers are served by none of the peers.
-    """
-    chain: list[tuple[int, Span]] = []
-    at = 0
-    while at < num_layers:
-        best = max(
-            (i for i, p in enumerate(infos) if p.span_start <= at < p.span_end),
-            key=lambda i: infos[i].span_end,
-            default=None,
+    address: Address
+    conn: Connection | None = None
+    info: InfoReply | None = None
+    rtt: float = 0.0  # unit: s, the info round trip measured here
+    leaving: bool = False  # the peer said Goodbye
+
+    @property
+    def live(self) -> bool:
+        return self.conn is not None and not self.conn.closed and not self.leaving
+
+    def view(self) -> PeerView:
+        assert self.info is not None and self.conn is not None  # only called on live links
+        extra = self.info.extra
+        spl = extra.get("decode_s_per_layer")
+        return PeerView(
+            peer_id=self.conn.peer_id,
+            address=str(self.address),
+            span=Span(self.info.span_start, self.info.span_end),
+            seconds_per_layer=float(spl) if isinstance(spl, (int, float)) and spl > 0 else 0.01,
+            load=float(self.info.active_sessions),
+            rtt=self.rtt,
         )
-        if best is None:
-            served = {n for p in infos for n in range(p.span_start, p.span_end)}
-            raise NoRouteError([n for n in range(num_layers) if n not in served])
-        chain.append((best, Span(at, infos[best].span_end)))
-        at = infos[best].span_end
-    return chain
 
 
 class SwarmClient:
-    """Connections to a fixed set of peers, and pipelines through them."""
+    """Connections to a set of peers, refreshed as they come and go, and bans for failures."""
 
     def __init__(
         self,
@@ -117,39 +113,62 @@ class SwarmClient:
         addresses: Sequence[str],
         config: ClientConfig | None = None,
         identity: Identity | None = None,
+        on_event: Callable[[str], None] | None = None,
     ) -> None:
         self.config = config or ClientConfig()
         self.model_config = ModelConfig.from_file(model_dir)
         self.fingerprint = model_fingerprint(model_dir)
         self.identity = identity or generate_identity()
-        self.addresses = [parse_address(a) for a in addresses]
-        self.net = BackgroundLoop()
-        self.hops: list[Hop] = []
-        try:
-            self.hops = self.net.run(self._connect())
-        except BaseException:
-            self.net.stop()
-            raise
-
-    async def _connect(self) -> list[Hop]:
-        tconf = TransportConfig(
+        self.links = [PeerLink(parse_address(a)) for a in addresses]
+        self.bans = BanList(base_seconds=self.config.ban_seconds)
+        self.rng = random.Random()
+        self.on_event = on_event or (lambda text: log.info("%s", text))
+        self.transport = TransportConfig(
             connect_timeout=self.config.connect_timeout,
             handshake_timeout=self.config.connect_timeout,
             request_timeout=self.config.request_timeout,
             insecure_plaintext=self.config.insecure_plaintext,
         )
-        conns = await asyncio.gather(
-            *(open_connection(a, self.identity, tconf) for a in self.addresses)
-        )
-        infos: list[InfoReply] = []
-        for conn in conns:
-            info = await conn.request(InfoRequest())
+        self.net = BackgroundLoop()
+        try:
+            self.net.run(self.refresh())
+        except BaseException:
+            self.net.stop()
+            raise
+
+    async def refresh(self) -> None:
+        """Dial every peer not connected now and ask each what it serves."""
+        await asyncio.gather(*(self._refresh(link) for link in self.links))
+        if not any(link.live for link in self.links):
+            raise PeerUnavailable(
+                "none of the peers answered: " + ", ".join(str(link.address) for link in self.links)
+            )
+
+    async def _refresh(self, link: PeerLink) -> None:
+        try:
+            if not link.live:
+                link.leaving = False
+                link.conn = await open_connection(
+                    link.address, self.identity, self.transport, on_goodbye=self._goodbye
+                )
+                self.bans.lift(link.conn.peer_id)  # it is back: usable again
+            assert link.conn is not None
+            t0 = time.perf_counter()
+            info = await link.conn.request(InfoRequest())
+            link.rtt = time.perf_counter() - t0
             assert isinstance(info, InfoReply)
-            self._check_model(conn, info)
-            infos.append(info)
-        return [
-            Hop(conns[i], span) for i, span in choose_chain(infos, self.model_config.num_layers)
-        ]
+            self._check_model(link.conn, info)
+            link.info = info
+        except (PeerUnavailable, OSError) as e:
+            log.debug("peer at %s is unreachable: %s", link.address, e)
+            link.conn = None
+
+    def _goodbye(self, conn: Connection, reason: str) -> None:
+        for link in self.links:
+            if link.conn is conn:
+                link.leaving = True
+        self.bans.ban(conn.peer_id)
+        self.on_event(f"peer {short(conn.peer_id)} is leaving ({reason})")
 
     def _check_model(self, conn: Connection, info: InfoReply) -> None:
         theirs = info.model.rpartition("@")[2]
@@ -159,13 +178,28 @@ class SwarmClient:
                 f"this client has {self.fingerprint}: start both with the same --model"
             )
 
-    def route(self) -> list[tuple[str, Span]]:
-        return [(str(h.peer.address), h.span) for h in self.hops]
+    def views(self) -> list[PeerView]:
+        """The live peers, as the path chooser sees them."""
+        return [link.view() for link in self.links if link.live and link.info is not None]
 
-    def open_pipeline(self, max_length: int) -> RemotePipeline:
-        pipeline = RemotePipeline(self, max_length)
-        self.net.run(pipeline.open())
-        return pipeline
+    def connection(self, peer_id: str) -> Connection:
+        for link in self.links:
+            if link.live and link.conn is not None and link.conn.peer_id == peer_id:
+                return link.conn
+        raise PeerUnavailable(f"peer {short(peer_id)} is not connected")
+
+    def is_leaving(self, peer_id: str) -> bool:
+        return any(
+            link.conn is not None and link.conn.peer_id == peer_id and not link.live
+            for link in self.links
+        )
+
+    def open_pipeline(self, max_length: int) -> Pipeline:
+        from layerswarm.routing.session import RemoteSession
+
+        session = RemoteSession(self, max_length)
+        self.net.run(session.open())
+        return session
 
     def close(self) -> None:
         """Close every connection, then the network thread."""
@@ -175,53 +209,15 @@ class SwarmClient:
             self.net.stop()
 
     async def _close_all(self) -> None:
-        for hop in self.hops:
-            hop.peer.close()
-        await asyncio.gather(*(hop.peer.wait_closed() for hop in self.hops))
+        conns = [link.conn for link in self.links if link.conn is not None]
+        for conn in conns:
+            conn.close()
+        await asyncio.gather(*(conn.wait_closed() for conn in conns))
 
 
-class RemotePipeline:
-    """One session across the hops of a path: the KV cache of each span stays on its peer."""
-
-    def __init__(self, client: SwarmClient, max_length: int) -> None:
-        self.client = client
-        self.max_length = max_length
-        self.session_id = uuid.uuid4().hex
-        self.opened: list[Hop] = []
-
-    async def open(self) -> None:
-        for hop in self.client.hops:
-            await hop.peer.request(
-                OpenSession(self.session_id, hop.span.start, hop.span.end, self.max_length)
-            )
-            self.opened.append(hop)
-
-    def forward(self, hidden: torch.Tensor, start: int) -> torch.Tensor:
-        return self.client.net.run(self._forward(hidden, start))
-
-    async def _forward(self, hidden: torch.Tensor, start: int) -> torch.Tensor:
-        for hop in self.client.hops:
-            reply = await hop.peer.request(
-                Step(self.session_id, hidden, start), self.client.config.step_timeout
-            )
-            assert isinstance(reply, StepResult)
-            hidden = reply.hidden
-        return hidden
-
-    def close(self) -> None:
-        try:
-            self.client.net.run(self._close(), timeout=self.client.config.request_timeout)
-        except (LayerswarmError, TimeoutError) as e:
-            log.debug("closing session %s: %s", self.session_id, e)
-
-    async def _close(self) -> None:
-        for hop in self.opened:
-            if not hop.peer.closed:
-                try:
-                    await hop.peer.request(CloseSession(self.session_id))
-                except (PeerUnavailable, LayerswarmError) as e:
-                    log.debug("close on %s: %s", hop.peer.address, e)
-        self.opened.clear()
+def short(peer_id: str) -> str:
+    """A peer ID shortened for people: its last 8 characters."""
+    return "…" + peer_id[-8:]
 
 
 def open_swarm_generator(
@@ -229,14 +225,13 @@ def open_swarm_generator(
     peers: Sequence[str],
     insecure_plaintext: bool = False,
     dtype: torch.dtype = torch.float32,
+    config: ClientConfig | None = None,
+    on_event: Callable[[str], None] | None = None,
 ) -> Generator:
     """A generator whose layers run on `peers` (addresses `host:port[/PEERID]`)."""
-    client = SwarmClient(model_dir, peers, ClientConfig(insecure_plaintext=insecure_plaintext))
+    config = config or ClientConfig(insecure_plaintext=insecure_plaintext)
+    client = SwarmClient(model_dir, peers, config, on_event=on_event)
     head = load_client_head(model_dir, dtype)
-
-    def open_pipeline(max_length: int) -> Pipeline:
-        return client.open_pipeline(max_length)
-
-    gen = Generator(head, ChatTokenizer(model_dir), open_pipeline)
+    gen = Generator(head, ChatTokenizer(model_dir), client.open_pipeline)
     gen.client = client  # type: ignore[attr-defined]  # keeps it alive; for /route
     return gen
