@@ -44,6 +44,19 @@ def build_parser() -> argparse.ArgumentParser:
     start.add_argument("--port", type=int, default=0, help="TCP port (0: pick a free one)")
     start.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     start.add_argument(
+        "--quant",
+        default="none",
+        choices=["none", "int8", "int4"],
+        help="weight-only quantization of the span at load time",
+    )
+    start.add_argument(
+        "--quant-group-size",
+        type=int,
+        default=32,
+        metavar="N",
+        help="inputs per int4 scale (32 suits models converted from a Q4 GGUF)",
+    )
+    start.add_argument(
         "--cache-memory",
         type=float,
         default=256,
@@ -89,6 +102,8 @@ def _main(argv: list[str] | None) -> None:
         host=args.host,
         port=args.port,
         dtype=args.dtype,
+        quant=args.quant,
+        quant_group_size=args.quant_group_size,
         cache_memory_bytes=int(args.cache_memory * 2**20),
         max_session_length=args.max_session_length,
         session_idle_timeout=args.session_idle_timeout,

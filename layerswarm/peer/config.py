@@ -18,6 +18,8 @@ class PeerConfig:
     host: str = "127.0.0.1"  # address to listen on
     port: int = 0  # TCP port; 0 picks a free one (see the ready line)
     dtype: str = "float32"  # compute dtype: float32, bfloat16 or float16
+    quant: str = "none"  # weight-only quantization at load: none, int8 or int4
+    quant_group_size: int = 32  # unit: inputs per int4 scale (32 matches a Q4 GGUF's grid)
     cache_memory_bytes: int = 256 * 2**20  # bytes: KV-cache budget for all sessions together
     max_session_length: int = 8192  # tokens: the longest session one client may open
     session_idle_timeout: float = 300.0  # s: a session with no request this long is dropped

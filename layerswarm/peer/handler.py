@@ -14,6 +14,7 @@ from layerswarm.swarm.protocol import (
     ErrorCode,
     InfoReply,
     InfoRequest,
+    JsonValue,
     Message,
     OpenSession,
     SessionOpened,
@@ -36,6 +37,7 @@ class RequestHandler:
         self.table = table
         self.peer_id = peer_id
         self.stopping = False
+        self.extra: dict[str, JsonValue] = {}  # measured speed, memory, quantization
 
     async def __call__(self, conn: ConnectionInfo, msg: Message) -> Message:
         if self.stopping and not isinstance(msg, (InfoRequest, CloseSession)):
@@ -82,4 +84,5 @@ class RequestHandler:
             cache_tokens_free=cache.tokens_free,
             cache_tokens_total=cache.tokens_total,
             active_sessions=len(self.table.sessions),
+            extra=self.extra,
         )

@@ -6,7 +6,9 @@ import asyncio
 import json
 import logging
 import signal
+import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
@@ -14,8 +16,10 @@ from layerswarm.kernels.dispatch import ops_for
 from layerswarm.peer.config import PeerConfig
 from layerswarm.peer.handler import RequestHandler
 from layerswarm.peer.sessions import SessionTable
+from layerswarm.shards.blocks import SpanModel
 from layerswarm.shards.config import ModelConfig
 from layerswarm.shards.kv_cache import PagedKVCache
+from layerswarm.shards.quantize import memory_bytes, quantize
 from layerswarm.shards.weights import Progress, load_span, model_fingerprint
 from layerswarm.swarm.identity import Identity
 from layerswarm.swarm.transport import TransportConfig, serve_connections
@@ -55,21 +59,16 @@ async def serve_peer(
     On stopping, clients are told with a Goodbye first, so they can move their sessions.
     """
     model_config = ModelConfig.from_file(config.model_dir)
-    config.span.check_within(model_config.num_layers)
-    dtype = DTYPES[config.dtype]
-    model = await asyncio.to_thread(
-        load_span, config.model_dir, config.span, dtype, model_config, None, progress
-    )
-    log.info(
-        "loaded layers %s of %s (%s, kernels: %s)",
-        config.span,
-        config.model_name,
-        config.dtype,
-        ops_for("cpu").__name__,
-    )
+    model, speed = await asyncio.to_thread(load_peer_model, config, model_config, progress)
     table = SessionTable(model, cache_tokens_for(config, model_config), config.max_batch)
     model_id = f"{config.model_name}@{model_fingerprint(config.model_dir)}"
     handler = RequestHandler(config, table, identity.peer_id, model_id)
+    handler.extra = {
+        "quant": config.quant,
+        "weights_bytes": memory_bytes(model),
+        "decode_s_per_layer": speed.decode_s_per_layer,
+        "prefill_tokens_per_s_per_layer": speed.prefill_tokens_per_s_per_layer,
+    }
     transport = TransportConfig(insecure_plaintext=config.insecure_plaintext)
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -97,6 +96,57 @@ async def serve_peer(
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
     log.info("stopped")
+
+
+def load_peer_model(
+    config: PeerConfig, model_config: ModelConfig, progress: Progress | None
+) -> tuple[SpanModel, SpeedSample]:
+    """Load the span, quantize it if asked, and measure how fast it runs."""
+    config.span.check_within(model_config.num_layers)
+    dtype = DTYPES[config.dtype]
+    model = load_span(config.model_dir, config.span, dtype, model_config, None, progress)
+    if config.quant != "none":
+        quantize(model, config.quant, config.quant_group_size)  # type: ignore[arg-type]
+    speed = measure_speed(model)
+    log.info(
+        "loaded layers %s of %s (%s, %s weights: %.1f MiB, kernels: %s); one decode step takes "
+        "%.2f ms a layer",
+        config.span,
+        config.model_name,
+        config.dtype,
+        config.quant,
+        memory_bytes(model) / 2**20,
+        ops_for(next(model.parameters()).device).__name__.rsplit(".", 1)[-1],
+        speed.decode_s_per_layer * 1e3,
+    )
+    return model, speed
+
+
+@dataclass(frozen=True)
+class SpeedSample:
+    """How fast this peer runs its span, measured at start."""
+
+    decode_s_per_layer: float  # unit: s one layer takes for one decode step (one session)
+    prefill_tokens_per_s_per_layer: float  # unit: prompt tokens one layer takes per second
+
+
+def measure_speed(model: SpanModel, prompt: int = 64, steps: int = 8) -> SpeedSample:
+    """Time a short prefill and a few decode steps through the whole span (a fraction of a s)."""
+    c = model.config
+    param = next(model.parameters())
+    cache = model.new_cache(prompt + steps + 1)
+    session = cache.allocate(prompt + steps + 1)
+    hidden = torch.randn(1, prompt, c.hidden_size, generator=torch.Generator().manual_seed(0))
+    hidden = hidden.to(param.device, param.dtype)
+    model(hidden[:, :4], [0], cache, [session])  # warm-up
+    t0 = time.perf_counter()
+    model(hidden, [0], cache, [session])
+    t1 = time.perf_counter()
+    for i in range(steps):
+        model(hidden[:, i : i + 1], [prompt + i], cache, [session])
+    t2 = time.perf_counter()
+    layers = len(model.span)
+    return SpeedSample((t2 - t1) / steps / layers, prompt * layers / (t1 - t0) / layers**2)
 
 
 async def _expire_sessions(table: SessionTable, idle_timeout: float) -> None:

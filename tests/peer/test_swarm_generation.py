@@ -15,6 +15,7 @@ from layerswarm.routing.generate import Generator
 from layerswarm.routing.local import open_local_generator
 from layerswarm.routing.sampling import SamplingConfig
 from layerswarm.routing.swarm_client import open_swarm_generator
+from layerswarm.shards.config import Span
 
 GREEDY_32 = SamplingConfig(max_new_tokens=32, temperature=0.0)
 LONG_QUESTION = (
@@ -103,3 +104,17 @@ def test_sigterm_mid_session_stops_the_peer_cleanly_and_the_client_is_told(
         assert failure.value.missing_layers == list(range(15, 30))
         log = swarm.peers[1].stderr_path.read_text()  # type: ignore[union-attr]
         assert "stopped" in log and "Traceback" not in log
+
+
+def test_quantized_peers_serve_a_chat_reply(smollm2_dir: Path, tmp_path: Path) -> None:
+    common = ["--dtype", "bfloat16"]
+    with (
+        start_peers(smollm2_dir, [Span(0, 15)], tmp_path, [*common, "--quant", "int8"]) as a,
+        start_peers(smollm2_dir, [Span(15, 30)], tmp_path, [*common, "--quant", "int4"]) as b,
+    ):
+        gen = open_swarm_generator(smollm2_dir, a.addresses + b.addresses)
+        question = [{"role": "user", "content": "What is the capital of France?"}]
+        reply = "".join(gen.chat(question, SamplingConfig(max_new_tokens=24)))
+        assert "Paris" in reply
+        quant = [link.info.extra["quant"] for link in gen.client.links]  # type: ignore[attr-defined]
+        assert sorted(quant) == ["int4", "int8"]
