@@ -29,6 +29,21 @@ class ProtocolError(LayerswarmError):
     """A frame or message off the wire is malformed, oversized or not allowed here."""
 
 
+class InvalidRecord(LayerswarmError):
+    """A signed peer record is malformed, forged, expired or out of range; `reason` says which.
+
+    The reasons are the constants of `layerswarm.swarm.records.RecordFault`.
+    """
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(reason, message)  # both in args, so the error pickles
+        self.reason = reason
+        self.message = message
+
+    def __str__(self) -> str:
+        return f"{self.reason}: {self.message}"
+
+
 class PeerUnavailable(LayerswarmError):
     """A peer could not be reached, closed the connection, or stopped answering."""
 
