@@ -16,7 +16,7 @@ import hashlib
 import logging
 import os
 import stat
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from cryptography import x509
@@ -44,7 +44,7 @@ TLS_EXTENSION_OID = x509.ObjectIdentifier("2.25.31164581645043752984104900943515
 class Identity:
     """A peer's key pair and the libp2p peer ID derived from it."""
 
-    private_key: PrivateKey  # py-libp2p Ed25519 private key
+    private_key: PrivateKey = field(repr=False)  # py-libp2p Ed25519 private key
     public_key: bytes  # raw 32-byte Ed25519 public key
     peer_id: str  # base58 libp2p peer ID, "12D3KooW..."
 

@@ -257,7 +257,8 @@ class _Channel(asyncio.BufferedProtocol):
             await asyncio.wait_for(asyncio.shield(self._lost), timeout)
         except asyncio.TimeoutError:
             self.transport.abort()
-            await self._lost
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self._lost), timeout)
 
     def hint(self) -> str:
         """A guess at why the handshake failed, from the first bytes the other side sent."""
@@ -702,7 +703,11 @@ class Server:
 
     @property
     def port(self) -> int:
-        """The TCP port listened on (the one chosen, when asked for port 0)."""
+        """The TCP port listened on (the one chosen, when asked for port 0).
+
+        With port 0 and a host name of several addresses, each socket gets its own port: this
+        is the first one's. Listen on an IP address to have one port.
+        """
         assert self._listener is not None  # set by serve_connections before it returns
         port: int = self._listener.sockets[0].getsockname()[1]
         return port
