@@ -57,6 +57,7 @@ class Generator:
         self.tokenizer = tokenizer
         self.open_pipeline = open_pipeline
         self.last_stats = GenerationStats()
+        self.active: Pipeline | None = None  # the pipeline of the reply being generated
 
     def chat(self, messages: Sequence[Message], sampling: SamplingConfig) -> Iterator[str]:
         """Stream the reply to a conversation, piece by piece."""
@@ -92,7 +93,7 @@ class Generator:
             return
         sampler = Sampler(sampling)
         context = list(prompt)
-        pipeline = self.open_pipeline(max_length)
+        pipeline = self.active = self.open_pipeline(max_length)
         try:
             t0 = time.perf_counter()
             ids = torch.tensor([context], dtype=torch.long)
@@ -113,3 +114,4 @@ class Generator:
                 ids = torch.tensor([[token]], dtype=torch.long)
         finally:
             pipeline.close()
+            self.active = None
