@@ -31,6 +31,7 @@ class Session:
     layers: Span  # the part of the peer's span this session runs
     cache: SessionCache
     last_used: float  # unit: monotonic s of the last request
+    queued_length: int = 0  # unit: tokens the session will hold once its queued steps ran
 
 
 @dataclass
@@ -104,6 +105,7 @@ class SessionTable:
         """Validate a step, queue it for the worker, and wait for its output."""
         self._check_step(session, hidden, start)
         loop = asyncio.get_running_loop()
+        session.queued_length = start + hidden.shape[1]
         job = _Job(
             session, hidden.to(self.dtype), start, time.monotonic() + timeout, loop.create_future()
         )
@@ -126,7 +128,9 @@ class SessionTable:
                 ErrorCode.BAD_SHAPE, f"hidden states must be floats, got {hidden.dtype}"
             )
         end = start + hidden.shape[1]
-        if start < 0 or start > session.cache.length:
+        # A client may send several steps of a session without waiting (a replay does):
+        # they queue in order, so a step may start where the queued ones will end.
+        if start < 0 or start > max(session.cache.length, session.queued_length):
             raise RemoteError(
                 ErrorCode.BAD_POSITION,
                 f"start {start} leaves a gap: the session holds {session.cache.length} tokens",
@@ -145,7 +149,7 @@ class SessionTable:
             while not self._queue.empty() and len(jobs) < self.max_batch:
                 jobs.append(self._queue.get_nowait())
             for batch in _batches(jobs):
-                live = [j for j in batch if not j.done.done() and j.session.key in self.sessions]
+                live = [j for j in batch if self._runnable(j)]
                 if not live:
                     continue
                 try:
@@ -158,6 +162,21 @@ class SessionTable:
                 for row, j in enumerate(live):
                     if not j.done.done():
                         j.done.set_result(out[row : row + 1])
+
+    def _runnable(self, job: _Job) -> bool:
+        """Whether a queued step can still run; answers the ones that cannot."""
+        if job.done.done() or job.session.key not in self.sessions:
+            return False
+        if job.start > job.session.cache.length:  # an earlier queued step of it failed
+            job.done.set_exception(
+                RemoteError(
+                    ErrorCode.BAD_POSITION,
+                    f"start {job.start} leaves a gap: the session holds "
+                    f"{job.session.cache.length} tokens",
+                )
+            )
+            return False
+        return True
 
     def _run(self, jobs: Sequence[_Job]) -> torch.Tensor:
         deadline = min(j.deadline for j in jobs)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import uuid
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -69,7 +70,7 @@ class RemoteSession:
         self.hops: list[ActiveHop] = []
         # Inputs sent into the layer boundary `b`: every (start, hidden) in order.
         self.history: dict[int, list[tuple[int, torch.Tensor]]] = {}
-        self.reroutes = 0
+        self.reroute_seconds: list[float] = []  # unit: s each reroute took, replay included
 
     @property
     def route(self) -> list[tuple[str, Span]]:
@@ -160,6 +161,7 @@ class RemoteSession:
         caller sends it next, to the first new hop.
         """
         old = self.hops[index]
+        t0 = time.perf_counter()
         for _ in range(self.client.config.max_reroutes):
             new = await self._open_path(old.span)
             try:
@@ -169,7 +171,7 @@ class RemoteSession:
                 await self._close_hops(new)
                 continue
             self.hops[index : index + 1] = new
-            self.reroutes += 1
+            self.reroute_seconds.append(time.perf_counter() - t0)
             self.client.on_event(
                 f"rerouted layers {old.span} from {host(old.view.address)} to "
                 + ", ".join(f"{host(h.view.address)} ({h.span})" for h in new)
@@ -178,14 +180,21 @@ class RemoteSession:
         raise LayerswarmError(f"could not rebuild layers {old.span}: too many failures")
 
     async def _replay(self, hops: list[ActiveHop], inputs: list[tuple[int, torch.Tensor]]) -> None:
-        """Send past inputs through new hops, step by step in the original chunks."""
-        for hop in hops[1:]:
-            self.history[hop.span.start] = []
-        for start, hidden in inputs:
-            for n, hop in enumerate(hops):
-                if n:
-                    self.history[hop.span.start].append((start, hidden))
-                hidden = await self._step(hop, hidden, start)
+        """Send past inputs through new hops, in the original chunks and order.
+
+        Each hop gets all its steps at once (the peer queues a session's steps in order), so a
+        replay costs the peer's compute, not one round trip per past token.
+        """
+        for n, hop in enumerate(hops):
+            if n:
+                self.history[hop.span.start] = list(inputs)
+            tasks = [asyncio.ensure_future(self._step(hop, h, start)) for start, h in inputs]
+            try:
+                outputs = await asyncio.gather(*tasks)
+            finally:
+                for task in tasks:
+                    task.cancel()
+            inputs = [(start, out) for (start, _), out in zip(inputs, outputs, strict=True)]
 
     async def _close_hops(self, hops: list[ActiveHop]) -> None:
         for hop in hops:
