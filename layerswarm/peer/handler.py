@@ -26,6 +26,15 @@ from layerswarm.swarm.transport import ConnectionInfo
 log = logging.getLogger(__name__)
 
 
+def owner(conn: ConnectionInfo) -> str:
+    """Whose sessions these are: one client connection (its proven peer ID and its socket).
+
+    Sessions die with their connection, so a client that vanished leaves no cache behind; a
+    client that reconnects replays its inputs into new sessions, as after any failure.
+    """
+    return f"{conn.peer_id}@{conn.host}:{conn.port}"
+
+
 class RequestHandler:
     """Answers the requests of every connection to one peer."""
 
@@ -47,15 +56,19 @@ class RequestHandler:
         if isinstance(msg, OpenSession):
             return self._open(conn, msg)
         if isinstance(msg, Step):
-            session = self.table.get(conn.peer_id, msg.session_id)
+            session = self.table.get(owner(conn), msg.session_id)
             out = await self.table.step(
                 session, msg.hidden, msg.start_position, self.config.step_timeout
             )
             return StepResult(msg.session_id, out)
         if isinstance(msg, CloseSession):
-            self.table.close(conn.peer_id, msg.session_id)
+            self.table.close(owner(conn), msg.session_id)
             return Closed(msg.session_id)
         raise RemoteError(ErrorCode.PROTOCOL, f"{type(msg).__name__} is not a request")
+
+    def disconnected(self, conn: ConnectionInfo) -> None:
+        """Free the sessions of a connection that closed."""
+        self.table.close_owner(owner(conn))
 
     def _open(self, conn: ConnectionInfo, msg: OpenSession) -> SessionOpened:
         if not 0 < msg.max_length <= self.config.max_session_length:
@@ -67,7 +80,7 @@ class RequestHandler:
             layers = Span(msg.span_start, msg.span_end)
         except ValueError as e:
             raise RemoteError(ErrorCode.BAD_SPAN, str(e)) from None
-        self.table.open(conn.peer_id, msg.session_id, layers, msg.max_length)
+        self.table.open(owner(conn), msg.session_id, layers, msg.max_length)
         log.debug("opened session %s for %s on layers %s", msg.session_id, conn.peer_id, layers)
         return SessionOpened(msg.session_id)
 

@@ -74,7 +74,9 @@ async def serve_peer(
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    server = await serve_connections(handler, config.host, config.port, identity, transport)
+    server = await serve_connections(
+        handler, config.host, config.port, identity, transport, on_disconnect=handler.disconnected
+    )
     log.info(
         "serving layers %s at %s:%d as %s", config.span, config.host, server.port, identity.peer_id
     )

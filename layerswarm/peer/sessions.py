@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Session:
-    key: tuple[str, str]  # (owner's peer ID, session ID): a client reaches only its own
+    key: tuple[str, str]  # (owner connection, session ID): a client reaches only its own
     layers: Span  # the part of the peer's span this session runs
     cache: SessionCache
     last_used: float  # unit: monotonic s of the last request
