@@ -1,0 +1,102 @@
+"""Span choice and rebalancing, table-driven with heterogeneous peers."""
+
+from __future__ import annotations
+
+import pytest
+
+from layerswarm.peer.placement import Server, choose_span, layers_that_fit, should_move
+from layerswarm.shards.config import Span
+
+
+def srv(pid: str, start: int, end: int, speed: float = 1.0) -> Server:
+    return Server(pid, Span(start, end), speed)
+
+
+CHOOSE = {
+    "empty swarm: start at the left": ([], 10, Span(0, 10)),
+    "fill the gap after the first peer": ([srv("a", 0, 12)], 10, Span(12, 22)),
+    "a gap beats a weak but served region": (
+        [srv("a", 0, 20, speed=0.1), srv("b", 25, 30)],
+        5,
+        Span(20, 25),
+    ),
+    "partial gap: the window with most unserved layers": ([srv("a", 0, 26)], 8, Span(22, 30)),
+    "all served: go where throughput is lowest": (
+        [srv("fast", 0, 15, speed=4.0), srv("slow", 15, 30, speed=1.0)],
+        15,
+        Span(15, 30),
+    ),
+    "all served, replicas: the thinner half": (
+        [srv("a", 0, 15), srv("b", 0, 15), srv("c", 15, 30)],
+        15,
+        Span(15, 30),
+    ),
+    "longer than the model: all of it": ([srv("a", 0, 30)], 40, Span(0, 30)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CHOOSE))
+def test_choose_span(case: str) -> None:
+    servers, length, expected = CHOOSE[case]
+    assert choose_span(servers, 30, length) == expected
+
+
+def test_three_peers_with_different_budgets_cover_the_model_in_proportion() -> None:
+    per_layer, reserve = 20 * 2**20, 16 * 2**20
+    budgets = {"big": 316 * 2**20, "mid": 216 * 2**20, "small": 96 * 2**20}
+    servers: list[Server] = []
+    for pid, budget in budgets.items():  # peers join one after another
+        n = layers_that_fit(budget, per_layer, reserve, 30)
+        servers.append(Server(pid, choose_span(servers, 30, n), 1.0))
+    assert [len(s.span) for s in servers] == [15, 10, 4]
+    covered = {layer for s in servers for layer in range(s.span.start, s.span.end)}
+    assert covered == set(range(29))  # one layer short: the budgets hold 29 layers in all
+    # A fourth peer goes where coverage is thinnest: the layer nobody serves.
+    fourth = choose_span(servers, 30, 5)
+    assert 29 in range(fourth.start, fourth.end)
+
+
+def test_twice_the_memory_serves_about_twice_the_layers() -> None:
+    one = layers_that_fit(200 * 2**20, 10 * 2**20, 0, 100)
+    two = layers_that_fit(400 * 2**20, 10 * 2**20, 0, 100)
+    assert two == 2 * one
+
+
+MOVES = {
+    "stay when alone": ([srv("me", 0, 15)], srv("me", 0, 15), None),
+    "fill a gap when my layers are served twice": (
+        [srv("me", 0, 15), srv("a", 0, 15), srv("b", 15, 25)],
+        srv("me", 0, 15),
+        Span(15, 30),
+    ),
+    "do not open a gap to fill another": (
+        [srv("me", 0, 15), srv("b", 15, 25)],
+        srv("me", 0, 15),
+        None,
+    ),
+    "a small gain is not worth a move (hysteresis)": (
+        [srv("me", 0, 15), srv("a", 0, 15, speed=1.0), srv("b", 15, 30, speed=1.6)],
+        srv("me", 0, 15),
+        None,
+    ),
+    "a large gain is": (
+        [srv("me", 0, 15), srv("a", 0, 15, speed=4.0), srv("b", 15, 30, speed=0.5)],
+        srv("me", 0, 15),
+        Span(15, 30),
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MOVES))
+def test_should_move(case: str) -> None:
+    servers, me, expected = MOVES[case]
+    assert should_move(servers, 30, me) == expected
+
+
+def test_a_peer_that_moved_does_not_move_back() -> None:
+    others = [srv("a", 0, 15, speed=4.0), srv("b", 15, 30, speed=0.5)]
+    me = srv("me", 0, 15)
+    target = should_move([*others, me], 30, me)
+    assert target == Span(15, 30)
+    moved = Server("me", target, me.speed)
+    assert should_move([*others, moved], 30, moved) is None
