@@ -38,7 +38,26 @@ def build_parser() -> argparse.ArgumentParser:
         help="model name, a Hugging Face style folder, or a .gguf file",
     )
     start.add_argument(
-        "--layers", required=True, metavar="A:B", help="serve layers A up to (not including) B"
+        "--layers",
+        default="auto",
+        metavar="A:B|auto",
+        help="serve layers A up to (not including) B; auto (the default): as many as the memory "
+        "budget holds, where the swarm is weakest",
+    )
+    start.add_argument(
+        "--memory-budget",
+        type=float,
+        default=0,
+        metavar="MIB",
+        help="memory for weights and KV cache when --layers auto (default: half the free memory)",
+    )
+    start.add_argument(
+        "--mdns-interface",
+        action="append",
+        default=None,
+        metavar="IP|NAME|none",
+        help="announce on the LAN over mDNS on this interface (repeat for more; default: every "
+        "interface; none: no mDNS)",
     )
     start.add_argument("--host", default="127.0.0.1", help="address to listen on")
     start.add_argument("--port", type=int, default=0, help="TCP port (0: pick a free one)")
@@ -81,6 +100,15 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def mdns_interfaces(values: list[str] | None) -> tuple[str, ...] | None:
+    """`--mdns-interface` values: None (the flag not given) means every interface, `none` off."""
+    if values is None:
+        return ()
+    if "none" in values:
+        return None
+    return tuple(values)
+
+
 def main(argv: list[str] | None = None) -> None:
     run_main(_main, argv)
 
@@ -89,7 +117,7 @@ def _main(argv: list[str] | None) -> None:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
     try:
-        span = Span.parse(args.layers)
+        span = None if args.layers == "auto" else Span.parse(args.layers)
     except ValueError as e:
         raise SystemExit(f"error: --layers: {e}") from None
     model_dir = resolve_model_cli(args.model, default_cache_dir())
@@ -108,6 +136,8 @@ def _main(argv: list[str] | None) -> None:
         max_session_length=args.max_session_length,
         session_idle_timeout=args.session_idle_timeout,
         step_timeout=args.step_timeout,
+        memory_budget_bytes=int(args.memory_budget * 2**20),
+        mdns_interfaces=mdns_interfaces(args.mdns_interface),
         key_path=key_path,
         insecure_plaintext=args.insecure_plaintext,
     )

@@ -14,7 +14,7 @@ class PeerConfig:
 
     model_dir: Path  # a Hugging Face style model folder (already resolved)
     model_name: str  # what the peer announces; clients check it matches theirs
-    span: Span  # the layers served, half-open
+    span: Span | None  # the layers served, half-open; None: chosen from the swarm at start
     host: str = "127.0.0.1"  # address to listen on
     port: int = 0  # TCP port; 0 picks a free one (see the ready line)
     dtype: str = "float32"  # compute dtype: float32, bfloat16 or float16
@@ -25,5 +25,9 @@ class PeerConfig:
     session_idle_timeout: float = 300.0  # s: a session with no request this long is dropped
     step_timeout: float = 30.0  # s: a step waiting or running longer is cancelled
     max_batch: int = 16  # sessions: decode steps of this many sessions run as one batch
+    memory_budget_bytes: int = 0  # bytes for weights and KV cache with `span` None; 0: half free
+    mdns_interfaces: tuple[str, ...] | None = None  # announce on these (() = every one); None: off
+    announce_refresh: float = 10.0  # unit: s between record refreshes (free cache, load)
+    discovery_wait: float = 3.0  # unit: s to gather the swarm's records before choosing a span
     key_path: Path | None = None  # the peer's Ed25519 key file; created if missing
     insecure_plaintext: bool = False  # no TLS; trusted LANs and measurements only

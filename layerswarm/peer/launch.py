@@ -123,6 +123,10 @@ def _spawn(model: str | Path, span: Span, workdir: Path, extra_args: Sequence[st
         str(workdir / f"{name}.key"),
         *extra_args,
     ]
+    if "--mdns-interface" not in extra_args:
+        # Peers started here stay quiet on the LAN: mDNS on the machine's real interface would
+        # multicast off it. Tests that want mDNS run peers in a network namespace of their own.
+        cmd += ["--mdns-interface", "none"]
     with open(err_path, "w") as err:
         proc = subprocess.Popen(
             cmd,

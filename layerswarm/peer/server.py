@@ -6,22 +6,36 @@ import asyncio
 import json
 import logging
 import signal
-import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from contextlib import AsyncExitStack
+from dataclasses import replace
 
 import torch
+from zeroconf import InterfaceChoice
 
 from layerswarm.kernels.dispatch import ops_for
+from layerswarm.peer.announce import (
+    Announcer,
+    PeerFacts,
+    current_record,
+    reachable_addresses,
+    serve_announcements,
+)
 from layerswarm.peer.config import PeerConfig
 from layerswarm.peer.handler import RequestHandler
+from layerswarm.peer.measure import SpeedSample, free_memory_bytes, measure_speed, measure_tflops
+from layerswarm.peer.placement import Server, choose_span, layers_that_fit
 from layerswarm.peer.sessions import SessionTable
 from layerswarm.shards.blocks import SpanModel
-from layerswarm.shards.config import ModelConfig
+from layerswarm.shards.config import ModelConfig, Span
 from layerswarm.shards.kv_cache import PagedKVCache
 from layerswarm.shards.quantize import memory_bytes, quantize
 from layerswarm.shards.weights import Progress, load_span, model_fingerprint
+from layerswarm.swarm.discovery import RecordSource, merged
 from layerswarm.swarm.identity import Identity
+from layerswarm.swarm.mdns import MdnsAnnouncer, MdnsBrowser, MdnsConfig
+from layerswarm.swarm.records import PeerRecord
+from layerswarm.swarm.transport import Server as TransportServer
 from layerswarm.swarm.transport import TransportConfig, serve_connections
 
 log = logging.getLogger(__name__)
@@ -39,10 +53,10 @@ def ready_line(host: str, port: int, peer_id: str) -> str:
     return READY_PREFIX + json.dumps(info)
 
 
-def cache_tokens_for(config: PeerConfig, model_config: ModelConfig) -> int:
+def cache_tokens_for(config: PeerConfig, model_config: ModelConfig, span: Span) -> int:
     """How many tokens of KV cache the peer's memory budget holds for its span."""
     per_token = PagedKVCache.bytes_per_token(
-        len(config.span), model_config.num_kv_heads, model_config.head_dim, DTYPES[config.dtype]
+        len(span), model_config.num_kv_heads, model_config.head_dim, DTYPES[config.dtype]
     )
     return max(1, config.cache_memory_bytes // per_token)
 
@@ -54,66 +68,165 @@ async def serve_peer(
     progress: Progress | None = None,
     stop: asyncio.Event | None = None,
 ) -> None:
-    """Serve `config.span` until SIGINT/SIGTERM (or `stop` is set), then close cleanly.
+    """Serve a span until SIGINT/SIGTERM (or `stop` is set), then close cleanly.
 
-    On stopping, clients are told with a Goodbye first, so they can move their sessions.
+    With `config.span` None the span is chosen from the swarm's records first. On stopping,
+    clients are told with a Goodbye first, so they can move their sessions.
     """
     model_config = ModelConfig.from_file(config.model_dir)
-    model, speed = await asyncio.to_thread(load_peer_model, config, model_config, progress)
-    table = SessionTable(model, cache_tokens_for(config, model_config), config.max_batch)
-    model_id = f"{config.model_name}@{model_fingerprint(config.model_dir)}"
-    handler = RequestHandler(config, table, identity.peer_id, model_id)
-    handler.extra = {
-        "quant": config.quant,
-        "weights_bytes": memory_bytes(model),
-        "decode_s_per_layer": speed.decode_s_per_layer,
-        "prefill_tokens_per_s_per_layer": speed.prefill_tokens_per_s_per_layer,
-    }
-    transport = TransportConfig(insecure_plaintext=config.insecure_plaintext)
-    stop = stop or asyncio.Event()
+    fingerprint = model_fingerprint(config.model_dir)
+    async with AsyncExitStack() as stack:
+        sources, mdns = await _open_discovery(config, stack)
+        span = config.span or await _auto_span(config, model_config, sources, fingerprint)
+        config = replace(config, span=span)
+        model, speed = await asyncio.to_thread(
+            load_peer_model, config, model_config, span, progress
+        )
+        table = SessionTable(model, cache_tokens_for(config, model_config, span), config.max_batch)
+        handler = RequestHandler(
+            config, table, identity.peer_id, f"{config.model_name}@{fingerprint}"
+        )
+        handler.extra = {
+            "quant": config.quant,
+            "weights_bytes": memory_bytes(model),
+            "decode_s_per_layer": speed.decode_s_per_layer,
+            "prefill_tokens_per_s_per_layer": speed.prefill_tokens_per_s_per_layer,
+        }
+        transport = TransportConfig(insecure_plaintext=config.insecure_plaintext)
+        server = await serve_connections(
+            handler,
+            config.host,
+            config.port,
+            identity,
+            transport,
+            on_disconnect=handler.disconnected,
+        )
+        stack.push_async_callback(_close_server, server, table)
+        facts = PeerFacts(
+            identity.peer_id,
+            reachable_addresses(config.host, server.port),
+            config.model_name,
+            fingerprint,
+            model_config.num_layers,
+            speed,
+            await asyncio.to_thread(measure_tflops),
+        )
+        announcers = [MdnsAnnouncer(identity, mdns)] if mdns else []
+        log.info(
+            "serving layers %s at %s:%d as %s",
+            config.span,
+            config.host,
+            server.port,
+            identity.peer_id,
+        )
+        on_ready(ready_line(config.host, server.port, identity.peer_id))
+        await _serve_until_stopped(
+            config,
+            table,
+            handler,
+            server,
+            stop or asyncio.Event(),
+            announcers,
+            lambda: current_record(config, facts, table),
+        )
+    log.info("stopped")
+
+
+async def _open_discovery(
+    config: PeerConfig, stack: AsyncExitStack
+) -> tuple[list[RecordSource], MdnsConfig | None]:
+    """Start browsing the swarm's records where the peer announces itself."""
+    if config.mdns_interfaces is None:
+        return [], None
+    mdns = MdnsConfig(interfaces=config.mdns_interfaces or InterfaceChoice.All)
+    browser = MdnsBrowser(mdns)
+    await browser.start()
+    stack.push_async_callback(browser.close)
+    return [browser], mdns
+
+
+async def _auto_span(
+    config: PeerConfig, model_config: ModelConfig, sources: list[RecordSource], fingerprint: str
+) -> Span:
+    """The span this peer's budget holds, where the swarm is weakest."""
+    await asyncio.sleep(config.discovery_wait if sources else 0)
+    records = merged(sources, fingerprint)
+    servers = [
+        Server(r.peer_id, Span(r.span_start, r.span_end), r.decode_steps_per_s_per_layer or 1.0)
+        for r in records
+    ]
+    budget = config.memory_budget_bytes or free_memory_bytes() // 2
+    per_layer = int(model_config.layer_parameters() * BYTES_PER_WEIGHT[config.quant][config.dtype])
+    n = layers_that_fit(budget, per_layer, config.cache_memory_bytes, model_config.num_layers)
+    span = choose_span(servers, model_config.num_layers, n)
+    log.info(
+        "chose layers %s (%d fit in %.0f MiB) from %d peers' records",
+        span,
+        n,
+        budget / 2**20,
+        len(records),
+    )
+    return span
+
+
+async def _serve_until_stopped(
+    config: PeerConfig,
+    table: SessionTable,
+    handler: RequestHandler,
+    server: TransportServer,
+    stop: asyncio.Event,
+    announcers: Sequence[Announcer],
+    record: Callable[[], PeerRecord],
+) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    server = await serve_connections(
-        handler, config.host, config.port, identity, transport, on_disconnect=handler.disconnected
-    )
-    log.info(
-        "serving layers %s at %s:%d as %s", config.span, config.host, server.port, identity.peer_id
-    )
-    on_ready(ready_line(config.host, server.port, identity.peer_id))
     try:
         async with asyncio.TaskGroup() as tasks:
-            worker = tasks.create_task(table.serve_steps())
-            expiry = tasks.create_task(_expire_sessions(table, config.session_idle_timeout))
+            background = [
+                tasks.create_task(table.serve_steps()),
+                tasks.create_task(_expire_sessions(table, config.session_idle_timeout)),
+                tasks.create_task(serve_announcements(announcers, record, config.announce_refresh)),
+            ]
             await stop.wait()
             log.info("stopping: telling %d sessions' clients", len(table.sessions))
             handler.stopping = True
             await server.say_goodbye("the peer is shutting down")
-            worker.cancel()
-            expiry.cancel()
+            for task in background:
+                task.cancel()
     finally:
-        server.close()
-        await server.wait_closed()
-        table.shutdown()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
-    log.info("stopped")
+
+
+async def _close_server(server: TransportServer, table: SessionTable) -> None:
+    server.close()
+    await server.wait_closed()
+    table.shutdown()
+
+
+# Bytes one weight takes, by quantization and compute dtype (int4: two a byte, plus scales).
+BYTES_PER_WEIGHT = {
+    "none": {"float32": 4.0, "bfloat16": 2.0, "float16": 2.0},
+    "int8": {"float32": 1.02, "bfloat16": 1.02, "float16": 1.02},
+    "int4": {"float32": 0.6, "bfloat16": 0.6, "float16": 0.6},
+}
 
 
 def load_peer_model(
-    config: PeerConfig, model_config: ModelConfig, progress: Progress | None
+    config: PeerConfig, model_config: ModelConfig, span: Span, progress: Progress | None
 ) -> tuple[SpanModel, SpeedSample]:
     """Load the span, quantize it if asked, and measure how fast it runs."""
-    config.span.check_within(model_config.num_layers)
+    span.check_within(model_config.num_layers)
     dtype = DTYPES[config.dtype]
-    model = load_span(config.model_dir, config.span, dtype, model_config, None, progress)
+    model = load_span(config.model_dir, span, dtype, model_config, None, progress)
     if config.quant != "none":
         quantize(model, config.quant, config.quant_group_size)  # type: ignore[arg-type]
     speed = measure_speed(model)
     log.info(
         "loaded layers %s of %s (%s, %s weights: %.1f MiB, kernels: %s); one decode step takes "
         "%.2f ms a layer",
-        config.span,
+        span,
         config.model_name,
         config.dtype,
         config.quant,
@@ -122,33 +235,6 @@ def load_peer_model(
         speed.decode_s_per_layer * 1e3,
     )
     return model, speed
-
-
-@dataclass(frozen=True)
-class SpeedSample:
-    """How fast this peer runs its span, measured at start."""
-
-    decode_s_per_layer: float  # unit: s one layer takes for one decode step (one session)
-    prefill_tokens_per_s_per_layer: float  # unit: prompt tokens one layer takes per second
-
-
-def measure_speed(model: SpanModel, prompt: int = 64, steps: int = 8) -> SpeedSample:
-    """Time a short prefill and a few decode steps through the whole span (a fraction of a s)."""
-    c = model.config
-    param = next(model.parameters())
-    cache = model.new_cache(prompt + steps + 1)
-    session = cache.allocate(prompt + steps + 1)
-    hidden = torch.randn(1, prompt, c.hidden_size, generator=torch.Generator().manual_seed(0))
-    hidden = hidden.to(param.device, param.dtype)
-    model(hidden[:, :4], [0], cache, [session])  # warm-up
-    t0 = time.perf_counter()
-    model(hidden, [0], cache, [session])
-    t1 = time.perf_counter()
-    for i in range(steps):
-        model(hidden[:, i : i + 1], [prompt + i], cache, [session])
-    t2 = time.perf_counter()
-    layers = len(model.span)
-    return SpeedSample((t2 - t1) / steps / layers, prompt * layers / (t1 - t0) / layers**2)
 
 
 async def _expire_sessions(table: SessionTable, idle_timeout: float) -> None:

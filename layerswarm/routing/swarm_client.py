@@ -11,7 +11,7 @@ import logging
 import random
 import threading
 import time
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +25,7 @@ from layerswarm.routing.paths import BanList, PeerView
 from layerswarm.routing.text import ChatTokenizer
 from layerswarm.shards.config import ModelConfig, Span
 from layerswarm.shards.weights import load_client_head, model_fingerprint
+from layerswarm.swarm.discovery import RecordSource
 from layerswarm.swarm.identity import Identity, generate_identity
 from layerswarm.swarm.protocol import InfoReply, InfoRequest
 from layerswarm.swarm.transport import (
@@ -51,6 +52,8 @@ class ClientConfig:
     max_reroutes: int = 8  # unit: reroutes per step before the step fails
     ban_seconds: float = 5.0  # unit: s of a failed peer's first ban; doubles on each new failure
     insecure_plaintext: bool = False  # no TLS; trusted LANs and measurements only
+    mdns_interfaces: tuple[str, ...] | None = None  # browse mDNS here (() = every one); None: off
+    discovery_timeout: float = 5.0  # unit: s to wait for discovered peers to cover every layer
 
 
 class BackgroundLoop:
@@ -129,8 +132,12 @@ class SwarmClient:
             request_timeout=self.config.request_timeout,
             insecure_plaintext=self.config.insecure_plaintext,
         )
+        self.sources: list[RecordSource] = []
+        self.closers: list[Callable[[], Awaitable[None]]] = []
         self.net = BackgroundLoop()
         try:
+            if self.config.mdns_interfaces is not None:
+                self.net.run(self._start_mdns())
             self.net.run(self.refresh())
         except BaseException:
             self.net.stop()
@@ -209,6 +216,8 @@ class SwarmClient:
             self.net.stop()
 
     async def _close_all(self) -> None:
+        for close in self.closers:
+            await close()
         conns = [link.conn for link in self.links if link.conn is not None]
         for conn in conns:
             conn.close()
