@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from layerswarm.cli.common import default_cache_dir, resolve_model_cli
+from layerswarm.kernels.cpu_linear import pack_linears
 from layerswarm.routing.local import LocalPipeline
 from layerswarm.shards.config import ModelConfig, Span
 from layerswarm.shards.weights import load_client_head, load_span
@@ -27,8 +28,8 @@ NEW_TOKENS = 64
 
 def bench_ours(model_dir: Path, dtype: torch.dtype, ids: torch.Tensor) -> tuple[float, float]:
     config = ModelConfig.from_file(model_dir)
-    head = load_client_head(model_dir, dtype, config)
-    span = load_span(model_dir, Span(0, config.num_layers), dtype, config)
+    head = pack_linears(load_client_head(model_dir, dtype, config))
+    span = pack_linears(load_span(model_dir, Span(0, config.num_layers), dtype, config))
     pipe = LocalPipeline(span, PROMPT_TOKENS + NEW_TOKENS)
     t0 = time.perf_counter()
     logits = head.logits(pipe.forward(head.embed_tokens(ids), 0)[:, -1:])

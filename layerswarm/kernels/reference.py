@@ -73,8 +73,8 @@ def prefill_attention(
     qh, kh, vh = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)  # (heads, seq, hd)
     gqa = q.shape[1] != k.shape[1]
     if t == 1:  # one query sees every key: no mask needed
-        out = F.scaled_dot_product_attention(qh, kh, vh, scale=scale, enable_gqa=gqa)
-    elif start == 0:
+        return _one_query(q[0], k, v, scale)[None]
+    if start == 0:
         out = F.scaled_dot_product_attention(
             qh, kh, vh, is_causal=True, scale=scale, enable_gqa=gqa
         )
@@ -116,9 +116,13 @@ def decode_attention(
 
 
 def _one_query(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-    """`q (q_heads, hd)` over `k, v (n, kv_heads, hd)` -> `(q_heads, hd)`."""
-    qh = q[:, None, :]  # (q_heads, 1, hd)
-    out = F.scaled_dot_product_attention(
-        qh, k.transpose(0, 1), v.transpose(0, 1), scale=scale, enable_gqa=q.shape[0] != k.shape[1]
-    )
-    return out[:, 0, :]
+    """`q (q_heads, hd)` over `k, v (n, kv_heads, hd)` -> `(q_heads, hd)`.
+
+    Written out rather than through SDPA: SDPA's CPU path copies K and V once per query-head
+    group for GQA, which cost 13% of a SmolLM2 decode step; these are views.
+    """
+    kv_heads, hd = k.shape[1], k.shape[2]
+    qg = q.reshape(kv_heads, -1, hd)  # (kv_heads, group, hd)
+    scores = torch.matmul(qg, k.permute(1, 2, 0)) * scale  # (kv_heads, group, n)
+    probs = torch.softmax(scores.float(), dim=-1).to(v.dtype)
+    return torch.matmul(probs, v.transpose(0, 1)).reshape(q.shape)  # (q_heads, hd)

@@ -13,6 +13,7 @@ from dataclasses import replace
 import torch
 from zeroconf import InterfaceChoice
 
+from layerswarm.kernels.cpu_linear import pack_linears
 from layerswarm.kernels.dispatch import ops_for
 from layerswarm.peer.announce import (
     Announcer,
@@ -222,6 +223,7 @@ def load_peer_model(
     model = load_span(config.model_dir, span, dtype, model_config, None, progress)
     if config.quant != "none":
         quantize(model, config.quant, config.quant_group_size)  # type: ignore[arg-type]
+    pack_linears(model)  # the linears quantization left: oneDNN's fast CPU layout
     speed = measure_speed(model)
     log.info(
         "loaded layers %s of %s (%s, %s weights: %.1f MiB, kernels: %s); one decode step takes "

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 
+from layerswarm.kernels.cpu_linear import pack_linears
 from layerswarm.routing.generate import Generator, Pipeline
 from layerswarm.routing.text import ChatTokenizer
 from layerswarm.shards.blocks import SpanModel
@@ -51,8 +52,10 @@ def open_local_generator(
     """Load a whole model (a folder in Hugging Face layout) for generation in this process."""
     config = ModelConfig.from_file(model_dir)
     tokenizer = ChatTokenizer(model_dir)
-    head = load_client_head(model_dir, dtype, config)
-    model = load_span(model_dir, Span(0, config.num_layers), dtype, config, progress=progress)
+    head = pack_linears(load_client_head(model_dir, dtype, config))
+    model = pack_linears(
+        load_span(model_dir, Span(0, config.num_layers), dtype, config, progress=progress)
+    )
 
     def open_pipeline(max_length: int) -> Pipeline:
         return LocalPipeline(model, max_length)

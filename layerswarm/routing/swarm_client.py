@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 import torch
 
 from layerswarm.errors import LayerswarmError, PeerUnavailable
+from layerswarm.kernels.cpu_linear import pack_linears
 from layerswarm.routing.generate import Generator, Pipeline
 from layerswarm.routing.paths import BanList, PeerView
 from layerswarm.routing.text import ChatTokenizer
@@ -240,7 +241,7 @@ def open_swarm_generator(
     """A generator whose layers run on `peers` (addresses `host:port[/PEERID]`)."""
     config = config or ClientConfig(insecure_plaintext=insecure_plaintext)
     client = SwarmClient(model_dir, peers, config, on_event=on_event)
-    head = load_client_head(model_dir, dtype)
+    head = pack_linears(load_client_head(model_dir, dtype))
     gen = Generator(head, ChatTokenizer(model_dir), client.open_pipeline)
     gen.client = client  # type: ignore[attr-defined]  # keeps it alive; for /route
     return gen

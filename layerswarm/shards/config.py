@@ -58,7 +58,11 @@ class ModelConfig:
 
     def layer_parameters(self) -> int:
         """Weights in one decoder layer (norms, attention projections, MLP)."""
-        q, kv, h = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim, self.hidden_size
+        q, kv, h = (
+            self.num_heads * self.head_dim,
+            self.num_kv_heads * self.head_dim,
+            self.hidden_size,
+        )
         bias = (q + 2 * kv) if self.attention_bias else 0
         return 2 * h + h * (q + 2 * kv) + bias + q * h + 3 * h * self.intermediate_size
 

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from layerswarm.kernels import quant
+from layerswarm.kernels.cpu_linear import PackedLinear
 
 log = logging.getLogger(__name__)
 
@@ -184,7 +185,7 @@ def quantize(span_model: nn.Module, mode: Mode, group_size: int = 128) -> nn.Mod
 
 
 def memory_bytes(module: nn.Module) -> int:
-    """Bytes held by `module`'s parameters and buffers, counting a shared tensor once."""
+    """Bytes held by `module`'s weights and buffers, counting a shared tensor once."""
     seen: set[tuple[int, int]] = set()
     total = 0
     for t in [*module.parameters(), *module.buffers()]:
@@ -192,4 +193,6 @@ def memory_bytes(module: nn.Module) -> int:
         if key not in seen:
             seen.add(key)
             total += t.numel() * t.element_size()
+    # oneDNN-packed weights are opaque tensors held outside parameters (kernels.cpu_linear).
+    total += sum(m.nbytes for m in module.modules() if isinstance(m, PackedLinear))
     return total

@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from layerswarm.errors import CacheFull, ModelFormatError
+from layerswarm.kernels.cpu_linear import pack_linears
 from layerswarm.shards.config import ModelConfig, Span
 from layerswarm.shards.weights import load_client_head, load_span, open_weights
 
@@ -52,13 +53,19 @@ def hf_logits(model_dir: Path, ids: torch.Tensor) -> torch.Tensor:
         return model(ids).logits
 
 
-def our_logits(model_dir: Path, ids: torch.Tensor, spans: list[Span] | None = None) -> torch.Tensor:
+def our_logits(
+    model_dir: Path, ids: torch.Tensor, spans: list[Span] | None = None, pack: bool = False
+) -> torch.Tensor:
     config = ModelConfig.from_file(model_dir)
     head = load_client_head(model_dir)
+    if pack:  # the oneDNN layout the engine and peers use on a CPU
+        pack_linears(head)
     spans = spans or [Span(0, config.num_layers)]
     hidden = head.embed_tokens(ids)
     for span in spans:
         model = load_span(model_dir, span)
+        if pack:
+            pack_linears(model)
         cache = model.new_cache(ids.shape[1])
         hidden = model(hidden, [0], cache, [cache.allocate(ids.shape[1])])
     return head.logits(hidden)
@@ -94,9 +101,10 @@ def test_logits_match_transformers_on_tiny_models(tmp_path: Path, case: str) -> 
     assert diff < TOL
 
 
-def test_logits_match_transformers_on_smollm2(smollm2_dir: Path) -> None:
+@pytest.mark.parametrize("pack", [False, True], ids=["plain", "onednn-packed"])
+def test_logits_match_transformers_on_smollm2(smollm2_dir: Path, pack: bool) -> None:
     ids = torch.randint(0, 49152, (1, 24), generator=torch.Generator().manual_seed(2))
-    diff = (our_logits(smollm2_dir, ids) - hf_logits(smollm2_dir, ids)).abs().max()
+    diff = (our_logits(smollm2_dir, ids, pack=pack) - hf_logits(smollm2_dir, ids)).abs().max()
     assert diff < TOL
 
 
