@@ -9,7 +9,10 @@ swarms of 2 and 3 peer processes on loopback, with each one's ratio to local.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -23,6 +26,8 @@ from layerswarm.routing.sampling import SamplingConfig
 from layerswarm.routing.swarm_client import open_swarm_generator
 from layerswarm.shards.config import ModelConfig
 
+# What the peers use (layerswarm/cli/peer.py): spin briefly, then sleep.
+SPIN_ENV = {"GOMP_SPINCOUNT": "20000"}
 PROMPT_TOKENS = 128
 NEW_TOKENS = 64
 
@@ -39,31 +44,72 @@ def measure(gen: Generator, prompt: list[int], repeats: int) -> tuple[float, flo
     return statistics.median(prefill), statistics.median(decode)
 
 
+def child(args: argparse.Namespace) -> None:
+    """Measure one setup in this process and print `prefill decode` on the last line."""
+    model_dir = resolve_model_cli(args.model, default_cache_dir())
+    prompt = torch.randint(
+        1000, 20000, (PROMPT_TOKENS,), generator=torch.Generator().manual_seed(0)
+    )
+    if args.child == "local":
+        gen = open_local_generator(model_dir)
+    else:
+        gen = open_swarm_generator(model_dir, args.peer, args.child == "plaintext")
+    prefill, decode = measure(gen, prompt.tolist(), args.repeats)
+    print(f"{prefill} {decode}")
+
+
+def run_child(
+    args: argparse.Namespace, mode: str, peers: list[str], passive: bool
+) -> tuple[float, float]:
+    cmd = [
+        sys.executable,
+        __file__,
+        "--child",
+        mode,
+        "--model",
+        args.model,
+        "--repeats",
+        str(args.repeats),
+        *(f"--peer={p}" for p in peers),
+    ]
+    env = dict(os.environ)
+    if brief_spin:
+        env.update(SPIN_ENV)
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
+    prefill, decode = out.strip().splitlines()[-1].split()
+    return float(prefill), float(decode)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--insecure-plaintext", action="store_true", help="also measure without TLS")
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    ap.add_argument("--peer", action="append", default=[], help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.child:
+        child(args)
+        return
     model_dir = resolve_model_cli(args.model, default_cache_dir())
     num_layers = ModelConfig.from_file(model_dir).num_layers
-    gen = torch.Generator().manual_seed(0)
-    # Token ids from the middle of the vocabulary, and no EOS: every run decodes NEW_TOKENS.
-    prompt = torch.randint(1000, 20000, (PROMPT_TOKENS,), generator=gen).tolist()
-    rows = [("local engine", *measure(open_local_generator(model_dir), prompt, args.repeats))]
-    modes = [False, True] if args.insecure_plaintext else [False]
+    rows = [("local engine", *run_child(args, "local", [], brief_spin=False))]
+    modes = ["tls", "plaintext"] if args.insecure_plaintext else ["tls"]
     with tempfile.TemporaryDirectory() as tmp:
         for n in (2, 3):
-            for plain in modes:
-                extra = ["--insecure-plaintext"] if plain else []
+            for mode in modes:
+                extra = ["--insecure-plaintext"] if mode == "plaintext" else []
                 with start_peers(model_dir, even_spans(num_layers, n), Path(tmp), extra) as swarm:
-                    client = open_swarm_generator(model_dir, swarm.addresses, plain)
-                    name = f"{n} peers, {'plaintext' if plain else 'TLS'}"
-                    rows.append((name, *measure(client, prompt, args.repeats)))
+                    # The client waits on its peers: on one shared machine its OpenMP threads
+                    # must not spin long meanwhile (on a laptop of its own it would not matter).
+                    result = run_child(args, mode, swarm.addresses, brief_spin=True)
+                    rows.append(
+                        (f"{n} peers, {'plaintext' if mode == 'plaintext' else 'TLS'}", *result)
+                    )
     local_decode = rows[0][2]
     print(
         f"\nSmolLM2 fp32, prompt {PROMPT_TOKENS} tokens, {NEW_TOKENS} new tokens, "
-        f"median of {args.repeats}, peers on loopback\n"
+        f"median of {args.repeats}, peers on loopback, every process on this machine\n"
     )
     print("| setup | prefill ms | decode tok/s | decode vs local |")
     print("|---|---|---|---|")

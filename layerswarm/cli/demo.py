@@ -6,6 +6,11 @@ one reply generated through them, then stops the peers.
 
 from __future__ import annotations
 
+import os
+
+# The demo's client shares this machine with its peers: see layerswarm/cli/peer.py.
+os.environ.setdefault("GOMP_SPINCOUNT", "20000")
+
 import argparse
 import sys
 import tempfile
