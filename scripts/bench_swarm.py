@@ -59,7 +59,7 @@ def child(args: argparse.Namespace) -> None:
 
 
 def run_child(
-    args: argparse.Namespace, mode: str, peers: list[str], passive: bool
+    args: argparse.Namespace, mode: str, peers: list[str], brief_spin: bool
 ) -> tuple[float, float]:
     cmd = [
         sys.executable,
