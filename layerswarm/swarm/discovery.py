@@ -11,6 +11,11 @@ from layerswarm.errors import InvalidRecord
 from layerswarm.swarm.records import PeerRecord, verify_record
 
 
+def dht_key(model_hash: str) -> str:
+    """The DHT key under which every peer of a model publishes its signed record."""
+    return f"layerswarm/model/{model_hash}"
+
+
 class RecordSource(Protocol):
     """Something that yields verified peer records (an `MdnsBrowser` is one)."""
 
@@ -55,15 +60,19 @@ def merged(sources: Sequence[RecordSource], model_hash: str | None = None) -> li
 
 async def wait_for_coverage(
     sources: Sequence[RecordSource],
-    refresh: Callable[[], Awaitable[None]],
+    refresh: Callable[[], Awaitable[None]] | None,
     model_hash: str,
     num_layers: int,
     timeout: float,
 ) -> list[PeerRecord]:
-    """Wait until the records cover every layer (or the timeout passes); return them."""
+    """Wait until the records cover every layer (or the timeout passes); return them.
+
+    `refresh`, when given, is awaited before each look (a DHT query); mDNS needs none.
+    """
     deadline = time.monotonic() + timeout
     while True:
-        await refresh()
+        if refresh is not None:
+            await refresh()
         records = merged(sources, model_hash)
         covered = {n for r in records for n in range(r.span_start, r.span_end)}
         if len(covered) >= num_layers or time.monotonic() >= deadline:
