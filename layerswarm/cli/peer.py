@@ -31,6 +31,7 @@ from layerswarm.cli.common import (
     run_main,
     setup_logging,
 )
+from layerswarm.cli.status import add_status_parser, run_status
 from layerswarm.peer.config import PeerConfig
 from layerswarm.peer.server import DTYPES, serve_peer
 from layerswarm.shards.config import Span
@@ -107,6 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="serve without encryption (trusted LANs and measurements only)",
     )
     start.add_argument("--verbose", action="store_true")
+    add_status_parser(sub)
     return ap
 
 
@@ -125,6 +127,8 @@ def main(argv: list[str] | None = None) -> None:
 
 def _main(argv: list[str] | None) -> None:
     args = build_parser().parse_args(argv)
+    if args.command == "status":
+        return run_status(args)
     setup_logging(args.verbose)
     try:
         span = None if args.layers == "auto" else Span.parse(args.layers)
