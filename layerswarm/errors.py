@@ -29,6 +29,10 @@ class ProtocolError(LayerswarmError):
     """A frame or message off the wire is malformed, oversized or not allowed here."""
 
 
+class SwarmKeyMismatch(ProtocolError):
+    """The other side is not in this side's private swarm: no swarm key, or another one."""
+
+
 class InvalidRecord(LayerswarmError):
     """A signed peer record is malformed, forged, expired or out of range; `reason` says which.
 

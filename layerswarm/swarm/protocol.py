@@ -35,6 +35,7 @@ MAX_LAYERS = 2**20  # layers: bound on span and layer-count fields
 MAX_TOKENS = 2**31 - 1  # tokens: bound on positions, lengths and cache sizes
 MAX_DIM = 2**31 - 1  # elements: bound on one tensor dimension
 TENSOR_ALIGN = 8  # bytes: tensor payloads start at a multiple of this into the frame
+PSK_PROOF_BYTES = 32  # bytes: a Hello's proof of the swarm key (HMAC-SHA256)
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -61,6 +62,7 @@ class ErrorCode:
     BAD_POSITION = "bad_position"  # positions do not continue the session
     TIMEOUT = "timeout"  # the peer gave up waiting for something
     SHUTTING_DOWN = "shutting_down"  # the peer is stopping
+    SWARM_KEY = "swarm_key"  # the two sides are not in the same private swarm
     INTERNAL = "internal"  # anything else
 
 
@@ -71,6 +73,9 @@ class Hello:
     version: int = PROTOCOL_VERSION
     peer_id: str | None = None  # the sender's peer ID (TLS proves it; plaintext only claims it)
     max_frame_bytes: int = MAX_FRAME_BYTES  # bytes: the largest frame the sender accepts
+    # bytes: HMAC-SHA256 proof that the sender holds the private swarm's key (`transport`
+    # computes it); None, and then absent from the header, outside private swarms
+    psk_proof: bytes | None = None
 
 
 @dataclass(frozen=True)
@@ -183,6 +188,16 @@ def _str(max_len: int, min_len: int = 0) -> _Check:
     return check
 
 
+def _bytes(length: int) -> _Check:
+    def check(value: object, name: str) -> None:
+        if type(value) is not bytes:
+            raise ProtocolError(f"{name} must be bytes, got {type(value).__name__}")
+        if len(value) != length:
+            raise ProtocolError(f"{name} has {len(value)} bytes, expected {length}")
+
+    return check
+
+
 def _optional(inner: _Check) -> _Check:
     def check(value: object, name: str) -> None:
         if value is not None:
@@ -235,6 +250,9 @@ class _Schema:
     fields: tuple[tuple[str, _Check], ...]  # header fields, checked in this order
     tensor: str | None = None  # the one tensor field, carried as payload
     check: Callable[[Message], None] | None = None  # cross-field rules, on the built message
+    # fields left out of the header when None, so that a peer that predates them still
+    # understands every message that does not use them
+    omitted_if_none: frozenset[str] = frozenset()
 
     @property
     def keys(self) -> frozenset[str]:
@@ -267,7 +285,9 @@ _SCHEMAS: dict[type[Message], _Schema] = {
             ("version", _int(0, 2**31 - 1)),
             ("peer_id", _optional(_str(128, min_len=1))),
             ("max_frame_bytes", _int(1024, 2**32 - 1)),
+            ("psk_proof", _optional(_bytes(PSK_PROOF_BYTES))),
         ),
+        omitted_if_none=frozenset({"psk_proof"}),
     ),
     InfoRequest: _Schema("info_request", ()),
     InfoReply: _Schema(
@@ -345,7 +365,8 @@ def encode(msg: Message, request_id: int) -> list[bytes | memoryview]:
     for name, check in schema.fields:
         value = getattr(msg, name)
         check(value, name)
-        header[name] = value
+        if value is not None or name not in schema.omitted_if_none:
+            header[name] = value
     if schema.check is not None:
         schema.check(msg)
     payload: memoryview | None = None
@@ -406,16 +427,17 @@ def decode_frame(
     if type(header) is not dict:
         raise ProtocolError(f"header must be a map, got {type(header).__name__}")
     cls, schema, expected = _header_schema(header)
-    if header.keys() != expected:
-        missing = sorted(expected - header.keys())
+    if not expected - schema.omitted_if_none <= header.keys() <= expected:
+        missing = sorted(expected - schema.omitted_if_none - header.keys())
         extra = sorted(repr(key) for key in header.keys() - expected)[:8]
         raise ProtocolError(f"{schema.name} header: missing {missing}, unexpected {extra}")
     request_id = header["id"]
     _REQUEST_ID(request_id, "request id")
     values: dict[str, Any] = {}
     for name, check in schema.fields:
-        check(header[name], name)
-        values[name] = header[name]
+        if name in header:  # else an omitted field: its default, None
+            check(header[name], name)
+            values[name] = header[name]
     if schema.tensor is None:
         if len(view) != header_end:
             raise ProtocolError(f"{schema.name} frame has bytes after its header")

@@ -8,6 +8,13 @@ Both sides speak TLS 1.3 with a certificate that proves their peer ID (see `iden
 dialer checks the listener's ID right after the handshake, and the listener learns the dialer's.
 `TransportConfig(insecure_plaintext=True)` turns TLS off; peer IDs are then claims, not proofs.
 
+Private swarms: with `TransportConfig(swarm_key=...)` each side's Hello carries
+`psk_proof = HMAC-SHA256(swarm_key, PSK_DOMAIN + sender ID + 0 + receiver ID)`, and each side
+checks the other's. Both IDs are proven by TLS, so a proof is good for one pair of peers only:
+a side that sees one learns nothing it could use with anybody else. A side without the key, or
+with another one, is refused (`SwarmKeyMismatch`) before any request; so is a side with a key
+by one without. Under insecure_plaintext the proof could be replayed, so the two do not mix.
+
 Measured before it was chosen (ARCHITECTURE.md): asyncio on uvloop with length-prefixed frames
 is ~20x faster per round trip than py-libp2p's streams, so the data plane does not use libp2p.
 """
@@ -18,6 +25,8 @@ import asyncio
 import collections
 import contextlib
 import functools
+import hashlib
+import hmac
 import itertools
 import logging
 import socket
@@ -35,6 +44,7 @@ from layerswarm.errors import (
     ProtocolError,
     RemoteError,
     SessionExpired,
+    SwarmKeyMismatch,
 )
 from layerswarm.swarm.identity import (
     Identity,
@@ -60,6 +70,8 @@ from layerswarm.swarm.protocol import (
 log = logging.getLogger(__name__)
 
 HANDSHAKE_ID = 0  # request id of Hello, Goodbye and errors about the connection itself
+PSK_DOMAIN = b"layerswarm-psk-v1"  # HMAC'd before the two peer IDs: no other MAC matches
+SWARM_KEY_BYTES = 32  # bytes: a private swarm's pre-shared key (the DHT's too)
 
 
 @dataclass(frozen=True)
@@ -71,8 +83,16 @@ class TransportConfig:
     max_frame_bytes: int = MAX_FRAME_BYTES  # bytes: the largest frame this side accepts
     max_concurrent_requests: int = 256  # requests: a server stops reading a connection past this
     insecure_plaintext: bool = False  # no TLS: IDs are claimed, not proven; trusted LANs only
+    swarm_key: bytes | None = None  # 32 bytes: talk only to peers that hold it; None: anyone
 
     def __post_init__(self) -> None:
+        if self.swarm_key is not None:
+            if len(self.swarm_key) != SWARM_KEY_BYTES:
+                raise ValueError(
+                    f"swarm key has {len(self.swarm_key)} bytes, expected {SWARM_KEY_BYTES}"
+                )
+            if self.insecure_plaintext:
+                raise ValueError("a swarm key needs TLS: over plaintext its proof can be replayed")
         for name in ("connect_timeout", "handshake_timeout", "request_timeout", "close_timeout"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be positive")
@@ -506,7 +526,10 @@ async def _client_handshake(
         except ValueError as exc:
             raise PeerUnavailable(f"{address} did not prove a peer ID: {exc}") from exc
         _check_pin(address, connection.peer_id)
-    hello = Hello(PROTOCOL_VERSION, identity.peer_id, config.max_frame_bytes)
+    proof = None
+    if config.swarm_key is not None and connection.peer_id is not None:
+        proof = swarm_key_proof(config.swarm_key, identity.peer_id, connection.peer_id)
+    hello = Hello(PROTOCOL_VERSION, identity.peer_id, config.max_frame_bytes, proof)
     try:
         reply = await connection._exchange(hello, HANDSHAKE_ID, config.handshake_timeout)
     except PeerUnavailable as exc:
@@ -516,6 +539,8 @@ async def _client_handshake(
         refusal = f"{address} refused the handshake: {reply.code}: {reply.message}"
         if reply.code == ErrorCode.SHUTTING_DOWN:
             raise PeerUnavailable(refusal)
+        if reply.code == ErrorCode.SWARM_KEY:
+            raise SwarmKeyMismatch(refusal)
         raise ProtocolError(refusal)
     if not isinstance(reply, Hello) or reply.peer_id is None:
         raise ProtocolError(f"{address} answered Hello with {type(reply).__name__}")
@@ -524,6 +549,42 @@ async def _client_handshake(
     connection.peer_id = reply.peer_id
     channel.peer_max_frame_bytes = reply.max_frame_bytes
     _check_pin(address, connection.peer_id)
+    fault = _swarm_key_fault(config.swarm_key, reply.psk_proof, reply.peer_id, identity.peer_id)
+    if fault is not None:
+        raise SwarmKeyMismatch(f"refused peer {reply.peer_id} at {address}: {_TELL_SERVER[fault]}")
+
+
+def swarm_key_proof(swarm_key: bytes, sender: str, receiver: str) -> bytes:
+    """What `sender` puts in its Hello to `receiver` to show it holds `swarm_key`."""
+    data = PSK_DOMAIN + sender.encode() + b"\0" + receiver.encode()
+    return hmac.new(swarm_key, data, hashlib.sha256).digest()
+
+
+# Why the other side's Hello does not match this side's swarm key, as told to each side.
+_KEY_THERE_ONLY, _KEY_HERE_ONLY, _KEYS_DIFFER = "there only", "here only", "differ"
+_TELL_CLIENT = {  # the server's refusal, read by the client
+    _KEY_THERE_ONLY: "this peer is not in a private swarm (it has no swarm key)",
+    _KEY_HERE_ONLY: "this peer is in a private swarm: connect with its swarm key",
+    _KEYS_DIFFER: "this peer is in another private swarm (the swarm keys differ)",
+}
+_TELL_SERVER = {  # the client's refusal of a server's Hello
+    _KEY_THERE_ONLY: "it is in a private swarm, and this side has no swarm key",
+    _KEY_HERE_ONLY: "it is not in this private swarm (its Hello shows no swarm key)",
+    _KEYS_DIFFER: "it is in another private swarm (the swarm keys differ)",
+}
+
+
+def _swarm_key_fault(
+    swarm_key: bytes | None, proof: bytes | None, sender: str, receiver: str
+) -> str | None:
+    """How `sender`'s Hello fails to match the swarm key this side holds; None if it matches."""
+    if swarm_key is None:
+        return None if proof is None else _KEY_THERE_ONLY
+    if proof is None:
+        return _KEY_HERE_ONLY
+    if not hmac.compare_digest(proof, swarm_key_proof(swarm_key, sender, receiver)):
+        return _KEYS_DIFFER
+    return None
 
 
 def _check_pin(address: Address, peer_id: str) -> None:
@@ -606,12 +667,16 @@ class _ServerConnection:
 
     def _handshake(self, request_id: int, msg: Message) -> None:
         server, transport = self._server, self.channel.transport
+        swarm_key = server._config.swarm_key
         if request_id != HANDSHAKE_ID or not isinstance(msg, Hello) or msg.peer_id is None:
             error = ErrorReply(ErrorCode.PROTOCOL, "expected Hello with a peer ID first")
         elif self._proven_id is not None and msg.peer_id != self._proven_id:
             error = ErrorReply(ErrorCode.PROTOCOL, "Hello's peer ID differs from the TLS proof")
         elif server._closing or server._leaving:
             error = ErrorReply(ErrorCode.SHUTTING_DOWN, "this peer is shutting down")
+        elif fault := _swarm_key_fault(swarm_key, msg.psk_proof, msg.peer_id, server.peer_id):
+            log.info("refused client %s: swarm keys: %s", msg.peer_id, fault)
+            error = ErrorReply(ErrorCode.SWARM_KEY, _TELL_CLIENT[fault])
         else:
             if self._timer is not None:
                 self._timer.cancel()
@@ -619,7 +684,10 @@ class _ServerConnection:
             host, port = (peername[0], peername[1]) if peername else ("?", 0)
             self.info = ConnectionInfo(msg.peer_id, host, port)
             self.channel.peer_max_frame_bytes = msg.max_frame_bytes
-            hello = Hello(PROTOCOL_VERSION, server.peer_id, server._config.max_frame_bytes)
+            proof = None
+            if swarm_key is not None:
+                proof = swarm_key_proof(swarm_key, server.peer_id, msg.peer_id)
+            hello = Hello(PROTOCOL_VERSION, server.peer_id, server._config.max_frame_bytes, proof)
             self._reply(HANDSHAKE_ID, hello)
             return
         self._reply(HANDSHAKE_ID, error)

@@ -417,3 +417,36 @@ def test_frame_reader_raises_only_protocol_error(chunks: list[bytes]) -> None:
                 decodes_or_raises_protocol_error(data)
     except ProtocolError:
         pass
+
+
+# --- Hello's optional swarm-key proof ------------------------------------------------------------
+
+HELLO = {
+    "type": "hello",
+    "id": 0,
+    "version": PROTOCOL_VERSION,
+    "peer_id": "p",
+    "max_frame_bytes": 2048,
+}
+
+
+def test_hello_without_a_proof_leaves_the_field_out_so_older_peers_still_read_it() -> None:
+    data = frame(Hello(PROTOCOL_VERSION, "p", 2048), 0)
+    assert data == raw_frame(HELLO)
+    assert decode_frame(data) == (0, Hello(PROTOCOL_VERSION, "p", 2048))
+
+
+def test_hello_with_a_proof_round_trips() -> None:
+    hello = Hello(PROTOCOL_VERSION, "p", 2048, bytes(range(32)))
+    assert decode_frame(frame(hello, 0)) == (0, hello)
+    assert decode_frame(raw_frame({**HELLO, "psk_proof": bytes(range(32))}))[1] == hello
+
+
+@pytest.mark.parametrize(
+    "proof", [b"", bytes(31), bytes(33), "a" * 32, 7, [0] * 32], ids=lambda v: repr(v)[:12]
+)
+def test_a_proof_of_the_wrong_size_or_type_is_refused(proof: object) -> None:
+    with pytest.raises(ProtocolError, match="psk_proof"):
+        decode_frame(raw_frame({**HELLO, "psk_proof": proof}))
+    with pytest.raises(ProtocolError, match="psk_proof"):
+        encode(Hello(PROTOCOL_VERSION, "p", 2048, proof), 0)  # type: ignore[arg-type]

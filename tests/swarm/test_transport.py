@@ -22,6 +22,7 @@ from layerswarm.errors import (
     ProtocolError,
     RemoteError,
     SessionExpired,
+    SwarmKeyMismatch,
 )
 from layerswarm.swarm.identity import generate_identity
 from layerswarm.swarm.protocol import (
@@ -46,10 +47,12 @@ from layerswarm.swarm.transport import (
     ConnectionInfo,
     Server,
     TransportConfig,
+    _tls_context,
     new_event_loop,
     open_connection,
     parse_address,
     serve_connections,
+    swarm_key_proof,
 )
 
 SERVER, CLIENT = generate_identity(), generate_identity()  # TLS contexts are made once for each
@@ -520,3 +523,80 @@ def test_addresses_parse_and_print_back(text: str, expected: Address) -> None:
 def test_bad_addresses_raise_value_error(text: str) -> None:
     with pytest.raises(ValueError):
         parse_address(text)
+
+
+# --- private swarms: both sides prove they hold the swarm key ----------------------------------
+
+SWARM_KEY, OTHER_KEY = bytes(range(32)), bytes(range(1, 33))
+
+
+def keyed(key: bytes | None) -> TransportConfig:
+    return TransportConfig(handshake_timeout=2.0, close_timeout=1.0, swarm_key=key)
+
+
+def test_a_private_swarm_serves_holders_of_its_key_and_refuses_everyone_else() -> None:
+    async def main() -> None:
+        async with await start(keyed(SWARM_KEY)) as server:
+            for key, text in [
+                (None, "in a private swarm: connect with its swarm key"),
+                (OTHER_KEY, "another private swarm"),
+            ]:
+                with pytest.raises(SwarmKeyMismatch, match=text):
+                    await open_connection(here(server), CLIENT, keyed(key))
+            async with await open_connection(here(server), CLIENT, keyed(SWARM_KEY)) as conn:
+                assert isinstance(await conn.request(InfoRequest()), InfoReply)
+
+    run(main)
+
+
+def test_a_client_with_a_swarm_key_is_refused_by_a_peer_outside_private_swarms() -> None:
+    async def main() -> None:
+        async with await start(TLS) as server:
+            with pytest.raises(SwarmKeyMismatch, match="not in a private swarm"):
+                await open_connection(here(server), CLIENT, keyed(SWARM_KEY))
+            async with await open_connection(here(server), CLIENT, TLS) as conn:
+                assert isinstance(await conn.request(InfoRequest()), InfoReply)
+
+    run(main)
+
+
+@pytest.mark.parametrize("proof", ["none", "wrong"])
+def test_a_client_with_a_swarm_key_refuses_a_peer_that_cannot_prove_it(proof: str) -> None:
+    """A peer that lets anyone in (not ours: a raw TLS server) must still prove the key."""
+    seen: list[bytes | None] = []
+
+    async def fake_peer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        hello = await read_frame(reader)
+        assert isinstance(hello, Hello)
+        seen.append(hello.psk_proof)
+        mine = swarm_key_proof(OTHER_KEY, SERVER.peer_id, CLIENT.peer_id)
+        reply = Hello(
+            PROTOCOL_VERSION, SERVER.peer_id, psk_proof=mine if proof == "wrong" else None
+        )
+        writer.writelines(encode(reply, 0))
+        await reader.read()  # until the client hangs up
+        writer.close()
+
+    async def main() -> None:
+        context = _tls_context(SERVER, server=True)
+        listener = await asyncio.start_server(fake_peer, "127.0.0.1", 0, ssl=context)
+        try:
+            port = listener.sockets[0].getsockname()[1]
+            address = Address("127.0.0.1", port)
+            text = "no swarm key" if proof == "none" else "another private swarm"
+            with pytest.raises(SwarmKeyMismatch, match=text):
+                await open_connection(address, CLIENT, keyed(SWARM_KEY))
+        finally:
+            listener.close()
+            await listener.wait_closed()
+        # The client's own proof is bound to both peer IDs.
+        assert seen == [swarm_key_proof(SWARM_KEY, CLIENT.peer_id, SERVER.peer_id)]
+
+    run(main)
+
+
+def test_a_swarm_key_needs_32_bytes_and_tls() -> None:
+    with pytest.raises(ValueError, match="expected 32"):
+        TransportConfig(swarm_key=b"short")
+    with pytest.raises(ValueError, match="needs TLS"):
+        TransportConfig(swarm_key=SWARM_KEY, insecure_plaintext=True)
