@@ -46,6 +46,14 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--stop", action="append", default=[], help="a string that ends the reply")
     ap.add_argument("--dtype", default="float32", help="float32 or bfloat16 (local engine)")
     ap.add_argument(
+        "--mdns-interface",
+        action="append",
+        default=None,
+        metavar="IP|NAME",
+        help="without --peer, look for the swarm over mDNS on this interface (repeat for more; "
+        "default: every interface)",
+    )
+    ap.add_argument(
         "--insecure-plaintext",
         action="store_true",
         help="talk to peers without encryption (trusted LANs and measurements only)",
@@ -71,15 +79,25 @@ def sampling_from(args: argparse.Namespace) -> SamplingConfig:
 
 def open_generator(args: argparse.Namespace) -> Generator:
     model_dir = resolve_model_cli(args.model, default_cache_dir())
-    if args.peer:
-        from layerswarm.routing.swarm_client import open_swarm_generator
+    if args.local:
+        return open_local_generator(model_dir, parse_dtype(args.dtype))
+    from layerswarm.errors import PeerUnavailable
+    from layerswarm.routing.swarm_client import ClientConfig, open_swarm_generator
 
+    if args.peer:
         return open_swarm_generator(
             model_dir, args.peer, insecure_plaintext=args.insecure_plaintext
         )
-    if not args.local:
-        raise SystemExit("error: say --local to run the model here, or name peers with --peer")
-    return open_local_generator(model_dir, parse_dtype(args.dtype))
+    config = ClientConfig(
+        insecure_plaintext=args.insecure_plaintext,
+        mdns_interfaces=tuple(args.mdns_interface or ()),
+    )
+    try:
+        return open_swarm_generator(model_dir, [], config=config)
+    except PeerUnavailable as e:
+        raise SystemExit(
+            f"error: no swarm found on the LAN: {e}; use --peer or --bootstrap (or --local)"
+        ) from None
 
 
 def show(pieces: Iterable[str]) -> str:

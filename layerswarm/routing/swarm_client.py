@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
+from zeroconf import InterfaceChoice
 
 from layerswarm.errors import LayerswarmError, PeerUnavailable
 from layerswarm.kernels.cpu_linear import pack_linears
@@ -26,8 +27,9 @@ from layerswarm.routing.paths import BanList, PeerView
 from layerswarm.routing.text import ChatTokenizer
 from layerswarm.shards.config import ModelConfig, Span
 from layerswarm.shards.weights import load_client_head, model_fingerprint
-from layerswarm.swarm.discovery import RecordSource
+from layerswarm.swarm.discovery import RecordSource, merged, wait_for_coverage
 from layerswarm.swarm.identity import Identity, generate_identity
+from layerswarm.swarm.mdns import MdnsBrowser, MdnsConfig
 from layerswarm.swarm.protocol import InfoReply, InfoRequest
 from layerswarm.swarm.transport import (
     Address,
@@ -144,8 +146,43 @@ class SwarmClient:
             self.net.stop()
             raise
 
+    async def _start_mdns(self) -> None:
+        """Browse the LAN for this model's peers; wait (a while) for them to cover every layer."""
+        interfaces = self.config.mdns_interfaces or InterfaceChoice.All
+        browser = MdnsBrowser(MdnsConfig(interfaces=interfaces))
+        await browser.start()
+        self.closers.append(browser.close)
+        self.sources.append(browser)
+        await wait_for_coverage(
+            self.sources,
+            None,
+            self.fingerprint,
+            self.model_config.num_layers,
+            self.config.discovery_timeout,
+        )
+
+    def _adopt_discovered(self) -> None:
+        """Add a link to each discovered peer not known yet (its first address, its peer ID)."""
+        known: set[object] = {(link.address.host, link.address.port) for link in self.links}
+        known |= {link.address.peer_id or (link.conn and link.conn.peer_id) for link in self.links}
+        for record in merged(self.sources, self.fingerprint):
+            try:
+                address = parse_address(f"{record.addresses[0]}/{record.peer_id}")
+            except ValueError:  # a host name with characters we do not dial
+                continue
+            if record.peer_id in known or (address.host, address.port) in known:
+                continue
+            self.links.append(PeerLink(address))
+            known |= {record.peer_id, (address.host, address.port)}
+
     async def refresh(self) -> None:
-        """Dial every peer not connected now and ask each what it serves."""
+        """Dial every peer not connected now (discovered ones too) and ask each what it serves."""
+        self._adopt_discovered()
+        if not self.links:
+            raise PeerUnavailable(
+                f"no peer of this model ({self.fingerprint}) was found by discovery "
+                f"within {self.config.discovery_timeout:g} s"
+            )
         await asyncio.gather(*(self._refresh(link) for link in self.links))
         if not any(link.live for link in self.links):
             raise PeerUnavailable(
