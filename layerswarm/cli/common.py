@@ -68,6 +68,20 @@ def setup_logging(verbose: bool) -> None:
     )
 
 
+def route_libp2p_logs(verbose: bool) -> None:
+    """Send py-libp2p's log through ours: errors only, warnings too with --verbose.
+
+    py-libp2p 0.8.1 detaches its logger when imported, and warns at every DHT stream a remote
+    closes early ("Failed to read DHT message from stream"): a peer got ~6 a second, which
+    Python's last-resort handler printed raw. So: import it, then reattach its logger.
+    """
+    import libp2p  # noqa: F401  # its import resets its logger, so this goes after it
+
+    logger = logging.getLogger("libp2p")
+    logger.propagate = True
+    logger.setLevel(logging.WARNING if verbose else logging.ERROR)
+
+
 def fail(message: str, code: int = 1) -> None:
     """Print a one-line error for the user and exit."""
     print(f"error: {message}", file=sys.stderr)

@@ -3,7 +3,11 @@
     swarm-peer start --model smollm2-135m --layers 0:15 --host 127.0.0.1 --port 0
 
 With `--port 0` the peer picks a free port; scripts read the line it prints on stdout once it
-serves: `LAYERSWARM-PEER-READY {"host": ..., "port": ..., "peer_id": ..., "address": ...}`.
+serves: `LAYERSWARM-PEER-READY {"host": ..., "port": ..., "peer_id": ..., "address": ...,
+"layers": "A:B", "multiaddr": ...}` (`multiaddr`: its DHT node's, or null without `--dht`).
+
+Across networks, peers find each other in a DHT: start one with `--dht` (or several), and the
+others with `--bootstrap MULTIADDR` of any member (the `multiaddr` of its ready line).
 """
 
 from __future__ import annotations
@@ -28,10 +32,11 @@ from layerswarm.cli.common import (
     default_cache_dir,
     default_config_dir,
     resolve_model_cli,
+    route_libp2p_logs,
     run_main,
     setup_logging,
 )
-from layerswarm.cli.status import add_status_parser, run_status
+from layerswarm.cli.status import add_status_parser, read_swarm_key, run_status
 from layerswarm.peer.config import PeerConfig
 from layerswarm.peer.server import DTYPES, serve_peer
 from layerswarm.shards.config import Span
@@ -107,15 +112,56 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="serve without encryption (trusted LANs and measurements only)",
     )
+    add_dht_arguments(start)
     start.add_argument("--verbose", action="store_true")
     add_status_parser(sub)
     return ap
 
 
-def mdns_interfaces(values: list[str] | None) -> tuple[str, ...] | None:
-    """`--mdns-interface` values: None (the flag not given) means every interface, `none` off."""
+def add_dht_arguments(start: argparse.ArgumentParser) -> None:
+    dht = start.add_argument_group("WAN discovery (DHT) and private swarms")
+    dht.add_argument(
+        "--dht",
+        action="store_true",
+        help="run a DHT node even without --bootstrap, so that others can bootstrap from this "
+        "peer (its multiaddr is logged and in the ready line)",
+    )
+    dht.add_argument(
+        "--bootstrap",
+        action="append",
+        default=[],
+        metavar="MULTIADDR",
+        help="join the DHT through this member, /ip4/A/tcp/P/p2p/PEERID (repeat for more; "
+        "implies --dht)",
+    )
+    dht.add_argument(
+        "--dht-port", type=int, default=0, metavar="N", help="TCP port of the DHT node (0: free)"
+    )
+    dht.add_argument(
+        "--record-ttl",
+        type=float,
+        default=60.0,
+        metavar="S",
+        help="how long this peer's DHT record stays valid: a peer that stops answering drops "
+        "out of others' view after this; re-announced every third of it (default: 60)",
+    )
+    dht.add_argument(
+        "--swarm-key",
+        type=Path,
+        metavar="FILE",
+        help="a private swarm's key (32 random bytes: head -c 32 /dev/urandom > swarm.key): "
+        "the DHT and every connection then admit only holders of the same key; turns mDNS off "
+        "unless --mdns-interface is given",
+    )
+
+
+def mdns_interfaces(values: list[str] | None, private: bool = False) -> tuple[str, ...] | None:
+    """`--mdns-interface` values: None (the flag not given) means every interface, `none` off.
+
+    In a private swarm (`private`), not given means off: mDNS announcements are not encrypted.
+    """
     if values is None:
-        return ()
+        return None if private else ()
     if "none" in values:
         return None
     return tuple(values)
@@ -134,6 +180,18 @@ def _main(argv: list[str] | None) -> None:
         span = None if args.layers == "auto" else Span.parse(args.layers)
     except ValueError as e:
         raise SystemExit(f"error: --layers: {e}") from None
+    swarm_key = read_swarm_key(args.swarm_key) if args.swarm_key else None
+    if swarm_key is not None and args.insecure_plaintext:
+        raise SystemExit("error: --swarm-key needs TLS: drop --insecure-plaintext")
+    if args.record_ttl <= 0:
+        raise SystemExit("error: --record-ttl must be positive")
+    if args.bootstrap:
+        from layerswarm.swarm.kad_service import check_bootstrap
+
+        try:
+            check_bootstrap(args.bootstrap)
+        except ValueError as e:
+            raise SystemExit(f"error: --bootstrap: {e}") from None
     model_dir = resolve_model_cli(args.model, default_cache_dir())
     key_path = args.key or default_config_dir() / "peer.key"
     identity = load_or_create_identity(key_path)
@@ -151,10 +209,18 @@ def _main(argv: list[str] | None) -> None:
         session_idle_timeout=args.session_idle_timeout,
         step_timeout=args.step_timeout,
         memory_budget_bytes=int(args.memory_budget * 2**20),
-        mdns_interfaces=mdns_interfaces(args.mdns_interface),
+        mdns_interfaces=mdns_interfaces(args.mdns_interface, private=swarm_key is not None),
         key_path=key_path,
         insecure_plaintext=args.insecure_plaintext,
+        dht=args.dht,
+        bootstrap=tuple(args.bootstrap),
+        dht_port=args.dht_port,
+        record_ttl=args.record_ttl,
+        swarm_key=swarm_key,
     )
+
+    if config.uses_dht:
+        route_libp2p_logs(args.verbose)
 
     def on_ready(line: str) -> None:
         print(line, flush=True)

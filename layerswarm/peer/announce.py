@@ -86,14 +86,22 @@ def reachable_addresses(host: str, port: int) -> tuple[str, ...]:
 
 
 async def serve_announcements(
-    announcers: Sequence[Announcer], record: Callable[[], PeerRecord], refresh: float
+    announcers: Sequence[Announcer],
+    record: Callable[[], PeerRecord],
+    refresh: float,
+    on_started: Callable[[], None] | None = None,
 ) -> None:
-    """Publish the record everywhere, then keep it fresh until cancelled; unpublish at the end."""
+    """Publish the record everywhere, then keep it fresh until cancelled; unpublish at the end.
+
+    `on_started` is called once every announcer has published (at once if there are none).
+    """
     started: list[Announcer] = []
     try:
         for a in announcers:
             await a.start(record())
             started.append(a)
+        if on_started is not None:
+            on_started()
         while True:
             await asyncio.sleep(refresh)
             for a in started:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from layerswarm.shards.config import Span
@@ -31,3 +31,13 @@ class PeerConfig:
     discovery_wait: float = 3.0  # unit: s to gather the swarm's records before choosing a span
     key_path: Path | None = None  # the peer's Ed25519 key file; created if missing
     insecure_plaintext: bool = False  # no TLS; trusted LANs and measurements only
+    dht: bool = False  # run a DHT node, so that others can bootstrap from this peer
+    bootstrap: tuple[str, ...] = ()  # DHT members' multiaddrs to join through (implies `dht`)
+    dht_port: int = 0  # TCP port of the DHT node; 0 picks a free one
+    record_ttl: float = 60.0  # unit: s each signed DHT record is valid; re-put every third of it
+    # 32 bytes: a private swarm's key, for the DHT and the data plane; None: an open swarm
+    swarm_key: bytes | None = field(default=None, repr=False)
+
+    @property
+    def uses_dht(self) -> bool:
+        return self.dht or bool(self.bootstrap)

@@ -23,12 +23,13 @@ from layerswarm.shards.config import Span
 class PeerProcess:
     """One `swarm-peer start` process and what its ready line said."""
 
-    span: Span
+    span: Span | None  # None: `--layers auto`, until the ready line says which it chose
     process: subprocess.Popen[str]
     address: str = ""  # host:port/PEERID
     peer_id: str = ""
     port: int = 0
     stderr_path: Path | None = None
+    multiaddr: str = ""  # its DHT node's, to --bootstrap from; "" without a DHT node
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> int | None:
         """Signal the peer and wait for it to exit; kill it if it does not."""
@@ -67,12 +68,14 @@ class LocalSwarm:
 
 def start_peer(
     model: str | Path,
-    span: Span,
+    span: Span | None,
     workdir: Path,
     extra_args: Sequence[str] = (),
     ready_timeout: float = 180.0,
 ) -> PeerProcess:
     """Start one peer on 127.0.0.1 with a free port and wait until it serves.
+
+    `span` None lets the peer choose (`--layers auto`); `PeerProcess.span` then says which.
 
     Raises:
         LayerswarmError: the peer exited or did not get ready in time; its log is quoted.
@@ -102,9 +105,12 @@ def start_peers(
     return swarm
 
 
-def _spawn(model: str | Path, span: Span, workdir: Path, extra_args: Sequence[str]) -> PeerProcess:
+def _spawn(
+    model: str | Path, span: Span | None, workdir: Path, extra_args: Sequence[str]
+) -> PeerProcess:
     workdir.mkdir(parents=True, exist_ok=True)
-    name = f"peer-{span.start}-{span.end}-{time.monotonic_ns()}"
+    layers = "auto" if span is None else str(span)
+    name = f"peer-{layers.replace(':', '-')}-{time.monotonic_ns()}"
     err_path = workdir / f"{name}.log"
     cmd = [
         sys.executable,
@@ -114,7 +120,7 @@ def _spawn(model: str | Path, span: Span, workdir: Path, extra_args: Sequence[st
         "--model",
         str(model),
         "--layers",
-        str(span),
+        layers,
         "--host",
         "127.0.0.1",
         "--port",
@@ -152,12 +158,15 @@ def _wait_ready(peer: PeerProcess, deadline: float) -> None:
                     info["peer_id"],
                     info["port"],
                 )
+                peer.span = Span.parse(info["layers"])
+                peer.multiaddr = info.get("multiaddr") or ""
                 return
         if proc.poll() is not None:
             break
     peer.stop(signal.SIGKILL)
     log_tail = peer.stderr_path.read_text()[-2000:] if peer.stderr_path else ""
-    raise LayerswarmError(f"peer for layers {peer.span} did not start; its log ends:\n{log_tail}")
+    layers = "auto" if peer.span is None else peer.span
+    raise LayerswarmError(f"peer for layers {layers} did not start; its log ends:\n{log_tail}")
 
 
 def even_spans(num_layers: int, parts: int) -> list[Span]:

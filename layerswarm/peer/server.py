@@ -6,13 +6,15 @@ import asyncio
 import json
 import logging
 import signal
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AsyncExitStack
-from dataclasses import replace
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 import torch
 from zeroconf import InterfaceChoice
 
+from layerswarm.errors import LayerswarmError
 from layerswarm.kernels.cpu_linear import pack_linears
 from layerswarm.kernels.dispatch import ops_for
 from layerswarm.peer.announce import (
@@ -23,6 +25,7 @@ from layerswarm.peer.announce import (
     serve_announcements,
 )
 from layerswarm.peer.config import PeerConfig
+from layerswarm.peer.dht_announce import DhtAnnouncer, open_peer_dht
 from layerswarm.peer.handler import RequestHandler
 from layerswarm.peer.measure import SpeedSample, free_memory_bytes, measure_speed, measure_tflops
 from layerswarm.peer.placement import Server, choose_span, layers_that_fit
@@ -32,12 +35,15 @@ from layerswarm.shards.config import ModelConfig, Span
 from layerswarm.shards.kv_cache import PagedKVCache
 from layerswarm.shards.quantize import memory_bytes, quantize
 from layerswarm.shards.weights import Progress, load_span, model_fingerprint
-from layerswarm.swarm.discovery import RecordSource, merged
+from layerswarm.swarm.discovery import DhtLookup, RecordSource, dht_key, wait_for_coverage
 from layerswarm.swarm.identity import Identity
 from layerswarm.swarm.mdns import MdnsAnnouncer, MdnsBrowser, MdnsConfig
 from layerswarm.swarm.records import PeerRecord
 from layerswarm.swarm.transport import Server as TransportServer
 from layerswarm.swarm.transport import TransportConfig, serve_connections
+
+if TYPE_CHECKING:
+    from layerswarm.swarm.dht import DhtNode
 
 log = logging.getLogger(__name__)
 
@@ -45,13 +51,32 @@ READY_PREFIX = "LAYERSWARM-PEER-READY "  # then one line of JSON; see `ready_lin
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def ready_line(host: str, port: int, peer_id: str) -> str:
-    """The machine-readable line a peer prints on stdout once it serves.
+def ready_line(host: str, port: int, peer_id: str, span: Span, multiaddr: str | None) -> str:
+    """The machine-readable line a peer prints on stdout once it serves and is announced.
 
-    `LAYERSWARM-PEER-READY {"host": ..., "port": ..., "peer_id": ..., "address": "host:port/id"}`
+    `LAYERSWARM-PEER-READY {"host": ..., "port": ..., "peer_id": ..., "address": "host:port/id",
+    "layers": "A:B", "multiaddr": "/ip4/.../tcp/.../p2p/id" or null without a DHT node}`
     """
-    info = {"host": host, "port": port, "peer_id": peer_id, "address": f"{host}:{port}/{peer_id}"}
+    info = {
+        "host": host,
+        "port": port,
+        "peer_id": peer_id,
+        "address": f"{host}:{port}/{peer_id}",
+        "layers": str(span),
+        "multiaddr": multiaddr,
+    }
     return READY_PREFIX + json.dumps(info)
+
+
+@dataclass
+class Discovery:
+    """Where the peer hears of the swarm, and where it announces itself."""
+
+    sources: list[RecordSource]  # the swarm's records, as far as heard
+    refresh: Callable[[], Awaitable[None]] | None = None  # awaited before reading (a DHT query)
+    mdns: MdnsConfig | None = None  # announce over mDNS with this; None: not
+    dht: DhtNode | None = None  # announce in the DHT with this; None: not
+    others: bool = False  # whether others can be heard at all (mDNS on, or a DHT joined)
 
 
 def cache_tokens_for(config: PeerConfig, model_config: ModelConfig, span: Span) -> int:
@@ -77,8 +102,8 @@ async def serve_peer(
     model_config = ModelConfig.from_file(config.model_dir)
     fingerprint = model_fingerprint(config.model_dir)
     async with AsyncExitStack() as stack:
-        sources, mdns = await _open_discovery(config, stack)
-        span = config.span or await _auto_span(config, model_config, sources, fingerprint)
+        discovery = await _open_discovery(config, identity, fingerprint, stack)
+        span = config.span or await _auto_span(config, model_config, discovery, fingerprint)
         config = replace(config, span=span)
         model, speed = await asyncio.to_thread(
             load_peer_model, config, model_config, span, progress
@@ -93,7 +118,9 @@ async def serve_peer(
             "decode_s_per_layer": speed.decode_s_per_layer,
             "prefill_tokens_per_s_per_layer": speed.prefill_tokens_per_s_per_layer,
         }
-        transport = TransportConfig(insecure_plaintext=config.insecure_plaintext)
+        transport = TransportConfig(
+            insecure_plaintext=config.insecure_plaintext, swarm_key=config.swarm_key
+        )
         server = await serve_connections(
             handler,
             config.host,
@@ -112,7 +139,11 @@ async def serve_peer(
             speed,
             await asyncio.to_thread(measure_tflops),
         )
-        announcers = [MdnsAnnouncer(identity, mdns)] if mdns else []
+        announcers: list[Announcer] = []
+        if discovery.mdns is not None:
+            announcers.append(MdnsAnnouncer(identity, discovery.mdns))
+        if discovery.dht is not None:
+            announcers.append(DhtAnnouncer(discovery.dht, identity, config.record_ttl))
         log.info(
             "serving layers %s at %s:%d as %s",
             config.span,
@@ -120,7 +151,8 @@ async def serve_peer(
             server.port,
             identity.peer_id,
         )
-        on_ready(ready_line(config.host, server.port, identity.peer_id))
+        multiaddr = discovery.dht.multiaddr if discovery.dht is not None else None
+        line = ready_line(config.host, server.port, identity.peer_id, span, multiaddr)
         await _serve_until_stopped(
             config,
             table,
@@ -129,29 +161,55 @@ async def serve_peer(
             stop or asyncio.Event(),
             announcers,
             lambda: current_record(config, facts, table),
+            lambda: on_ready(line),
         )
     log.info("stopped")
 
 
 async def _open_discovery(
-    config: PeerConfig, stack: AsyncExitStack
-) -> tuple[list[RecordSource], MdnsConfig | None]:
-    """Start browsing the swarm's records where the peer announces itself."""
-    if config.mdns_interfaces is None:
-        return [], None
-    mdns = MdnsConfig(interfaces=config.mdns_interfaces or InterfaceChoice.All)
-    browser = MdnsBrowser(mdns)
-    await browser.start()
-    stack.push_async_callback(browser.close)
-    return [browser], mdns
+    config: PeerConfig, identity: Identity, fingerprint: str, stack: AsyncExitStack
+) -> Discovery:
+    """Start browsing the swarm's records where the peer announces itself (closed by `stack`)."""
+    discovery = Discovery([])
+    if config.mdns_interfaces is not None:
+        discovery.mdns = MdnsConfig(interfaces=config.mdns_interfaces or InterfaceChoice.All)
+        browser = MdnsBrowser(discovery.mdns)
+        await browser.start()
+        stack.push_async_callback(browser.close)
+        discovery.sources.append(browser)
+        discovery.others = True
+    if config.uses_dht:
+        node = discovery.dht = await open_peer_dht(config, identity)
+        stack.push_async_callback(node.close)
+        key = dht_key(fingerprint)
+        lookup = DhtLookup(lambda: node.get_records(key))
+        discovery.sources.append(lookup)
+        discovery.refresh = _logging_failures(lookup.refresh)
+        discovery.others = discovery.others or bool(config.bootstrap)
+    return discovery
+
+
+def _logging_failures(refresh: Callable[[], Awaitable[None]]) -> Callable[[], Awaitable[None]]:
+    async def safely() -> None:
+        try:
+            await refresh()
+        except (TimeoutError, LayerswarmError) as e:  # choose from what is known so far
+            log.warning("reading the DHT failed: %r", e)
+
+    return safely
 
 
 async def _auto_span(
-    config: PeerConfig, model_config: ModelConfig, sources: list[RecordSource], fingerprint: str
+    config: PeerConfig, model_config: ModelConfig, discovery: Discovery, fingerprint: str
 ) -> Span:
     """The span this peer's budget holds, where the swarm is weakest."""
-    await asyncio.sleep(config.discovery_wait if sources else 0)
-    records = merged(sources, fingerprint)
+    records = await wait_for_coverage(
+        discovery.sources,
+        discovery.refresh,
+        fingerprint,
+        model_config.num_layers,
+        config.discovery_wait if discovery.others else 0.0,
+    )
     servers = [
         Server(r.peer_id, Span(r.span_start, r.span_end), r.decode_steps_per_s_per_layer or 1.0)
         for r in records
@@ -178,8 +236,13 @@ async def _serve_until_stopped(
     stop: asyncio.Event,
     announcers: Sequence[Announcer],
     record: Callable[[], PeerRecord],
+    on_announced: Callable[[], None],
 ) -> None:
     loop = asyncio.get_running_loop()
+    # A record must be re-put before it expires: at least every third of the DHT record's TTL.
+    refresh = config.announce_refresh
+    if any(isinstance(a, DhtAnnouncer) for a in announcers):
+        refresh = min(refresh, config.record_ttl / 3)
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     try:
@@ -187,7 +250,7 @@ async def _serve_until_stopped(
             background = [
                 tasks.create_task(table.serve_steps()),
                 tasks.create_task(_expire_sessions(table, config.session_idle_timeout)),
-                tasks.create_task(serve_announcements(announcers, record, config.announce_refresh)),
+                tasks.create_task(serve_announcements(announcers, record, refresh, on_announced)),
             ]
             await stop.wait()
             log.info("stopping: telling %d sessions' clients", len(table.sessions))

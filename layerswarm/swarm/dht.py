@@ -52,6 +52,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
+import socket
 from dataclasses import dataclass
 from typing import Any
 
@@ -95,6 +96,19 @@ class DhtConfig:
             raise ValueError("record_ttl and provider_ttl must exceed republish_interval")
         if self.provides_per_window < 1 or self.max_providers < 1:
             raise ValueError("provides_per_window and max_providers must be positive")
+
+
+def local_ip_towards(multiaddr: str) -> str:
+    """The local IPv4 address this machine reaches `multiaddr`'s host from (for a DHT node to
+    listen on and advertise); 127.0.0.1 if it has no /ip4/ host or no route. Sends nothing."""
+    parts = multiaddr.split("/")
+    target = parts[2] if len(parts) > 2 and parts[1] == "ip4" else "127.0.0.1"
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect((target, 9))  # UDP: picks the route and source address, sends no packet
+            return str(s.getsockname()[0])
+        except OSError:
+            return "127.0.0.1"
 
 
 def key_digest(key: str, swarm_key: bytes | None = None) -> bytes:
