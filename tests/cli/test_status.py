@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
+from dataclasses import replace
 from pathlib import Path
 
+import msgpack
 import pytest
 
 from layerswarm.cli.peer import build_parser
 from layerswarm.cli.status import (
+    collect_records,
     layer_counts,
     read_swarm_key,
     records_json,
@@ -17,7 +21,10 @@ from layerswarm.cli.status import (
     run_status,
     unserved_spans,
 )
-from layerswarm.swarm.records import PeerRecord
+from layerswarm.swarm.dht import DhtNode
+from layerswarm.swarm.discovery import dht_key
+from layerswarm.swarm.identity import generate_identity
+from layerswarm.swarm.records import PeerRecord, sign_record, stamped
 
 NOW = 1_800_000_000.0  # unix s: the records below are stamped relative to it
 HASH = "0123456789abcdef"
@@ -189,3 +196,32 @@ def test_swarm_key_is_raw_or_hex(tmp_path: Path) -> None:
         read_swarm_key(tmp_path / "short")
     with pytest.raises(SystemExit, match="--swarm-key"):
         read_swarm_key(tmp_path / "missing")
+
+
+# --- the DHT, on loopback (no mDNS: interfaces None) -------------------------------------------
+
+
+def test_status_reads_verified_records_from_the_dht_of_a_private_swarm() -> None:
+    swarm_key = bytes(range(32))
+
+    async def scenario() -> list[PeerRecord]:
+        identity, forger = generate_identity(), generate_identity()
+        node = await DhtNode.start(identity, "127.0.0.1", 0, swarm_key=swarm_key)
+        async with node:
+            record = stamped(replace(peer(1, (0, 20)), peer_id=identity.peer_id), 600.0)
+            await node.put_record(dht_key(HASH), sign_record(record, identity))
+            other = await DhtNode.start(forger, "127.0.0.1", 0, [node.multiaddr], swarm_key)
+            async with other:  # a record whose signature does not match: left out
+                forged = replace(record, peer_id=forger.peer_id, span_start=20, span_end=30)
+                key, body, signature = msgpack.unpackb(sign_record(forged, forger))
+                tampered = [key, body, bytes([signature[0] ^ 1]) + signature[1:]]
+                await other.put_record(dht_key(HASH), msgpack.packb(tampered))
+                records = await collect_records(None, [node.multiaddr], swarm_key, HASH, 0.0)
+        assert [(r.peer_id, r.span_start, r.span_end) for r in records] == [
+            (identity.peer_id, 0, 20)
+        ]
+        return records
+
+    records = asyncio.run(asyncio.wait_for(scenario(), 60))
+    text = render_status(records, 30, records[0].timestamp)
+    assert "peers   " + "1" * 20 + "." * 10 in text
