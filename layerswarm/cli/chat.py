@@ -1,7 +1,10 @@
-"""`swarm-chat`: chat with a model, locally (`--local`) or through peers (`--peer ADDR ...`).
+"""`swarm-chat`: chat with a model, locally (`--local`) or through peers.
 
 swarm-chat --local --model smollm2-135m                       # interactive
 swarm-chat --local --model M --prompt TEXT --max-new-tokens N --temperature 0   # one shot
+swarm-chat --model M --peer HOST:PORT --peer ...              # these peers
+swarm-chat --model M --bootstrap /ip4/A/tcp/P/p2p/PEERID      # the peers a DHT knows
+swarm-chat --model M                                          # the peers on the LAN (mDNS)
 """
 
 from __future__ import annotations
@@ -9,8 +12,15 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Iterable
+from pathlib import Path
 
-from layerswarm.cli.common import default_cache_dir, resolve_model_cli, run_main, setup_logging
+from layerswarm.cli.common import (
+    default_cache_dir,
+    resolve_model_cli,
+    route_libp2p_logs,
+    run_main,
+    setup_logging,
+)
 from layerswarm.routing.generate import Generator
 from layerswarm.routing.local import open_local_generator, parse_dtype
 from layerswarm.routing.sampling import SamplingConfig
@@ -51,7 +61,21 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="IP|NAME",
         help="without --peer, look for the swarm over mDNS on this interface (repeat for more; "
-        "default: every interface)",
+        "default: every interface; with --peer or --bootstrap: off unless given)",
+    )
+    ap.add_argument(
+        "--bootstrap",
+        action="append",
+        default=[],
+        metavar="MULTIADDR",
+        help="find the swarm's peers in the DHT, joined through this member "
+        "(/ip4/A/tcp/P/p2p/PEERID, a peer's ready line says it); repeat for more",
+    )
+    ap.add_argument(
+        "--swarm-key",
+        type=Path,
+        metavar="FILE",
+        help="a private swarm's key: the same 32-byte file its peers were started with",
     )
     ap.add_argument(
         "--insecure-plaintext",
@@ -81,20 +105,28 @@ def open_generator(args: argparse.Namespace) -> Generator:
     model_dir = resolve_model_cli(args.model, default_cache_dir())
     if args.local:
         return open_local_generator(model_dir, parse_dtype(args.dtype))
+    from layerswarm.cli.status import read_swarm_key
     from layerswarm.errors import PeerUnavailable
     from layerswarm.routing.swarm_client import ClientConfig, open_swarm_generator
 
-    if args.peer:
-        return open_swarm_generator(
-            model_dir, args.peer, insecure_plaintext=args.insecure_plaintext
-        )
+    swarm_key = read_swarm_key(args.swarm_key) if args.swarm_key else None
+    if swarm_key is not None and args.insecure_plaintext:
+        raise SystemExit("error: --swarm-key needs TLS: drop --insecure-plaintext")
+    lan_only = not args.peer and not args.bootstrap  # told nothing: look on the LAN
+    mdns = tuple(args.mdns_interface or ()) if lan_only or args.mdns_interface else None
+    if args.bootstrap:
+        route_libp2p_logs(args.verbose)
     config = ClientConfig(
         insecure_plaintext=args.insecure_plaintext,
-        mdns_interfaces=tuple(args.mdns_interface or ()),
+        mdns_interfaces=mdns,
+        bootstrap=tuple(args.bootstrap),
+        swarm_key=swarm_key,
     )
     try:
-        return open_swarm_generator(model_dir, [], config=config)
+        return open_swarm_generator(model_dir, args.peer, config=config)
     except PeerUnavailable as e:
+        if not lan_only:
+            raise
         raise SystemExit(
             f"error: no swarm found on the LAN: {e}; use --peer or --bootstrap (or --local)"
         ) from None

@@ -2,6 +2,11 @@
 
 The network runs on an asyncio loop in a background thread, so the generation loop (and the
 people calling it) stay synchronous. Sessions across peers live in `routing.session`.
+
+Peers come from three places: addresses given, mDNS on the LAN, and the DHT (a node of the
+client's own, joined through `ClientConfig.bootstrap`). Discovered peers are dialled pinned to
+the peer ID their signed record names, and forgotten once the record is gone and they are not
+connected.
 """
 
 from __future__ import annotations
@@ -13,21 +18,27 @@ import threading
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
 from zeroconf import InterfaceChoice
 
-from layerswarm.errors import LayerswarmError, PeerUnavailable
+from layerswarm.errors import LayerswarmError, PeerUnavailable, ProtocolError
 from layerswarm.kernels.cpu_linear import pack_linears
 from layerswarm.routing.generate import Generator, Pipeline
 from layerswarm.routing.paths import BanList, PeerView
 from layerswarm.routing.text import ChatTokenizer
 from layerswarm.shards.config import ModelConfig, Span
 from layerswarm.shards.weights import load_client_head, model_fingerprint
-from layerswarm.swarm.discovery import RecordSource, merged, wait_for_coverage
+from layerswarm.swarm.discovery import (
+    DhtLookup,
+    RecordSource,
+    dht_key,
+    merged,
+    wait_for_coverage,
+)
 from layerswarm.swarm.identity import Identity, generate_identity
 from layerswarm.swarm.mdns import MdnsBrowser, MdnsConfig
 from layerswarm.swarm.protocol import InfoReply, InfoRequest
@@ -57,6 +68,9 @@ class ClientConfig:
     insecure_plaintext: bool = False  # no TLS; trusted LANs and measurements only
     mdns_interfaces: tuple[str, ...] | None = None  # browse mDNS here (() = every one); None: off
     discovery_timeout: float = 5.0  # unit: s to wait for discovered peers to cover every layer
+    bootstrap: tuple[str, ...] = ()  # DHT members' multiaddrs to find peers through; (): no DHT
+    # 32 bytes: a private swarm's key (its DHT and its peers admit only holders); None: open
+    swarm_key: bytes | None = field(default=None, repr=False)
 
 
 class BackgroundLoop:
@@ -91,6 +105,7 @@ class PeerLink:
     info: InfoReply | None = None
     rtt: float = 0.0  # unit: s, the info round trip measured here
     leaving: bool = False  # the peer said Goodbye
+    discovered: bool = False  # from a record (mDNS, DHT), not from the caller
 
     @property
     def live(self) -> bool:
@@ -134,49 +149,106 @@ class SwarmClient:
             handshake_timeout=self.config.connect_timeout,
             request_timeout=self.config.request_timeout,
             insecure_plaintext=self.config.insecure_plaintext,
+            swarm_key=self.config.swarm_key,
         )
         self.sources: list[RecordSource] = []
+        self.lookups: list[DhtLookup] = []  # sources to refresh before reading (DHT queries)
         self.closers: list[Callable[[], Awaitable[None]]] = []
         self.net = BackgroundLoop()
         try:
-            if self.config.mdns_interfaces is not None:
-                self.net.run(self._start_mdns())
+            self.net.run(self._start_discovery())
             self.net.run(self.refresh())
         except BaseException:
-            self.net.stop()
+            try:
+                self.close()  # what discovery started (the DHT node's thread) stops too
+            except Exception as e:  # the first error is the one to tell
+                log.debug("closing after a failed start: %r", e)
             raise
 
+    async def _start_discovery(self) -> None:
+        """Start mDNS and the DHT, as configured; wait (a while) for peers covering every layer."""
+        if self.config.mdns_interfaces is not None:
+            await self._start_mdns()
+        if self.config.bootstrap:
+            await self._start_dht()
+        if self.sources:
+            await wait_for_coverage(
+                self.sources,
+                self._refresh_lookups,
+                self.fingerprint,
+                self.model_config.num_layers,
+                self.config.discovery_timeout,
+            )
+
     async def _start_mdns(self) -> None:
-        """Browse the LAN for this model's peers; wait (a while) for them to cover every layer."""
+        """Browse the LAN for this model's peers."""
         interfaces = self.config.mdns_interfaces or InterfaceChoice.All
         browser = MdnsBrowser(MdnsConfig(interfaces=interfaces))
         await browser.start()
         self.closers.append(browser.close)
         self.sources.append(browser)
-        await wait_for_coverage(
-            self.sources,
-            None,
-            self.fingerprint,
-            self.model_config.num_layers,
-            self.config.discovery_timeout,
-        )
+
+    async def _start_dht(self) -> None:
+        """Join the DHT through the bootstrap peers, to read this model's records there.
+
+        Raises:
+            PeerUnavailable: no bootstrap peer could be reached, or none let this node in.
+        """
+        from layerswarm.swarm.dht import DhtConfig, DhtNode, local_ip_towards  # loads libp2p
+
+        bootstrap = list(self.config.bootstrap)
+        try:
+            node = await DhtNode.start(
+                self.identity,
+                local_ip_towards(bootstrap[0]),  # loopback for a bootstrap on this machine
+                0,
+                bootstrap,
+                self.config.swarm_key,
+                DhtConfig(connect_timeout=self.config.connect_timeout),
+            )
+        except PeerUnavailable as e:
+            raise PeerUnavailable(
+                f"cannot join the DHT through {', '.join(bootstrap)}: {e} (in a private swarm, "
+                "its members refuse a node without its swarm key, or with another one)"
+            ) from e
+        self.closers.append(node.close)
+        key = dht_key(self.fingerprint)
+        lookup = DhtLookup(lambda: node.get_records(key))
+        self.lookups.append(lookup)
+        self.sources.append(lookup)
+
+    async def _refresh_lookups(self) -> None:
+        for lookup in self.lookups:
+            try:
+                await lookup.refresh()
+            except (TimeoutError, LayerswarmError) as e:  # go on with what is known
+                log.warning("reading the DHT failed: %r", e)
 
     def _adopt_discovered(self) -> None:
-        """Add a link to each discovered peer not known yet (its first address, its peer ID)."""
+        """Add a link to each discovered peer not known yet (its first address, its peer ID);
+        drop discovered links whose record is gone and that are not connected."""
+        records = merged(self.sources, self.fingerprint)
+        current = {r.peer_id for r in records}
+        self.links = [
+            link
+            for link in self.links
+            if not link.discovered or link.live or link.address.peer_id in current
+        ]
         known: set[object] = {(link.address.host, link.address.port) for link in self.links}
         known |= {link.address.peer_id or (link.conn and link.conn.peer_id) for link in self.links}
-        for record in merged(self.sources, self.fingerprint):
+        for record in records:
             try:
                 address = parse_address(f"{record.addresses[0]}/{record.peer_id}")
             except ValueError:  # a host name with characters we do not dial
                 continue
             if record.peer_id in known or (address.host, address.port) in known:
                 continue
-            self.links.append(PeerLink(address))
+            self.links.append(PeerLink(address, discovered=True))
             known |= {record.peer_id, (address.host, address.port)}
 
     async def refresh(self) -> None:
         """Dial every peer not connected now (discovered ones too) and ask each what it serves."""
+        await self._refresh_lookups()
         self._adopt_discovered()
         if not self.links:
             raise PeerUnavailable(
@@ -206,6 +278,11 @@ class SwarmClient:
             link.info = info
         except (PeerUnavailable, OSError) as e:
             log.debug("peer at %s is unreachable: %s", link.address, e)
+            link.conn = None
+        except ProtocolError as e:
+            if not link.discovered:
+                raise  # a peer the caller named: say why it cannot be used
+            log.warning("skipping discovered peer at %s: %s", link.address, e)
             link.conn = None
 
     def _goodbye(self, conn: Connection, reason: str) -> None:
@@ -275,7 +352,8 @@ def open_swarm_generator(
     config: ClientConfig | None = None,
     on_event: Callable[[str], None] | None = None,
 ) -> Generator:
-    """A generator whose layers run on `peers` (addresses `host:port[/PEERID]`)."""
+    """A generator whose layers run on `peers` (addresses `host:port[/PEERID]`), and on the
+    peers that `config` discovers (mDNS, DHT through `config.bootstrap`)."""
     config = config or ClientConfig(insecure_plaintext=insecure_plaintext)
     client = SwarmClient(model_dir, peers, config, on_event=on_event)
     head = pack_linears(load_client_head(model_dir, dtype))
