@@ -14,7 +14,7 @@ import socket
 import time
 from typing import TYPE_CHECKING, Protocol
 
-from layerswarm.errors import LayerswarmError
+from layerswarm.errors import LayerswarmError, PeerUnavailable
 from layerswarm.peer.announce import reachable_addresses
 from layerswarm.peer.config import PeerConfig
 from layerswarm.swarm.discovery import dht_key
@@ -38,9 +38,16 @@ async def open_peer_dht(config: PeerConfig, identity: Identity) -> DhtNode:
     """
     from layerswarm.swarm.dht import DhtNode  # libp2p loads only when a DHT is asked for
 
-    node = await DhtNode.start(
-        identity, dht_host(config), config.dht_port, list(config.bootstrap), config.swarm_key
-    )
+    bootstrap = list(config.bootstrap)
+    try:
+        node = await DhtNode.start(
+            identity, dht_host(config), config.dht_port, bootstrap, config.swarm_key
+        )
+    except PeerUnavailable as e:
+        raise PeerUnavailable(
+            f"cannot join the DHT through {', '.join(bootstrap)}: {e} (in a private swarm, "
+            "its members refuse a node without its swarm key, or with another one)"
+        ) from e
     log.info("DHT node at %s (others can --bootstrap from it)", node.multiaddr)
     return node
 
