@@ -19,9 +19,9 @@ from pathlib import Path
 
 from layerswarm.cli.chat import show
 from layerswarm.cli.common import default_cache_dir, resolve_model_cli, run_main, setup_logging
-from layerswarm.peer.launch import even_spans, start_peers
+from layerswarm.peer.launch import LocalSwarm, even_spans, start_peer, start_peers
 from layerswarm.routing.sampling import SamplingConfig
-from layerswarm.routing.swarm_client import open_swarm_generator
+from layerswarm.routing.swarm_client import ClientConfig, open_swarm_generator
 from layerswarm.shards.config import ModelConfig
 
 
@@ -43,14 +43,19 @@ def _main(argv: list[str] | None) -> None:
     say(
         f"starting {len(spans)} peers on 127.0.0.1 serving layers "
         + ", ".join(str(s) for s in spans)
+        + "; they and the client find each other through a DHT on 127.0.0.1"
     )
     with tempfile.TemporaryDirectory(prefix="layerswarm-demo-") as tmp:
         t0 = time.monotonic()
-        with start_peers(model_dir, spans, Path(tmp)) as swarm:
-            say(f"peers ready in {time.monotonic() - t0:.1f} s:")
+        first = start_peer(model_dir, spans[0], Path(tmp), ["--dht"])
+        with LocalSwarm([first]) as swarm:
+            bootstrap = ["--bootstrap", first.multiaddr or ""]
+            swarm.peers += start_peers(model_dir, spans[1:], Path(tmp), bootstrap).peers
+            say(f"peers ready in {time.monotonic() - t0:.1f} s (bootstrap: {first.multiaddr}):")
             for p in swarm.peers:
                 say(f"  layers {p.span}  at {p.address}")
-            gen = open_swarm_generator(model_dir, swarm.addresses)
+            config = ClientConfig(bootstrap=(first.multiaddr or "",))
+            gen = open_swarm_generator(model_dir, [], config=config)
             say(f"\n> {args.prompt}")
             show(
                 gen.chat(
@@ -64,6 +69,7 @@ def _main(argv: list[str] | None) -> None:
                 f"{s.prefill_seconds * 1e3:.0f} ms, decode {s.decode_tokens_per_second:.1f} tok/s"
             )
             say("stopping the peers")
+            gen.client.close()  # type: ignore[attr-defined]
 
 
 def say(text: str) -> None:

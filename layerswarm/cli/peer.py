@@ -75,7 +75,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="announce on the LAN over mDNS on this interface (repeat for more; default: every "
         "interface; none: no mDNS)",
     )
-    start.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    start.add_argument(
+        "--host",
+        default="0.0.0.0",
+        help="address to listen on (default: every interface, so LAN clients can reach it)",
+    )
     start.add_argument("--port", type=int, default=0, help="TCP port (0: pick a free one)")
     start.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     start.add_argument(
