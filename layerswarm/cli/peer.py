@@ -38,8 +38,8 @@ from layerswarm.cli.common import (
 )
 from layerswarm.cli.status import add_status_parser, read_swarm_key, run_status
 from layerswarm.peer.config import PeerConfig
-from layerswarm.peer.server import DTYPES, serve_peer
-from layerswarm.shards.config import Span
+from layerswarm.peer.server import serve_peer
+from layerswarm.shards.config import DTYPES, Span
 from layerswarm.swarm.identity import load_or_create_identity
 from layerswarm.swarm.transport import new_event_loop
 

@@ -11,7 +11,6 @@ from contextlib import AsyncExitStack
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
-import torch
 from zeroconf import InterfaceChoice
 
 from layerswarm.errors import LayerswarmError
@@ -31,7 +30,7 @@ from layerswarm.peer.measure import SpeedSample, free_memory_bytes, measure_spee
 from layerswarm.peer.placement import Server, choose_span, layers_that_fit
 from layerswarm.peer.sessions import SessionTable
 from layerswarm.shards.blocks import SpanModel
-from layerswarm.shards.config import ModelConfig, Span
+from layerswarm.shards.config import DTYPES, ModelConfig, Span
 from layerswarm.shards.kv_cache import PagedKVCache
 from layerswarm.shards.quantize import memory_bytes, quantize
 from layerswarm.shards.weights import Progress, load_span, model_fingerprint
@@ -48,7 +47,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 READY_PREFIX = "LAYERSWARM-PEER-READY "  # then one line of JSON; see `ready_line`
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def ready_line(host: str, port: int, peer_id: str, span: Span, multiaddr: str | None) -> str:

@@ -10,25 +10,11 @@ from layerswarm.kernels.cpu_linear import pack_linears
 from layerswarm.routing.generate import Generator, Pipeline
 from layerswarm.routing.text import ChatTokenizer
 from layerswarm.shards.blocks import SpanModel
-from layerswarm.shards.config import ModelConfig, Span
+from layerswarm.shards.config import ModelConfig, Span, parse_dtype
+
+__all__ = ["LocalPipeline", "open_local_generator", "parse_dtype"]
 from layerswarm.shards.kv_cache import PagedKVCache
 from layerswarm.shards.weights import Progress, load_client_head, load_span
-
-DTYPES = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-}
-
-
-def parse_dtype(name: str) -> torch.dtype:
-    try:
-        return DTYPES[name]
-    except KeyError:
-        raise ValueError(f"unknown dtype {name!r}; choose float32, bfloat16 or float16") from None
 
 
 class LocalPipeline:

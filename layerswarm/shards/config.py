@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from layerswarm.errors import ModelFormatError
 
 # Architectures whose math is the Llama block (RMSNorm, RoPE, GQA attention, SwiGLU MLP).
@@ -15,6 +17,18 @@ SUPPORTED_ARCHITECTURES = {
     "MistralForCausalLM": "mistral",
     "Qwen2ForCausalLM": "qwen2",
 }
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    """`float32`, `bfloat16` or `float16` (or fp32, bf16, fp16) as a torch dtype."""
+    try:
+        return DTYPES[DTYPE_ALIASES.get(name, name)]
+    except KeyError:
+        raise ValueError(f"unknown dtype {name!r}; choose float32, bfloat16 or float16") from None
 
 
 @dataclass(frozen=True)
