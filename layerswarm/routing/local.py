@@ -11,10 +11,10 @@ from layerswarm.routing.generate import Generator, Pipeline
 from layerswarm.routing.text import ChatTokenizer
 from layerswarm.shards.blocks import SpanModel
 from layerswarm.shards.config import ModelConfig, Span, parse_dtype
-
-__all__ = ["LocalPipeline", "open_local_generator", "parse_dtype"]
 from layerswarm.shards.kv_cache import PagedKVCache
 from layerswarm.shards.weights import Progress, load_client_head, load_span
+
+__all__ = ["LocalPipeline", "open_local_generator", "parse_dtype"]
 
 
 class LocalPipeline:
