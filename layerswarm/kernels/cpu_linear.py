@@ -11,13 +11,16 @@ of the usual `(out, in)` layout at ~11 GB/s and bf16 at ~15 GB/s; the machine st
 
 from __future__ import annotations
 
+from typing import TypeVar
+
 import torch
 from torch import nn
 
 
 def available() -> bool:
     """Whether this torch build has oneDNN's prepacked linear."""
-    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+    mkldnn = bool(torch.backends.mkldnn.is_available())  # type: ignore[no-untyped-call]
+    return mkldnn and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
 class PackedLinear(nn.Module):
@@ -34,10 +37,16 @@ class PackedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """`x (..., in)` -> `(..., out)`."""
-        return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+        out: torch.Tensor = torch.ops.mkldnn._linear_pointwise(
+            x, self.weight, self.bias, "none", [], ""
+        )
+        return out
 
 
-def pack_linears(module: nn.Module) -> nn.Module:
+M = TypeVar("M", bound=nn.Module)
+
+
+def pack_linears(module: M) -> M:
     """Give every CPU `nn.Linear` of `module` its fast layout, in place.
 
     fp32 weights are stored transposed (still an `nn.Linear`); other dtypes become a

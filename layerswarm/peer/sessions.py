@@ -181,7 +181,7 @@ class SessionTable:
     def _run(self, jobs: Sequence[_Job]) -> torch.Tensor:
         deadline = min(j.deadline for j in jobs)
         hidden = torch.cat([j.hidden for j in jobs])  # (batch, tokens, hidden)
-        return self.model(
+        out: torch.Tensor = self.model(
             hidden,
             [j.start for j in jobs],
             self.cache,
@@ -189,6 +189,7 @@ class SessionTable:
             layers=jobs[0].session.layers,
             should_stop=lambda: self._stopping or time.monotonic() > deadline,
         )
+        return out
 
     def shutdown(self) -> None:
         self._stopping = True

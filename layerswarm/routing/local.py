@@ -26,7 +26,8 @@ class LocalPipeline:
         self.session = self.cache.allocate(max_length)
 
     def forward(self, hidden: torch.Tensor, start: int) -> torch.Tensor:
-        return self.model(hidden, [start], self.cache, [self.session])
+        out: torch.Tensor = self.model(hidden, [start], self.cache, [self.session])
+        return out
 
     def close(self) -> None:
         self.cache.free(self.session)

@@ -129,7 +129,7 @@ class BanList:
         now = time.monotonic() if now is None else now
         strikes = self._strikes.get(peer_id, 0) + 1
         self._strikes[peer_id] = strikes
-        seconds = min(self.base_seconds * 2 ** (strikes - 1), self.max_seconds)
+        seconds = min(self.base_seconds * 2.0 ** (strikes - 1), self.max_seconds)
         self._until[peer_id] = now + seconds
         return seconds
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from typing import cast
 
 import torch
 from torch import nn
@@ -139,7 +140,7 @@ class SpanModel(nn.Module):
         for i in range(layers.start - self.span.start, layers.end - self.span.start):
             if should_stop is not None and should_stop():
                 raise StepCancelled(f"step stopped before layer {self.span.start + i}")
-            layer = self.layers[i]
+            layer = cast(DecoderLayer, self.layers[i])
             if delta is None:
                 normed = self.ops.rms_norm(x, layer.input_norm, self.config.rms_norm_eps)
             else:
@@ -188,7 +189,8 @@ class SpanModel(nn.Module):
             # One session: on a CPU its pages are usually one run, so this read is a view.
             kk, vv = cache.read(i, sessions[0], starts[0] + t)
             out = self.ops.prefill_attention(q, kk, vv, starts[0], self.scale)
-        return layer.o_proj(out.reshape(n, layer.q_size))
+        projected: torch.Tensor = layer.o_proj(out.reshape(n, layer.q_size))
+        return projected
 
 
 class ClientHead(nn.Module):
@@ -206,11 +208,13 @@ class ClientHead(nn.Module):
     @torch.inference_mode()
     def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
         """`ids (batch, tokens)` -> `(batch, tokens, hidden)`."""
-        return self.embed(ids)
+        embedded: torch.Tensor = self.embed(ids)
+        return embedded
 
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """`hidden (batch, tokens, hidden)` -> fp32 logits `(batch, tokens, vocab)`."""
         ops = ops_for(hidden.device)
         h = ops.rms_norm(hidden, self.norm, self.config.rms_norm_eps)
-        return self.head(h).float()
+        logits: torch.Tensor = self.head(h)
+        return logits.float()

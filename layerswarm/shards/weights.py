@@ -6,7 +6,7 @@ import json
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from safetensors import safe_open
@@ -41,7 +41,8 @@ class WeightFiles:
             path = str(self.model_dir / file)
             self._open[file] = self._stack.enter_context(safe_open(path, framework="pt"))
         self.read.append(name)
-        return self._open[file].get_tensor(name).to(dtype)
+        tensor: torch.Tensor = self._open[file].get_tensor(name)
+        return tensor.to(dtype)
 
     def has(self, name: str) -> bool:
         return name in self.where
@@ -97,7 +98,7 @@ def load_span(
         with torch.device("meta"):
             model = SpanModel(config, span)
         for i, layer in enumerate(model.layers):
-            _fill_layer(layer, files, span.start + i, dtype)
+            _fill_layer(cast(DecoderLayer, layer), files, span.start + i, dtype)
             if progress:
                 progress(
                     f"loading layer {span.start + i + 1}/{config.num_layers}", (i + 1) / len(span)
