@@ -268,3 +268,28 @@ def test_a_connection_lost_mid_request_keeps_the_peer_serving(peer: PeerProcess)
         await still_serves(peer)
 
     run(go)
+
+
+def test_an_expired_session_is_refused_and_its_cache_freed(
+    tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    workdir = tmp_path_factory.mktemp("idle")
+    peers = _peer(tiny_dir, workdir, "--session-idle-timeout", "1")
+    short_lived = next(peers)
+
+    async def go() -> None:
+        async with await connect(short_lived) as conn:
+            await conn.request(OpenSession("s", 0, 2, 32))
+            await conn.request(Step("s", torch.randn(1, 2, HIDDEN), 0))
+            await asyncio.sleep(2.5)  # idle past the timeout; expiry runs every 0.25 s
+            with pytest.raises(RemoteError) as e:
+                await conn.request(Step("s", torch.randn(1, 1, HIDDEN), 2))
+            assert e.value.code == "unknown_session"
+            info = await conn.request(InfoRequest())
+            assert isinstance(info, InfoReply)
+            assert info.cache_tokens_free == info.cache_tokens_total
+
+    try:
+        run(go)
+    finally:
+        peers.close()  # stops the peer, checking it exits cleanly
