@@ -78,6 +78,9 @@ class RemoteSession:
 
     async def open(self) -> None:
         span = Span(0, self.client.model_config.num_layers)
+        if time.monotonic() - self.client.last_refresh > self.client.config.refresh_interval:
+            # Peers that joined since are used by new sessions; loads are fresh for spreading.
+            await self.client.refresh()
         try:
             self.hops = await self._open_path(span)
         except NoRouteError:

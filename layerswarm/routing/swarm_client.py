@@ -67,6 +67,7 @@ class ClientConfig:
     ban_seconds: float = 5.0  # unit: s of a failed peer's first ban; doubles on each new failure
     insecure_plaintext: bool = False  # no TLS; trusted LANs and measurements only
     mdns_interfaces: tuple[str, ...] | None = None  # browse mDNS here (() = every one); None: off
+    refresh_interval: float = 5.0  # unit: s; a new session first re-reads the swarm if older
     discovery_timeout: float = 5.0  # unit: s to wait for discovered peers to cover every layer
     bootstrap: tuple[str, ...] = ()  # DHT members' multiaddrs to find peers through; (): no DHT
     # 32 bytes: a private swarm's key (its DHT and its peers admit only holders); None: open
@@ -154,6 +155,7 @@ class SwarmClient:
         self.sources: list[RecordSource] = []
         self.lookups: list[DhtLookup] = []  # sources to refresh before reading (DHT queries)
         self.closers: list[Callable[[], Awaitable[None]]] = []
+        self.last_refresh = 0.0  # unit: monotonic s of the last refresh
         self.net = BackgroundLoop()
         try:
             self.net.run(self._start_discovery())
@@ -248,6 +250,7 @@ class SwarmClient:
 
     async def refresh(self) -> None:
         """Dial every peer not connected now (discovered ones too) and ask each what it serves."""
+        self.last_refresh = time.monotonic()
         await self._refresh_lookups()
         self._adopt_discovered()
         if not self.links:

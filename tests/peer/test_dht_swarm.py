@@ -224,3 +224,28 @@ def test_a_private_swarm_admits_only_clients_with_its_key(
             plain = replace(CLIENT, swarm_key=swarm_key)
             with pytest.raises(SwarmKeyMismatch, match="private swarm"):
                 ask_france(smollm2_dir, plain, swarm.addresses)
+
+
+def test_a_peer_that_joins_is_used_by_new_sessions(smollm2_dir: Path, tmp_path: Path) -> None:
+    import random
+
+    from layerswarm.routing.session import RemoteSession
+
+    first = start_peer(smollm2_dir, Span(0, 30), tmp_path, ["--dht"])
+    with LocalSwarm([first]) as swarm:
+        config = ClientConfig(bootstrap=(first.multiaddr or "",), refresh_interval=0.0)
+        gen = open_swarm_generator(smollm2_dir, [], config=config)
+        gen.client.rng = random.Random(0)  # type: ignore[attr-defined]
+        swarm.peers.append(
+            start_peer(smollm2_dir, Span(0, 30), tmp_path, ["--bootstrap", first.multiaddr or ""])
+        )
+        used: set[str] = set()
+        prompt = gen.tokenizer.encode_chat([{"role": "user", "content": "Hi"}])
+        for _ in range(8):  # sessions spread over both replicas once the new one is known
+            tokens = gen.tokens(prompt, SamplingConfig(max_new_tokens=2))
+            next(tokens)
+            assert isinstance(gen.active, RemoteSession)
+            used |= {hop.view.peer_id for hop in gen.active.hops}
+            tokens.close()
+        assert swarm.peers[1].peer_id in used
+        gen.client.close()  # type: ignore[attr-defined]
