@@ -61,6 +61,14 @@ def build_parser() -> argparse.ArgumentParser:
         "budget holds, where the swarm is weakest",
     )
     start.add_argument(
+        "--rebalance-interval",
+        type=float,
+        default=30.0,
+        metavar="S",
+        help="with --layers auto: look at the swarm this often and move where layers are "
+        "missing (0: never)",
+    )
+    start.add_argument(
         "--memory-budget",
         type=float,
         default=0,
@@ -213,6 +221,7 @@ def _main(argv: list[str] | None) -> None:
         session_idle_timeout=args.session_idle_timeout,
         step_timeout=args.step_timeout,
         memory_budget_bytes=int(args.memory_budget * 2**20),
+        rebalance_interval=args.rebalance_interval,
         mdns_interfaces=mdns_interfaces(args.mdns_interface, private=swarm_key is not None),
         key_path=key_path,
         insecure_plaintext=args.insecure_plaintext,

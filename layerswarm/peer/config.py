@@ -28,6 +28,7 @@ class PeerConfig:
     memory_budget_bytes: int = 0  # bytes for weights and KV cache with `span` None; 0: half free
     mdns_interfaces: tuple[str, ...] | None = None  # announce on these (() = every one); None: off
     announce_refresh: float = 10.0  # unit: s between record refreshes (free cache, load)
+    rebalance_interval: float = 30.0  # unit: s between looks at the swarm (auto spans); 0: never
     discovery_wait: float = 3.0  # unit: s to gather the swarm's records before choosing a span
     key_path: Path | None = None  # the peer's Ed25519 key file; created if missing
     insecure_plaintext: bool = False  # no TLS; trusted LANs and measurements only

@@ -6,10 +6,10 @@ import asyncio
 import json
 import logging
 import signal
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from zeroconf import InterfaceChoice
 
@@ -28,6 +28,7 @@ from layerswarm.peer.dht_announce import DhtAnnouncer, open_peer_dht
 from layerswarm.peer.handler import RequestHandler
 from layerswarm.peer.measure import SpeedSample, free_memory_bytes, measure_speed, measure_tflops
 from layerswarm.peer.placement import Server, choose_span, layers_that_fit
+from layerswarm.peer.rebalance import serve_rebalancing
 from layerswarm.peer.sessions import SessionTable
 from layerswarm.shards.blocks import SpanModel
 from layerswarm.shards.config import DTYPES, ModelConfig, Span
@@ -101,6 +102,7 @@ async def serve_peer(
     fingerprint = model_fingerprint(config.model_dir)
     async with AsyncExitStack() as stack:
         discovery = await _open_discovery(config, identity, fingerprint, stack)
+        auto = config.span is None
         span = config.span or await _auto_span(config, model_config, discovery, fingerprint)
         config = replace(config, span=span)
         model, speed = await asyncio.to_thread(
@@ -158,8 +160,11 @@ async def serve_peer(
             server,
             stop or asyncio.Event(),
             announcers,
-            lambda: current_record(config, facts, table),
+            lambda: current_record(config, facts, handler.table),
             lambda: on_ready(line),
+            _rebalancing(config, model_config, handler, discovery, fingerprint, speed)
+            if auto and config.rebalance_interval > 0 and discovery.others
+            else None,
         )
     log.info("stopped")
 
@@ -235,6 +240,7 @@ async def _serve_until_stopped(
     announcers: Sequence[Announcer],
     record: Callable[[], PeerRecord],
     on_announced: Callable[[], None],
+    rebalancing: Coroutine[Any, Any, None] | None,
 ) -> None:
     loop = asyncio.get_running_loop()
     # A record must be re-put before it expires: at least every third of the DHT record's TTL.
@@ -250,6 +256,8 @@ async def _serve_until_stopped(
                 tasks.create_task(_expire_sessions(table, config.session_idle_timeout)),
                 tasks.create_task(serve_announcements(announcers, record, refresh, on_announced)),
             ]
+            if rebalancing is not None:
+                background.append(tasks.create_task(rebalancing))
             await stop.wait()
             log.info("stopping: telling %d sessions' clients", len(table.sessions))
             handler.stopping = True
@@ -259,6 +267,30 @@ async def _serve_until_stopped(
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
+
+
+def _rebalancing(
+    config: PeerConfig,
+    model_config: ModelConfig,
+    handler: RequestHandler,
+    discovery: Discovery,
+    fingerprint: str,
+    speed: SpeedSample,
+) -> Coroutine[Any, Any, None]:
+    async def load(span: Span) -> tuple[SpanModel, int]:
+        model, _ = await asyncio.to_thread(load_peer_model, config, model_config, span, None)
+        return model, cache_tokens_for(config, model_config, span)
+
+    return serve_rebalancing(
+        config,
+        model_config,
+        handler,
+        discovery.sources,
+        discovery.refresh,
+        fingerprint,
+        1.0 / speed.decode_s_per_layer,
+        load,
+    )
 
 
 async def _close_server(server: TransportServer, table: SessionTable) -> None:

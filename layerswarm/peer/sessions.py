@@ -90,6 +90,15 @@ class SessionTable:
         for key in [k for k in self.sessions if k[0] == owner]:
             self.cache.free(self.sessions.pop(key).cache)
 
+    def replace_model(self, model: SpanModel, cache_tokens: int) -> int:
+        """Serve another span from now on; every open session ends. Returns how many did."""
+        dropped = len(self.sessions)
+        self.sessions.clear()
+        self.model = model
+        self.cache = model.new_cache(cache_tokens)
+        self.dtype = next(model.parameters()).dtype
+        return dropped
+
     def expire_idle(self, idle_timeout: float) -> int:
         now = time.monotonic()
         stale = [k for k, s in self.sessions.items() if now - s.last_used > idle_timeout]
@@ -165,7 +174,12 @@ class SessionTable:
 
     def _runnable(self, job: _Job) -> bool:
         """Whether a queued step can still run; answers the ones that cannot."""
-        if job.done.done() or job.session.key not in self.sessions:
+        if job.done.done():
+            return False
+        if self.sessions.get(job.session.key) is not job.session:  # closed, expired or moved
+            job.done.set_exception(
+                RemoteError(ErrorCode.UNKNOWN_SESSION, "the session ended before its step ran")
+            )
             return False
         if job.start > job.session.cache.length:  # an earlier queued step of it failed
             job.done.set_exception(

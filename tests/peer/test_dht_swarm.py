@@ -249,3 +249,36 @@ def test_a_peer_that_joins_is_used_by_new_sessions(smollm2_dir: Path, tmp_path: 
             tokens.close()
         assert swarm.peers[1].peer_id in used
         gen.client.close()  # type: ignore[attr-defined]
+
+
+def test_an_auto_placed_peer_moves_to_fill_a_gap_another_left(
+    smollm2_dir: Path, tmp_path: Path
+) -> None:
+    from layerswarm.swarm.protocol import InfoReply, InfoRequest
+    from layerswarm.swarm.transport import TransportConfig, open_connection, parse_address
+
+    async def span_of(peer: PeerProcess) -> tuple[int, int]:
+        async with await open_connection(
+            parse_address(peer.address), generate_identity(), TransportConfig()
+        ) as conn:
+            info = await conn.request(InfoRequest())
+            assert isinstance(info, InfoReply)
+            return info.span_start, info.span_end
+
+    first = start_peer(smollm2_dir, Span(0, 15), tmp_path, ["--dht"])
+    with LocalSwarm([first]) as swarm:
+        join = ["--bootstrap", first.multiaddr or ""]
+        # Layers 15:30 served twice, 0:15 once: the auto peer (15 layers fit) doubles 0:15.
+        right = start_peers(smollm2_dir, [Span(15, 30)] * 2, tmp_path, [*join, "--record-ttl", "4"])
+        swarm.peers += right.peers
+        auto = ["--memory-budget", "215", "--cache-memory", "8", "--rebalance-interval", "1"]
+        mover = start_peer(smollm2_dir, None, tmp_path, [*join, *auto])
+        swarm.peers.append(mover)
+        assert run(span_of(mover)) == (0, 15)
+        right.stop()  # layers 15:30 are left to nobody once their records expire
+        deadline = time.monotonic() + 60
+        while run(span_of(mover)) != (15, 30):
+            assert time.monotonic() < deadline, "the auto-placed peer did not move to the gap"
+            time.sleep(1)
+        config = ClientConfig(bootstrap=(first.multiaddr or "",))
+        assert "Paris" in ask_france(smollm2_dir, config)
