@@ -1,0 +1,227 @@
+"""`swarm-api` in front of a real local swarm, driven by the official `openai` client."""
+
+from __future__ import annotations
+
+import json
+import select
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from layerswarm.cli.api import READY_PREFIX
+from layerswarm.cli.api_params import parse_sampling
+from layerswarm.cli.api_server import ApiError
+from layerswarm.peer.launch import LocalSwarm, PeerProcess, start_peers
+from layerswarm.routing.sampling import SamplingConfig
+from layerswarm.shards.config import Span
+
+openai = pytest.importorskip("openai")
+
+KEY = "test-key-123"
+HALVES = [Span(0, 15), Span(0, 15), Span(15, 30), Span(15, 30)]
+FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
+STORY = [{"role": "user", "content": "Write a long story about a lighthouse keeper and a storm."}]
+
+
+# --- request checks: table-driven, no model ------------------------------------------------------
+
+SAMPLING_CASES = [
+    # (body, expected SamplingConfig)
+    ({}, SamplingConfig(max_new_tokens=90, temperature=1.0)),
+    (
+        {"max_tokens": 5, "temperature": 0, "seed": 3, "stop": "\n"},
+        SamplingConfig(max_new_tokens=5, temperature=0.0, seed=3, stop=("\n",)),
+    ),
+    (
+        {"max_completion_tokens": 7, "top_p": 0.5, "stop": ["a", "b"], "presence_penalty": 1},
+        SamplingConfig(max_new_tokens=7, temperature=1.0, top_p=0.5, stop=("a", "b")),
+    ),
+    ({"top_p": 0, "n": 1}, SamplingConfig(max_new_tokens=90, temperature=0.0)),
+]
+
+
+@pytest.mark.parametrize(("body", "expected"), SAMPLING_CASES)
+def test_request_fields_become_a_sampling_config(
+    body: dict[str, Any], expected: SamplingConfig
+) -> None:
+    assert parse_sampling(body, prompt_tokens=10, context=100, default_max=None) == expected
+
+
+BAD_CASES = [
+    ({"temperature": -1}, "temperature"),
+    ({"temperature": "hot"}, "temperature"),
+    ({"top_p": 1.5}, "top_p"),
+    ({"max_tokens": 0}, "max_tokens"),
+    ({"max_tokens": True}, "max_tokens"),
+    ({"n": 2}, "n"),
+    ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
+    ({"seed": 1.5}, "seed"),
+    ({"frequency_penalty": 3}, "frequency_penalty"),
+    ({"logprobs": True}, "logprobs"),
+    ({"stream": "yes"}, "stream"),
+]
+
+
+@pytest.mark.parametrize(("body", "param"), BAD_CASES)
+def test_bad_request_fields_are_refused_naming_the_field(body: dict[str, Any], param: str) -> None:
+    with pytest.raises(ApiError) as e:
+        parse_sampling(body, prompt_tokens=10, context=100, default_max=None)
+    assert e.value.status == 400 and e.value.param == param
+
+
+# --- the server in front of a swarm --------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def swarm(smollm2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalSwarm]:
+    # --verbose: a peer's log then says when it opens a session, so a test can tell which
+    # peers a reply is using.
+    with start_peers(smollm2_dir, HALVES, tmp_path_factory.mktemp("api"), ["--verbose"]) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def api_url(smollm2_dir: Path, swarm: LocalSwarm) -> Iterator[str]:
+    peers = [arg for address in swarm.addresses for arg in ("--peer", address)]
+    cmd = [sys.executable, "-m", "layerswarm.cli.api", "--model", str(smollm2_dir), *peers]
+    cmd += ["--host", "127.0.0.1", "--port", "0", "--api-key", KEY]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+    try:
+        yield wait_ready(proc)
+    finally:
+        proc.terminate()
+        assert proc.wait(30) == 0
+        assert proc.stdout is not None
+        proc.stdout.close()
+
+
+def wait_ready(proc: subprocess.Popen[str], timeout: float = 120.0) -> str:
+    assert proc.stdout is not None
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        if select.select([proc.stdout], [], [], 0.5)[0]:
+            line = proc.stdout.readline()
+            if line.startswith(READY_PREFIX):
+                return str(json.loads(line[len(READY_PREFIX) :])["url"])
+    proc.kill()
+    raise AssertionError("swarm-api did not get ready")
+
+
+@pytest.fixture(scope="module")
+def client(api_url: str) -> Any:
+    return openai.OpenAI(base_url=api_url, api_key=KEY, max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def model(client: Any) -> str:
+    return str(client.models.list().data[0].id)
+
+
+def test_lists_the_served_model(client: Any, smollm2_dir: Path) -> None:
+    models = client.models.list().data
+    assert [m.id for m in models] == [smollm2_dir.name]
+    assert client.models.retrieve(smollm2_dir.name).id == smollm2_dir.name
+
+
+def test_chat_completion_answers_with_usage(client: Any, model: str) -> None:
+    reply = client.chat.completions.create(
+        model=model, messages=FRANCE, temperature=0, max_tokens=32
+    )
+    choice = reply.choices[0]
+    assert "Paris" in choice.message.content
+    assert choice.message.role == "assistant" and choice.finish_reason == "stop"
+    usage = reply.usage
+    assert usage.prompt_tokens > 10 and usage.completion_tokens > 1
+    assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
+
+
+def test_streamed_chat_completion_matches_the_whole_reply(client: Any, model: str) -> None:
+    args: dict[str, Any] = {"model": model, "messages": FRANCE, "temperature": 0, "max_tokens": 32}
+    whole = client.chat.completions.create(**args)
+    chunks = list(
+        client.chat.completions.create(**args, stream=True, stream_options={"include_usage": True})
+    )
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == whole.choices[0].message.content
+    assert len([c for c in chunks if c.choices and c.choices[0].delta.content]) > 2
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+
+
+def test_completion_stops_at_length_and_at_a_stop_string(client: Any, model: str) -> None:
+    args: dict[str, Any] = {"model": model, "prompt": "The capital of France is", "temperature": 0}
+    long = client.completions.create(**args, max_tokens=12)
+    assert long.choices[0].finish_reason == "length" and long.usage.completion_tokens == 12
+    assert "Paris" in long.choices[0].text
+    cut = client.completions.create(**args, max_tokens=12, stop=["Paris"])
+    assert cut.choices[0].finish_reason == "stop"
+    assert cut.choices[0].text == long.choices[0].text.split("Paris")[0]
+
+
+def test_concurrent_requests_all_answer_correctly(client: Any, model: str) -> None:
+    def ask(n: int) -> str:
+        messages = [{"role": "user", "content": f"What is {n} plus {n}?"}] if n else FRANCE
+        reply = client.chat.completions.create(
+            model=model, messages=messages, temperature=0, max_tokens=24
+        )
+        return str(reply.choices[0].message.content)
+
+    alone = [ask(n) for n in range(3)]
+    with ThreadPoolExecutor(3) as pool:
+        together = list(pool.map(ask, range(3)))
+    assert together == alone
+    assert "Paris" in together[0]
+
+
+def test_bad_requests_get_openai_errors(client: Any, model: str, api_url: str) -> None:
+    with pytest.raises(openai.NotFoundError) as e404:
+        client.chat.completions.create(model="no-such-model", messages=FRANCE)
+    assert e404.value.body["code"] == "model_not_found"
+    with pytest.raises(openai.BadRequestError) as e400:
+        client.chat.completions.create(model=model, messages=FRANCE, temperature=-1)
+    assert e400.value.body["param"] == "temperature"
+    assert e400.value.body["type"] == "invalid_request_error"
+    too_long = [{"role": "user", "content": "word " * 9000}]
+    with pytest.raises(openai.BadRequestError) as long:
+        client.chat.completions.create(model=model, messages=too_long, max_tokens=4)
+    assert long.value.body["code"] == "context_length_exceeded"
+    wrong = openai.OpenAI(base_url=api_url, api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError) as e401:
+        wrong.models.list()
+    assert e401.value.body["code"] == "invalid_api_key"
+    with pytest.raises(openai.NotFoundError):
+        client.get("/nothing-here", cast_to=object)
+
+
+def sessions_opened(peer: PeerProcess) -> int:
+    assert peer.stderr_path is not None
+    return peer.stderr_path.read_text().count("opened session")
+
+
+def test_stream_survives_kill_9_of_a_peer_in_use(
+    client: Any, model: str, swarm: LocalSwarm
+) -> None:
+    # Last in this file: it leaves the swarm one peer short.
+    args: dict[str, Any] = {"model": model, "messages": STORY, "temperature": 0, "max_tokens": 96}
+    undisturbed = client.chat.completions.create(**args)
+    assert undisturbed.choices[0].finish_reason == "length"  # the kill lands mid-reply
+    before = [sessions_opened(p) for p in swarm.peers]
+    pieces, reasons = [], []
+    for n, chunk in enumerate(client.chat.completions.create(**args, stream=True)):
+        if n == 30:
+            in_use = [p for p, b in zip(swarm.peers, before, strict=True) if sessions_opened(p) > b]
+            first_hop = [p for p in in_use if p.span == Span(0, 15)]
+            assert len(first_hop) == 1
+            first_hop[0].stop(signal.SIGKILL)
+        pieces.append(chunk.choices[0].delta.content or "")
+        reasons.append(chunk.choices[0].finish_reason)
+    assert first_hop[0].process.returncode == -signal.SIGKILL
+    assert "".join(pieces) == undisturbed.choices[0].message.content
+    assert reasons[-1] == "length"
