@@ -38,6 +38,7 @@ class GenerationStats:
 
     prompt_tokens: int = 0
     new_tokens: int = 0
+    reused_tokens: int = 0  # unit: tokens of the prompt already in an open session's KV cache
     prefill_seconds: float = 0.0  # unit: s from the start to the first token's logits
     decode_seconds: float = 0.0  # unit: s for every later token
 
@@ -65,18 +66,27 @@ class Generator:
 
     def stream_ids(self, prompt: Sequence[int], sampling: SamplingConfig) -> Iterator[str]:
         """Stream the text that follows the token ids `prompt`."""
+        return self.stream_text(self.tokens(prompt, sampling), sampling)
+
+    def stream_text(self, tokens: Iterator[int], sampling: SamplingConfig) -> Iterator[str]:
+        """Turn new token ids into text pieces, up to EOS or a stop string; then close `tokens`."""
         text = TextStream(self.tokenizer, sampling.stop)
-        for token in self.tokens(prompt, sampling):
-            if token in self.tokenizer.eos_ids:
-                break
-            piece = text.push(token)
-            if piece:
-                yield piece
-            if text.stopped:
-                return
-        tail = text.flush()
-        if tail:
-            yield tail
+        try:
+            for token in tokens:
+                if token in self.tokenizer.eos_ids:
+                    break
+                piece = text.push(token)
+                if piece:
+                    yield piece
+                if text.stopped:
+                    return
+            tail = text.flush()
+            if tail:
+                yield tail
+        finally:
+            close = getattr(tokens, "close", None)
+            if close is not None:
+                close()
 
     def tokens(self, prompt: Sequence[int], sampling: SamplingConfig) -> Iterator[int]:
         """Yield new token ids one by one (EOS included, then stop)."""
@@ -88,30 +98,52 @@ class Generator:
                 f"the prompt has {len(prompt)} tokens; the model's context holds {limit}"
             )
         max_length = min(limit, len(prompt) + sampling.max_new_tokens)
-        stats = self.last_stats = GenerationStats(prompt_tokens=len(prompt))
+        self.last_stats = GenerationStats(prompt_tokens=len(prompt))
         if sampling.max_new_tokens == 0:
             return
-        sampler = Sampler(sampling)
-        context = list(prompt)
         pipeline = self.active = self.open_pipeline(max_length)
+        sent = 0  # tokens of the context already in the pipeline's KV cache
+
+        def forward(context: Sequence[int]) -> torch.Tensor:
+            nonlocal sent
+            ids = torch.tensor([context[sent:]], dtype=torch.long)
+            hidden = pipeline.forward(self.head.embed_tokens(ids), sent)
+            sent = len(context)
+            return hidden[:, -1:]
+
         try:
-            t0 = time.perf_counter()
-            ids = torch.tensor([context], dtype=torch.long)
-            for step in range(max_length - len(prompt)):
-                hidden = pipeline.forward(self.head.embed_tokens(ids), len(context) - ids.shape[1])
-                token = sampler(self.head.logits(hidden[:, -1:])[0, 0], context)
-                now = time.perf_counter()
-                if step == 0:
-                    stats.prefill_seconds = now - t0
-                else:
-                    stats.decode_seconds += now - t0
-                t0 = now
-                stats.new_tokens += 1
-                context.append(token)
-                yield token
-                if token in self.tokenizer.eos_ids:
-                    return
-                ids = torch.tensor([[token]], dtype=torch.long)
+            yield from self.sample(list(prompt), max_length - len(prompt), sampling, forward)
         finally:
             pipeline.close()
             self.active = None
+
+    def sample(
+        self,
+        context: list[int],
+        steps: int,
+        sampling: SamplingConfig,
+        forward: Callable[[Sequence[int]], torch.Tensor],
+    ) -> Iterator[int]:
+        """The decode loop: up to `steps` new tokens, appended to `context` and yielded.
+
+        `forward(context)` runs the tokens of `context` not yet in the KV cache through every
+        layer and returns the last one's hidden state `(1, 1, hidden)`. Times go to
+        `last_stats`, which the caller has just reset.
+        """
+        stats = self.last_stats
+        sampler = Sampler(sampling)
+        t0 = time.perf_counter()
+        for step in range(steps):
+            hidden = forward(context)
+            token = sampler(self.head.logits(hidden)[0, 0], context)
+            now = time.perf_counter()
+            if step == 0:
+                stats.prefill_seconds = now - t0
+            else:
+                stats.decode_seconds += now - t0
+            t0 = now
+            stats.new_tokens += 1
+            context.append(token)
+            yield token
+            if token in self.tokenizer.eos_ids:
+                return
