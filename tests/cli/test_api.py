@@ -10,6 +10,7 @@ import sys
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -87,19 +88,26 @@ def swarm(smollm2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
         yield s
 
 
-@pytest.fixture(scope="module")
-def api_url(smollm2_dir: Path, swarm: LocalSwarm) -> Iterator[str]:
-    peers = [arg for address in swarm.addresses for arg in ("--peer", address)]
-    cmd = [sys.executable, "-m", "layerswarm.cli.api", "--model", str(smollm2_dir), *peers]
-    cmd += ["--host", "127.0.0.1", "--port", "0", "--api-key", KEY]
+@contextmanager
+def open_api(model_dir: Path, peers: list[str], extra: tuple[str, ...] = ()) -> Iterator[str]:
+    """`swarm-api` in front of `peers`, as a subprocess; yields its base URL."""
+    cmd = [sys.executable, "-m", "layerswarm.cli.api", "--model", str(model_dir)]
+    cmd += [arg for address in peers for arg in ("--peer", address)]
+    cmd += ["--host", "127.0.0.1", "--port", "0", *extra]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
     try:
         yield wait_ready(proc)
     finally:
         proc.terminate()
-        assert proc.wait(30) == 0
+        assert proc.wait(30) == 0  # SIGTERM is a clean stop
         assert proc.stdout is not None
         proc.stdout.close()
+
+
+@pytest.fixture(scope="module")
+def api_url(smollm2_dir: Path, swarm: LocalSwarm) -> Iterator[str]:
+    with open_api(smollm2_dir, swarm.addresses, ("--api-key", KEY)) as url:
+        yield url
 
 
 def wait_ready(proc: subprocess.Popen[str], timeout: float = 120.0) -> str:
@@ -198,6 +206,17 @@ def test_bad_requests_get_openai_errors(client: Any, model: str, api_url: str) -
     assert e401.value.body["code"] == "invalid_api_key"
     with pytest.raises(openai.NotFoundError):
         client.get("/nothing-here", cast_to=object)
+
+
+def test_a_missing_span_is_a_503(smollm2_dir: Path, swarm: LocalSwarm, model: str) -> None:
+    first_half = [p.address for p in swarm.peers if p.span == Span(0, 15)]
+    with open_api(smollm2_dir, first_half) as url:
+        client = openai.OpenAI(base_url=url, api_key="unused", max_retries=0)
+        for stream in (False, True):
+            with pytest.raises(openai.InternalServerError) as e:
+                client.chat.completions.create(model=model, messages=FRANCE, stream=stream)
+            assert e.value.status_code == 503
+            assert "no peer serves layers 15-29" in e.value.body["message"]
 
 
 def sessions_opened(peer: PeerProcess) -> int:
