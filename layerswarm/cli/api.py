@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import signal
 import threading
 import time
@@ -37,6 +38,7 @@ from layerswarm.routing.generate import Generator
 from layerswarm.routing.sampling import SamplingConfig
 from layerswarm.routing.text import TextStream
 
+log = logging.getLogger(__name__)
 READY_PREFIX = "LAYERSWARM-API-READY "  # then one line of JSON
 # The flags of swarm-chat that say which model and which swarm; the rest are chat-only.
 SWARM_FLAGS = (
@@ -114,9 +116,11 @@ def generate_sync(
                 reason = "stop"
                 break
             if cancel.is_set():
+                log.info("a client went away; its reply stopped after %d tokens", count)
                 break
     finally:
-        tokens.close()  # closes the pipeline at once, also when the client went away
+        # A generator's close ends the pipeline now, also when the client went away.
+        getattr(tokens, "close", lambda: None)()
     tail = text.flush()
     if tail:
         emit(tail)

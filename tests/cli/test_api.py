@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import select
 import signal
 import subprocess
@@ -89,12 +90,15 @@ def swarm(smollm2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
 
 
 @contextmanager
-def open_api(model_dir: Path, peers: list[str], extra: tuple[str, ...] = ()) -> Iterator[str]:
-    """`swarm-api` in front of `peers`, as a subprocess; yields its base URL."""
+def open_api(
+    model_dir: Path, peers: list[str], extra: tuple[str, ...] = (), log: Path | None = None
+) -> Iterator[str]:
+    """`swarm-api` in front of `peers`, as a subprocess, its log to `log`; yields its base URL."""
     cmd = [sys.executable, "-m", "layerswarm.cli.api", "--model", str(model_dir)]
     cmd += [arg for address in peers for arg in ("--peer", address)]
     cmd += ["--host", "127.0.0.1", "--port", "0", *extra]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+    with open(log or os.devnull, "w") as err:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True)
     try:
         yield wait_ready(proc)
     finally:
@@ -105,8 +109,13 @@ def open_api(model_dir: Path, peers: list[str], extra: tuple[str, ...] = ()) -> 
 
 
 @pytest.fixture(scope="module")
-def api_url(smollm2_dir: Path, swarm: LocalSwarm) -> Iterator[str]:
-    with open_api(smollm2_dir, swarm.addresses, ("--api-key", KEY)) as url:
+def api_log(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("api-log") / "swarm-api.log"
+
+
+@pytest.fixture(scope="module")
+def api_url(smollm2_dir: Path, swarm: LocalSwarm, api_log: Path) -> Iterator[str]:
+    with open_api(smollm2_dir, swarm.addresses, ("--api-key", KEY), api_log) as url:
         yield url
 
 
@@ -206,6 +215,23 @@ def test_bad_requests_get_openai_errors(client: Any, model: str, api_url: str) -
     assert e401.value.body["code"] == "invalid_api_key"
     with pytest.raises(openai.NotFoundError):
         client.get("/nothing-here", cast_to=object)
+
+
+def test_a_client_that_goes_away_stops_its_reply(client: Any, model: str, api_log: Path) -> None:
+    stream = client.completions.create(
+        model=model, prompt="1, 2, 3, 4,", temperature=0, max_tokens=2000, stream=True
+    )
+    for n, _ in enumerate(stream):
+        if n == 5:
+            break
+    stream.close()
+    deadline = time.monotonic() + 10
+    while "a client went away" not in api_log.read_text():
+        assert time.monotonic() < deadline, api_log.read_text()[-2000:]
+        time.sleep(0.1)
+    # The server goes on serving.
+    reply = client.completions.create(model=model, prompt="1, 2, 3,", temperature=0, max_tokens=4)
+    assert reply.choices[0].text.startswith(" 4")
 
 
 def test_a_missing_span_is_a_503(smollm2_dir: Path, swarm: LocalSwarm, model: str) -> None:
