@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from layerswarm.cli.common import (
@@ -21,12 +21,13 @@ from layerswarm.cli.common import (
     run_main,
     setup_logging,
 )
+from layerswarm.cli.repl import Chat, Events
 from layerswarm.routing.generate import Generator
 from layerswarm.routing.local import open_local_generator, parse_dtype
 from layerswarm.routing.sampling import SamplingConfig
 from layerswarm.routing.text import Message
 
-HELP = "commands: /reset (forget the conversation), /system TEXT, /quit"
+HELP = "commands: /route, /stats, /system TEXT, /reset, /save FILE, /help, /quit"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,6 +49,14 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--prompt", help="answer this one prompt, print the reply and exit")
     ap.add_argument("--system", help="a system message to start the conversation with")
     ap.add_argument("--max-new-tokens", type=int, default=256)
+    ap.add_argument(
+        "--max-context",
+        type=int,
+        default=None,
+        metavar="TOKENS",
+        help="the longest conversation, in tokens (default: the model's context); its session "
+        "reserves 2048 tokens at first and reopens larger when outgrown",
+    )
     ap.add_argument("--temperature", type=float, default=0.7)
     ap.add_argument("--top-k", type=int, default=0)
     ap.add_argument("--top-p", type=float, default=0.9)
@@ -101,7 +110,10 @@ def sampling_from(args: argparse.Namespace) -> SamplingConfig:
         raise SystemExit(f"error: {e}") from None
 
 
-def open_generator(args: argparse.Namespace) -> Generator:
+def open_generator(
+    args: argparse.Namespace, on_event: Callable[[str], None] | None = None
+) -> Generator:
+    """The generator `args` ask for; `on_event(text)` hears of reroutes and peers leaving."""
     model_dir = resolve_model_cli(args.model, default_cache_dir())
     if args.local:
         return open_local_generator(model_dir, parse_dtype(args.dtype))
@@ -123,7 +135,7 @@ def open_generator(args: argparse.Namespace) -> Generator:
         swarm_key=swarm_key,
     )
     try:
-        return open_swarm_generator(model_dir, args.peer, config=config)
+        return open_swarm_generator(model_dir, args.peer, config=config, on_event=on_event)
     except PeerUnavailable as e:
         if not lan_only:
             raise
@@ -144,37 +156,6 @@ def show(pieces: Iterable[str]) -> str:
     return "".join(reply)
 
 
-def interactive(gen: Generator, sampling: SamplingConfig, system: str | None) -> None:
-    print(f"chat with the model; {HELP}", file=sys.stderr)
-    messages: list[Message] = [{"role": "system", "content": system}] if system else []
-    while True:
-        try:
-            line = input("> ").strip()
-        except EOFError:
-            return
-        if not line:
-            continue
-        if line in ("/quit", "/exit"):
-            return
-        if line == "/reset":
-            messages = [m for m in messages if m["role"] == "system"]
-            continue
-        if line.startswith("/system "):
-            messages = [{"role": "system", "content": line[8:]}]
-            continue
-        if line.startswith("/"):
-            print(HELP, file=sys.stderr)
-            continue
-        messages.append({"role": "user", "content": line})
-        try:
-            reply = show(gen.chat(messages, sampling))
-        except KeyboardInterrupt:
-            print("\n(stopped)", file=sys.stderr)
-            messages.pop()
-            continue
-        messages.append({"role": "assistant", "content": reply})
-
-
 def main(argv: list[str] | None = None) -> None:
     run_main(_main, argv)
 
@@ -183,14 +164,17 @@ def _main(argv: list[str] | None) -> None:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
     sampling = sampling_from(args)
-    gen = open_generator(args)
+    if args.max_context is not None and args.max_context < 2:
+        raise SystemExit("error: --max-context must be at least 2 tokens")
+    events = Events()
+    gen = open_generator(args, on_event=events)
     if args.prompt is not None:
         messages: list[Message] = (
             [{"role": "system", "content": args.system}] if args.system else []
         )
         show(gen.chat([*messages, {"role": "user", "content": args.prompt}], sampling))
         return
-    interactive(gen, sampling, args.system)
+    Chat(gen, sampling, args.system, args.max_context, events).run()
 
 
 if __name__ == "__main__":
