@@ -80,6 +80,15 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """Our flags, over swarm-chat's defaults for the rest, so `open_generator` finds every
+    attribute it reads even when swarm-chat gains a flag."""
+    from layerswarm.cli.chat import build_parser as chat_parser
+
+    defaults = vars(chat_parser().parse_args([]))
+    return argparse.Namespace(**(defaults | vars(build_parser().parse_args(argv))))
+
+
 # --- generation in a worker thread -------------------------------------------------------------
 
 
@@ -377,7 +386,7 @@ def main(argv: list[str] | None = None) -> None:
 def _main(argv: list[str] | None) -> None:
     from layerswarm.cli.chat import open_generator
 
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     setup_logging(args.verbose)
     config = api_config(args)
     gen = open_generator(args)

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from layerswarm.cli.api import READY_PREFIX
+from layerswarm.cli.api import READY_PREFIX, parse_args
 from layerswarm.cli.api_params import parse_sampling
 from layerswarm.cli.api_server import ApiError
 from layerswarm.peer.launch import LocalSwarm, PeerProcess, start_peers
@@ -76,6 +76,15 @@ def test_bad_request_fields_are_refused_naming_the_field(body: dict[str, Any], p
     with pytest.raises(ApiError) as e:
         parse_sampling(body, prompt_tokens=10, context=100, default_max=None)
     assert e.value.status == 400 and e.value.param == param
+
+
+def test_arguments_keep_swarm_chat_defaults_for_the_rest() -> None:
+    args = parse_args(["--peer", "127.0.0.1:1", "--port", "0", "--api-key", "k"])
+    assert (args.peer, args.port, args.api_key, args.host) == (["127.0.0.1:1"], 0, "k", "127.0.0.1")
+    assert args.local is False and args.mdns_interface is None and args.bootstrap == []
+    assert hasattr(args, "temperature")  # swarm-chat's, for open_generator's sake
+    with pytest.raises(SystemExit):
+        parse_args(["--local", "--peer", "127.0.0.1:1"])
 
 
 # --- the server in front of a swarm --------------------------------------------------------------
