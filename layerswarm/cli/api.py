@@ -225,6 +225,8 @@ class OpenAiRoutes:
         }
 
     def check_model(self, name: object) -> None:
+        if name is None:
+            raise ApiError(400, "you must name the model", param="model")
         if name != self.config.model_id and name not in self.config.aliases:
             raise ApiError(
                 404,

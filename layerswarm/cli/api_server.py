@@ -112,8 +112,8 @@ async def serve_api(
     async def on_connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             await _serve_connection(handler, config, reader, writer)
-        except (ConnectionError, asyncio.IncompleteReadError, TimeoutError):
-            pass
+        except (ConnectionError, asyncio.IncompleteReadError, TimeoutError, ValueError):
+            pass  # the client went away, stalled, or sent a line past the stream's limit
         finally:
             writer.close()
 

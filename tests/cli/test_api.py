@@ -210,6 +210,8 @@ def test_bad_requests_get_openai_errors(client: Any, model: str, api_url: str) -
     with pytest.raises(openai.NotFoundError) as e404:
         client.chat.completions.create(model="no-such-model", messages=FRANCE)
     assert e404.value.body["code"] == "model_not_found"
+    with pytest.raises(openai.BadRequestError):
+        client.post("/chat/completions", body={"messages": FRANCE}, cast_to=object)
     with pytest.raises(openai.BadRequestError) as e400:
         client.chat.completions.create(model=model, messages=FRANCE, temperature=-1)
     assert e400.value.body["param"] == "temperature"
