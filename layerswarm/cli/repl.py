@@ -90,18 +90,25 @@ class Stopped(Exception):
 
 
 def describe_route(route: Route | None, local: bool) -> str:
+    """One line per hop: its layers, its address and its peer ID, shortened."""
     if local:
         return "local: every layer in this process"
     if not route:
         return "no session yet"
-    return " -> ".join(f"{address} ({span})" for address, span in route)
+    return "\n".join(f"  layers {span}: {describe_peer(address)}" for address, span in route)
+
+
+def describe_peer(address: str) -> str:
+    where, _, peer_id = address.partition("/")
+    # As `swarm_client.short` does; importing it would load zeroconf for --local chats too.
+    return f"{where} (peer …{peer_id[-8:]})" if peer_id else where
 
 
 def describe_stats(stats: GenerationStats, route: str) -> str:
     return (
         f"last reply: {stats.new_tokens} tokens, first token after {stats.prefill_seconds:.2f} s, "
         f"{stats.decode_tokens_per_second:.1f} tokens/s; prompt {stats.prompt_tokens} tokens "
-        f"({stats.reused_tokens} already in the session)\nroute: {route}"
+        f"({stats.reused_tokens} already in the session)\nroute:\n{route}"
     )
 
 
@@ -196,8 +203,8 @@ class Chat:
         if route or self.local:
             return describe_route(route, self.local)
         views = self.gen.client.views()  # type: ignore[attr-defined]
-        known = ", ".join(f"{v.address} ({v.span})" for v in views) or "none"
-        return f"no session yet; peers known: {known}"
+        known = "".join(f"\n  layers {v.span}: {describe_peer(v.address)}" for v in views)
+        return f"no session yet; peers known:{known or ' none'}"
 
     def stats(self) -> None:
         if not self.replies:

@@ -99,7 +99,7 @@ class ChatSession:
             except LayerswarmError as e:
                 if attempt:
                     raise
-                log.info("the session broke (%s); replaying the conversation", e)
+                log.debug("the session broke (%s); replaying the conversation", e)
                 self.drop()
                 continue
             self.sent.extend(new)

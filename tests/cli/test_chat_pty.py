@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 
 from layerswarm.peer.launch import even_spans, start_peers
+from layerswarm.shards.config import Span
 
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
@@ -147,6 +148,25 @@ def test_route_lists_both_peers(open_chat, smollm2_dir: Path, tmp_path: Path) ->
         assert "Paris" in chat.ask("What is the capital of France?")
         route = chat.ask("/route")
         for address, span in zip(swarm.addresses, ("0:15", "15:30"), strict=True):
-            assert f"{address} ({span})" in route
+            assert f"layers {span}: {address.split('/')[0]} (peer" in route
+        chat.type("/quit")
+        assert chat.wait_exit() == 0
+
+
+def test_lost_peer_is_one_quiet_line_and_the_reply_comes(
+    open_chat, smollm2_dir: Path, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    spans = [Span(0, 15), Span(15, 30), Span(15, 30)]
+    with start_peers(smollm2_dir, spans, tmp_path) as swarm:
+        peers = [arg for address in swarm.addresses for arg in ("--peer", address)]
+        chat = open_chat("--model", str(smollm2_dir), *peers)
+        assert "banana" in chat.ask("The secret word is 'banana'.")
+        route = chat.ask("/route")
+        used = next(p for p in swarm.peers[1:] if f"15:30: {p.address.split('/')[0]}" in route)
+        used.stop(signal.SIGKILL)  # between turns: the open session has lost a hop
+        reply = chat.ask("What is the secret word?")
+        assert "[rerouted layers 15:30" in reply
+        assert "banana" in reply  # the new hop got the conversation replayed
+        assert "Traceback" not in chat.out and "error:" not in chat.out
         chat.type("/quit")
         assert chat.wait_exit() == 0
