@@ -1,0 +1,181 @@
+"""The public Python API: connect to a swarm (or run locally) and generate text.
+
+    from layerswarm import Client
+
+    client = Client.connect(peers=["127.0.0.1:7000", "127.0.0.1:7001"])  # or bootstrap=, local=
+    print(client.generate("What is the capital of France?", max_new_tokens=32, temperature=0))
+    for piece in client.stream("Tell me a story."):
+        print(piece, end="")
+    chat = client.chat()          # multi-turn; the KV cache stays on the peers between turns
+    print(chat.send("The secret word is banana."))
+    print(chat.send("What is the secret word?"))
+    client.close()
+
+`AsyncClient` offers the same with `await` and `async for`. With no `peers`, `bootstrap` or
+`local`, `connect` finds the swarm on the LAN over mDNS.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import AsyncIterator, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from layerswarm.routing.conversation import ChatSession
+from layerswarm.routing.generate import Generator
+from layerswarm.routing.local import open_local_generator
+from layerswarm.routing.sampling import SamplingConfig
+from layerswarm.routing.swarm_client import ClientConfig, open_swarm_generator
+from layerswarm.routing.text import Message
+from layerswarm.shards.config import parse_dtype
+from layerswarm.shards.registry import resolve_model
+
+
+def _default_cache() -> Path:
+    return Path.home() / ".cache" / "layerswarm"
+
+
+class Conversation:
+    """A multi-turn chat whose session (and KV cache) stays open between turns."""
+
+    def __init__(self, gen: Generator, system: str | None, defaults: dict[str, Any]) -> None:
+        self.messages: list[Message] = [{"role": "system", "content": system}] if system else []
+        self._session = ChatSession(gen)
+        self._defaults = defaults
+
+    def send(self, text: str, **sampling: Any) -> str:
+        """Add a user turn and return the whole reply."""
+        return "".join(self.stream(text, **sampling))
+
+    def stream(self, text: str, **sampling: Any) -> Iterator[str]:
+        """Add a user turn and yield the reply piece by piece."""
+        self.messages.append({"role": "user", "content": text})
+        pieces: list[str] = []
+        config = SamplingConfig(**{**self._defaults, **sampling})
+        for piece in self._session.chat(self.messages, config):
+            pieces.append(piece)
+            yield piece
+        self.messages.append({"role": "assistant", "content": "".join(pieces)})
+
+    def close(self) -> None:
+        self._session.close()
+
+
+class Client:
+    """Text generation on a swarm, or on every layer in this process (`local=True`)."""
+
+    def __init__(self, gen: Generator, defaults: dict[str, Any] | None = None) -> None:
+        self.generator = gen
+        self.defaults = defaults or {}  # SamplingConfig fields used unless a call says otherwise
+
+    @classmethod
+    def connect(
+        cls,
+        model: str = "smollm2-135m",
+        *,
+        peers: Sequence[str] = (),
+        bootstrap: Sequence[str] = (),
+        local: bool = False,
+        swarm_key: bytes | None = None,
+        dtype: str = "float32",
+        cache_dir: Path | None = None,
+        **defaults: Any,
+    ) -> Client:
+        """Resolve the model (fetching the default one if missing) and connect.
+
+        Args:
+            peers: explicit peer addresses `host:port[/PEERID]`.
+            bootstrap: DHT multiaddrs of a swarm elsewhere.
+            local: run every layer in this process instead.
+            defaults: sampling defaults, e.g. `temperature=0, max_new_tokens=64`.
+        """
+        model_dir = resolve_model(model, cache_dir or _default_cache())
+        if local:
+            return cls(open_local_generator(model_dir, parse_dtype(dtype)), defaults)
+        discover = not peers and not bootstrap
+        config = ClientConfig(
+            bootstrap=tuple(bootstrap),
+            swarm_key=swarm_key,
+            mdns_interfaces=() if discover else None,
+        )
+        return cls(open_swarm_generator(model_dir, list(peers), config=config), defaults)
+
+    def _sampling(self, overrides: dict[str, Any]) -> SamplingConfig:
+        return SamplingConfig(**{**self.defaults, **overrides})
+
+    def stream(self, prompt: str, *, chat: bool = True, **sampling: Any) -> Iterator[str]:
+        """Yield the reply to `prompt` piece by piece (`chat=False`: plain continuation)."""
+        config = self._sampling(sampling)
+        if chat:
+            return self.generator.chat([{"role": "user", "content": prompt}], config)
+        return self.generator.stream_ids(self.generator.tokenizer.encode(prompt), config)
+
+    def generate(self, prompt: str, *, chat: bool = True, **sampling: Any) -> str:
+        """The whole reply to `prompt`."""
+        return "".join(self.stream(prompt, chat=chat, **sampling))
+
+    def generate_batch(self, prompts: Sequence[str], **sampling: Any) -> list[str]:
+        """Replies to several prompts, generated at the same time (each its own session)."""
+        with ThreadPoolExecutor(max_workers=max(1, len(prompts))) as pool:
+            return list(pool.map(lambda p: self.generate(p, **sampling), prompts))
+
+    def chat(self, system: str | None = None) -> Conversation:
+        """A multi-turn conversation."""
+        return Conversation(self.generator, system, self.defaults)
+
+    def close(self) -> None:
+        swarm = getattr(self.generator, "client", None)
+        if swarm is not None:
+            swarm.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class AsyncClient:
+    """`Client` for asyncio code: the work runs on a thread, the event loop stays free."""
+
+    def __init__(self, client: Client) -> None:
+        self.sync = client
+
+    @classmethod
+    async def connect(cls, model: str = "smollm2-135m", **kwargs: Any) -> AsyncClient:
+        return cls(await asyncio.to_thread(Client.connect, model, **kwargs))
+
+    async def generate(self, prompt: str, **kwargs: Any) -> str:
+        return await asyncio.to_thread(self.sync.generate, prompt, **kwargs)
+
+    async def generate_batch(self, prompts: Sequence[str], **kwargs: Any) -> list[str]:
+        return list(await asyncio.gather(*(self.generate(p, **kwargs) for p in prompts)))
+
+    async def stream(self, prompt: str, **kwargs: Any) -> AsyncIterator[str]:
+        """Pieces as the worker thread produces them."""
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[tuple[str | None, BaseException | None]] = asyncio.Queue()
+
+        def work() -> None:
+            try:
+                for piece in self.sync.stream(prompt, **kwargs):
+                    loop.call_soon_threadsafe(queue.put_nowait, (piece, None))
+            except BaseException as e:  # handed to the awaiting side, raised there
+                loop.call_soon_threadsafe(queue.put_nowait, (None, e))
+                return
+            loop.call_soon_threadsafe(queue.put_nowait, (None, None))
+
+        threading.Thread(target=work, daemon=True, name="layerswarm-stream").start()
+        while True:
+            piece, error = await queue.get()
+            if error is not None:
+                raise error
+            if piece is None:
+                return
+            yield piece
+
+    async def close(self) -> None:
+        await asyncio.to_thread(self.sync.close)
