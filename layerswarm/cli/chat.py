@@ -117,7 +117,7 @@ def open_generator(
     model_dir = resolve_model_cli(args.model, default_cache_dir())
     if args.local:
         return open_local_generator(model_dir, parse_dtype(args.dtype))
-    from layerswarm.cli.status import read_swarm_key
+    from layerswarm.cli.common import read_swarm_key
     from layerswarm.errors import PeerUnavailable
     from layerswarm.routing.swarm_client import ClientConfig, open_swarm_generator
 

@@ -32,7 +32,7 @@ class ProgressLine:
     def __init__(self, stream=sys.stderr) -> None:  # type: ignore[no-untyped-def]
         self.stream = stream
         self.tty = stream.isatty()
-        self.last = ""
+        self.decile = -1  # the last tenth of the work reported (no terminal)
 
     def __call__(self, message: str, fraction: float | None = None) -> None:
         text = message if fraction is None else f"{message} ({fraction:.0%})"
@@ -40,17 +40,11 @@ class ProgressLine:
             self.stream.write("\r\x1b[2K" + text)
             if fraction is not None and fraction >= 1.0:
                 self.stream.write("\n")
-        elif text != self.last and (
-            fraction is None or fraction >= 1.0 or _step(fraction, self.last)
-        ):
+        elif fraction is None or fraction >= 1.0 or int(fraction * 10) > self.decile:
+            # Without a terminal, a line each 10% keeps logs short.
             self.stream.write(text + "\n")
+            self.decile = -1 if fraction is None or fraction >= 1.0 else int(fraction * 10)
         self.stream.flush()
-        self.last = text
-
-
-def _step(fraction: float, last: str) -> bool:
-    # Without a terminal, print a line each 10% so logs stay short.
-    return int(fraction * 100) % 10 == 0
 
 
 def resolve_model_cli(name_or_path: str, cache_dir: Path) -> Path:
@@ -97,3 +91,37 @@ def run_main(main_fn, argv: list[str] | None = None) -> None:  # type: ignore[no
     except KeyboardInterrupt:
         print(file=sys.stderr)
         raise SystemExit(130) from None
+
+
+def mdns_interfaces(values: list[str] | None, private: bool = False) -> tuple[str, ...] | None:
+    """`--mdns-interface` values: None (the flag not given) means every interface, `none` off.
+
+    In a private swarm (`private`), not given means off: mDNS announcements are not encrypted.
+    """
+    if values is None:
+        return None if private else ()
+    if "none" in values:
+        return None
+    return tuple(values)
+
+
+def read_swarm_key(path: Path) -> bytes:
+    """A private swarm's 32-byte key from `path`: the raw bytes, or 64 hex digits."""
+    from layerswarm.swarm.dht import SWARM_KEY_BYTES
+
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise SystemExit(f"error: --swarm-key: {e}") from None
+    if len(data) == SWARM_KEY_BYTES:
+        return data
+    try:
+        key = bytes.fromhex(data.decode().strip())
+    except ValueError:
+        key = b""
+    if len(key) != SWARM_KEY_BYTES:
+        raise SystemExit(
+            f"error: --swarm-key: {path} holds neither {SWARM_KEY_BYTES} bytes "
+            f"nor {2 * SWARM_KEY_BYTES} hex digits"
+        )
+    return key

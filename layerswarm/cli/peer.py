@@ -31,12 +31,14 @@ from layerswarm.cli.common import (
     ProgressLine,
     default_cache_dir,
     default_config_dir,
+    mdns_interfaces,
+    read_swarm_key,
     resolve_model_cli,
     route_libp2p_logs,
     run_main,
     setup_logging,
 )
-from layerswarm.cli.status import add_status_parser, read_swarm_key, run_status
+from layerswarm.cli.status import add_status_parser, run_status
 from layerswarm.peer.config import PeerConfig
 from layerswarm.peer.server import serve_peer
 from layerswarm.shards.config import DTYPES, Span
@@ -165,18 +167,6 @@ def add_dht_arguments(start: argparse.ArgumentParser) -> None:
         "the DHT and every connection then admit only holders of the same key; turns mDNS off "
         "unless --mdns-interface is given",
     )
-
-
-def mdns_interfaces(values: list[str] | None, private: bool = False) -> tuple[str, ...] | None:
-    """`--mdns-interface` values: None (the flag not given) means every interface, `none` off.
-
-    In a private swarm (`private`), not given means off: mDNS announcements are not encrypted.
-    """
-    if values is None:
-        return None if private else ()
-    if "none" in values:
-        return None
-    return tuple(values)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -24,7 +24,13 @@ from pathlib import Path
 
 from zeroconf import InterfaceChoice
 
-from layerswarm.cli.common import default_cache_dir, resolve_model_cli, setup_logging
+from layerswarm.cli.common import (
+    default_cache_dir,
+    mdns_interfaces,
+    read_swarm_key,
+    resolve_model_cli,
+    setup_logging,
+)
 from layerswarm.swarm.discovery import DhtLookup, RecordSource, dht_key, merged
 from layerswarm.swarm.mdns import MdnsBrowser, MdnsConfig
 from layerswarm.swarm.records import PeerRecord
@@ -232,7 +238,7 @@ def run_status(args: argparse.Namespace) -> None:
         raise SystemExit("error: --bootstrap needs --model (the DHT is searched by model)")
     if args.wait < 0:
         raise SystemExit("error: --wait must be 0 or more seconds")
-    interfaces = _mdns_interfaces(args.mdns_interface)
+    interfaces = mdns_interfaces(args.mdns_interface)
     if interfaces is None and not args.bootstrap:
         raise SystemExit("error: with --mdns-interface none, say where to look with --bootstrap")
     model_hash, num_layers = _model_identity(args.model)
@@ -310,35 +316,6 @@ def _source_ip(multiaddr: str) -> str:
             return str(s.getsockname()[0])
         except OSError:
             return "127.0.0.1"
-
-
-def read_swarm_key(path: Path) -> bytes:
-    """A private swarm's 32-byte key from `path`: the raw bytes, or 64 hex digits."""
-    from layerswarm.swarm.dht import SWARM_KEY_BYTES
-
-    try:
-        data = path.read_bytes()
-    except OSError as e:
-        raise SystemExit(f"error: --swarm-key: {e}") from None
-    if len(data) == SWARM_KEY_BYTES:
-        return data
-    try:
-        key = bytes.fromhex(data.decode().strip())
-    except ValueError:
-        key = b""
-    if len(key) != SWARM_KEY_BYTES:
-        raise SystemExit(
-            f"error: --swarm-key: {path} holds neither {SWARM_KEY_BYTES} bytes "
-            f"nor {2 * SWARM_KEY_BYTES} hex digits"
-        )
-    return key
-
-
-def _mdns_interfaces(values: list[str] | None) -> tuple[str, ...] | None:
-    """As for `swarm-peer start`: not given means every interface (`()`), `none` means off."""
-    if values is None:
-        return ()
-    return None if "none" in values else tuple(values)
 
 
 def _model_identity(model: str | None) -> tuple[str | None, int | None]:
