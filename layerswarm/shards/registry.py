@@ -251,7 +251,13 @@ def pip_download_options() -> list[str]:
         version = "0"
     major_minor = tuple(int(part) for part in re.findall(r"\d+", version)[:2])
     bar = "raw" if major_minor >= (24, 1) else "off"
-    return ["--no-deps", "--only-binary=:all:", "--progress-bar", bar, "--disable-pip-version-check"]
+    return [
+        "--no-deps",
+        "--only-binary=:all:",
+        "--progress-bar",
+        bar,
+        "--disable-pip-version-check",
+    ]
 
 
 class _PipReporter:

@@ -115,7 +115,7 @@ def test_known_name_is_downloaded_and_converted_once(
 
 
 def test_the_installed_pip_accepts_the_download_options() -> None:
-    """The fake pip above accepts anything; the real one refused `--progress-bar raw` before 24.1."""
+    """The fake pip above takes anything; the real one refused `--progress-bar raw` before 24.1."""
     options = registry.pip_download_options()
     cmd = [PYTHON, "-m", "pip", "download", *options, "--help"]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
