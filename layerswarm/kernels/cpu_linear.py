@@ -7,10 +7,18 @@ of the usual `(out, in)` layout at ~11 GB/s and bf16 at ~15 GB/s; the machine st
 - fp32: prepacking is as fast, but sums in another order (logits moved by 2e-4 on SmolLM2).
   Storing the weight transposed, `(in, out)` in memory behind the same `(out, in)` view, makes
   the one-token GEMV 1.8x faster with results equal to the usual layout's, so fp32 gets that.
+- fp32 weights read from 4 KiB pages pay a TLB miss every page: one decode step of SmolLM2
+  streams 536 MB, 130k pages. The transposed weights live in one arena that the kernel backs
+  with 2 MiB pages (`madvise(MADV_HUGEPAGE)`, Linux): SmolLM2 fp32 decode went from 41.7 to
+  38.7 ms a token in one run (span 36.3 -> 34.4 ms, head 5.4 -> 4.3 ms).
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import logging
+import sys
 from typing import TypeVar
 
 import torch
@@ -44,21 +52,62 @@ class PackedLinear(nn.Module):
 
 
 M = TypeVar("M", bound=nn.Module)
+log = logging.getLogger(__name__)
+
+HUGE_PAGE = 2 << 20  # bytes: x86-64's and arm64's transparent huge page
+_MADV_HUGEPAGE = 14  # from <sys/mman.h>
+_ALIGN = 64  # bytes: each weight starts on a cache line
+
+
+def huge_page_arena(nbytes: int) -> torch.Tensor:
+    """`nbytes` of uninitialised CPU memory (uint8), backed by 2 MiB pages where Linux allows.
+
+    The advice is given before anything touches the memory, so the pages are huge from the
+    first fault on, not after khugepaged gets round to them. Elsewhere, plain memory.
+    """
+    buf = torch.empty(nbytes + HUGE_PAGE, dtype=torch.uint8)  # large: mmap'd, not yet touched
+    start = -buf.data_ptr() % HUGE_PAGE
+    arena = buf[start : start + nbytes]
+    length = nbytes - nbytes % HUGE_PAGE
+    if sys.platform == "linux" and length:
+        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+        libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+        if libc.madvise(arena.data_ptr(), length, _MADV_HUGEPAGE) != 0:
+            log.debug("madvise(MADV_HUGEPAGE) refused: errno %d", ctypes.get_errno())
+    return arena
 
 
 def pack_linears(module: M) -> M:
     """Give every CPU `nn.Linear` of `module` its fast layout, in place.
 
-    fp32 weights are stored transposed (still an `nn.Linear`); other dtypes become a
-    `PackedLinear` where oneDNN is available. Weights not on the CPU are left alone. Apply it
-    last: after quantization, which replaces the linears it quantizes.
+    fp32 weights are stored transposed (still an `nn.Linear`), together in one huge-page arena;
+    other dtypes become a `PackedLinear` where oneDNN is available. Weights not on the CPU are
+    left alone. Apply it last: after quantization, which replaces the linears it quantizes.
     """
-    for name, child in list(module.named_children()):
-        if not isinstance(child, nn.Linear) or child.weight.device.type != "cpu":
-            pack_linears(child)
-        elif child.weight.dtype == torch.float32:
-            weight = child.weight.detach().t().contiguous().t()  # (out, in) view, (in, out) memory
-            child.weight = nn.Parameter(weight, requires_grad=False)
-        elif available():
-            setattr(module, name, PackedLinear(child))
+    fp32: list[nn.Linear] = []
+    for parent in list(module.modules()):
+        for name, child in list(parent.named_children()):
+            if not isinstance(child, nn.Linear) or child.weight.device.type != "cpu":
+                continue
+            if child.weight.dtype == torch.float32:
+                fp32.append(child)
+            elif available():
+                setattr(parent, name, PackedLinear(child))
+    _transpose_into_arena(fp32)
     return module
+
+
+def _transpose_into_arena(linears: list[nn.Linear]) -> None:
+    """Each weight becomes an `(out, in)` view of `(in, out)` memory in one shared arena."""
+    sizes = [-(-lin.weight.numel() * 4 // _ALIGN) * _ALIGN for lin in linears]
+    if not sizes:
+        return
+    arena = huge_page_arena(sum(sizes))
+    offset = 0
+    for lin, size in zip(linears, sizes, strict=True):
+        out_features, in_features = lin.weight.shape
+        nbytes = lin.weight.numel() * 4
+        dst = arena[offset : offset + nbytes].view(torch.float32).view(in_features, out_features)
+        dst.copy_(lin.weight.detach().t())
+        lin.weight = nn.Parameter(dst.t(), requires_grad=False)
+        offset += size

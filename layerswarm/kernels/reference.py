@@ -20,6 +20,10 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     Returns:
         `(..., hidden)` in `x.dtype`.
     """
+    if x.dtype == torch.float32 and weight.dtype == torch.float32:
+        # One call, the same bits as the three lines below: 10 us against 15 for one SmolLM2
+        # token, 60 times a decode step.
+        return F.rms_norm(x, x.shape[-1:], weight, eps)
     xf = x.float()
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     return weight * xf.to(x.dtype)
@@ -70,10 +74,10 @@ def prefill_attention(
         `(tokens, q_heads, head_dim)`.
     """
     t = q.shape[0]
-    qh, kh, vh = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)  # (heads, seq, hd)
-    gqa = q.shape[1] != k.shape[1]
     if t == 1:  # one query sees every key: no mask needed
         return _one_query(q[0], k, v, scale)[None]
+    qh, kh, vh = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)  # (heads, seq, hd)
+    gqa = q.shape[1] != k.shape[1]
     if start == 0:
         out = F.scaled_dot_product_attention(
             qh, kh, vh, is_causal=True, scale=scale, enable_gqa=gqa
@@ -124,8 +128,10 @@ def _one_query(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) 
     kv_heads, hd = k.shape[1], k.shape[2]
     # In fp32 whatever the cache's dtype: CPU bf16 matmuls of these tiny shapes took 66 us each
     # (17% of a bf16 decode step); converting the keys and values costs less.
+    # bmm rather than matmul, and the scale applied in place: 31 us against 49 for one SmolLM2
+    # layer at 200 tokens, the same bits (matmul's 3-d dispatch costs more than these products).
     qg = q.float().reshape(kv_heads, -1, hd)  # (kv_heads, group, hd)
-    scores = torch.matmul(qg, k.float().permute(1, 2, 0)) * scale  # (kv_heads, group, n)
+    scores = torch.bmm(qg, k.float().permute(1, 2, 0)).mul_(scale)  # (kv_heads, group, n)
     probs = torch.softmax(scores, dim=-1)
-    out = torch.matmul(probs, v.float().transpose(0, 1))  # (kv_heads, group, hd)
+    out = torch.bmm(probs, v.float().transpose(0, 1))  # (kv_heads, group, hd)
     return out.reshape(q.shape).to(q.dtype)  # (q_heads, hd)

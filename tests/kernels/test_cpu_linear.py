@@ -1,0 +1,51 @@
+"""The CPU weight layouts: same products as `nn.Linear`, fp32 weights transposed in one arena."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+from layerswarm.kernels.cpu_linear import HUGE_PAGE, huge_page_arena, pack_linears
+
+
+def tiny_mlp(dtype: torch.dtype) -> nn.Sequential:
+    torch.manual_seed(0)
+    inner = nn.Sequential(nn.Linear(33, 70, bias=True), nn.SiLU(), nn.Linear(70, 17, bias=False))
+    return nn.Sequential(inner, nn.Linear(17, 5)).to(dtype)
+
+
+def test_fp32_weights_share_one_arena_transposed_with_the_same_products() -> None:
+    model = tiny_mlp(torch.float32)
+    token, tokens = torch.randn(1, 33), torch.randn(3, 33)
+    before = model(token), model(tokens)
+    pack_linears(model)
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    assert len(linears) == 3
+    for lin in linears:
+        out_features = lin.weight.shape[0]
+        assert lin.weight.stride() == (1, out_features)  # (in, out) in memory
+        assert lin.weight.data_ptr() % 64 == 0
+    storages = {lin.weight.untyped_storage().data_ptr() for lin in linears}
+    assert len(storages) == 1  # one arena
+    for x, expected in zip((token, tokens), before, strict=True):
+        torch.testing.assert_close(model(x), expected, rtol=1e-6, atol=1e-6)
+
+
+def test_bf16_linears_are_packed_with_the_same_products() -> None:
+    model = tiny_mlp(torch.bfloat16)
+    x = torch.randn(3, 33, dtype=torch.bfloat16)
+    before = model(x)
+    pack_linears(model)
+    assert torch.equal(model(x), before)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="huge pages are asked for on Linux only")
+def test_the_arena_starts_on_a_huge_page_boundary() -> None:
+    arena = huge_page_arena(3 * HUGE_PAGE + 5)
+    assert arena.numel() == 3 * HUGE_PAGE + 5
+    assert arena.data_ptr() % HUGE_PAGE == 0
+    arena.fill_(7)  # the whole range is writable
+    assert int(arena[-1]) == 7
