@@ -1,3 +1,5 @@
+# mypy: disable-error-code="no-untyped-def, untyped-decorator"
+# (@triton.jit is untyped; kernel parameters are pointers and tl.constexpr, with no annotation.)
 """Triton attention: batched decode over the paged KV cache, and causal prefill of one session.
 
 Decode is flash-decoding: a session's context is cut into splits along the sequence, one

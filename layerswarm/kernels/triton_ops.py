@@ -1,3 +1,5 @@
+# mypy: disable-error-code="no-untyped-def, untyped-decorator"
+# (@triton.jit is untyped; kernel parameters are pointers and tl.constexpr, with no annotation.)
 """Triton kernels for the span math on CUDA, with the signatures of `kernels.reference`.
 
 This module holds RMSNorm (with the fused residual add), RoPE and SwiGLU; the attention

@@ -1,3 +1,5 @@
+# mypy: disable-error-code="no-untyped-def, untyped-decorator"
+# (@triton.jit is untyped; kernel parameters are pointers and tl.constexpr, with no annotation.)
 """Triton weight-only int8/int4 matmuls: a GEMV kernel for decode rows, a GEMM kernel for prefill.
 
 Formats are those of `layerswarm.kernels.quant`. Both kernels dequantize a weight tile in
