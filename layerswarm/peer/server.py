@@ -7,6 +7,7 @@ import json
 import logging
 import signal
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
@@ -29,7 +30,7 @@ from layerswarm.peer.handler import RequestHandler
 from layerswarm.peer.measure import SpeedSample, free_memory_bytes, measure_speed, measure_tflops
 from layerswarm.peer.placement import Server, choose_span, layers_that_fit
 from layerswarm.peer.rebalance import serve_rebalancing
-from layerswarm.peer.sessions import SessionTable
+from layerswarm.peer.sessions import SessionTable, open_compute_thread
 from layerswarm.shards.blocks import SpanModel
 from layerswarm.shards.config import DTYPES, ModelConfig, Span
 from layerswarm.shards.kv_cache import PagedKVCache
@@ -105,10 +106,13 @@ async def serve_peer(
         auto = config.span is None
         span = config.span or await _auto_span(config, model_config, discovery, fingerprint)
         config = replace(config, span=span)
-        model, speed = await asyncio.to_thread(
-            load_peer_model, config, model_config, span, progress
+        loop = asyncio.get_running_loop()
+        compute = stack.enter_context(open_compute_thread())
+        model, speed = await loop.run_in_executor(
+            compute, load_peer_model, config, model_config, span, progress
         )
-        table = SessionTable(model, cache_tokens_for(config, model_config, span), config.max_batch)
+        cache_tokens = cache_tokens_for(config, model_config, span)
+        table = SessionTable(model, cache_tokens, config.max_batch, compute)
         handler = RequestHandler(
             config, table, identity.peer_id, f"{config.model_name}@{fingerprint}"
         )
@@ -137,7 +141,7 @@ async def serve_peer(
             fingerprint,
             model_config.num_layers,
             speed,
-            await asyncio.to_thread(measure_tflops),
+            await loop.run_in_executor(compute, measure_tflops),
         )
         announcers: list[Announcer] = []
         if discovery.mdns is not None:
@@ -162,7 +166,7 @@ async def serve_peer(
             announcers,
             lambda: current_record(config, facts, handler.table),
             lambda: on_ready(line),
-            _rebalancing(config, model_config, handler, discovery, fingerprint, speed)
+            _rebalancing(config, model_config, handler, discovery, fingerprint, speed, compute)
             if auto and config.rebalance_interval > 0 and discovery.others
             else None,
         )
@@ -276,9 +280,13 @@ def _rebalancing(
     discovery: Discovery,
     fingerprint: str,
     speed: SpeedSample,
+    compute: ThreadPoolExecutor,
 ) -> Coroutine[Any, Any, None]:
     async def load(span: Span) -> tuple[SpanModel, int]:
-        model, _ = await asyncio.to_thread(load_peer_model, config, model_config, span, None)
+        loop = asyncio.get_running_loop()
+        model, _ = await loop.run_in_executor(
+            compute, load_peer_model, config, model_config, span, None
+        )
         return model, cache_tokens_for(config, model_config, span)
 
     return serve_rebalancing(

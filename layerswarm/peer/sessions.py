@@ -46,14 +46,22 @@ class _Job:
 class SessionTable:
     """Every open session of one peer, and the compute worker that serves their steps."""
 
-    def __init__(self, model: SpanModel, cache_tokens: int, max_batch: int = 16) -> None:
+    def __init__(
+        self,
+        model: SpanModel,
+        cache_tokens: int,
+        max_batch: int = 16,
+        compute: ThreadPoolExecutor | None = None,
+    ) -> None:
+        """`compute`: the one thread that runs the model (a new one if None); see
+        `open_compute_thread` for why the peer loads and measures its span there too."""
         self.model = model
         self.cache: PagedKVCache = model.new_cache(cache_tokens)
         self.max_batch = max_batch
         self.sessions: dict[tuple[str, str], Session] = {}
         self.dtype = next(model.parameters()).dtype
         self._queue: asyncio.Queue[_Job] = asyncio.Queue()
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix="layerswarm-compute")
+        self._executor = compute or open_compute_thread()
         self._stopping = False
 
     def open(self, owner: str, session_id: str, layers: Span, max_length: int) -> Session:
@@ -208,6 +216,16 @@ class SessionTable:
     def shutdown(self) -> None:
         self._stopping = True
         self._executor.shutdown(wait=True, cancel_futures=True)
+
+
+def open_compute_thread() -> ThreadPoolExecutor:
+    """The thread for a peer's torch work: loading, measuring and serving its span alike.
+
+    OpenMP gives each thread that starts a parallel region a team of its own. With the span
+    loaded and measured on one thread and served on another, a SmolLM2 decode step of 15 layers
+    took 18.7 ms instead of 17.0 on this project's 2-core machine; all on one thread, 17.0.
+    """
+    return ThreadPoolExecutor(1, thread_name_prefix="layerswarm-compute")
 
 
 def _batches(jobs: list[_Job]) -> list[list[_Job]]:
