@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -118,3 +121,19 @@ def test_quantized_peers_serve_a_chat_reply(smollm2_dir: Path, tmp_path: Path) -
         assert "Paris" in reply
         quant = [link.info.extra["quant"] for link in gen.client.links]  # type: ignore[attr-defined]
         assert sorted(quant) == ["int4", "int8"]
+
+
+def test_a_peer_of_another_model_is_named_in_one_line(
+    smollm2_dir: Path, tmp_path: Path, write_tiny_gguf: Any
+) -> None:
+    """`swarm-chat` pointed at a peer that serves another model says so, with no traceback."""
+    write_tiny_gguf(tmp_path / "tiny.gguf", n_layers=2)
+    with start_peers(tmp_path / "tiny.gguf", [Span(0, 2)], tmp_path / "peers") as swarm:
+        chat = [sys.executable, "-m", "layerswarm.cli.chat", "--model", str(smollm2_dir)]
+        chat += ["--peer", swarm.addresses[0], "--prompt", "hi", "--max-new-tokens", "2"]
+        out = subprocess.run(chat, capture_output=True, text=True, timeout=300)
+    assert out.returncode != 0
+    err = out.stderr.strip()
+    assert err.startswith("error: peer ") and "serves another model" in err, err[-3000:]
+    assert "start both with the same --model" in err and "Traceback" not in err
+    assert len(err.splitlines()) == 1, err
