@@ -20,13 +20,12 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     Returns:
         `(..., hidden)` in `x.dtype`.
     """
+    # F.rms_norm gives the same bits as `xf * rsqrt(mean(xf**2) + eps)` written out, in one
+    # call instead of five: for one SmolLM2 token 10 us against 15 in fp32, 60 times a step.
     if x.dtype == torch.float32 and weight.dtype == torch.float32:
-        # One call, the same bits as the three lines below: 10 us against 15 for one SmolLM2
-        # token, 60 times a decode step.
         return F.rms_norm(x, x.shape[-1:], weight, eps)
-    xf = x.float()
-    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * xf.to(x.dtype)
+    normed = F.rms_norm(x.float(), x.shape[-1:], eps=eps)
+    return weight * normed.to(x.dtype)
 
 
 def add_rms_norm(
