@@ -17,7 +17,7 @@ def tiny_mlp(dtype: torch.dtype) -> nn.Sequential:
     return nn.Sequential(inner, nn.Linear(17, 5)).to(dtype)
 
 
-def test_fp32_weights_share_one_arena_transposed_with_the_same_products() -> None:
+def test_fp32_weights_share_one_arena_transposed_where_wider_with_the_same_products() -> None:
     model = tiny_mlp(torch.float32)
     token, tokens = torch.randn(1, 33), torch.randn(3, 33)
     before = model(token), model(tokens)
@@ -25,9 +25,13 @@ def test_fp32_weights_share_one_arena_transposed_with_the_same_products() -> Non
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
     assert len(linears) == 3
     for lin in linears:
-        out_features = lin.weight.shape[0]
-        assert lin.weight.stride() == (1, out_features)  # (in, out) in memory
+        out_features, in_features = lin.weight.shape
+        if in_features <= out_features:
+            assert lin.weight.stride() == (1, out_features)  # (in, out) in memory
+        else:
+            assert lin.weight.stride() == (in_features, 1)  # the usual layout
         assert lin.weight.data_ptr() % 64 == 0
+    assert [lin.weight.stride()[0] for lin in linears] == [1, 70, 17]
     storages = {lin.weight.untyped_storage().data_ptr() for lin in linears}
     assert len(storages) == 1  # one arena
     for x, expected in zip((token, tokens), before, strict=True):
