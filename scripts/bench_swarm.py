@@ -54,6 +54,9 @@ def child(args: argparse.Namespace) -> None:
         gen = open_local_generator(model_dir)
     else:
         gen = open_swarm_generator(model_dir, args.peer, args.child == "plaintext")
+    # Random prompt tokens make SmolLM2 emit EOS after ~20 tokens; every setup decodes exactly
+    # NEW_TOKENS instead, so that each decode rate is taken over the same 63 steps.
+    gen.tokenizer.eos_ids = frozenset()
     prefill, decode = measure(gen, prompt.tolist(), args.repeats)
     print(f"{prefill} {decode}")
 
