@@ -1,7 +1,8 @@
 """Weight layouts that make CPU linears read memory at full speed, for decode and prefill.
 
 Measured on this project's 2-core CPU (SmolLM2 shapes, one token): `F.linear` reads fp32 weights
-of the usual `(out, in)` layout at ~11 GB/s and bf16 at ~15 GB/s; the machine streams ~26 GB/s.
+of the usual `(out, in)` layout at ~11 GB/s and bf16 at ~15 GB/s; the machine streams ~26 GB/s
+with one thread and ~46 with two (a sum over 400 MB), so a GEMV's layout decides its speed.
 - bf16/fp16: oneDNN's prepacked weights run at ~26 GB/s (2.5x for one token, 1.1x for a
   128-token prefill), with bit-identical results.
 - fp32: prepacking is as fast, but sums in another order (logits moved by 2e-4 on SmolLM2).
@@ -86,8 +87,8 @@ def pack_linears(module: M) -> M:
 
     fp32 weights go into one huge-page arena (still `nn.Linear`s), transposed where a layer has
     no more inputs than outputs; other dtypes become a `PackedLinear` where oneDNN is available.
-    Weights not on the CPU are
-    left alone. Apply it last: after quantization, which replaces the linears it quantizes.
+    Weights not on the CPU are left alone. Apply it last: after quantization, which replaces the
+    linears it quantizes.
     """
     fp32: list[nn.Linear] = []
     for parent in list(module.modules()):
