@@ -112,7 +112,7 @@ async def serve_peer(
             compute, load_peer_model, config, model_config, span, progress
         )
         cache_tokens = cache_tokens_for(config, model_config, span)
-        table = SessionTable(model, cache_tokens, config.max_batch, compute)
+        table = SessionTable(model, cache_tokens, config.max_batch, compute, speed.decode_threads)
         handler = RequestHandler(
             config, table, identity.peer_id, f"{config.model_name}@{fingerprint}"
         )
@@ -328,7 +328,7 @@ def load_peer_model(
     speed = measure_speed(model)
     log.info(
         "loaded layers %s of %s (%s, %s weights: %.1f MiB, kernels: %s); one decode step takes "
-        "%.2f ms a layer",
+        "%.2f ms a layer (threads: %s)",
         span,
         config.model_name,
         config.dtype,
@@ -336,6 +336,7 @@ def load_peer_model(
         memory_bytes(model) / 2**20,
         ops_for(next(model.parameters()).device).__name__.rsplit(".", 1)[-1],
         speed.decode_s_per_layer * 1e3,
+        speed.decode_threads or "all",
     )
     return model, speed
 

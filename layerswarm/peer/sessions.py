@@ -52,10 +52,14 @@ class SessionTable:
         cache_tokens: int,
         max_batch: int = 16,
         compute: ThreadPoolExecutor | None = None,
+        decode_threads: int = 0,
     ) -> None:
         """`compute`: the one thread that runs the model (a new one if None); see
-        `open_compute_thread` for why the peer loads and measures its span there too."""
+        `open_compute_thread` for why the peer loads and measures its span there too.
+        `decode_threads`: threads for a decode step of one session (`SpeedSample`); 0: all."""
         self.model = model
+        self.decode_threads = decode_threads
+        self._all_threads = torch.get_num_threads()
         self.cache: PagedKVCache = model.new_cache(cache_tokens)
         self.max_batch = max_batch
         self.sessions: dict[tuple[str, str], Session] = {}
@@ -203,6 +207,11 @@ class SessionTable:
     def _run(self, jobs: Sequence[_Job]) -> torch.Tensor:
         deadline = min(j.deadline for j in jobs)
         hidden = torch.cat([j.hidden for j in jobs])  # (batch, tokens, hidden)
+        one_token_one_session = hidden.shape[0] == 1 and hidden.shape[1] == 1
+        threads = self.decode_threads if one_token_one_session else 0
+        threads = threads or self._all_threads
+        if torch.get_num_threads() != threads:  # this thread's own setting (OpenMP)
+            torch.set_num_threads(threads)
         out: torch.Tensor = self.model(
             hidden,
             [j.start for j in jobs],
