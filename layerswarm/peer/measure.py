@@ -27,9 +27,10 @@ FEWER_THREADS_SLACK = 1.05
 
 
 def measure_speed(model: SpanModel, prompt: int = 64, steps: int = 8) -> SpeedSample:
-    """Time a short prefill, then decode steps on all threads and on one (a fraction of a s).
+    """Time a short prefill, then decode steps on all threads and on one.
 
-    On a CPU with several threads, decode is timed both ways, twice, in turns; one thread is
+    On a CPU with several threads, decode is timed both ways, twice, in turns (4 x `steps`
+    steps: half a second for 15 SmolLM2 layers, a few seconds for a large span); one thread is
     chosen when its best time is within `FEWER_THREADS_SLACK` of all threads' best. Results do
     not depend on it: a step's output is bit-identical on one thread or two. Leaves torch's
     thread count as it found it.
@@ -66,7 +67,7 @@ def measure_speed(model: SpanModel, prompt: int = 64, steps: int = 8) -> SpeedSa
     if len(candidates) > 1 and best[1] <= FEWER_THREADS_SLACK * best[all_threads]:
         chosen = 1
     layers = len(model.span)
-    return SpeedSample(best[chosen] / layers, prompt * layers / prefill_s / layers**2, chosen)
+    return SpeedSample(best[chosen] / layers, prompt / prefill_s / layers, chosen)
 
 
 def measure_tflops(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> float:

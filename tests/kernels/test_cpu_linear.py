@@ -8,7 +8,13 @@ import pytest
 import torch
 from torch import nn
 
-from layerswarm.kernels.cpu_linear import HUGE_PAGE, huge_page_arena, pack_linears
+from layerswarm.kernels.cpu_linear import (
+    HUGE_PAGE,
+    PackedLinear,
+    available,
+    huge_page_arena,
+    pack_linears,
+)
 
 
 def tiny_mlp(dtype: torch.dtype) -> nn.Sequential:
@@ -43,6 +49,8 @@ def test_bf16_linears_are_packed_with_the_same_products() -> None:
     x = torch.randn(3, 33, dtype=torch.bfloat16)
     before = model(x)
     pack_linears(model)
+    packed = [m for m in model.modules() if isinstance(m, PackedLinear)]
+    assert len(packed) == (3 if available() else 0)
     assert torch.equal(model(x), before)
 
 
