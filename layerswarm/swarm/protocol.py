@@ -55,7 +55,9 @@ class ErrorCode:
     """The codes an `ErrorReply` carries (the wire accepts any short code, for newer peers)."""
 
     PROTOCOL = "protocol"  # malformed frame, or a message not allowed here
-    CACHE_FULL = "cache_full"  # no KV-cache room for the session's max_length
+    CACHE_FULL = "cache_full"  # no KV-cache room for a new session, even after waiting
+    SESSION_FULL = "session_full"  # a running session cannot grow here: move it elsewhere
+    BUSY = "busy"  # a limit of this client (sessions, pages) or a full queue: try later
     UNKNOWN_SESSION = "unknown_session"  # no such session, or it expired
     BAD_SPAN = "bad_span"  # the peer does not serve the asked span
     BAD_SHAPE = "bad_shape"  # tensor shape does not fit the model
