@@ -16,10 +16,9 @@ import asyncio
 import json
 import logging
 import signal
-import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,6 +35,7 @@ from layerswarm.errors import (
 )
 from layerswarm.routing.generate import Generator
 from layerswarm.routing.sampling import SamplingConfig
+from layerswarm.routing.session import SwarmBusy
 from layerswarm.routing.text import TextStream
 
 log = logging.getLogger(__name__)
@@ -77,6 +77,15 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument(
         "--max-tokens", type=int, default=None, help="a reply's tokens when a request says none"
     )
+    ap.add_argument(
+        "--max-active", type=int, default=16, help="replies generated at once (default 16)"
+    )
+    ap.add_argument(
+        "--max-waiting",
+        type=int,
+        default=64,
+        help="replies queued beyond those; past that, 429 with Retry-After (default 64)",
+    )
     return ap
 
 
@@ -89,7 +98,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return argparse.Namespace(**(defaults | vars(build_parser().parse_args(argv))))
 
 
-# --- generation in a worker thread -------------------------------------------------------------
+# --- generation on the client's event loop ------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -100,80 +109,94 @@ class Finished:
     reason: str  # "stop" (EOS or a stop string) or "length"
 
 
-def generate_sync(
-    gen: Generator,
-    prompt: list[int],
-    sampling: SamplingConfig,
-    emit: Callable[[str], None],
-    cancel: threading.Event,
-) -> Finished:
-    """Generate a reply, `emit` its text piece by piece; counts tokens itself (`last_stats` is
-    shared by every request on `gen`)."""
-    text = TextStream(gen.tokenizer, sampling.stop)
-    tokens = gen.tokens(prompt, sampling)
-    count, reason = 0, "length"
-    try:
-        for token in tokens:
-            count += 1
-            if token in gen.tokenizer.eos_ids:
-                reason = "stop"
-                break
-            piece = text.push(token)
-            if piece:
-                emit(piece)
-            if text.stopped:
-                reason = "stop"
-                break
-            if cancel.is_set():
-                log.info("a client went away; its reply stopped after %d tokens", count)
-                break
-    finally:
-        # A generator's close ends the pipeline now, also when the client went away.
-        getattr(tokens, "close", lambda: None)()
-    tail = text.flush()
-    if tail:
-        emit(tail)
-    return Finished(count, reason)
-
-
-@dataclass
-class _Failed:
-    error: BaseException
-
-
 async def generate(
     gen: Generator, prompt: list[int], sampling: SamplingConfig
 ) -> AsyncIterator[str | Finished]:
-    """Text pieces, then a `Finished`; the work runs in a thread, the pieces come through a queue.
-
-    Closing the iterator early stops the worker after its current token.
-    """
-    loop = asyncio.get_running_loop()
-    queue: asyncio.Queue[str | Finished | _Failed] = asyncio.Queue()
-    cancel = threading.Event()
-
-    def put(item: str | Finished | _Failed) -> None:
-        if not loop.is_closed():
-            loop.call_soon_threadsafe(queue.put_nowait, item)
-
-    def work() -> None:
-        try:
-            put(generate_sync(gen, prompt, sampling, put, cancel))
-        except Exception as e:
-            put(_Failed(e))
-
-    worker = loop.run_in_executor(None, work)
+    """Text pieces, then a `Finished`. The reply runs on the generator's loop with every other
+    reply (no thread of its own); closing this iterator early ends its session."""
+    pieces = gen.net.iterate(_reply(gen, prompt, sampling))
     try:
-        while True:
-            item = await queue.get()
-            if isinstance(item, _Failed):
-                raise item.error
+        async for item in pieces:
             yield item
-            if isinstance(item, Finished):
-                return
     finally:
-        cancel.set()
-        await asyncio.wait([worker])
+        await pieces.aclose()  # type: ignore[attr-defined]
+
+
+async def _reply(
+    gen: Generator, prompt: list[int], sampling: SamplingConfig
+) -> AsyncIterator[str | Finished]:
+    """`generate` on the generator's loop; counts tokens itself (`last_stats` is shared)."""
+    text = TextStream(gen.tokenizer, sampling.stop)
+    tokens = gen.atokens(prompt, sampling)
+    count, reason, finished = 0, "length", False
+    try:
+        async for token in tokens:
+            count += 1
+            piece, stop = gen.text_piece(text, token)
+            if piece:
+                yield piece
+            if stop:  # EOS (its piece flushed the text) or a stop string
+                reason = "stop"
+                break
+        else:
+            if tail := text.flush():
+                yield tail
+        finished = True
+        yield Finished(count, reason)
+    except GeneratorExit:
+        if not finished:  # closed before its end: the client went away
+            log.info("a client went away; its reply stopped after %d tokens", count)
+        raise
+    finally:
+        await tokens.aclose()
+
+
+class Admission:
+    """At most `max_active` replies at once, `max_waiting` more in a queue; past that, 429.
+
+    The peers batch every reply in flight, so more at once costs each little; the bound keeps
+    a flood of requests from piling sessions onto the swarm, and tells the caller when to come
+    back (the `openai` client retries a 429 on its own, after `Retry-After`).
+    """
+
+    def __init__(self, max_active: int, max_waiting: int) -> None:
+        self.max_waiting = max_waiting
+        self.waiting = 0
+        self._slots = asyncio.Semaphore(max_active)
+
+    async def enter(self) -> None:
+        """Wait for a turn.
+
+        Raises:
+            ApiError: 429 when the queue is full.
+        """
+        if self._slots.locked() and self.waiting >= self.max_waiting:
+            raise ApiError(
+                429,
+                f"the swarm is busy ({self.waiting} replies waiting): retry in a few seconds",
+                code="rate_limit_exceeded",
+                headers={"Retry-After": "2"},
+            )
+        self.waiting += 1
+        try:
+            await self._slots.acquire()
+        finally:
+            self.waiting -= 1
+
+    def leave(self) -> None:
+        self._slots.release()
+
+
+async def admitted(
+    admission: Admission, pieces: AsyncIterator[str | Finished]
+) -> AsyncIterator[str | Finished]:
+    """`pieces`, holding a turn of `admission` (taken already) until they end or are closed."""
+    try:
+        async for item in pieces:
+            yield item
+    finally:
+        admission.leave()
+        await pieces.aclose()  # type: ignore[attr-defined]
 
 
 def as_api_error(e: Exception) -> ApiError:
@@ -182,6 +205,8 @@ def as_api_error(e: Exception) -> ApiError:
         return e
     if isinstance(e, ContextOverflow):
         return ApiError(400, str(e), code="context_length_exceeded")
+    if isinstance(e, SwarmBusy):
+        return ApiError(429, str(e), code="rate_limit_exceeded", headers={"Retry-After": "5"})
     if isinstance(e, NoRouteError | PeerUnavailable):
         return ApiError(503, f"the swarm cannot serve this now: {e}", code="no_route")
     if isinstance(e, ModelFormatError | ValueError):
@@ -201,6 +226,7 @@ class OpenAiRoutes:
         self.gen = gen
         self.config = config
         self.created = int(time.time())
+        self.admission = Admission(config.max_active, config.max_waiting)
 
     async def __call__(self, request: Request) -> Reply:
         route = (request.method, request.path.rstrip("/"))
@@ -251,12 +277,14 @@ class OpenAiRoutes:
                 code="context_length_exceeded",
             )
         shape = ReplyShape(chat, self.config.model_id, len(prompt))
-        pieces = generate(self.gen, prompt, sampling)
+        await self.admission.enter()
+        pieces = admitted(self.admission, generate(self.gen, prompt, sampling))
         if not body.get("stream"):
             return Reply(body=await self.collect(pieces, shape))
         try:  # wait for the first piece, so that a failure to start gets its own status
             first = await anext(pieces)
         except Exception as e:
+            await pieces.aclose()  # type: ignore[attr-defined]
             raise as_api_error(e) from None
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
         return Reply(events=stream_events(first, pieces, shape, include_usage))
@@ -272,6 +300,8 @@ class OpenAiRoutes:
                 text.append(item)
         except Exception as e:
             raise as_api_error(e) from None
+        finally:  # frees the reply's turn at once, not when the iterator is collected
+            await pieces.aclose()  # type: ignore[attr-defined]
         raise ApiError(500, "the reply ended without finishing")
 
 
@@ -360,8 +390,15 @@ def api_config(args: argparse.Namespace) -> ApiConfig:
     key = args.api_key or os.environ.get("LAYERSWARM_API_KEY") or None
     if args.max_tokens is not None and args.max_tokens < 1:
         raise SystemExit("error: --max-tokens must be >= 1")
+    if args.max_active < 1 or args.max_waiting < 0:
+        raise SystemExit("error: --max-active must be >= 1 and --max-waiting >= 0")
     return ApiConfig(
-        model_id=name, aliases=(model,), api_key=key, default_max_tokens=args.max_tokens
+        model_id=name,
+        aliases=(model,),
+        api_key=key,
+        default_max_tokens=args.max_tokens,
+        max_active=args.max_active,
+        max_waiting=args.max_waiting,
     )
 
 

@@ -29,6 +29,8 @@ class ApiConfig:
     max_body_bytes: int = 8 * 2**20  # unit: bytes of a request body at most
     read_timeout: float = 60.0  # unit: s to wait for a request's next line or body
     default_max_tokens: int | None = None  # unit: tokens; None: the rest of the context
+    max_active: int = 16  # unit: replies generated at once; more wait in a queue
+    max_waiting: int = 64  # unit: replies waiting for a turn; past that, 429 with Retry-After
 
 
 class ApiError(Exception):
@@ -41,8 +43,10 @@ class ApiError(Exception):
         param: str | None = None,
         code: str | None = None,
         kind: str | None = None,
+        headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(message)
+        self.headers = headers or {}  # extra HTTP headers, e.g. Retry-After
         self.status = status
         self.message = message
         self.param = param
@@ -140,7 +144,9 @@ async def _serve_connection(
             return
         reply = await _answer(handler, config, request)
         if reply.events is None:
-            await _write_json(writer, reply.status, reply.body or {}, request.keep_alive)
+            await _write_json(
+                writer, reply.status, reply.body or {}, request.keep_alive, reply.headers
+            )
         else:
             await _write_events(writer, reply.events)
         if not request.keep_alive:
@@ -152,7 +158,7 @@ async def _answer(handler: Handler, config: ApiConfig, request: Request) -> Repl
         _check_key(config, request)
         return await handler(request)
     except ApiError as e:
-        return Reply(e.status, e.body())
+        return Reply(e.status, e.body(), headers=e.headers)
     except Exception as e:  # a bug, not the client's fault: say so, keep serving
         log.exception("answering %s %s", request.method, request.path)
         return Reply(500, ApiError(500, f"internal error: {e}").body())
@@ -210,10 +216,14 @@ def _head(status: int, headers: dict[str, str]) -> bytes:
 
 
 async def _write_json(
-    writer: asyncio.StreamWriter, status: int, body: dict[str, Any], keep_alive: bool
+    writer: asyncio.StreamWriter,
+    status: int,
+    body: dict[str, Any],
+    keep_alive: bool,
+    extra: dict[str, str] | None = None,
 ) -> None:
     data = json.dumps(body).encode()
-    headers = {
+    headers = (extra or {}) | {
         "Content-Type": "application/json",
         "Content-Length": str(len(data)),
         "Connection": "keep-alive" if keep_alive else "close",

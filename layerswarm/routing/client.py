@@ -18,9 +18,7 @@
 from __future__ import annotations
 
 import asyncio
-import threading
-from collections.abc import AsyncIterator, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import AsyncIterator, Coroutine, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -106,21 +104,33 @@ class Client:
     def _sampling(self, overrides: dict[str, Any]) -> SamplingConfig:
         return SamplingConfig(**{**self.defaults, **overrides})
 
+    def _prompt(self, prompt: str, chat: bool) -> list[int]:
+        if chat:
+            return self.generator.tokenizer.encode_chat([{"role": "user", "content": prompt}])
+        return self.generator.tokenizer.encode(prompt)
+
     def stream(self, prompt: str, *, chat: bool = True, **sampling: Any) -> Iterator[str]:
         """Yield the reply to `prompt` piece by piece (`chat=False`: plain continuation)."""
-        config = self._sampling(sampling)
-        if chat:
-            return self.generator.chat([{"role": "user", "content": prompt}], config)
-        return self.generator.stream_ids(self.generator.tokenizer.encode(prompt), config)
+        return self.generator.stream_ids(self._prompt(prompt, chat), self._sampling(sampling))
 
     def generate(self, prompt: str, *, chat: bool = True, **sampling: Any) -> str:
         """The whole reply to `prompt`."""
         return "".join(self.stream(prompt, chat=chat, **sampling))
 
-    def generate_batch(self, prompts: Sequence[str], **sampling: Any) -> list[str]:
-        """Replies to several prompts, generated at the same time (each its own session)."""
-        with ThreadPoolExecutor(max_workers=max(1, len(prompts))) as pool:
-            return list(pool.map(lambda p: self.generate(p, **sampling), prompts))
+    def generate_batch(
+        self, prompts: Sequence[str], *, chat: bool = True, **sampling: Any
+    ) -> list[str]:
+        """Replies to several prompts, generated at the same time, each in its own session.
+
+        They all run on the client's one event loop: their steps go out without waiting for
+        each other, so peers batch them and each fills the others' pipeline bubbles.
+        """
+        replies = [self._reply(self._prompt(p, chat), sampling) for p in prompts]
+        return self.generator.net.run(_gather(replies))
+
+    async def _reply(self, ids: list[int], sampling: dict[str, Any]) -> str:
+        """The whole reply to the token ids `ids`; runs on the generator's loop."""
+        return "".join([p async for p in self.generator.astream(ids, self._sampling(sampling))])
 
     def chat(self, system: str | None = None) -> Conversation:
         """A multi-turn conversation."""
@@ -139,7 +149,8 @@ class Client:
 
 
 class AsyncClient:
-    """`Client` for asyncio code: the work runs on a thread, the event loop stays free."""
+    """`Client` for asyncio code: replies run on the client's own event loop, as many as asked,
+    and are awaited from the caller's loop; no thread per request."""
 
     def __init__(self, client: Client) -> None:
         self.sync = client
@@ -148,34 +159,30 @@ class AsyncClient:
     async def connect(cls, model: str = "smollm2-135m", **kwargs: Any) -> AsyncClient:
         return cls(await asyncio.to_thread(Client.connect, model, **kwargs))
 
-    async def generate(self, prompt: str, **kwargs: Any) -> str:
-        return await asyncio.to_thread(self.sync.generate, prompt, **kwargs)
+    async def generate(self, prompt: str, *, chat: bool = True, **sampling: Any) -> str:
+        """The whole reply to `prompt`."""
+        ids = self.sync._prompt(prompt, chat)
+        return await self.sync.generator.net.call(self.sync._reply(ids, sampling))
 
     async def generate_batch(self, prompts: Sequence[str], **kwargs: Any) -> list[str]:
         return list(await asyncio.gather(*(self.generate(p, **kwargs) for p in prompts)))
 
-    async def stream(self, prompt: str, **kwargs: Any) -> AsyncIterator[str]:
-        """Pieces as the worker thread produces them."""
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[tuple[str | None, BaseException | None]] = asyncio.Queue()
-
-        def work() -> None:
-            try:
-                for piece in self.sync.stream(prompt, **kwargs):
-                    loop.call_soon_threadsafe(queue.put_nowait, (piece, None))
-            except BaseException as e:  # handed to the awaiting side, raised there
-                loop.call_soon_threadsafe(queue.put_nowait, (None, e))
-                return
-            loop.call_soon_threadsafe(queue.put_nowait, (None, None))
-
-        threading.Thread(target=work, daemon=True, name="layerswarm-stream").start()
-        while True:
-            piece, error = await queue.get()
-            if error is not None:
-                raise error
-            if piece is None:
-                return
-            yield piece
+    async def stream(
+        self, prompt: str, *, chat: bool = True, **sampling: Any
+    ) -> AsyncIterator[str]:
+        """The reply to `prompt`, piece by piece as it is generated."""
+        gen = self.sync.generator
+        ids = self.sync._prompt(prompt, chat)
+        pieces = gen.net.iterate(gen.astream(ids, self.sync._sampling(sampling)))
+        try:
+            async for piece in pieces:
+                yield piece
+        finally:
+            await pieces.aclose()  # type: ignore[attr-defined]
 
     async def close(self) -> None:
         await asyncio.to_thread(self.sync.close)
+
+
+async def _gather(replies: Sequence[Coroutine[Any, Any, str]]) -> list[str]:
+    return list(await asyncio.gather(*replies))

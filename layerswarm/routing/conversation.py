@@ -93,7 +93,9 @@ class ChatSession:
             new = list(context[len(self.sent) :])
             ids = torch.tensor([new], dtype=torch.long)
             try:
-                hidden = self.pipeline.forward(self.gen.head.embed_tokens(ids), len(self.sent))
+                hidden = self.gen.net.run(
+                    self.pipeline.aforward(self.gen.head.embed_tokens(ids), len(self.sent))
+                )
             except ContextOverflow:
                 raise
             except LayerswarmError as e:
@@ -114,7 +116,7 @@ class ChatSession:
         self.drop()
         if needed > self.length:
             self.length = min(max(FIRST_RESERVE, self.length * 2, needed), self.max_context)
-        self.pipeline = self.gen.active = self.gen.open_pipeline(self.length)
+        self.pipeline = self.gen.active = self.gen.net.run(self.gen.open_pipeline(self.length))
         self.opened += 1
 
     def drop(self) -> None:
@@ -125,7 +127,7 @@ class ChatSession:
             self.gen.active = None
         if pipeline is not None:
             try:
-                pipeline.close()
+                self.gen.net.run(pipeline.aclose())
             except LayerswarmError as e:  # the session is gone either way
                 log.debug("closing a chat session: %s", e)
 

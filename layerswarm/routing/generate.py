@@ -6,30 +6,33 @@ a chain of peers (the swarm client) looks the same to it.
 
 from __future__ import annotations
 
+import asyncio
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 
 from layerswarm.errors import ContextOverflow
+from layerswarm.routing.loop import BackgroundLoop
 from layerswarm.routing.sampling import Sampler, SamplingConfig
 from layerswarm.routing.text import ChatTokenizer, Message, TextStream
 from layerswarm.shards.blocks import ClientHead
 
 
 class Pipeline(Protocol):
-    """All of a model's layers for one session, wherever they run."""
+    """All of a model's layers for one session, wherever they run; used on the client's loop."""
 
-    def forward(self, hidden: torch.Tensor, start: int) -> torch.Tensor:
+    async def aforward(self, hidden: torch.Tensor, start: int) -> torch.Tensor:
         """`hidden (1, tokens, hidden)` at positions `start ..` -> same shape, after all layers."""
         ...
 
-    def close(self) -> None: ...
+    async def aclose(self) -> None: ...
 
 
-OpenPipeline = Callable[[int], Pipeline]  # max_length -> a pipeline with room for it
+OpenPipeline = Callable[[int], Awaitable[Pipeline]]  # max_length -> a pipeline with room for it
 
 
 @dataclass
@@ -49,16 +52,28 @@ class GenerationStats:
 
 
 class Generator:
-    """Generate text with a client head, a tokenizer and a way to open pipelines."""
+    """Generate text with a client head, a tokenizer and a way to open pipelines.
+
+    Every reply runs on one event loop (`net`), however many are in flight: a reply waits on
+    the network, not on a thread of its own. The head's work (embedding, logits, sampling) runs
+    on one compute thread (`compute`), so the loop stays free to move other replies' steps.
+    """
 
     def __init__(
-        self, head: ClientHead, tokenizer: ChatTokenizer, open_pipeline: OpenPipeline
+        self,
+        head: ClientHead,
+        tokenizer: ChatTokenizer,
+        open_pipeline: OpenPipeline,
+        net: BackgroundLoop | None = None,
+        compute: Executor | None = None,
     ) -> None:
         self.head = head
         self.tokenizer = tokenizer
-        self.open_pipeline = open_pipeline
+        self.open_pipeline = open_pipeline  # a coroutine function, run on `net`
+        self.net = net or BackgroundLoop()
+        self.compute = compute or ThreadPoolExecutor(1, thread_name_prefix="layerswarm-head")
         self.last_stats = GenerationStats()
-        self.active: Pipeline | None = None  # the pipeline of the reply being generated
+        self.active: Pipeline | None = None  # the pipeline of the reply begun last
 
     def chat(self, messages: Sequence[Message], sampling: SamplingConfig) -> Iterator[str]:
         """Stream the reply to a conversation, piece by piece."""
@@ -73,23 +88,58 @@ class Generator:
         text = TextStream(self.tokenizer, sampling.stop)
         try:
             for token in tokens:
-                if token in self.tokenizer.eos_ids:
-                    break
-                piece = text.push(token)
+                piece, done = self.text_piece(text, token)
                 if piece:
                     yield piece
-                if text.stopped:
+                if done:
                     return
-            tail = text.flush()
-            if tail:
+            if tail := text.flush():
                 yield tail
         finally:
             close = getattr(tokens, "close", None)
             if close is not None:
                 close()
 
+    async def astream(self, prompt: Sequence[int], sampling: SamplingConfig) -> AsyncIterator[str]:
+        """`stream_ids` for the client's loop: text pieces of the reply to the ids `prompt`."""
+        text = TextStream(self.tokenizer, sampling.stop)
+        tokens = self.atokens(prompt, sampling)
+        try:
+            async for token in tokens:
+                piece, done = self.text_piece(text, token)
+                if piece:
+                    yield piece
+                if done:
+                    return
+            if tail := text.flush():
+                yield tail
+        finally:
+            await tokens.aclose()
+
+    def text_piece(self, text: TextStream, token: int) -> tuple[str, bool]:
+        """The text a new token adds, and whether the reply ends (EOS or a stop string)."""
+        if token in self.tokenizer.eos_ids:
+            return text.flush(), True
+        piece = text.push(token)
+        return piece, text.stopped
+
     def tokens(self, prompt: Sequence[int], sampling: SamplingConfig) -> Iterator[int]:
-        """Yield new token ids one by one (EOS included, then stop)."""
+        """Yield new token ids one by one (EOS included, then stop); `atokens` for sync code."""
+        replies = self.atokens(prompt, sampling)
+        try:
+            while True:
+                try:
+                    token = self.net.run(anext(replies))
+                except StopAsyncIteration:
+                    return
+                yield token
+        finally:
+            self.net.run(replies.aclose())
+
+    async def atokens(
+        self, prompt: Sequence[int], sampling: SamplingConfig
+    ) -> AsyncGenerator[int, None]:
+        """Yield new token ids one by one (EOS included, then stop). Runs on `net`'s loop."""
         limit = self.head.config.max_position_embeddings
         if not prompt:
             raise ValueError("the prompt is empty")
@@ -97,25 +147,39 @@ class Generator:
             raise ContextOverflow(
                 f"the prompt has {len(prompt)} tokens; the model's context holds {limit}"
             )
+        # An upper bound, not a reservation: peers take KV-cache pages as the session grows.
         max_length = min(limit, len(prompt) + sampling.max_new_tokens)
-        self.last_stats = GenerationStats(prompt_tokens=len(prompt))
+        stats = self.last_stats = GenerationStats(prompt_tokens=len(prompt))
         if sampling.max_new_tokens == 0:
             return
-        pipeline = self.active = self.open_pipeline(max_length)
-        sent = 0  # tokens of the context already in the pipeline's KV cache
-
-        def forward(context: Sequence[int]) -> torch.Tensor:
-            nonlocal sent
-            ids = torch.tensor([context[sent:]], dtype=torch.long)
-            hidden = pipeline.forward(self.head.embed_tokens(ids), sent)
-            sent = len(context)
-            return hidden[:, -1:]
-
+        loop = asyncio.get_running_loop()
+        pipeline = self.active = await self.open_pipeline(max_length)
+        sampler = Sampler(sampling)
+        context, sent = list(prompt), 0
         try:
-            yield from self.sample(list(prompt), max_length - len(prompt), sampling, forward)
+            t0 = time.perf_counter()
+            for step in range(max_length - len(prompt)):
+                hidden = await loop.run_in_executor(self.compute, self._embed, context[sent:])
+                hidden = await pipeline.aforward(hidden, sent)
+                sent = len(context)
+                token = await loop.run_in_executor(
+                    self.compute, self._pick, sampler, hidden[:, -1:], context
+                )
+                t0 = _count(stats, step, t0)
+                context.append(token)
+                yield token
+                if token in self.tokenizer.eos_ids:
+                    return
         finally:
-            pipeline.close()
-            self.active = None
+            if self.active is pipeline:
+                self.active = None
+            await pipeline.aclose()
+
+    def _embed(self, ids: Sequence[int]) -> torch.Tensor:
+        return self.head.embed_tokens(torch.tensor([list(ids)], dtype=torch.long))
+
+    def _pick(self, sampler: Sampler, hidden: torch.Tensor, context: Sequence[int]) -> int:
+        return sampler(self.head.logits(hidden)[0, 0], context)
 
     def sample(
         self,
@@ -135,15 +199,20 @@ class Generator:
         t0 = time.perf_counter()
         for step in range(steps):
             hidden = forward(context)
-            token = sampler(self.head.logits(hidden)[0, 0], context)
-            now = time.perf_counter()
-            if step == 0:
-                stats.prefill_seconds = now - t0
-            else:
-                stats.decode_seconds += now - t0
-            t0 = now
-            stats.new_tokens += 1
+            token = self._pick(sampler, hidden, context)
+            t0 = _count(stats, step, t0)
             context.append(token)
             yield token
             if token in self.tokenizer.eos_ids:
                 return
+
+
+def _count(stats: GenerationStats, step: int, t0: float) -> float:
+    """Add a token that took since `t0` to `stats`; returns now."""
+    now = time.perf_counter()
+    if step == 0:
+        stats.prefill_seconds = now - t0
+    else:
+        stats.decode_seconds += now - t0
+    stats.new_tokens += 1
+    return now

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+from concurrent.futures import Executor, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -20,8 +22,9 @@ __all__ = ["LocalPipeline", "open_local_generator", "parse_dtype"]
 class LocalPipeline:
     """A session over a whole model held in this process, with its own KV cache."""
 
-    def __init__(self, model: SpanModel, max_length: int) -> None:
+    def __init__(self, model: SpanModel, max_length: int, compute: Executor) -> None:
         self.model = model
+        self.compute = compute
         self.cache: PagedKVCache = model.new_cache(max_length)
         self.session = self.cache.allocate(max_length)
 
@@ -29,7 +32,11 @@ class LocalPipeline:
         out: torch.Tensor = self.model(hidden, [start], self.cache, [self.session])
         return out
 
-    def close(self) -> None:
+    async def aforward(self, hidden: torch.Tensor, start: int) -> torch.Tensor:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.compute, self.forward, hidden, start)
+
+    async def aclose(self) -> None:
         self.cache.free(self.session)
 
 
@@ -43,8 +50,10 @@ def open_local_generator(
     model = pack_linears(
         load_span(model_dir, Span(0, config.num_layers), dtype, config, progress=progress)
     )
+    compute = ThreadPoolExecutor(1, thread_name_prefix="layerswarm-compute")
 
-    def open_pipeline(max_length: int) -> Pipeline:
-        return LocalPipeline(model, max_length)
+    async def open_pipeline(max_length: int) -> Pipeline:
+        return LocalPipeline(model, max_length, compute)
 
-    return Generator(head, tokenizer, open_pipeline)
+    # The head and the layers share one compute thread: two OpenMP teams only fight.
+    return Generator(head, tokenizer, open_pipeline, compute=compute)

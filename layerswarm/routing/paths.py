@@ -120,13 +120,19 @@ class BanList:
     """Peers to leave out for a while; a peer that fails again is left out for longer."""
 
     base_seconds: float = 2.0  # unit: s of the first ban
-    max_seconds: float = 300.0  # unit: s, the longest ban
+    max_seconds: float = 60.0  # unit: s, the longest ban
     _until: dict[str, float] = field(default_factory=dict)
     _strikes: dict[str, int] = field(default_factory=dict)
 
     def ban(self, peer_id: str, now: float | None = None) -> float:
-        """Ban a peer; returns for how many seconds."""
+        """Ban a peer for a failure; returns for how many seconds.
+
+        A peer already banned gets no new strike: the sessions that saw one failure of it (a
+        crash fails every session in flight) count it once.
+        """
         now = time.monotonic() if now is None else now
+        if self._until.get(peer_id, 0.0) > now:
+            return self._until[peer_id] - now
         strikes = self._strikes.get(peer_id, 0) + 1
         self._strikes[peer_id] = strikes
         seconds = min(self.base_seconds * 2.0 ** (strikes - 1), self.max_seconds)
@@ -140,6 +146,11 @@ class BanList:
     def lift(self, peer_id: str) -> None:
         """End a peer's ban now (it came back), but remember its strikes."""
         self._until.pop(peer_id, None)
+
+    def succeeded(self, peer_id: str) -> None:
+        """A peer served a step: it starts over with a short ban if it fails again."""
+        if peer_id in self._strikes or peer_id in self._until:
+            self.forgive(peer_id)
 
     def forgive(self, peer_id: str) -> None:
         """A peer that served well again starts over with a short ban next time."""

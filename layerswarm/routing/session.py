@@ -1,11 +1,19 @@
 """One inference session across the hops of a path, and failover when a hop fails.
 
 The client keeps every input it sent into each hop. When a hop fails (its connection breaks,
-it answers with an error, its step runs past a timeout derived from its measured speed, or it
-says Goodbye) the peer is banned for a while, a new path is chosen for that hop's span only,
-the kept inputs are replayed to the new hop(s) in the same chunks as the original steps (so
-their KV cache is built by the very same computation), and the step carries on. Retries and
-bans live here and nowhere else: transports raise, they do not retry.
+it answers with an error, or it stops answering at all) the peer is banned for a while, a new
+path is chosen for that hop's span only, the kept inputs are replayed to the new hop(s), and
+the step carries on. Retries and bans live here and nowhere else: transports raise, they do
+not retry.
+
+What is a failure and what is not:
+- A broken connection, a malformed reply, an internal error, or silence: a failure. The peer is
+  banned (once per failure, however many sessions saw it) and the session moves.
+- "Cache full", "session full", "busy", "shutting down": the peer is popular, not broken. No
+  ban; the session tries another replica, and when none has room it waits for one.
+- A step that runs long: the client asks the peer (a cheap Info request the peer answers off
+  its compute thread) whether it still has work queued. A peer that answers and is busy is
+  given more time; one that does not answer has failed.
 """
 
 from __future__ import annotations
@@ -14,15 +22,24 @@ import asyncio
 import logging
 import time
 import uuid
-from dataclasses import dataclass
+from collections.abc import Collection
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
 
 from layerswarm.errors import LayerswarmError, NoRouteError, PeerUnavailable, RemoteError
-from layerswarm.routing.paths import PeerView, choose_path
+from layerswarm.routing.paths import PathHop, PeerView, choose_path, missing_layers
 from layerswarm.shards.config import Span
-from layerswarm.swarm.protocol import CloseSession, ErrorCode, OpenSession, Step, StepResult
+from layerswarm.swarm.protocol import (
+    CloseSession,
+    ErrorCode,
+    InfoReply,
+    InfoRequest,
+    OpenSession,
+    Step,
+    StepResult,
+)
 from layerswarm.swarm.transport import Connection
 
 if TYPE_CHECKING:
@@ -30,14 +47,21 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# Errors after which another replica may well succeed; others are the client's own fault.
-RETRYABLE_CODES = {
+# Errors that say the peer is alive but cannot take this session now: move it, never ban.
+NOT_A_FAULT = {
     ErrorCode.CACHE_FULL,
+    ErrorCode.SESSION_FULL,
+    ErrorCode.BUSY,
     ErrorCode.SHUTTING_DOWN,
-    ErrorCode.TIMEOUT,
-    ErrorCode.UNKNOWN_SESSION,
-    ErrorCode.INTERNAL,
+    ErrorCode.TIMEOUT,  # the peer gave up on its own queue: busy, not broken
+    ErrorCode.UNKNOWN_SESSION,  # expired or dropped (a rebalance): rebuild it
 }
+# Errors after which another replica may well succeed, though this peer failed.
+FAULTS = {ErrorCode.INTERNAL}
+
+
+class SwarmBusy(LayerswarmError):
+    """Every peer that serves some layers is full or busy; try again in a while."""
 
 
 def host(address: str) -> str:
@@ -46,11 +70,15 @@ def host(address: str) -> str:
 
 
 class HopFailed(LayerswarmError):
-    """A hop could not run a step; the session reroutes around it."""
+    """A hop could not run a step; the session reroutes around it.
 
-    def __init__(self, peer_id: str, reason: str) -> None:
+    `fault`: the peer failed (ban it); False: it is only full or busy (avoid it, no ban).
+    """
+
+    def __init__(self, peer_id: str, reason: str, fault: bool = True) -> None:
         super().__init__(reason)
         self.peer_id = peer_id
+        self.fault = fault
 
 
 @dataclass
@@ -58,15 +86,17 @@ class ActiveHop:
     view: PeerView
     span: Span
     conn: Connection
+    # This hop's own session ID: a retried open never reuses one that another hop holds.
+    session_id: str = field(default_factory=lambda: uuid.uuid4().hex)
 
 
 class RemoteSession:
-    """A `Pipeline` whose layers run on peers; survives peers that fail or leave."""
+    """A `Pipeline` whose layers run on peers; survives peers that fail, leave or fill up."""
 
     def __init__(self, client: SwarmClient, max_length: int) -> None:
         self.client = client
+        self.config = client.config
         self.max_length = max_length
-        self.session_id = uuid.uuid4().hex
         self.hops: list[ActiveHop] = []
         # Inputs sent into the layer boundary `b`: every (start, hidden) in order.
         self.history: dict[int, list[tuple[int, torch.Tensor]]] = {}
@@ -77,100 +107,186 @@ class RemoteSession:
         return [(h.view.address, h.span) for h in self.hops]
 
     async def open(self) -> None:
-        span = Span(0, self.client.model_config.num_layers)
-        if time.monotonic() - self.client.last_refresh > self.client.config.refresh_interval:
+        if time.monotonic() - self.client.last_refresh > self.config.refresh_interval:
             # Peers that joined since are used by new sessions; loads are fresh for spreading.
             await self.client.refresh()
-        try:
-            self.hops = await self._open_path(span)
-        except NoRouteError:
-            await self.client.refresh()  # peers may have come back
-            self.hops = await self._open_path(span)
+        self.hops = await self._open_path(Span(0, self.client.model_config.num_layers), set())
 
-    async def _open_path(self, span: Span) -> list[ActiveHop]:
-        """Choose a path for `span` and open the session on each hop, avoiding peers that fail."""
-        for _ in range(self.client.config.max_reroutes):
-            path = choose_path(
-                self.client.views(), span, self.client.bans.banned(), self.client.rng
-            )
+    async def _open_path(self, span: Span, avoid: set[str]) -> list[ActiveHop]:
+        """Choose a path for `span` and open the session on each hop.
+
+        Peers that fail are banned; peers that are full or busy are avoided (`avoid` grows).
+        Hops opened before a later one failed are closed, so no reservation leaks.
+        """
+        for _ in range(self.config.max_reroutes):
+            path = await self._choose(span, avoid)
             views = {v.peer_id: v for v in self.client.views()}
             hops = [
                 ActiveHop(views[h.peer_id], h.span, self.client.connection(h.peer_id)) for h in path
             ]
+            opened: list[ActiveHop] = []
             try:
                 for hop in hops:
-                    await self._request(
-                        hop,
-                        OpenSession(self.session_id, hop.span.start, hop.span.end, self.max_length),
-                        self.client.config.request_timeout,
+                    opening = OpenSession(
+                        hop.session_id, hop.span.start, hop.span.end, self.max_length
                     )
+                    await self._request(hop, opening, self.config.request_timeout)
+                    opened.append(hop)
                 return hops
             except HopFailed as e:
-                self._ban(e)
+                self._failed(e, avoid)
+                await self._close_hops(opened)
         raise LayerswarmError(f"could not open a session on layers {span}: too many failures")
 
-    def forward(self, hidden: torch.Tensor, start: int) -> torch.Tensor:
-        return self.client.net.run(self._forward(hidden, start))
+    async def _choose(self, span: Span, avoid: set[str]) -> list[PathHop]:
+        """A path for `span`, trying harder as usable peers run out.
 
-    async def _forward(self, hidden: torch.Tensor, start: int) -> torch.Tensor:
+        In turn: the peers neither banned nor avoided; the same after re-dialling every known
+        peer (one that answers again, restarted or rediscovered, is no longer banned); banned
+        peers too, as a last resort. When only full or busy peers serve some layers, wait for
+        room (`busy_wait_timeout`), asking them again now and then.
+
+        Raises:
+            NoRouteError: no known peer serves some layers, even after re-dialling.
+            SwarmBusy: the peers that serve some layers stayed full or busy.
+        """
+        waited_until = time.monotonic() + self.config.busy_wait_timeout
+        pause = 0.05
+        while True:
+            path = self._path(span, self.client.bans.banned() | avoid)
+            if path is None:
+                await self._redial()
+                path = self._path(span, self.client.bans.banned() | avoid) or self._path(
+                    span, avoid
+                )
+            if path is not None:
+                return path
+            if missing := missing_layers(self.client.views(), span):
+                raise NoRouteError(missing)
+            if time.monotonic() + pause > waited_until:
+                raise SwarmBusy(
+                    f"the peers serving layers {span} stayed full or busy for "
+                    f"{self.config.busy_wait_timeout:g} s: try again later"
+                )
+            await asyncio.sleep(pause)  # popular peers: wait for room, then ask them all again
+            pause = min(pause * 2, 1.0)
+            avoid.clear()
+
+    def _path(self, span: Span, leave_out: Collection[str]) -> list[PathHop] | None:
+        try:
+            return choose_path(self.client.views(), span, leave_out, self.client.rng)
+        except NoRouteError:
+            return None
+
+    async def _redial(self) -> None:
+        try:
+            await self.client.refresh()
+        except LayerswarmError as e:  # nobody answered: the route search says which layers
+            log.debug("refresh during failover: %s", e)
+
+    def forward(self, hidden: torch.Tensor, start: int) -> torch.Tensor:
+        """`aforward` for synchronous callers."""
+        return self.client.net.run(self.aforward(hidden, start))
+
+    async def aforward(self, hidden: torch.Tensor, start: int) -> torch.Tensor:
         i = 0
         while i < len(self.hops):
             self.history.setdefault(self.hops[i].span.start, []).append((start, hidden))
-            for attempt in range(self.client.config.max_reroutes + 1):
+            for attempt in range(self.config.max_reroutes + 1):
                 hop = self.hops[i]
                 try:
                     if self.client.is_leaving(hop.view.peer_id):
-                        raise HopFailed(hop.view.peer_id, "the peer is leaving")
+                        raise HopFailed(hop.view.peer_id, "the peer is leaving", fault=False)
                     hidden = await self._step(hop, hidden, start)
+                    self.client.bans.succeeded(hop.view.peer_id)
                     break
                 except HopFailed as e:
-                    if attempt == self.client.config.max_reroutes:
+                    if attempt == self.config.max_reroutes:
                         raise
-                    self._ban(e)
-                    await self._replace(i)
+                    avoid: set[str] = set()
+                    self._failed(e, avoid)
+                    await self._replace(i, avoid)
             i += 1
         return hidden
 
     async def _step(self, hop: ActiveHop, hidden: torch.Tensor, start: int) -> torch.Tensor:
         tokens = hidden.shape[1]
         expected = len(hop.span) * hop.view.seconds_per_layer * tokens + hop.view.rtt
-        timeout = self.client.config.step_timeout_floor + (
-            self.client.config.step_timeout_factor * expected
-        )
-        reply = await self._request(hop, Step(self.session_id, hidden, start), timeout)
+        patience = self.config.step_timeout_floor + self.config.step_timeout_factor * expected
+        reply = await self._request(hop, Step(hop.session_id, hidden, start), patience, probe=True)
         if not isinstance(reply, StepResult) or reply.hidden.shape != hidden.shape:
             raise HopFailed(hop.view.peer_id, f"peer {hop.view.address} sent a malformed result")
         return reply.hidden
 
-    async def _request(self, hop: ActiveHop, msg: object, timeout: float) -> object:
-        """One request to a hop; failures another peer could avoid become HopFailed."""
+    async def _request(
+        self, hop: ActiveHop, msg: object, patience: float, probe: bool = False
+    ) -> object:
+        """One request to a hop; failures another peer could avoid become HopFailed.
+
+        With `probe`, a reply slower than `patience` is not yet a failure: the peer is asked
+        whether it still has work queued, and while it answers that it has, the wait goes on
+        (up to `max_step_wait`). A busy peer is slow; only a silent one has failed.
+        """
+        request = asyncio.ensure_future(
+            hop.conn.request(msg, self.config.max_step_wait if probe else patience)  # type: ignore[arg-type]
+        )
         try:
-            return await asyncio.wait_for(hop.conn.request(msg, timeout), timeout + 1.0)  # type: ignore[arg-type]
-        except (PeerUnavailable, asyncio.TimeoutError) as e:
-            raise HopFailed(hop.view.peer_id, str(e) or "no reply in time") from None
+            while True:
+                done, _ = await asyncio.wait({request}, timeout=patience + (0 if probe else 1.0))
+                if done:
+                    return request.result()
+                if not probe or not await self._still_busy(hop):
+                    raise HopFailed(hop.view.peer_id, f"no reply from {hop.view.address} in time")
+        except PeerUnavailable as e:
+            raise HopFailed(hop.view.peer_id, str(e)) from None
         except RemoteError as e:
-            if e.code in RETRYABLE_CODES:
+            if e.code in NOT_A_FAULT:
+                raise HopFailed(hop.view.peer_id, str(e), fault=False) from None
+            if e.code in FAULTS:
                 raise HopFailed(hop.view.peer_id, str(e)) from None
             raise
+        finally:
+            request.cancel()
 
-    def _ban(self, failure: HopFailed) -> None:
-        seconds = self.client.bans.ban(failure.peer_id)
-        log.debug("banned %s for %.0f s: %s", failure.peer_id, seconds, failure)
+    async def _still_busy(self, hop: ActiveHop) -> bool:
+        """Whether the peer answers a probe and says it has steps queued or running."""
+        try:
+            info = await hop.conn.request(InfoRequest(), self.config.probe_timeout)
+        except LayerswarmError:
+            return False
+        if not isinstance(info, InfoReply):
+            return False
+        queued = info.extra.get("queued_tokens")
+        busy = not isinstance(queued, (int, float)) or queued > 0  # older peers do not say
+        if busy:
+            log.debug("%s is slow but busy (%s tokens queued): waiting", hop.view.address, queued)
+        return busy
 
-    async def _replace(self, index: int) -> None:
+    def _failed(self, failure: HopFailed, avoid: set[str]) -> None:
+        """Ban a peer that failed; only avoid, for this choice, one that is full or busy."""
+        if failure.fault:
+            seconds = self.client.bans.ban(failure.peer_id)
+            log.debug("banned %s for %.0f s: %s", failure.peer_id, seconds, failure)
+        else:
+            log.debug("moving away from %s: %s", failure.peer_id, failure)
+        avoid.add(failure.peer_id)
+
+    async def _replace(self, index: int, avoid: set[str]) -> None:
         """Put new hop(s), rebuilt from the kept inputs, in place of the failed hop `index`.
 
         The current step's input (the last one kept at that boundary) is not replayed: the
-        caller sends it next, to the first new hop.
+        caller sends it next, to the first new hop. The old hop's session is closed (a peer
+        that is only full gets its pages back).
         """
         old = self.hops[index]
         t0 = time.perf_counter()
-        for _ in range(self.client.config.max_reroutes):
-            new = await self._open_path(old.span)
+        await self._close_hops([old])
+        for _ in range(self.config.max_reroutes):
+            new = await self._open_path(old.span, avoid)
             try:
                 await self._replay(new, self.history.get(old.span.start, [])[:-1])
             except HopFailed as e:
-                self._ban(e)
+                self._failed(e, avoid)
                 await self._close_hops(new)
                 continue
             self.hops[index : index + 1] = new
@@ -183,36 +299,56 @@ class RemoteSession:
         raise LayerswarmError(f"could not rebuild layers {old.span}: too many failures")
 
     async def _replay(self, hops: list[ActiveHop], inputs: list[tuple[int, torch.Tensor]]) -> None:
-        """Send past inputs through new hops, in the original chunks and order.
+        """Send past inputs through new hops, merged into steps of up to `replay_chunk_tokens`.
 
-        Each hop gets all its steps at once (the peer queues a session's steps in order), so a
-        replay costs the peer's compute, not one round trip per past token.
+        One merged step instead of hundreds of one-token ones: the peer runs it as a chunked
+        prefill, so rebuilding 1,000 tokens costs about one prefill, not 1,000 decode steps in
+        a queue (`scripts/bench_failover.py`). The keys and values come out of a GEMM rather
+        than GEMVs, equal to rounding; the greedy replies of the failover tests stay identical.
         """
+        inputs = merge_inputs(inputs, self.config.replay_chunk_tokens)
         for n, hop in enumerate(hops):
             if n:
                 self.history[hop.span.start] = list(inputs)
-            tasks = [asyncio.ensure_future(self._step(hop, h, start)) for start, h in inputs]
-            try:
-                outputs = await asyncio.gather(*tasks)
-            finally:
-                for task in tasks:
-                    task.cancel()
+            outputs = [await self._step(hop, h, start) for start, h in inputs]
             inputs = [(start, out) for (start, _), out in zip(inputs, outputs, strict=True)]
 
     async def _close_hops(self, hops: list[ActiveHop]) -> None:
-        for hop in hops:
-            if not hop.conn.closed:
-                try:
-                    await hop.conn.request(CloseSession(self.session_id), 2.0)
-                except LayerswarmError as e:
-                    log.debug("close on %s: %s", hop.view.address, e)
+        """Close these hops' sessions, best effort (a dead peer has dropped them anyway)."""
+
+        async def close(hop: ActiveHop) -> None:
+            try:
+                await hop.conn.request(CloseSession(hop.session_id), self.config.probe_timeout)
+            except LayerswarmError as e:
+                log.debug("close on %s: %s", hop.view.address, e)
+
+        await asyncio.gather(*(close(hop) for hop in hops if not hop.conn.closed))
 
     def close(self) -> None:
+        """`aclose` for synchronous callers."""
         try:
-            self.client.net.run(self._close(), timeout=self.client.config.request_timeout + 1)
+            self.client.net.run(self.aclose(), timeout=self.config.request_timeout + 1)
         except (LayerswarmError, TimeoutError) as e:
-            log.debug("closing session %s: %s", self.session_id, e)
+            log.debug("closing a session: %s", e)
 
-    async def _close(self) -> None:
-        await self._close_hops(self.hops)
-        self.hops = []
+    async def aclose(self) -> None:
+        hops, self.hops = self.hops, []
+        await self._close_hops(hops)
+
+
+def merge_inputs(
+    inputs: list[tuple[int, torch.Tensor]], max_tokens: int
+) -> list[tuple[int, torch.Tensor]]:
+    """Join consecutive inputs `(start, (1, tokens, hidden))` into steps of up to `max_tokens`.
+
+    Inputs join only where one starts where the previous one ends; order is kept.
+    """
+    out: list[tuple[int, list[torch.Tensor], int]] = []  # (start, parts, tokens)
+    for start, hidden in inputs:
+        t = hidden.shape[1]
+        if out and out[-1][0] + out[-1][2] == start and out[-1][2] + t <= max_tokens:
+            first, parts, tokens = out[-1]
+            out[-1] = (first, [*parts, hidden], tokens + t)
+        else:
+            out.append((start, [hidden], t))
+    return [(start, torch.cat(parts, dim=1)) for start, parts, _ in out]

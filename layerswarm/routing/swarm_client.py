@@ -14,13 +14,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-import threading
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
-from concurrent.futures import Future
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import torch
 from zeroconf import InterfaceChoice
@@ -28,6 +26,7 @@ from zeroconf import InterfaceChoice
 from layerswarm.errors import LayerswarmError, PeerUnavailable, ProtocolError
 from layerswarm.kernels.cpu_linear import pack_linears
 from layerswarm.routing.generate import Generator, Pipeline
+from layerswarm.routing.loop import BackgroundLoop
 from layerswarm.routing.paths import BanList, PeerView
 from layerswarm.routing.text import ChatTokenizer
 from layerswarm.shards.config import ModelConfig, Span
@@ -46,7 +45,6 @@ from layerswarm.swarm.transport import (
     Address,
     Connection,
     TransportConfig,
-    new_event_loop,
     open_connection,
     parse_address,
 )
@@ -65,6 +63,11 @@ class ClientConfig:
     step_timeout_factor: float = 20.0  # unit: times a step's expected duration before giving up
     max_reroutes: int = 8  # unit: reroutes per step before the step fails
     ban_seconds: float = 5.0  # unit: s of a failed peer's first ban; doubles on each new failure
+    max_ban_seconds: float = 60.0  # unit: s, the longest ban (a peer may come back)
+    probe_timeout: float = 3.0  # unit: s for a slow step's peer to say it is still busy
+    max_step_wait: float = 600.0  # unit: s a busy peer may take for one step, probes answered
+    busy_wait_timeout: float = 30.0  # unit: s to wait for room when every replica is full
+    replay_chunk_tokens: int = 4096  # unit: tokens per step when replaying into a new hop
     insecure_plaintext: bool = False  # no TLS; trusted LANs and measurements only
     mdns_interfaces: tuple[str, ...] | None = None  # browse mDNS here (() = every one); None: off
     refresh_interval: float = 5.0  # unit: s; a new session first re-reads the swarm if older
@@ -72,29 +75,6 @@ class ClientConfig:
     bootstrap: tuple[str, ...] = ()  # DHT members' multiaddrs to find peers through; (): no DHT
     # 32 bytes: a private swarm's key (its DHT and its peers admit only holders); None: open
     swarm_key: bytes | None = field(default=None, repr=False)
-
-
-class BackgroundLoop:
-    """An asyncio (uvloop where installed) event loop on a daemon thread."""
-
-    def __init__(self) -> None:
-        self.loop = new_event_loop()
-        self.thread = threading.Thread(
-            target=self.loop.run_forever, name="layerswarm-net", daemon=True
-        )
-        self.thread.start()
-
-    def run(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
-        future: Future[T] = asyncio.run_coroutine_threadsafe(coro, self.loop)
-        try:
-            return future.result(timeout)
-        except BaseException:
-            future.cancel()
-            raise
-
-    def stop(self) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(timeout=5)
 
 
 @dataclass
@@ -142,7 +122,7 @@ class SwarmClient:
         self.fingerprint = model_fingerprint(model_dir)
         self.identity = identity or generate_identity()
         self.links = [PeerLink(parse_address(a)) for a in addresses]
-        self.bans = BanList(base_seconds=self.config.ban_seconds)
+        self.bans = BanList(self.config.ban_seconds, self.config.max_ban_seconds)
         self.rng = random.Random()
         self.on_event = on_event or (lambda text: log.info("%s", text))
         self.transport = TransportConfig(
@@ -156,6 +136,7 @@ class SwarmClient:
         self.lookups: list[DhtLookup] = []  # sources to refresh before reading (DHT queries)
         self.closers: list[Callable[[], Awaitable[None]]] = []
         self.last_refresh = 0.0  # unit: monotonic s of the last refresh
+        self._refreshing: asyncio.Lock | None = None  # one refresh at a time (made on `net`)
         self.net = BackgroundLoop()
         try:
             self.net.run(self._start_discovery())
@@ -249,7 +230,20 @@ class SwarmClient:
             known |= {record.peer_id, (address.host, address.port)}
 
     async def refresh(self) -> None:
-        """Dial every peer not connected now (discovered ones too) and ask each what it serves."""
+        """Dial every peer not connected now (discovered ones too) and ask each what it serves.
+
+        Many sessions failing over at once share one refresh: a call that waited for another
+        one to finish returns at once, as the swarm was just read.
+        """
+        asked = time.monotonic()
+        if self._refreshing is None:
+            self._refreshing = asyncio.Lock()
+        async with self._refreshing:
+            if self.last_refresh >= asked:
+                return
+            await self._refresh_all()
+
+    async def _refresh_all(self) -> None:
         self.last_refresh = time.monotonic()
         await self._refresh_lookups()
         self._adopt_discovered()
@@ -267,6 +261,8 @@ class SwarmClient:
     async def _refresh(self, link: PeerLink) -> None:
         try:
             if not link.live:
+                if link.conn is not None:  # a leaving peer's connection: replaced, so closed
+                    link.conn.close()
                 link.leaving = False
                 link.conn = await open_connection(
                     link.address, self.identity, self.transport, on_goodbye=self._goodbye
@@ -319,11 +315,12 @@ class SwarmClient:
             for link in self.links
         )
 
-    def open_pipeline(self, max_length: int) -> Pipeline:
+    async def open_pipeline(self, max_length: int) -> Pipeline:
+        """A session across the swarm with room for `max_length` tokens (on `net`'s loop)."""
         from layerswarm.routing.session import RemoteSession
 
         session = RemoteSession(self, max_length)
-        self.net.run(session.open())
+        await session.open()
         return session
 
     def close(self) -> None:
@@ -360,6 +357,6 @@ def open_swarm_generator(
     config = config or ClientConfig(insecure_plaintext=insecure_plaintext)
     client = SwarmClient(model_dir, peers, config, on_event=on_event)
     head = pack_linears(load_client_head(model_dir, dtype))
-    gen = Generator(head, ChatTokenizer(model_dir), client.open_pipeline)
+    gen = Generator(head, ChatTokenizer(model_dir), client.open_pipeline, client.net)
     gen.client = client  # type: ignore[attr-defined]  # keeps it alive; for /route
     return gen

@@ -357,6 +357,7 @@ class Connection:
         )
         self._pending: dict[int, asyncio.Future[Message]] = {}
         self._ids = itertools.count(HANDSHAKE_ID + 1)
+        self._last_id = HANDSHAKE_ID  # the newest request ID sent
         self._failure: str | None = None  # why the connection is unusable, once it is
 
     @property
@@ -381,7 +382,7 @@ class Connection:
         """
         if self._failure is not None:
             raise PeerUnavailable(self._failure)
-        request_id = next(self._ids)
+        request_id = self._last_id = next(self._ids)
         if timeout is None:
             timeout = self._config.request_timeout
         reply = await self._exchange(msg, request_id, timeout)
@@ -421,9 +422,10 @@ class Connection:
         future = self._pending.pop(request_id, None)
         if future is not None and not future.done():
             future.set_result(msg)
-        elif isinstance(msg, ErrorReply):
-            self._failure = f"{self._name()} reported {msg.code}: {msg.message}"
-        else:
+        elif isinstance(msg, ErrorReply) and not HANDSHAKE_ID < request_id <= self._last_id:
+            # An error about the connection itself (not about a request this side sent).
+            self._fail(f"{self._name()} reported {msg.code}: {msg.message}")
+        else:  # a late answer, an error reply included, to a request that timed out: harmless
             log.debug("dropped a reply to request %d (timed out or cancelled)", request_id)
 
     def _on_bad_frame(self, exc: ProtocolError) -> None:

@@ -71,21 +71,23 @@ class BreaksOnce:
         self.inner = inner
         self.calls = calls
 
-    def forward(self, hidden, start):  # type: ignore[no-untyped-def]
+    async def aforward(self, hidden, start):  # type: ignore[no-untyped-def]
         self.calls.append(start)
         if len(self.calls) == 2:
             raise PeerUnavailable("peer gone")
-        return self.inner.forward(hidden, start)  # type: ignore[attr-defined]
+        return await self.inner.aforward(hidden, start)  # type: ignore[attr-defined]
 
-    def close(self) -> None:
-        self.inner.close()  # type: ignore[attr-defined]
+    async def aclose(self) -> None:
+        await self.inner.aclose()  # type: ignore[attr-defined]
 
 
 def test_broken_pipeline_is_rebuilt_by_replaying(local: Generator) -> None:
     calls: list[int] = []
-    flaky = Generator(
-        local.head, local.tokenizer, lambda n: BreaksOnce(local.open_pipeline(n), calls)
-    )
+
+    async def open_flaky(n: int) -> BreaksOnce:
+        return BreaksOnce(await local.open_pipeline(n), calls)
+
+    flaky = Generator(local.head, local.tokenizer, open_flaky)
     chat = ChatSession(flaky)
     messages: list[Message] = [{"role": "user", "content": "What is the capital of France?"}]
     reply = "".join(chat.chat(messages, GREEDY))
