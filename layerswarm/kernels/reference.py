@@ -7,6 +7,8 @@ decode (one token of many sessions) alike.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 
@@ -89,6 +91,51 @@ def prefill_attention(
             qh, kh, vh, attn_mask=mask, scale=scale, enable_gqa=gqa
         )
     return out.transpose(0, 1)
+
+
+def runs_attention(
+    q: torch.Tensor,
+    runs: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    start: int,
+    scale: float,
+) -> torch.Tensor:
+    """Causal attention of one session's new tokens over a context held in several runs.
+
+    The same math as `prefill_attention` over the runs put end to end, without copying them:
+    scores run by run, one softmax over all of them, then the sum of each run's `probs @ V`.
+    A CPU peer's sessions whose pages are not one run take this path (no gather of the whole
+    context each layer, which the paged decode path pays).
+
+    Args:
+        q: `(tokens, q_heads, head_dim)`, the queries at positions `start .. start+tokens`.
+        runs: `(k, v)` pairs, each `(run_tokens, kv_heads, head_dim)`, positions `0 ..` in order,
+            `start + tokens` in all.
+        start: position of the first query.
+    Returns:
+        `(tokens, q_heads, head_dim)`.
+    """
+    if len(runs) == 1:
+        return prefill_attention(q, runs[0][0], runs[0][1], start, scale)
+    t, q_heads, hd = q.shape
+    kv_heads = runs[0][0].shape[1]
+    group = q_heads // kv_heads
+    # (kv_heads, tokens * group, hd): row r is query r // group of head group r % group
+    qg = q.float().reshape(t, kv_heads, group, hd).permute(1, 0, 2, 3).reshape(kv_heads, -1, hd)
+    scores = torch.cat([torch.bmm(qg, k.float().permute(1, 2, 0)) for k, _ in runs], dim=-1)
+    scores.mul_(scale)  # (kv_heads, tokens * group, context)
+    if t > 1:
+        keys = torch.arange(scores.shape[-1], device=q.device)
+        queries = torch.arange(start, start + t, device=q.device).repeat_interleave(group)
+        scores.masked_fill_(keys[None, :] > queries[:, None], float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    out = torch.zeros(kv_heads, t * group, hd, dtype=torch.float32, device=q.device)
+    at = 0
+    for _, v in runs:
+        n = v.shape[0]
+        out.baddbmm_(probs[..., at : at + n], v.float().transpose(0, 1))
+        at += n
+    out = out.reshape(kv_heads, t, group, hd).permute(1, 0, 2, 3)  # (tokens, kv, group, hd)
+    return out.reshape(q.shape).to(q.dtype)
 
 
 def decode_attention(

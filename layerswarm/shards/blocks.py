@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import cast
 
 import torch
 from torch import nn
 
 from layerswarm.errors import StepCancelled
-from layerswarm.kernels import ops_for
+from layerswarm.kernels import ops_for, reference
 from layerswarm.shards.config import ModelConfig, Span
 from layerswarm.shards.kv_cache import PagedKVCache, SessionCache
 
@@ -113,26 +114,58 @@ class SpanModel(nn.Module):
         layers: Span | None = None,
         should_stop: Callable[[], bool] | None = None,
     ) -> torch.Tensor:
-        """Run the span's layers over new tokens of one or more sessions.
+        """Run the span's layers over new tokens of one or more sessions, a row each.
 
         Args:
-            hidden: `(batch, tokens, hidden)`, one row per session. Several rows only for
-                decode (tokens == 1), the batched case.
+            hidden: `(batch, tokens, hidden)`, one row per session, the same tokens each (see
+                `forward_flat` for a mix of lengths).
             starts: the position of each row's first token.
-            cache: the KV cache of this span; each session's entries are written, then read.
-            sessions: each row's share of the cache.
-            layers: the layers to run (absolute indices), a part of the span; all if None.
-            should_stop: checked before each layer; when it says so, `StepCancelled` is raised
-                and the sessions' lengths stay as they were.
+            cache, sessions, layers, should_stop: as `forward_flat` takes them.
         Returns:
             `(batch, tokens, hidden)`, the residual stream after the span.
         """
         b, t, d = hidden.shape
-        if b != len(starts) or b != len(sessions) or (b > 1 and t != 1):
-            raise ValueError("batch rows need one start and session each, and one token each")
-        pos = torch.cat([torch.arange(s, s + t) for s in starts]).to(hidden.device)
-        cos, sin = self.rotary.cos_sin(pos)
+        if b != len(starts) or b != len(sessions):
+            raise ValueError("batch rows need one start and session each")
+        flat = StepBatch(list(starts), [t] * b, list(sessions))
         x = hidden.reshape(b * t, d)  # (tokens, hidden), sessions one after another
+        return self.forward_flat(x, flat, cache, layers, should_stop).reshape(b, t, d)
+
+    @torch.inference_mode()
+    def forward_flat(
+        self,
+        x: torch.Tensor,
+        batch: StepBatch,
+        cache: PagedKVCache,
+        layers: Span | None = None,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> torch.Tensor:
+        """Run the span's layers over a mixed batch: segments of new tokens of many sessions.
+
+        Each session's pages are grown to hold its new tokens first (`cache.grow`), positions
+        and RoPE angles are built once for the whole step, then every layer runs one matmul
+        over all the tokens and attention segment by segment.
+
+        Args:
+            x: `(tokens, hidden)`, the segments one after another (`batch.counts` tokens each).
+            batch: each segment's session, first position and token count.
+            cache: the KV cache of this span; each session's entries are written, then read.
+            layers: the layers to run (absolute indices), a part of the span; all if None.
+            should_stop: checked before each layer; when it says so, `StepCancelled` is raised
+                and the sessions' lengths stay as they were.
+        Returns:
+            `(tokens, hidden)`, the residual stream after the span.
+        Raises:
+            CacheFull, ContextOverflow: a session cannot hold its new tokens (nothing ran).
+        """
+        if x.shape[0] != sum(batch.counts):
+            raise ValueError(f"{x.shape[0]} tokens for segments of {batch.counts}")
+        for s, start, n in zip(batch.sessions, batch.starts, batch.counts, strict=True):
+            cache.grow(s, start + n)
+        pos = torch.cat(
+            [torch.arange(s, s + n) for s, n in zip(batch.starts, batch.counts, strict=True)]
+        )
+        cos, sin = self.rotary.cos_sin(pos.to(x.device))
         layers = layers or self.span
         if layers.start < self.span.start or layers.end > self.span.end:
             raise ValueError(f"layers {layers} are not within the span {self.span}")
@@ -147,14 +180,15 @@ class SpanModel(nn.Module):
                 normed, x = self.ops.add_rms_norm(
                     delta, x, layer.input_norm, self.config.rms_norm_eps
                 )
-            attn = self._attention(i, layer, normed, cos, sin, starts, t, cache, sessions)
+            attn = self._attention(i, layer, normed, cos, sin, batch, cache)
             normed, x = self.ops.add_rms_norm(attn, x, layer.post_norm, self.config.rms_norm_eps)
             gate, up = layer.gate_up(normed).chunk(2, dim=-1)
             delta = layer.down_proj(self.ops.swiglu(gate, up))
         assert delta is not None  # a span has at least one layer
-        for s, start in zip(sessions, starts, strict=True):
-            s.length = start + t
-        return (x + delta).reshape(b, t, d)
+        for s, start, n in zip(batch.sessions, batch.starts, batch.counts, strict=True):
+            s.length = start + n
+        out: torch.Tensor = x + delta
+        return out
 
     def _attention(
         self,
@@ -163,10 +197,8 @@ class SpanModel(nn.Module):
         x: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,
-        starts: Sequence[int],
-        t: int,
+        batch: StepBatch,
         cache: PagedKVCache,
-        sessions: Sequence[SessionCache],
     ) -> torch.Tensor:
         c = self.config
         n = x.shape[0]
@@ -178,19 +210,69 @@ class SpanModel(nn.Module):
         v = qkv[:, layer.q_size + layer.kv_size :].reshape(n, c.num_kv_heads, c.head_dim)
         q, k = q.contiguous(), k.contiguous()
         self.ops.apply_rope(q, k, cos, sin)
-        for row, (s, start) in enumerate(zip(sessions, starts, strict=True)):
-            rows = slice(row * t, (row + 1) * t)
-            cache.write(i, s, start, k[rows], v[rows])
-        if t == 1 and (len(sessions) > 1 or x.is_cuda):
-            lengths = torch.tensor([s + 1 for s in starts], dtype=torch.int32, device=x.device)
-            table = cache.block_tables(list(sessions))
-            out = self.ops.decode_attention(q, cache.k[i], cache.v[i], table, lengths, self.scale)
+        offsets = batch.offsets
+        for s, start, at, t in zip(
+            batch.sessions, batch.starts, offsets, batch.counts, strict=True
+        ):
+            cache.write(i, s, start, k[at : at + t], v[at : at + t])
+        if self.ops is not reference:  # Triton: one launch for the decode tokens of all sessions
+            out = self._paged_attention(i, q, batch, cache)
         else:
-            # One session: on a CPU its pages are usually one run, so this read is a view.
-            kk, vv = cache.read(i, sessions[0], starts[0] + t)
-            out = self.ops.prefill_attention(q, kk, vv, starts[0], self.scale)
+            # Session by session over views of its runs (one run: a plain view), so no step
+            # copies a session's keys; a session gets the same bits in a batch as alone.
+            out = torch.empty_like(q)
+            for s, start, at, t in zip(
+                batch.sessions, batch.starts, offsets, batch.counts, strict=True
+            ):
+                runs = cache.views(i, s, start + t)
+                out[at : at + t] = reference.runs_attention(q[at : at + t], runs, start, self.scale)
         projected: torch.Tensor = layer.o_proj(out.reshape(n, layer.q_size))
         return projected
+
+    def _paged_attention(
+        self, i: int, q: torch.Tensor, batch: StepBatch, cache: PagedKVCache
+    ) -> torch.Tensor:
+        """Attention through block tables: the decode kernel for every one-token segment, the
+        prefill kernel (over a gathered context) for each longer one."""
+        out = torch.empty_like(q)
+        offsets = batch.offsets
+        one = [j for j, t in enumerate(batch.counts) if t == 1]
+        if one:
+            sessions = [batch.sessions[j] for j in one]
+            rows = torch.tensor([offsets[j] for j in one], device=q.device)
+            lengths = [batch.starts[j] + 1 for j in one]
+            table = cache.block_tables(sessions)
+            lens = torch.tensor(lengths, dtype=torch.int32, device=q.device)
+            out[rows] = self.ops.decode_attention(
+                q[rows], cache.k[i], cache.v[i], table, lens, self.scale
+            )
+        for s, start, at, t in zip(
+            batch.sessions, batch.starts, offsets, batch.counts, strict=True
+        ):
+            if t > 1:
+                kk, vv = cache.read(i, s, start + t)
+                out[at : at + t] = self.ops.prefill_attention(
+                    q[at : at + t], kk, vv, start, self.scale
+                )
+        return out
+
+
+@dataclass(frozen=True)
+class StepBatch:
+    """The segments of one step's flat token axis: a session's new tokens each."""
+
+    starts: list[int]  # the position of each segment's first token
+    counts: list[int]  # unit: tokens in each segment
+    sessions: list[SessionCache]  # each segment's share of the cache
+
+    @property
+    def offsets(self) -> list[int]:
+        """Where each segment starts on the flat token axis."""
+        out, at = [], 0
+        for n in self.counts:
+            out.append(at)
+            at += n
+        return out
 
 
 class ClientHead(nn.Module):

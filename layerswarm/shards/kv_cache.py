@@ -1,36 +1,47 @@
-"""A paged KV cache that holds many sessions of one span and lets their decode steps batch.
+"""A paged KV cache that holds many sessions of one span, each taking pages as it grows.
 
 Why paged and not one slot per session: sessions ask for very different `max_length`s, and a
 peer's memory budget should hold as many of them as fit, not `budget / longest` slots. A pool of
-fixed-size pages (vLLM's PagedAttention layout) gives each session just the pages it reserved,
-and a decode kernel reads any mix of sessions in one launch through their block tables.
+fixed-size pages (vLLM's PagedAttention layout) gives each session just the pages it uses, and a
+decode kernel reads any mix of sessions in one launch through their block tables.
 
-A session reserves all the pages its `max_length` needs when it opens, so admission control
-happens once (a `CacheFull` error then, never an out-of-memory crash mid-reply). The allocator
-prefers one contiguous run of pages: then a session's keys are a plain view of the pool and
-single-session attention needs no gather (the common case on a CPU peer).
+A session takes pages as it grows (`grow`, before each step), not for its whole `max_length` at
+open: 8 chat sessions of `max_length` 8192 that each hold a few hundred tokens fit in the room
+that one reservation took. Admission control (how many sessions to let in, with room kept for
+growth) is the server's job; `grow` raises `CacheFull` when no page is left.
+
+The allocator keeps each session's pages in as few contiguous runs as it can: a session grows into
+the page after its last one when that page is free, and a new session starts in the middle of the
+largest free gap (or at its start, when nobody sits before it), leaving room to grow on both
+sides. Each run is a plain view of the pool, so attention on a CPU reads keys run by run and never
+gathers (copies) a session's whole context; a one-run session is the common case.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from layerswarm.errors import CacheFull, ContextOverflow
 
-DEFAULT_PAGE_SIZE = 16  # unit: tokens per page; small pages waste little of a reservation
+DEFAULT_PAGE_SIZE = 16  # unit: tokens per page; small pages waste little of a session's last one
 
 
-@dataclass
+@dataclass(eq=False)
 class SessionCache:
     """One session's share of the pool: its pages and how many tokens it holds."""
 
     pages: list[int]
     block_table: torch.Tensor  # (num_pages,) int32, the pages in order
-    max_length: int  # unit: tokens this session may hold
+    max_length: int  # unit: tokens this session may hold at most
     length: int = 0  # unit: tokens written so far
-    contiguous: bool = False  # pages are one run, so keys are a view of the pool
+    runs: list[tuple[int, int]] = field(default_factory=list)  # (first page, pages) in order
+
+    @property
+    def contiguous(self) -> bool:
+        """The pages are one run, so keys are a view of the pool."""
+        return len(self.runs) <= 1
 
 
 class PagedKVCache:
@@ -52,6 +63,7 @@ class PagedKVCache:
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self._free = [True] * num_pages
+        self._n_free = num_pages
 
     @classmethod
     def bytes_per_token(
@@ -66,43 +78,102 @@ class PagedKVCache:
 
     @property
     def tokens_free(self) -> int:
-        return sum(self._free) * self.page_size
+        return self._n_free * self.page_size
+
+    @property
+    def pages_free(self) -> int:
+        return self._n_free
+
+    def pages_for(self, tokens: int) -> int:
+        """Pages that hold `tokens` tokens."""
+        return -(-tokens // self.page_size)
+
+    def open_session(self, max_length: int) -> SessionCache:
+        """A session of up to `max_length` tokens that holds no page yet (see `grow`)."""
+        if max_length <= 0:
+            raise ValueError(f"max_length must be positive, got {max_length}")
+        empty = torch.zeros(0, dtype=torch.int32, device=self.k.device)
+        return SessionCache([], empty, max_length)
 
     def allocate(self, max_length: int) -> SessionCache:
-        """Reserve pages for a session of up to `max_length` tokens.
+        """A session with pages for all its `max_length` tokens taken now (a reservation).
 
         Raises:
             CacheFull: fewer free pages than the session needs.
         """
-        if max_length <= 0:
-            raise ValueError(f"max_length must be positive, got {max_length}")
-        need = -(-max_length // self.page_size)
-        pages = self._contiguous_run(need)
-        contiguous = pages is not None
-        if pages is None:
-            pages = [i for i, free in enumerate(self._free) if free][:need]
-        if len(pages) < need:
-            raise CacheFull(
-                f"cache full: a session of {max_length} tokens needs {need} pages, "
-                f"{len(pages)} of {self.num_pages} are free"
+        session = self.open_session(max_length)
+        self.grow(session, max_length)
+        return session
+
+    def grow(self, session: SessionCache, length: int) -> None:
+        """Take pages so that `session` can hold `length` tokens; a no-op when it already can.
+
+        Raises:
+            ContextOverflow: `length` passes the session's `max_length`.
+            CacheFull: not enough free pages; the session keeps what it had.
+        """
+        if length > session.max_length:
+            raise ContextOverflow(
+                f"positions up to {length} do not fit the session's {session.max_length} tokens"
             )
-        for p in pages:
-            self._free[p] = False
-        table = torch.tensor(pages, dtype=torch.int32, device=self.k.device)
-        return SessionCache(pages, table, max_length, contiguous=contiguous)
+        need = self.pages_for(length) - len(session.pages)
+        if need <= 0:
+            return
+        if need > self._n_free:
+            raise CacheFull(
+                f"cache full: {length} tokens need {need} more pages, "
+                f"{self._n_free} of {self.num_pages} are free"
+            )
+        for _ in range(need):
+            last = session.pages[-1] if session.pages else -1
+            if last >= 0 and last + 1 < self.num_pages and self._free[last + 1]:
+                page = last + 1
+                first, n = session.runs[-1]
+                session.runs[-1] = (first, n + 1)
+            else:
+                page = self._place()
+                session.runs.append((page, 1))
+            self._free[page] = False
+            session.pages.append(page)
+        self._n_free -= need
+        session.block_table = torch.tensor(session.pages, dtype=torch.int32, device=self.k.device)
+
+    def _place(self) -> int:
+        """Where a new run starts: the largest free gap, in its middle when a run ends before it
+        (that session may grow into the first half), else at its start."""
+        best_start, best_len, run_start = -1, 0, 0
+        for i in range(self.num_pages + 1):
+            if i < self.num_pages and self._free[i]:
+                continue
+            if i - run_start > best_len:
+                best_start, best_len = run_start, i - run_start
+            run_start = i + 1
+        assert best_len > 0  # callers check that a page is free
+        return best_start if best_start == 0 else best_start + best_len // 2
 
     def free(self, session: SessionCache) -> None:
         for p in session.pages:
             self._free[p] = True
+        self._n_free += len(session.pages)
         session.pages = []
+        session.runs = []
+        session.block_table = session.block_table[:0]
 
-    def _contiguous_run(self, need: int) -> list[int] | None:
-        run = 0
-        for i, free in enumerate(self._free):
-            run = run + 1 if free else 0
-            if run == need:
-                return list(range(i - need + 1, i + 1))
-        return None
+    def _segments(self, session: SessionCache, start: int, end: int) -> list[tuple[int, int, int]]:
+        """`(slot, from, to)`: positions `from .. to` (within `start .. end`) sit at pool slots
+        `slot ..`, one entry a run."""
+        out = []
+        pos = 0
+        for first, n in session.runs:
+            lo, hi = max(start, pos), min(end, pos + n * self.page_size)
+            if lo < hi:
+                out.append((first * self.page_size + lo - pos, lo, hi))
+            pos += n * self.page_size
+            if pos >= end:
+                break
+        if not out or out[-1][2] < end:
+            raise ContextOverflow(f"positions up to {end} pass the session's pages (grow first)")
+        return out
 
     def write(
         self, layer: int, session: SessionCache, start: int, k: torch.Tensor, v: torch.Tensor
@@ -111,40 +182,41 @@ class PagedKVCache:
 
         Args:
             k, v: `(tokens, kv_heads, head_dim)`.
+        Raises:
+            ContextOverflow: the positions pass the session's `max_length` or its pages.
         """
         end = start + k.shape[0]
         if end > session.max_length:
             raise ContextOverflow(
                 f"positions up to {end} do not fit the session's {session.max_length} tokens"
             )
-        if session.contiguous:
-            base = session.pages[0] * self.page_size
-            self.k[layer].view(-1, *k.shape[1:])[base + start : base + end] = k
-            self.v[layer].view(-1, *v.shape[1:])[base + start : base + end] = v
-            return
-        slots = self._slots(session, start, end)
-        self.k[layer].view(-1, *k.shape[1:])[slots] = k
-        self.v[layer].view(-1, *v.shape[1:])[slots] = v
+        pool_k = self.k[layer].view(-1, *k.shape[1:])  # (slots, kv_heads, head_dim)
+        pool_v = self.v[layer].view(-1, *v.shape[1:])
+        for slot, lo, hi in self._segments(session, start, end):
+            pool_k[slot : slot + hi - lo] = k[lo - start : hi - start]
+            pool_v[slot : slot + hi - lo] = v[lo - start : hi - start]
+
+    def views(
+        self, layer: int, session: SessionCache, end: int
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Keys and values of positions `0 .. end` of one layer as views of the pool, one
+        `(tokens, kv_heads, head_dim)` pair a run, in order: no copy."""
+        pool_k = self.k[layer].flatten(0, 1)  # (slots, kv_heads, head_dim)
+        pool_v = self.v[layer].flatten(0, 1)
+        return [
+            (pool_k[slot : slot + hi - lo], pool_v[slot : slot + hi - lo])
+            for slot, lo, hi in self._segments(session, 0, end)
+        ]
 
     def read(
         self, layer: int, session: SessionCache, end: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values of positions `0 .. end` of one layer, `(end, kv_heads, head_dim)`."""
-        if session.contiguous:
-            base = session.pages[0] * self.page_size
-            k = self.k[layer].flatten(0, 1)[base : base + end]
-            v = self.v[layer].flatten(0, 1)[base : base + end]
-            return k, v
-        n = -(-end // self.page_size)
-        pages = session.block_table[:n]
-        return self.k[layer][pages].flatten(0, 1)[:end], self.v[layer][pages].flatten(0, 1)[:end]
-
-    def _slots(self, session: SessionCache, start: int, end: int) -> torch.Tensor:
-        pos = torch.arange(start, end, device=self.k.device)
-        return (
-            session.block_table[pos // self.page_size].long() * self.page_size
-            + pos % self.page_size
-        )
+        """Keys and values of positions `0 .. end` of one layer, `(end, kv_heads, head_dim)`:
+        a view for a one-run session, else a copy."""
+        runs = self.views(layer, session, end)
+        if len(runs) == 1:
+            return runs[0]
+        return torch.cat([k for k, _ in runs]), torch.cat([v for _, v in runs])
 
     def block_tables(self, sessions: list[SessionCache]) -> torch.Tensor:
         """`(sessions, max_pages)` int32 block tables, padded with page 0, for batched decode."""
