@@ -42,6 +42,7 @@ from layerswarm.cli.status import add_status_parser, run_status
 from layerswarm.peer.config import PeerConfig
 from layerswarm.peer.server import serve_peer
 from layerswarm.shards.config import DTYPES, Span
+from layerswarm.shards.scheduler import DEFAULT_TOKEN_BUDGET
 from layerswarm.swarm.identity import load_or_create_identity
 from layerswarm.swarm.transport import new_event_loop
 
@@ -114,7 +115,37 @@ def build_parser() -> argparse.ArgumentParser:
     )
     start.add_argument("--max-session-length", type=int, default=8192, metavar="TOKENS")
     start.add_argument("--session-idle-timeout", type=float, default=300, metavar="S")
-    start.add_argument("--step-timeout", type=float, default=30, metavar="S")
+    start.add_argument(
+        "--step-timeout",
+        type=float,
+        default=30,
+        metavar="S",
+        help="a step running this long (from its first chunk; waiting in line is free) fails",
+    )
+    start.add_argument(
+        "--max-batch", type=int, default=16, metavar="N", help="sessions in one batch at most"
+    )
+    start.add_argument(
+        "--token-budget",
+        type=int,
+        default=DEFAULT_TOKEN_BUDGET,
+        metavar="TOKENS",
+        help="tokens a batch: every decode step, then prefill chunks up to this",
+    )
+    start.add_argument(
+        "--admission-timeout",
+        type=float,
+        default=10,
+        metavar="S",
+        help="a new session waits this long for KV memory before 'cache full'",
+    )
+    start.add_argument(
+        "--max-sessions-per-client",
+        type=int,
+        default=64,
+        metavar="N",
+        help="sessions one client may hold open here; more are refused with 'busy'",
+    )
     start.add_argument(
         "--key",
         type=Path,
@@ -210,6 +241,10 @@ def _main(argv: list[str] | None) -> None:
         max_session_length=args.max_session_length,
         session_idle_timeout=args.session_idle_timeout,
         step_timeout=args.step_timeout,
+        max_batch=args.max_batch,
+        token_budget=args.token_budget,
+        admission_timeout=args.admission_timeout,
+        max_sessions_per_client=args.max_sessions_per_client,
         memory_budget_bytes=int(args.memory_budget * 2**20),
         rebalance_interval=args.rebalance_interval,
         mdns_interfaces=mdns_interfaces(args.mdns_interface, private=swarm_key is not None),

@@ -64,7 +64,7 @@ def current_record(config: PeerConfig, facts: PeerFacts, table: SessionTable) ->
         tflops=round(facts.tflops, 4),
         prefill_tokens_per_s_per_layer=round(facts.speed.prefill_tokens_per_s_per_layer, 2),
         decode_steps_per_s_per_layer=round(1.0 / facts.speed.decode_s_per_layer, 2),
-        cache_tokens_free=table.cache.tokens_free,
+        cache_tokens_free=table.tokens_free,
         cache_tokens_total=table.cache.tokens_total,
         load=len(table.sessions),
     )

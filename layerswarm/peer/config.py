@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from layerswarm.shards.config import Span
+from layerswarm.shards.scheduler import DEFAULT_TOKEN_BUDGET, SchedulerConfig
 
 
 @dataclass(frozen=True)
@@ -23,8 +24,16 @@ class PeerConfig:
     cache_memory_bytes: int = 256 * 2**20  # bytes: KV-cache budget for all sessions together
     max_session_length: int = 8192  # tokens: the longest session one client may open
     session_idle_timeout: float = 300.0  # s: a session with no request this long is dropped
-    step_timeout: float = 30.0  # s: a step waiting or running longer is cancelled
-    max_batch: int = 16  # sessions: decode steps of this many sessions run as one batch
+    # s: a step still running this long after its first chunk ran is cancelled (waiting behind
+    # other sessions' work does not count: a busy peer is not a dead one)
+    step_timeout: float = 30.0
+    max_batch: int = 16  # sessions: steps of this many sessions run as one batch
+    token_budget: int = DEFAULT_TOKEN_BUDGET  # tokens a batch: decode steps + prefill chunks
+    cache_reserve: float = 0.1  # fraction of KV pages new sessions leave for open ones to grow
+    admission_queue: int = 32  # sessions: opens that may wait for KV memory at once
+    admission_timeout: float = 10.0  # s: an open waits this long for memory, then cache_full
+    max_sessions_per_client: int = 64  # sessions one client (peer ID) may hold open here
+    max_client_cache_fraction: float = 0.5  # fraction of KV pages one client's sessions may hold
     memory_budget_bytes: int = 0  # bytes for weights and KV cache with `span` None; 0: half free
     mdns_interfaces: tuple[str, ...] | None = None  # announce on these (() = every one); None: off
     announce_refresh: float = 10.0  # unit: s between record refreshes (free cache, load)
@@ -42,3 +51,26 @@ class PeerConfig:
     @property
     def uses_dht(self) -> bool:
         return self.dht or bool(self.bootstrap)
+
+    def serving(self) -> ServingConfig:
+        """The part of the config the session table keeps."""
+        return ServingConfig(
+            SchedulerConfig(self.token_budget, self.max_batch),
+            self.cache_reserve,
+            self.admission_queue,
+            self.admission_timeout,
+            self.max_sessions_per_client,
+            self.max_client_cache_fraction,
+        )
+
+
+@dataclass(frozen=True)
+class ServingConfig:
+    """How a peer's session table admits sessions and batches their steps."""
+
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)  # budget, batch size
+    cache_reserve: float = 0.1  # fraction of KV pages new sessions leave for open ones to grow
+    admission_queue: int = 32  # sessions: opens that may wait for KV memory at once
+    admission_timeout: float = 10.0  # s: an open waits this long for memory, then cache_full
+    max_sessions_per_client: int = 64  # sessions one client (peer ID) may hold open here
+    max_client_cache_fraction: float = 0.5  # fraction of KV pages one client's sessions may hold

@@ -35,6 +35,11 @@ def owner(conn: ConnectionInfo) -> str:
     return f"{conn.peer_id}@{conn.host}:{conn.port}"
 
 
+def client(conn: ConnectionInfo) -> str:
+    """Who the client is, across its connections (its peer ID): per-client limits count this."""
+    return conn.peer_id
+
+
 class RequestHandler:
     """Answers the requests of every connection to one peer."""
 
@@ -54,7 +59,7 @@ class RequestHandler:
         if isinstance(msg, InfoRequest):
             return self.info()
         if isinstance(msg, OpenSession):
-            return self._open(conn, msg)
+            return await self._open(conn, msg)
         if isinstance(msg, Step):
             session = self.table.get(owner(conn), msg.session_id)
             out = await self.table.step(
@@ -70,7 +75,7 @@ class RequestHandler:
         """Free the sessions of a connection that closed."""
         self.table.close_owner(owner(conn))
 
-    def _open(self, conn: ConnectionInfo, msg: OpenSession) -> SessionOpened:
+    async def _open(self, conn: ConnectionInfo, msg: OpenSession) -> SessionOpened:
         if not 0 < msg.max_length <= self.config.max_session_length:
             raise RemoteError(
                 ErrorCode.BAD_POSITION,
@@ -80,7 +85,7 @@ class RequestHandler:
             layers = Span(msg.span_start, msg.span_end)
         except ValueError as e:
             raise RemoteError(ErrorCode.BAD_SPAN, str(e)) from None
-        self.table.open(owner(conn), msg.session_id, layers, msg.max_length)
+        await self.table.open(owner(conn), client(conn), msg.session_id, layers, msg.max_length)
         log.debug("opened session %s for %s on layers %s", msg.session_id, conn.peer_id, layers)
         return SessionOpened(msg.session_id)
 
@@ -94,8 +99,8 @@ class RequestHandler:
             span_end=span.end,
             num_layers=self.table.model.config.num_layers,
             dtype=self.config.dtype,
-            cache_tokens_free=cache.tokens_free,
+            cache_tokens_free=self.table.tokens_free,
             cache_tokens_total=cache.tokens_total,
             active_sessions=len(self.table.sessions),
-            extra=self.extra,
+            extra={**self.extra, **self.table.load()},
         )

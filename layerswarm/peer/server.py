@@ -112,7 +112,7 @@ async def serve_peer(
             compute, load_peer_model, config, model_config, span, progress
         )
         cache_tokens = cache_tokens_for(config, model_config, span)
-        table = SessionTable(model, cache_tokens, config.max_batch, compute, speed.decode_threads)
+        table = SessionTable(model, cache_tokens, config.serving(), compute, speed.decode_threads)
         handler = RequestHandler(
             config, table, identity.peer_id, f"{config.model_name}@{fingerprint}"
         )

@@ -1,8 +1,10 @@
-"""Sessions on a peer: their KV cache, validation of each step, and batched compute.
+"""Sessions on a peer: admission, per-client limits, validation of each step, and their compute.
 
-Compute runs on one worker thread: the model's matmuls already use every core, so two steps
-at once would only fight. Decode steps of different sessions that wait at the same time are
-run as one batch (one token each), which costs little more than a single one.
+Compute is the span's `StepScheduler`: one worker thread, continuous batching with chunked
+prefill. KV pages are taken as sessions grow, so admission cannot be a one-off reservation:
+a new session is let in while the pages in use (at least one a session) plus a reserve kept for
+open sessions to grow leave room; otherwise it waits in a bounded queue for a session to close,
+and only then hears "cache full". A running session that cannot grow hears "session full".
 """
 
 from __future__ import annotations
@@ -10,16 +12,25 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Sequence
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 
 import torch
 
-from layerswarm.errors import CacheFull, RemoteError, StepCancelled
+from layerswarm.errors import (
+    CacheFull,
+    ContextOverflow,
+    LayerswarmError,
+    RemoteError,
+    SessionExpired,
+    StepCancelled,
+)
+from layerswarm.peer.config import ServingConfig
 from layerswarm.shards.blocks import SpanModel
 from layerswarm.shards.config import Span
 from layerswarm.shards.kv_cache import PagedKVCache, SessionCache
+from layerswarm.shards.scheduler import PositionGap, StepScheduler
 from layerswarm.swarm.protocol import ErrorCode
 
 log = logging.getLogger(__name__)
@@ -28,60 +39,140 @@ log = logging.getLogger(__name__)
 @dataclass
 class Session:
     key: tuple[str, str]  # (owner connection, session ID): a client reaches only its own
+    client: str  # the client's peer ID: per-client limits count across its connections
     layers: Span  # the part of the peer's span this session runs
     cache: SessionCache
     last_used: float  # unit: monotonic s of the last request
     queued_length: int = 0  # unit: tokens the session will hold once its queued steps ran
 
 
-@dataclass
-class _Job:
-    session: Session
-    hidden: torch.Tensor  # (1, tokens, hidden) in the model's dtype
-    start: int
-    deadline: float  # unit: monotonic s after which the step is abandoned
-    done: asyncio.Future[torch.Tensor] = field(repr=False)
-
-
 class SessionTable:
-    """Every open session of one peer, and the compute worker that serves their steps."""
+    """Every open session of one peer, and the scheduler that serves their steps."""
 
     def __init__(
         self,
         model: SpanModel,
         cache_tokens: int,
-        max_batch: int = 16,
+        config: ServingConfig | None = None,
         compute: ThreadPoolExecutor | None = None,
         decode_threads: int = 0,
     ) -> None:
         """`compute`: the one thread that runs the model (a new one if None); see
         `open_compute_thread` for why the peer loads and measures its span there too.
         `decode_threads`: threads for a decode step of one session (`SpeedSample`); 0: all."""
+        self.config = config or ServingConfig()
         self.model = model
-        self.decode_threads = decode_threads
-        self._all_threads = torch.get_num_threads()
         self.cache: PagedKVCache = model.new_cache(cache_tokens)
-        self.max_batch = max_batch
         self.sessions: dict[tuple[str, str], Session] = {}
-        self.dtype = next(model.parameters()).dtype
-        self._queue: asyncio.Queue[_Job] = asyncio.Queue()
         self._executor = compute or open_compute_thread()
-        self._stopping = False
+        scheduling = replace(self.config.scheduler, decode_threads=decode_threads)
+        self.scheduler = StepScheduler(model, self.cache, scheduling, self._executor)
+        self._waiters: deque[asyncio.Future[None]] = deque()  # opens waiting for memory
+        self._promised = 0  # sessions: waiters woken and not yet opened
 
-    def open(self, owner: str, session_id: str, layers: Span, max_length: int) -> Session:
+    @property
+    def reserve_pages(self) -> int:
+        return int(self.config.cache_reserve * self.cache.num_pages)
+
+    @property
+    def tokens_free(self) -> int:
+        """KV room for new sessions, in tokens: pages neither held (a session counts at least
+        one, and what its queued steps will take) nor kept in reserve for open ones to grow."""
+        free = min(self.cache.num_pages - self._pages_used(), self.cache.pages_free)
+        return max(0, free - self.reserve_pages) * self.cache.page_size
+
+    def _pages_held(self, session: Session) -> int:
+        tokens = max(session.cache.length, session.queued_length)
+        return max(1, len(session.cache.pages), self.cache.pages_for(tokens))
+
+    def _pages_used(self) -> int:
+        return sum(self._pages_held(s) for s in self.sessions.values()) + self._promised
+
+    def _admissible(self) -> bool:
+        return self._pages_used() + 1 + self.reserve_pages <= self.cache.num_pages
+
+    async def open(
+        self, owner: str, client: str, session_id: str, layers: Span, max_length: int
+    ) -> Session:
+        """Open a session (no pages taken yet), waiting for memory if it is short.
+
+        Raises:
+            RemoteError: BAD_SPAN, PROTOCOL (already open), BUSY (a limit of this client),
+                CACHE_FULL (no memory after `admission_timeout`, or the wait queue is full).
+        """
         span = self.model.span
         if layers.start < span.start or layers.end > span.end:
             raise RemoteError(ErrorCode.BAD_SPAN, f"this peer serves layers {span}, not {layers}")
-        key = (owner, session_id)
-        if key in self.sessions:
-            raise RemoteError(ErrorCode.PROTOCOL, f"session {session_id!r} is already open")
-        try:
-            cache = self.cache.allocate(max_length)
-        except CacheFull as e:
-            raise RemoteError(ErrorCode.CACHE_FULL, str(e)) from None
-        session = Session(key, layers, cache, time.monotonic())
-        self.sessions[key] = session
+        self._check_new(owner, client, session_id)
+        waited = bool(self._waiters) or not self._admissible()
+        if waited:
+            await self._wait_for_memory()
+            self._promised -= 1
+            try:
+                self._check_new(owner, client, session_id)
+            except RemoteError:
+                self._wake_waiters()  # the room goes to the next in line
+                raise
+        cache = self.cache.open_session(max_length)
+        session = Session((owner, session_id), client, layers, cache, time.monotonic())
+        self.sessions[session.key] = session
+        if waited:
+            self._wake_waiters()  # room may remain for the next in line
         return session
+
+    def _check_new(self, owner: str, client: str, session_id: str) -> None:
+        if (owner, session_id) in self.sessions:
+            raise RemoteError(ErrorCode.PROTOCOL, f"session {session_id!r} is already open")
+        mine = [s for s in self.sessions.values() if s.client == client]
+        if len(mine) >= self.config.max_sessions_per_client:
+            raise RemoteError(
+                ErrorCode.BUSY,
+                f"this client holds {len(mine)} sessions here, the most one may "
+                f"(max_sessions_per_client)",
+            )
+        self._check_client_pages(client, 1)
+
+    def _check_client_pages(self, client: str, more: int) -> None:
+        limit = int(self.config.max_client_cache_fraction * self.cache.num_pages)
+        held = sum(self._pages_held(s) for s in self.sessions.values() if s.client == client)
+        if held + more > limit:
+            raise RemoteError(
+                ErrorCode.BUSY,
+                f"this client's sessions would hold {held + more} KV pages here, more than "
+                f"its share of {limit} of {self.cache.num_pages} (max_client_cache_fraction)",
+            )
+
+    async def _wait_for_memory(self) -> None:
+        """Wait in line for room (woken by `_wake_waiters`); the caller then holds a promise."""
+        if len(self._waiters) >= self.config.admission_queue:
+            raise RemoteError(
+                ErrorCode.CACHE_FULL,
+                f"cache full: {len(self._waiters)} new sessions already wait for memory here",
+            )
+        turn: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(turn)
+        try:
+            await asyncio.wait_for(asyncio.shield(turn), self.config.admission_timeout)
+        except BaseException as e:
+            if turn in self._waiters:
+                self._waiters.remove(turn)
+            elif turn.done() and not turn.cancelled():  # let in, but leaving: pass it on
+                self._promised -= 1
+                self._wake_waiters()
+            if isinstance(e, TimeoutError):
+                raise RemoteError(
+                    ErrorCode.CACHE_FULL,
+                    f"cache full: no KV memory for a new session came free within "
+                    f"{self.config.admission_timeout:.1f} s ({self.cache.pages_free} of "
+                    f"{self.cache.num_pages} pages free, {self.reserve_pages} kept for growth)",
+                ) from None
+            raise
+
+    def _wake_waiters(self) -> None:
+        """Let the first waiting opens in, as many as there is room for."""
+        while self._waiters and self._admissible():
+            self._promised += 1
+            self._waiters.popleft().set_result(None)
 
     def get(self, owner: str, session_id: str) -> Session:
         session = self.sessions.get((owner, session_id))
@@ -93,14 +184,17 @@ class SessionTable:
         return session
 
     def close(self, owner: str, session_id: str) -> None:
-        session = self.get(owner, session_id)
-        del self.sessions[session.key]
-        self.cache.free(session.cache)
+        self._end(self.get(owner, session_id).key)
+        self._wake_waiters()
 
     def close_owner(self, owner: str) -> None:
-        """Drop every session of a client (its connection is gone)."""
+        """Drop every session of a client connection (it is gone)."""
         for key in [k for k in self.sessions if k[0] == owner]:
-            self.cache.free(self.sessions.pop(key).cache)
+            self._end(key)
+        self._wake_waiters()
+
+    def _end(self, key: tuple[str, str]) -> None:
+        self.scheduler.free(self.sessions.pop(key).cache)
 
     def replace_model(self, model: SpanModel, cache_tokens: int) -> int:
         """Serve another span from now on; every open session ends. Returns how many did."""
@@ -108,34 +202,41 @@ class SessionTable:
         self.sessions.clear()
         self.model = model
         self.cache = model.new_cache(cache_tokens)
-        self.dtype = next(model.parameters()).dtype
+        self.scheduler.replace(model, self.cache)
+        self._wake_waiters()
         return dropped
 
     def expire_idle(self, idle_timeout: float) -> int:
         now = time.monotonic()
         stale = [k for k, s in self.sessions.items() if now - s.last_used > idle_timeout]
         for key in stale:
-            self.cache.free(self.sessions.pop(key).cache)
+            self._end(key)
         if stale:
             log.info("expired %d idle sessions", len(stale))
+            self._wake_waiters()
         return len(stale)
 
     async def step(
         self, session: Session, hidden: torch.Tensor, start: int, timeout: float
     ) -> torch.Tensor:
-        """Validate a step, queue it for the worker, and wait for its output."""
+        """Validate a step, queue it, and wait for its output.
+
+        `timeout` counts from when the step first runs: waiting behind other sessions' work
+        does not cancel it while its client waits (and reads the queue from `InfoReply`).
+        """
         self._check_step(session, hidden, start)
-        loop = asyncio.get_running_loop()
-        session.queued_length = start + hidden.shape[1]
-        job = _Job(
-            session, hidden.to(self.dtype), start, time.monotonic() + timeout, loop.create_future()
-        )
-        self._queue.put_nowait(job)
+        end = start + hidden.shape[1]
+        grow = self.cache.pages_for(end) - self._pages_held(session)
+        if grow > 0:
+            self._check_client_pages(session.client, grow)
+        session.queued_length = end
         try:
-            out = await asyncio.wait_for(asyncio.shield(job.done), timeout)
-        except asyncio.TimeoutError:
-            raise RemoteError(ErrorCode.TIMEOUT, f"the step ran past {timeout:.1f} s") from None
-        return out.to(hidden.dtype)
+            return await self.scheduler.run(
+                session.cache, hidden, start, session.layers, timeout=timeout
+            )
+        except LayerswarmError as e:
+            session.queued_length = session.cache.length  # what it holds: steps after fail too
+            raise _as_remote(e, session) from None
 
     def _check_step(self, session: Session, hidden: torch.Tensor, start: int) -> None:
         d = self.model.config.hidden_size
@@ -162,68 +263,19 @@ class SessionTable:
                 f"positions up to {end} pass the session's max_length {session.cache.max_length}",
             )
 
+    def load(self) -> dict[str, float | int]:
+        """What clients read to tell a busy peer from a dead one (`InfoReply.extra`)."""
+        return {
+            "queued_tokens": self.scheduler.queued_tokens,
+            "queue_seconds": round(self.scheduler.queue_seconds(), 4),
+        }
+
     async def serve_steps(self) -> None:
-        """The worker loop: take waiting steps, batch the decode ones, run them off the loop."""
-        loop = asyncio.get_running_loop()
-        while True:
-            jobs = [await self._queue.get()]
-            while not self._queue.empty() and len(jobs) < self.max_batch:
-                jobs.append(self._queue.get_nowait())
-            for batch in _batches(jobs):
-                live = [j for j in batch if self._runnable(j)]
-                if not live:
-                    continue
-                try:
-                    out = await loop.run_in_executor(self._executor, self._run, live)
-                except Exception as e:  # each waiter gets the error; the worker goes on
-                    for j in live:
-                        if not j.done.done():
-                            j.done.set_exception(_as_remote(e))
-                    continue
-                for row, j in enumerate(live):
-                    if not j.done.done():
-                        j.done.set_result(out[row : row + 1])
-
-    def _runnable(self, job: _Job) -> bool:
-        """Whether a queued step can still run; answers the ones that cannot."""
-        if job.done.done():
-            return False
-        if self.sessions.get(job.session.key) is not job.session:  # closed, expired or moved
-            job.done.set_exception(
-                RemoteError(ErrorCode.UNKNOWN_SESSION, "the session ended before its step ran")
-            )
-            return False
-        if job.start > job.session.cache.length:  # an earlier queued step of it failed
-            job.done.set_exception(
-                RemoteError(
-                    ErrorCode.BAD_POSITION,
-                    f"start {job.start} leaves a gap: the session holds "
-                    f"{job.session.cache.length} tokens",
-                )
-            )
-            return False
-        return True
-
-    def _run(self, jobs: Sequence[_Job]) -> torch.Tensor:
-        deadline = min(j.deadline for j in jobs)
-        hidden = torch.cat([j.hidden for j in jobs])  # (batch, tokens, hidden)
-        one_token_one_session = hidden.shape[0] == 1 and hidden.shape[1] == 1
-        threads = self.decode_threads if one_token_one_session else 0
-        threads = threads or self._all_threads
-        if torch.get_num_threads() != threads:  # this thread's own setting (OpenMP)
-            torch.set_num_threads(threads)
-        out: torch.Tensor = self.model(
-            hidden,
-            [j.start for j in jobs],
-            self.cache,
-            [j.session.cache for j in jobs],
-            layers=jobs[0].session.layers,
-            should_stop=lambda: self._stopping or time.monotonic() > deadline,
-        )
-        return out
+        """The compute loop (the scheduler's), until cancelled."""
+        await self.scheduler.serve()
 
     def shutdown(self) -> None:
-        self._stopping = True
+        self.scheduler.close()
         self._executor.shutdown(wait=True, cancel_futures=True)
 
 
@@ -237,31 +289,17 @@ def open_compute_thread() -> ThreadPoolExecutor:
     return ThreadPoolExecutor(1, thread_name_prefix="layerswarm-compute")
 
 
-def _batches(jobs: list[_Job]) -> list[list[_Job]]:
-    """Group neighbouring decode steps (one token) of different sessions on the same layers.
-
-    Order is kept, so two steps of one session never swap.
-    """
-    out: list[list[_Job]] = []
-    for j in jobs:
-        last = out[-1] if out else None
-        if (
-            last is not None
-            and j.hidden.shape[1] == 1
-            and last[0].hidden.shape[1] == 1
-            and last[0].session.layers == j.session.layers
-            and all(k.session is not j.session for k in last)
-        ):
-            last.append(j)
-        else:
-            out.append([j])
-    return out
-
-
-def _as_remote(e: Exception) -> RemoteError:
+def _as_remote(e: LayerswarmError, session: Session) -> RemoteError:
+    sid = session.key[1]
     if isinstance(e, RemoteError):
         return e
+    if isinstance(e, CacheFull):
+        return RemoteError(ErrorCode.SESSION_FULL, f"session {sid!r}: {e}; move it elsewhere")
+    if isinstance(e, (ContextOverflow, PositionGap)):
+        return RemoteError(ErrorCode.BAD_POSITION, str(e))
+    if isinstance(e, SessionExpired):
+        return RemoteError(ErrorCode.UNKNOWN_SESSION, f"session {sid!r}: {e}")
     if isinstance(e, StepCancelled):
         return RemoteError(ErrorCode.TIMEOUT, str(e))
-    log.exception("step failed", exc_info=e)
-    return RemoteError(ErrorCode.INTERNAL, f"{type(e).__name__}: {e}")
+    log.error("a step of session %r failed: %s", sid, e)
+    return RemoteError(ErrorCode.INTERNAL, str(e))

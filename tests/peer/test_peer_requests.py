@@ -62,7 +62,11 @@ def _peer(tiny_dir: Path, workdir: Path, *extra: str) -> Iterator[PeerProcess]:
         tiny_dir,
         Span(0, 2),
         workdir,
-        ["--cache-memory", "0.0625", "--max-session-length", "64", *extra],
+        # 0.0625 MiB holds 128 tokens of 2 layers: 8 pages of 16
+        [
+            *("--cache-memory", "0.0625", "--max-session-length", "64"),
+            *("--admission-timeout", "0.5", *extra),
+        ],
     )
     try:
         yield peer
@@ -107,6 +111,7 @@ def test_info_names_the_span_and_cache(peer: PeerProcess) -> None:
             assert (info.span_start, info.span_end, info.num_layers) == (0, 2, 4)
             assert info.peer_id == peer.peer_id == conn.peer_id
             assert info.cache_tokens_free == info.cache_tokens_total > 0
+            assert info.extra["queued_tokens"] == 0 and info.extra["queue_seconds"] == 0
 
     run(go)
 
@@ -114,7 +119,6 @@ def test_info_names_the_span_and_cache(peer: PeerProcess) -> None:
 BAD_REQUESTS = {
     "a span the peer does not serve": (OpenSession("s", 1, 4, 8), "bad_span"),
     "max_length over the peer's limit": (OpenSession("s", 0, 2, 10_000), "bad_position"),
-    "a session the cache cannot hold": (OpenSession("s", 0, 2, 64), None),
     "a step for an unknown session": (
         Step("nope", torch.zeros(1, 1, HIDDEN), 0),
         "unknown_session",
@@ -128,18 +132,38 @@ def test_bad_requests_get_clear_errors(peer: PeerProcess, case: str) -> None:
 
     async def go() -> None:
         async with await connect(peer) as conn:
-            if code is None:  # fill the cache first: 0.0625 MiB holds ~128 tokens of 2 layers
-                await conn.request(OpenSession("hog", 0, 2, 64))
-                with pytest.raises(RemoteError) as e:
-                    await conn.request(OpenSession("more", 0, 2, 64))
-                    await conn.request(msg)
-                assert e.value.code == "cache_full" and "cache full" in e.value.message
-                await conn.request(CloseSession("hog"))
-                await conn.request(CloseSession("more"))
-            else:
-                with pytest.raises(RemoteError) as e:
-                    await conn.request(msg)
-                assert e.value.code == code
+            with pytest.raises(RemoteError) as e:
+                await conn.request(msg)
+            assert e.value.code == code
+        await still_serves(peer)
+
+    run(go)
+
+
+def test_a_full_peer_says_busy_session_full_and_cache_full(peer: PeerProcess) -> None:
+    """Each client may hold half the 8 pages; sessions take pages as they grow."""
+
+    async def go() -> None:
+        a, b, c, d = [await connect(peer) for _ in range(4)]  # four clients (identities)
+        try:
+            for conn, tokens in ((a, 64), (b, 48), (c, 16)):
+                await conn.request(OpenSession("s", 0, 2, 64))
+                await conn.request(Step("s", torch.randn(1, tokens, HIDDEN), 0))
+            with pytest.raises(RemoteError) as busy:  # a holds 4 pages: its share
+                await a.request(OpenSession("more", 0, 2, 64))
+            assert busy.value.code == "busy"
+            with pytest.raises(RemoteError) as full:  # no page left to grow into
+                await b.request(Step("s", torch.randn(1, 1, HIDDEN), 48))
+            assert full.value.code == "session_full" and "cannot grow to 49" in full.value.message
+            with pytest.raises(RemoteError) as cache:  # waits 0.5 s for a page, in vain
+                await d.request(OpenSession("s", 0, 2, 64))
+            assert cache.value.code == "cache_full" and "cache full" in cache.value.message
+            await c.request(CloseSession("s"))
+            await d.request(OpenSession("s", 0, 2, 64))  # room again
+        finally:
+            for conn in (a, b, c, d):
+                conn.close()
+                await conn.wait_closed()
         await still_serves(peer)
 
     run(go)
