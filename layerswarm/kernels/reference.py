@@ -78,18 +78,14 @@ def prefill_attention(
     t = q.shape[0]
     if t == 1:  # one query sees every key: no mask needed
         return _one_query(q[0], k, v, scale)[None]
+    if start > 0:
+        # A chunk after earlier tokens: SDPA's CPU path with a mask copies K and V per head
+        # group and runs the unfused math; written out over views it took 9.7 ms instead of
+        # 52 for 28 SmolLM2 queries over 1,000 keys (85 against 127 for 124 over 1,900).
+        return _attention_over_runs(q, [(k, v)], start, scale)
     qh, kh, vh = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)  # (heads, seq, hd)
     gqa = q.shape[1] != k.shape[1]
-    if start == 0:
-        out = F.scaled_dot_product_attention(
-            qh, kh, vh, is_causal=True, scale=scale, enable_gqa=gqa
-        )
-    else:
-        keys = torch.arange(start + t, device=q.device)
-        mask = keys[None, :] <= (keys[start:, None])  # (tokens, context)
-        out = F.scaled_dot_product_attention(
-            qh, kh, vh, attn_mask=mask, scale=scale, enable_gqa=gqa
-        )
+    out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scale, enable_gqa=gqa)
     return out.transpose(0, 1)
 
 
@@ -116,6 +112,15 @@ def runs_attention(
     """
     if len(runs) == 1:
         return prefill_attention(q, runs[0][0], runs[0][1], start, scale)
+    return _attention_over_runs(q, runs, start, scale)
+
+
+def _attention_over_runs(
+    q: torch.Tensor,
+    runs: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    start: int,
+    scale: float,
+) -> torch.Tensor:
     t, q_heads, hd = q.shape
     kv_heads = runs[0][0].shape[1]
     group = q_heads // kv_heads

@@ -6,6 +6,7 @@ import itertools
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from layerswarm.errors import CacheFull, ContextOverflow
 from layerswarm.kernels.reference import prefill_attention, runs_attention
@@ -91,6 +92,15 @@ def test_attention_over_runs_equals_attention_over_the_gathered_context(
     v = torch.randn(context, 2, 8, generator=gen)
     cuts = [0, context // 3, context // 3 + 1, context]
     runs = [(k[a:b], v[a:b]) for a, b in itertools.pairwise(cuts) if b > a]
-    want = prefill_attention(q, k, v, start, 0.35)
-    got = runs_attention(q, runs, start, 0.35)
-    assert (got - want).abs().max() < 1e-5
+    keys = torch.arange(context)
+    mask = keys[None, :] <= keys[start:, None]  # (tokens, context)
+    want = F.scaled_dot_product_attention(
+        q.transpose(0, 1),
+        k.transpose(0, 1),
+        v.transpose(0, 1),
+        attn_mask=mask,
+        scale=0.35,
+        enable_gqa=True,
+    ).transpose(0, 1)
+    for got in (runs_attention(q, runs, start, 0.35), prefill_attention(q, k, v, start, 0.35)):
+        assert (got - want).abs().max() < 1e-5
