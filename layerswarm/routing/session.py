@@ -231,12 +231,16 @@ class RemoteSession:
             hop.conn.request(msg, self.config.max_step_wait if probe else patience)  # type: ignore[arg-type]
         )
         try:
+            wait, last = (patience, False) if probe else (patience + 1.0, True)
             while True:
-                done, _ = await asyncio.wait({request}, timeout=patience + (0 if probe else 1.0))
+                done, _ = await asyncio.wait({request}, timeout=wait)
                 if done:
                     return request.result()
-                if not probe or not await self._still_busy(hop):
+                if last:  # no probe, or a peer with nothing queued stayed silent
                     raise HopFailed(hop.view.peer_id, f"no reply from {hop.view.address} in time")
+                # Busy: wait on. Nothing queued: the reply may be on its way; one short wait.
+                busy = await self._still_busy(hop)
+                wait, last = (patience, False) if busy else (self.config.probe_timeout, True)
         except PeerUnavailable as e:
             raise HopFailed(hop.view.peer_id, str(e)) from None
         except RemoteError as e:

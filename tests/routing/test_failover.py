@@ -15,7 +15,7 @@ from layerswarm.peer.launch import LocalSwarm, PeerProcess, start_peer, start_pe
 from layerswarm.routing.generate import Generator
 from layerswarm.routing.sampling import SamplingConfig
 from layerswarm.routing.session import RemoteSession
-from layerswarm.routing.swarm_client import open_swarm_generator
+from layerswarm.routing.swarm_client import ClientConfig, open_swarm_generator
 from layerswarm.shards.config import Span
 
 GREEDY_128 = SamplingConfig(max_new_tokens=128, temperature=0.0)
@@ -124,3 +124,77 @@ def test_missing_span_is_reported_then_a_returning_peer_is_used(
     finally:
         first.stop()
         second.stop()
+
+
+def test_kill_restart_kill_during_one_reply_returns_to_the_restarted_peer(
+    smollm2_dir: Path, tmp_path: Path, reference: list[int]
+) -> None:
+    """a1 serves 0:15, b1 and b2 15:30; kill -9 b1, restart it on its address, kill -9 b2: the
+    reply must go back to b1, banned or not, although no new session ever refreshed."""
+    a1 = start_peer(smollm2_dir, Span(0, 15), tmp_path)
+    key = tmp_path / "b1.key"
+    b1 = start_peer(smollm2_dir, Span(15, 30), tmp_path, ["--key", str(key)])
+    b2 = start_peer(smollm2_dir, Span(15, 30), tmp_path)
+    try:
+        events: list[str] = []
+        gen = open_swarm_generator(
+            smollm2_dir, [a1.address, b1.address, b2.address], on_event=events.append
+        )
+        tokens = []
+        for token in gen.tokens(gen.tokenizer.encode_chat(STORY), GREEDY_128):
+            tokens.append(token)
+            if len(tokens) == 20:
+                b1.stop(signal.SIGKILL)
+                b1 = start_peer(
+                    smollm2_dir, Span(15, 30), tmp_path, ["--key", str(key), "--port", str(b1.port)]
+                )
+            if len(tokens) == 24:
+                b2.stop(signal.SIGKILL)
+        assert tokens == reference
+        assert sum("rerouted" in e for e in events) >= 1
+    finally:
+        for peer in (a1, b1, b2):
+            peer.stop()
+
+
+def test_reply_survives_kill_9_after_1000_tokens_of_context(
+    smollm2_dir: Path, four_peers: LocalSwarm
+) -> None:
+    """The new replica rebuilds 1,000 tokens of KV cache from the kept inputs (merged into large
+    steps), and the greedy reply goes on exactly as if nothing happened."""
+    story = [{"role": "user", "content": "Summarise this. " + "The sea was calm at dawn. " * 140}]
+    cfg = SamplingConfig(max_new_tokens=24, temperature=0.0)
+    undisturbed = open_swarm_generator(smollm2_dir, four_peers.addresses)
+    prompt = undisturbed.tokenizer.encode_chat(story)
+    assert len(prompt) >= 1000
+    expected = list(undisturbed.tokens(prompt, cfg))
+    assert len(expected) > 8
+
+    events: list[str] = []
+    gen = open_swarm_generator(smollm2_dir, four_peers.addresses, on_event=events.append)
+    tokens = []
+    for token in gen.tokens(prompt, cfg):
+        tokens.append(token)
+        if len(tokens) == 4:
+            peer_in_use(gen, four_peers, 1).stop(signal.SIGKILL)
+    assert tokens == expected
+    assert any("rerouted" in e for e in events)
+
+
+def test_a_busy_peer_is_given_time_not_banned(smollm2_dir: Path, four_peers: LocalSwarm) -> None:
+    """A step far slower than the client expects (a long prefill, with a deadline floor of
+    10 ms) is waited for while the peer answers probes: no ban, no reroute, the same reply."""
+    story = [{"role": "user", "content": "Summarise this. " + "The sea was calm. " * 300}]
+    cfg = SamplingConfig(max_new_tokens=4, temperature=0.0)
+    patient = open_swarm_generator(smollm2_dir, four_peers.addresses)
+    prompt = patient.tokenizer.encode_chat(story)
+    expected = list(patient.tokens(prompt, cfg))
+
+    events: list[str] = []
+    hasty = ClientConfig(step_timeout_floor=0.01, step_timeout_factor=0.0)
+    gen = open_swarm_generator(
+        smollm2_dir, four_peers.addresses, config=hasty, on_event=events.append
+    )
+    assert list(gen.tokens(prompt, cfg)) == expected
+    assert not any("rerouted" in e for e in events), events
+    assert gen.client.bans.banned() == set()  # type: ignore[attr-defined]
