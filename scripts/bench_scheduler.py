@@ -1,16 +1,15 @@
-"""Measure the scheduler's token budget: decode gaps beside a chunked prefill, and its speed.
+"""Measure the scheduler's token budget: a mixed step's time against a decode-only step's.
 
-Four sessions decode (each with a 200-token context) while one 2,000-token prompt prefills in
-chunks of the budget. For each budget this prints the median gap between a decoding session's
-tokens while the prefill runs, against the median gap without it, and the prefill's tokens/s.
+Four sessions decode (200 tokens of context each) beside a chunk of a 2,000-token prompt (at
+1,000 tokens in): the step time is the gap between a decoding session's tokens while the prompt
+prefills, and `chunk / step` the prefill's speed. Budgets are interleaved round by round, so a
+noisy machine slows each alike; medians of the rounds.
 
     .venv/bin/python scripts/bench_scheduler.py [model] [budgets...]
 """
 
 from __future__ import annotations
 
-import asyncio
-import itertools
 import statistics
 import sys
 import time
@@ -19,69 +18,49 @@ from pathlib import Path
 import torch
 
 from layerswarm.kernels.cpu_linear import pack_linears
-from layerswarm.shards.blocks import SpanModel
+from layerswarm.shards.blocks import StepBatch
 from layerswarm.shards.config import ModelConfig, Span
 from layerswarm.shards.registry import resolve_model
-from layerswarm.shards.scheduler import SchedulerConfig, StepScheduler
 from layerswarm.shards.weights import load_span
 
 DECODERS = 4
 CONTEXT = 200
-PROMPT = 2000
-
-
-async def one_budget(model: SpanModel, budget: int) -> tuple[float, float, float]:
-    cache = model.new_cache(DECODERS * 400 + PROMPT + 64)
-    scheduler = StepScheduler(model, cache, SchedulerConfig(token_budget=budget, max_batch=16))
-    loop = asyncio.create_task(scheduler.serve())
-    d = model.config.hidden_size
-    seqs = [cache.open_session(CONTEXT + 400) for _ in range(DECODERS)]
-    for s in seqs:
-        await scheduler.run(s, torch.randn(1, CONTEXT, d), 0)
-    stamps: list[list[float]] = [[] for _ in seqs]
-    prefill_span: list[float] = []
-    stop = False
-
-    async def decode(i: int) -> None:
-        pos = CONTEXT
-        while not stop:
-            await scheduler.run(seqs[i], torch.randn(1, 1, d), pos)
-            stamps[i].append(time.perf_counter())
-            pos += 1
-
-    async def prefill() -> None:
-        await asyncio.sleep(1.0)  # decode-only gaps first
-        t0 = time.perf_counter()
-        await scheduler.run(cache.open_session(PROMPT), torch.randn(1, PROMPT, d), 0)
-        prefill_span.extend((t0, time.perf_counter()))
-
-    tasks = [asyncio.create_task(decode(i)) for i in range(DECODERS)]
-    await prefill()
-    await asyncio.sleep(0.5)
-    stop = True
-    await asyncio.gather(*tasks)
-    loop.cancel()
-    scheduler.close()
-    t0, t1 = prefill_span
-    alone, beside = [], []
-    for s in stamps:
-        for a, b in itertools.pairwise(s):
-            (beside if t0 < b <= t1 else alone if b <= t0 else []).append(b - a)
-    return statistics.median(alone), statistics.median(beside), PROMPT / (t1 - t0)
+PREFILLED = 1000
+ROUNDS = 7
 
 
 def main() -> None:
     name = sys.argv[1] if len(sys.argv) > 1 else "smollm2-135m"
-    budgets = [int(b) for b in sys.argv[2:]] or [32, 64, 128, 256, 512]
+    budgets = [0] + ([int(b) for b in sys.argv[2:]] or [16, 32, 64, 128, 256])
     model_dir = resolve_model(name, Path.home() / ".cache" / "layerswarm")
     config = ModelConfig.from_file(model_dir)
     model = pack_linears(load_span(model_dir, Span(0, config.num_layers), torch.float32, config))
+    d = config.hidden_size
+    cache = model.new_cache(DECODERS * 400 + 2100 + 64)
+    decoding = [cache.open_session(400) for _ in range(DECODERS)]
+    for s in decoding:
+        model.forward_flat(torch.randn(CONTEXT, d), StepBatch([0], [CONTEXT], [s]), cache)
+    prompt = cache.open_session(2100)
+    model.forward_flat(torch.randn(PREFILLED, d), StepBatch([0], [PREFILLED], [prompt]), cache)
+    times: dict[int, list[float]] = {b: [] for b in budgets}
+    for _ in range(ROUNDS):
+        for b in budgets:
+            n = max(b - DECODERS, 0)
+            extra = ([PREFILLED], [n], [prompt]) if n else ([], [], [])
+            batch = StepBatch(
+                [CONTEXT] * DECODERS + extra[0], [1] * DECODERS + extra[1], decoding + extra[2]
+            )
+            x = torch.randn(DECODERS + n, d)
+            t0 = time.perf_counter()
+            model.forward_flat(x, batch, cache)
+            times[b].append(time.perf_counter() - t0)
+    base = statistics.median(times[0])
     print(f"{name}, {config.num_layers} layers, fp32, {torch.get_num_threads()} threads")
-    for budget in budgets:
-        alone, beside, rate = asyncio.run(one_budget(model, budget))
+    for b in budgets[1:]:
+        t = statistics.median(times[b])
         print(
-            f"budget {budget:4d}: decode gap {beside * 1e3:6.0f} ms beside the prefill "
-            f"({beside / alone:.1f}x the {alone * 1e3:.0f} ms alone), prefill {rate:5.0f} tok/s"
+            f"budget {b:4d}: step {t * 1e3:5.0f} ms ({t / base:.1f}x the {base * 1e3:.0f} ms of "
+            f"decode alone), prefill {(b - DECODERS) / t:4.0f} tok/s"
         )
 
 

@@ -36,14 +36,18 @@ from layerswarm.shards.kv_cache import PagedKVCache, SessionCache
 
 log = logging.getLogger(__name__)
 
-# Measured with scripts/bench_scheduler.py on this project's 2-core CPU machine, SmolLM2-135M
-# fp32, all 30 layers, 4 sessions decoding while one 2,000-token prompt prefills in chunks of the
-# budget (medians over the prefill; a decode-only step took 62 ms):
-#   budget   64: decode gap 139 ms (2.2x), prefill  460 tok/s
-#   budget  128: decode gap 243 ms (3.9x), prefill  530 tok/s
-#   budget  256: decode gap 452 ms (7.3x), prefill  565 tok/s
-# (filled in from the run cited in the commit; see `token_budget` below for the choice)
-DEFAULT_TOKEN_BUDGET = 64
+# Measured with scripts/bench_scheduler.py on this project's 2-core CPU machine (while other
+# work shared it; ratios matter), SmolLM2-135M fp32, all 30 layers: 4 sessions decoding beside
+# a chunk of a 2,000-token prompt, 1,000 tokens in. A decode-only step took 83 ms.
+#   budget  16: step 165 ms (2.0x), prefill  73 tok/s
+#   budget  32: step 213 ms (2.6x), prefill 131 tok/s
+#   budget  64: step 291 ms (3.5x), prefill 206 tok/s
+#   budget 128: step 477 ms (5.8x), prefill 260 tok/s
+#   budget 256: step 905 ms (11.0x), prefill 278 tok/s
+# 32 is the largest budget that keeps a decoding session's gap under 3x while a long prompt
+# prefills, at half the prefill speed of big chunks; a peer that serves prompts more than chats
+# can raise it (`--token-budget`).
+DEFAULT_TOKEN_BUDGET = 32
 
 
 @dataclass(frozen=True)
