@@ -1,59 +1,103 @@
-"""The local engine: every layer in this process, behind the same interface as the swarm."""
+"""The local engine: every layer in this process, behind the same interface as the swarm.
+
+It is a peer without the network: one `StepScheduler` over the whole model and one paged KV
+cache, so many replies in flight at once (`Client.generate_batch`, `swarm-api --local`) are
+batched on its compute thread as a peer batches its clients' sessions.
+"""
 
 from __future__ import annotations
 
 import asyncio
-from concurrent.futures import Executor, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
 
 from layerswarm.kernels.cpu_linear import pack_linears
 from layerswarm.routing.generate import Generator, Pipeline
+from layerswarm.routing.loop import BackgroundLoop
 from layerswarm.routing.text import ChatTokenizer
 from layerswarm.shards.blocks import SpanModel
 from layerswarm.shards.config import ModelConfig, Span, parse_dtype
-from layerswarm.shards.kv_cache import PagedKVCache
+from layerswarm.shards.kv_cache import PagedKVCache, SessionCache
+from layerswarm.shards.scheduler import StepScheduler
 from layerswarm.shards.weights import Progress, load_client_head, load_span
 
-__all__ = ["LocalPipeline", "open_local_generator", "parse_dtype"]
+__all__ = ["LocalEngine", "LocalPipeline", "open_local_generator", "parse_dtype"]
+
+# 512 MiB holds 11,000 tokens of SmolLM2-135M in fp32 (46 KiB a token): one full 8,192-token
+# context, or 16 replies of 700.
+DEFAULT_CACHE_BYTES = 512 * 2**20
+
+
+class LocalEngine:
+    """A whole model, its KV cache and the scheduler that batches every session's steps.
+
+    The scheduler runs on `net`'s loop; a pipeline used from another loop reaches it there.
+    """
+
+    def __init__(
+        self, model: SpanModel, cache_bytes: int, compute: ThreadPoolExecutor, net: BackgroundLoop
+    ) -> None:
+        c = model.config
+        per_token = PagedKVCache.bytes_per_token(
+            len(model.span), c.num_kv_heads, c.head_dim, next(model.parameters()).dtype
+        )
+        self.cache: PagedKVCache = model.new_cache(max(cache_bytes // per_token, 1))
+        self.scheduler = StepScheduler(model, self.cache, compute=compute)
+        self.net = net
+        self._serving = net.run(self._start())  # the compute loop, for the engine's life
+
+    async def _start(self) -> asyncio.Task[None]:
+        return asyncio.get_running_loop().create_task(self.scheduler.serve())
+
+    async def run(self, seq: SessionCache, hidden: torch.Tensor, start: int) -> torch.Tensor:
+        return await self.net.call(self.scheduler.run(seq, hidden, start))
+
+    async def free(self, seq: SessionCache) -> None:
+        async def free() -> None:
+            self.scheduler.free(seq)
+
+        await self.net.call(free())
 
 
 class LocalPipeline:
-    """A session over a whole model held in this process, with its own KV cache."""
+    """One session of the local engine."""
 
-    def __init__(self, model: SpanModel, max_length: int, compute: Executor) -> None:
-        self.model = model
-        self.compute = compute
-        self.cache: PagedKVCache = model.new_cache(max_length)
-        self.session = self.cache.allocate(max_length)
-
-    def forward(self, hidden: torch.Tensor, start: int) -> torch.Tensor:
-        out: torch.Tensor = self.model(hidden, [start], self.cache, [self.session])
-        return out
+    def __init__(self, engine: LocalEngine, max_length: int) -> None:
+        self.engine = engine
+        self.seq = engine.cache.open_session(max_length)  # pages come as it grows
 
     async def aforward(self, hidden: torch.Tensor, start: int) -> torch.Tensor:
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self.compute, self.forward, hidden, start)
+        return await self.engine.run(self.seq, hidden, start)
 
     async def aclose(self) -> None:
-        self.cache.free(self.session)
+        await self.engine.free(self.seq)
 
 
 def open_local_generator(
-    model_dir: str | Path, dtype: torch.dtype = torch.float32, progress: Progress | None = None
+    model_dir: str | Path,
+    dtype: torch.dtype = torch.float32,
+    progress: Progress | None = None,
+    cache_bytes: int = DEFAULT_CACHE_BYTES,
 ) -> Generator:
-    """Load a whole model (a folder in Hugging Face layout) for generation in this process."""
+    """Load a whole model (a folder in Hugging Face layout) for generation in this process.
+
+    Args:
+        cache_bytes: the KV cache of every session together.
+    """
     config = ModelConfig.from_file(model_dir)
     tokenizer = ChatTokenizer(model_dir)
     head = pack_linears(load_client_head(model_dir, dtype, config))
     model = pack_linears(
         load_span(model_dir, Span(0, config.num_layers), dtype, config, progress=progress)
     )
+    # The head and the layers share one compute thread: two OpenMP teams only fight.
     compute = ThreadPoolExecutor(1, thread_name_prefix="layerswarm-compute")
+    net = BackgroundLoop()
+    engine = LocalEngine(model, cache_bytes, compute, net)
 
     async def open_pipeline(max_length: int) -> Pipeline:
-        return LocalPipeline(model, max_length, compute)
+        return LocalPipeline(engine, max_length)
 
-    # The head and the layers share one compute thread: two OpenMP teams only fight.
-    return Generator(head, tokenizer, open_pipeline, compute=compute)
+    return Generator(head, tokenizer, open_pipeline, net, compute)
