@@ -20,7 +20,7 @@ Columns, per row:
   prefill began (the target: under 3x);
 - failures: sessions that raised or stopped short, summed over repeats (the target: none).
 
-    python scripts/bench_concurrency.py [--sessions 1 2 4 8 16] [--tokens 48] [--repeats 2]
+    python scripts/bench_concurrency.py [--sessions 1 2 4 8 16] [--tokens 32] [--repeats 2]
         [--dtypes float32 bfloat16] [--quick]
 """
 
@@ -208,7 +208,9 @@ async def child_main(args: argparse.Namespace) -> dict[str, Any]:
         if other is not client:
             other.close()
         client.close()
-    return {"rows": rows}
+    # What the client's head ran in: `Client.connect(peers=..., dtype=...)` may not pass the
+    # dtype on to a swarm client's head (the peers' --dtype decides the layers').
+    return {"rows": rows, "head_dtype": str(next(client.generator.head.parameters()).dtype)}
 
 
 def child(args: argparse.Namespace) -> None:
@@ -339,6 +341,11 @@ def print_table(
         for engine in ("local", "swarm"):
             for line in table_rows(dtype, engine, by_engine[engine]):
                 print(line)
+    for dtype, by_engine in results.items():
+        for engine, runs in by_engine.items():
+            heads = {run["head_dtype"] for run in runs if "head_dtype" in run}
+            if heads - {f"torch.{dtype}"}:
+                print(f"\nNote: the {engine} client's head ran in {', '.join(sorted(heads))}.")
     print(
         "\nTargets: at 8 sessions, aggregate decode >= 4x one session's (bf16); the longest "
         "gap during the prefill under 3x the median gap; no failures."
@@ -349,7 +356,7 @@ def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--sessions", type=int, nargs="+", default=[1, 2, 4, 8, 16])
-    ap.add_argument("--tokens", type=int, default=48, help="tokens each session decodes")
+    ap.add_argument("--tokens", type=int, default=32, help="tokens each session decodes")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=list(SHORT))
     ap.add_argument("--prompt-tokens", type=int, default=32, help="each session's prompt")
