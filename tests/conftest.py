@@ -179,3 +179,24 @@ def _write_metadata(w: GGUFWriter, model: dict[str, Any], tokens: list[str], pre
     w.add_eos_token_id(2)
     w.add_unk_token_id(0)
     w.add_chat_template(TINY_TEMPLATE)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 4-layer Llama with random weights (hidden 64), saved by transformers."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+    )
+    out = tmp_path_factory.mktemp("tiny-llama")
+    LlamaForCausalLM(config).save_pretrained(out)
+    return out

@@ -133,9 +133,13 @@ class SessionTable:
         self._check_client_pages(client, 1)
 
     def _check_client_pages(self, client: str, more: int) -> None:
+        """Refuse a client past its share of the pages, but only while others want them: a
+        lone client may fill the cache (one long context on a small peer), never crowd out
+        another client's sessions or those waiting to be let in."""
         limit = int(self.config.max_client_cache_fraction * self.cache.num_pages)
         held = sum(self._pages_held(s) for s in self.sessions.values() if s.client == client)
-        if held + more > limit:
+        others = self._waiters or any(s.client != client for s in self.sessions.values())
+        if held + more > limit and others:
             raise RemoteError(
                 ErrorCode.BUSY,
                 f"this client's sessions would hold {held + more} KV pages here, more than "

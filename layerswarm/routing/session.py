@@ -56,6 +56,7 @@ NOT_A_FAULT = {
     ErrorCode.TIMEOUT,  # the peer gave up on its own queue: busy, not broken
     ErrorCode.UNKNOWN_SESSION,  # expired or dropped (a rebalance): rebuild it
 }
+FIRST_PAUSE = 0.05  # unit: s before asking full peers again; doubles up to 1 s
 # Errors after which another replica may well succeed, though this peer failed.
 FAULTS = {ErrorCode.INTERNAL}
 
@@ -151,7 +152,7 @@ class RemoteSession:
             SwarmBusy: the peers that serve some layers stayed full or busy.
         """
         waited_until = time.monotonic() + self.config.busy_wait_timeout
-        pause = 0.05
+        pause = FIRST_PAUSE
         while True:
             path = self._path(span, self.client.bans.banned() | avoid)
             if path is None:
@@ -168,6 +169,8 @@ class RemoteSession:
                     f"the peers serving layers {span} stayed full or busy for "
                     f"{self.config.busy_wait_timeout:g} s: try again later"
                 )
+            if pause == FIRST_PAUSE:
+                self.client.on_event(f"the peers serving layers {span} are full: waiting for room")
             await asyncio.sleep(pause)  # popular peers: wait for room, then ask them all again
             pause = min(pause * 2, 1.0)
             avoid.clear()

@@ -281,3 +281,58 @@ def test_stream_survives_kill_9_of_a_peer_in_use(
     assert first_hop[0].process.returncode == -signal.SIGKILL
     assert "".join(pieces) == undisturbed.choices[0].message.content
     assert reasons[-1] == "length"
+
+
+@pytest.fixture(scope="module")
+def two_peers(smollm2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalSwarm]:
+    spans = [Span(0, 15), Span(15, 30)]
+    with start_peers(smollm2_dir, spans, tmp_path_factory.mktemp("api-2")) as swarm:
+        yield swarm
+
+
+def test_eight_concurrent_chat_completions_without_max_tokens_all_answer(
+    smollm2_dir: Path, two_peers: LocalSwarm
+) -> None:
+    """As tools send them: no max_tokens, so each asks for the rest of the 8,192-token context.
+    Peers take KV pages as sessions grow, so all eight fit (a reservation each did not)."""
+    with open_api(smollm2_dir, two_peers.addresses) as url:
+        client = openai.OpenAI(base_url=url, api_key="none", max_retries=0, timeout=300)
+        model = str(client.models.list().data[0].id)
+
+        def ask(_: int) -> Any:
+            return client.chat.completions.create(model=model, messages=FRANCE, temperature=0)
+
+        with ThreadPoolExecutor(8) as pool:
+            replies = list(pool.map(ask, range(8)))
+    texts = [r.choices[0].message.content for r in replies]
+    assert all("Paris" in t for t in texts), texts
+    assert len(set(texts)) == 1  # greedy: the same question gets the same answer
+    assert all(r.choices[0].finish_reason == "stop" for r in replies)
+
+
+def test_a_full_queue_answers_429_and_the_openai_client_retries(
+    smollm2_dir: Path, two_peers: LocalSwarm
+) -> None:
+    extra = ("--max-active", "1", "--max-waiting", "0")
+    with open_api(smollm2_dir, two_peers.addresses, extra) as url:
+        hasty = openai.OpenAI(base_url=url, api_key="none", max_retries=0, timeout=300)
+        # Retry-After is 2 s: 30 retries wait a minute, for the others' replies on a busy host.
+        patient = openai.OpenAI(base_url=url, api_key="none", max_retries=30, timeout=300)
+        model = str(hasty.models.list().data[0].id)
+        args: dict[str, Any] = {"model": model, "prompt": "Once upon a time", "max_tokens": 16}
+
+        def ask(client: Any) -> Any:
+            try:
+                return client.completions.create(**args)
+            except openai.RateLimitError as e:
+                return e
+
+        with ThreadPoolExecutor(3) as pool:
+            hasty_replies = list(pool.map(ask, [hasty] * 3))
+        refused = [r for r in hasty_replies if isinstance(r, openai.RateLimitError)]
+        assert refused, "three requests at once, one allowed: some must be told to come back"
+        assert refused[0].response.headers["retry-after"] == "2"
+        assert "busy" in refused[0].message
+        with ThreadPoolExecutor(3) as pool:
+            patient_replies = list(pool.map(ask, [patient] * 3))
+        assert all(r.choices[0].finish_reason == "length" for r in patient_replies)
