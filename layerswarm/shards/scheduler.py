@@ -48,21 +48,32 @@ log = logging.getLogger(__name__)
 # prefills, at half the prefill speed of big chunks; a peer that serves prompts more than chats
 # can raise it (`--token-budget`).
 DEFAULT_TOKEN_BUDGET = 32
+DEFAULT_PREFILL_CHUNK = 256
+DEFAULT_DECODE_LINGER = 1.0
 
 
 @dataclass(frozen=True)
 class SchedulerConfig:
     """How much work one turn of the compute loop takes on."""
 
-    token_budget: int = DEFAULT_TOKEN_BUDGET  # unit: tokens per iteration: decode + prefill chunks
+    token_budget: int = DEFAULT_TOKEN_BUDGET  # unit: tokens per iteration while sessions decode
     max_batch: int = 16  # unit: sessions per iteration
     decode_threads: int = 0  # unit: threads for a one-session one-token step; 0: all of torch's
+    prefill_chunk: int = DEFAULT_PREFILL_CHUNK  # unit: tokens per iteration when none decodes
+    # unit: s after its last decode step that a session still counts as decoding (its next
+    # step is on its way: the client samples, other hops run); 0: only a queued step counts
+    decode_linger: float = DEFAULT_DECODE_LINGER
 
     def __post_init__(self) -> None:
         if self.max_batch < 1 or self.token_budget <= self.max_batch:
             raise ValueError(
                 f"need max_batch >= 1 and token_budget > max_batch (so that prefills advance "
                 f"beside a full batch of decode steps), got {self.max_batch}, {self.token_budget}"
+            )
+        if self.prefill_chunk < self.token_budget or self.decode_linger < 0:
+            raise ValueError(
+                f"need prefill_chunk >= token_budget and decode_linger >= 0, got "
+                f"{self.prefill_chunk}, {self.token_budget}, {self.decode_linger}"
             )
 
 
@@ -119,6 +130,7 @@ class StepScheduler:
         self._running_since = 0.0  # unit: monotonic s the running batch started
         self._batch_s = 0.0  # unit: s, moving average of one batch's time
         self._to_free: list[tuple[PagedKVCache, SessionCache]] = []  # after the running batch
+        self._decoded_at: dict[int, float] = {}  # id(seq) -> monotonic s its last decode ran
         self._closed = False
 
     async def run(
@@ -182,6 +194,7 @@ class StepScheduler:
         pool, once the running batch (which may write them) is over."""
         for job in self._queues.pop(id(seq), ()):
             self._fail(job, SessionExpired("the session ended before its step ran"))
+        self._decoded_at.pop(id(seq), None)
         if any(job.seq is seq for job, _ in self._running):
             self._to_free.append((self.cache, seq))
         else:
@@ -193,6 +206,7 @@ class StepScheduler:
             for job in queue:
                 self._fail(job, SessionExpired("the peer moved to other layers"))
         self._queues.clear()
+        self._decoded_at.clear()
         self.model, self.cache = model, cache
         self._dtype = next(model.parameters()).dtype
 
@@ -255,6 +269,8 @@ class StepScheduler:
     def _finish_chunk(self, job: _Job, out: torch.Tensor) -> None:
         job.parts.append(out)
         job.ran += out.shape[0]
+        if job.total == 1:
+            self._decoded_at[id(job.seq)] = time.monotonic()
         if job.remaining > 0 or job.done.done():
             return
         queue = self._queues.get(id(job.seq))
@@ -285,7 +301,7 @@ class StepScheduler:
         decode = [j for j in heads if j.total == 1]
         prefill = [j for j in heads if j.total > 1]
         batch: list[tuple[_Job, int]] = []
-        budget = self.config.token_budget
+        budget = self._budget(decode, now)
         for job in decode + prefill:
             n = min(job.remaining, budget)
             if len(batch) == self.config.max_batch or n <= 0:
@@ -296,6 +312,18 @@ class StepScheduler:
                 if job.deadline is None and job.timeout is not None:
                     job.deadline = now + job.timeout
         return batch
+
+    def _budget(self, decode: list[_Job], now: float) -> int:
+        """The small budget while any session decodes (a step queued, or one that ran within
+        `decode_linger`: its next is on its way), else the big prefill chunk."""
+        if decode:
+            return self.config.token_budget
+        linger = self.config.decode_linger
+        for key, at in list(self._decoded_at.items()):
+            if now - at < linger:
+                return self.config.token_budget
+            del self._decoded_at[key]
+        return self.config.prefill_chunk
 
     def _ready(self, job: _Job, now: float) -> bool:
         """Whether a session's next step can run now; answers (and drops) the ones that cannot."""

@@ -183,10 +183,12 @@ def test_a_client_over_its_limits_hears_busy() -> None:
         with pytest.raises(RemoteError) as many:
             await table.open("conn1", "greedy", "c", Span(0, 2), 128)
         assert many.value.code == ErrorCode.BUSY and "max_sessions_per_client" in str(many.value)
+        await table.step(a, steps(70), 0, 10.0)  # 5 of 8 pages: alone, past its share of 4
+        modest = await table.open("conn1", "modest", "c", Span(0, 2), 128)  # not limited
         with pytest.raises(RemoteError) as big:
-            await table.step(a, steps(60), 0, 10.0)  # 4 pages + b's 1: more than 4 of 8
+            await table.step(a, steps(20), 70, 10.0)  # a 6th page, while another client is here
         assert big.value.code == ErrorCode.BUSY and "max_client_cache_fraction" in str(big.value)
-        await table.open("conn1", "modest", "c", Span(0, 2), 128)  # others are not limited
+        await table.step(modest, steps(20), 0, 10.0)  # others are not limited
 
     serve(table, body)
 

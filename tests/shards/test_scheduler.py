@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from layerswarm.errors import CacheFull, SessionExpired, StepCancelled
-from layerswarm.shards.blocks import ClientHead, SpanModel
+from layerswarm.shards.blocks import ClientHead, SpanModel, StepBatch
 from layerswarm.shards.config import ModelConfig, Span
 from layerswarm.shards.kv_cache import PagedKVCache
 from layerswarm.shards.scheduler import PositionGap, SchedulerConfig, StepScheduler
@@ -124,7 +124,8 @@ def test_a_decode_step_runs_beside_a_long_prefill_queued_before_it() -> None:
 def test_a_step_past_its_deadline_fails_alone_and_its_session_stays_where_it_was() -> None:
     model = tiny_span()
     cache = model.new_cache(256)
-    scheduler = StepScheduler(model, cache, SchedulerConfig(token_budget=8, max_batch=2))
+    config = SchedulerConfig(token_budget=8, max_batch=2, prefill_chunk=8)  # chunks even alone
+    scheduler = StepScheduler(model, cache, config)
     steps = [(hidden(4, 1), 0), (hidden(1, 2), 4), (hidden(1, 3), 5)]
 
     async def body() -> tuple[list[torch.Tensor], BaseException | None, int]:
@@ -185,3 +186,47 @@ def test_steps_of_a_freed_session_fail_and_gaps_are_refused() -> None:
         assert cache.pages_free == cache.num_pages
 
     serving(scheduler, body)
+
+
+@pytest.mark.parametrize("linger", [60.0, 0.0])
+def test_a_lone_prefill_runs_in_big_chunks_and_a_decode_step_makes_them_small(
+    linger: float,
+) -> None:
+    model = tiny_span()
+    cache = model.new_cache(512)
+    config = SchedulerConfig(token_budget=8, max_batch=2, prefill_chunk=32, decode_linger=linger)
+    scheduler = StepScheduler(model, cache, config)
+    batches: list[list[int]] = []  # each batch's segment sizes, in the order they ran
+    forward_flat = model.forward_flat
+
+    async def body() -> None:
+        loop = asyncio.get_running_loop()
+        second_chunk = asyncio.Event()
+
+        def recording(x: torch.Tensor, batch: StepBatch, *args: object, **kw: object) -> object:
+            batches.append(list(batch.counts))
+            if len(batches) == 2:  # the prompt's second chunk: a decode step comes now
+                loop.call_soon_threadsafe(second_chunk.set)
+            return forward_flat(x, batch, *args, **kw)  # type: ignore[arg-type]
+
+        decoding, prompting = cache.open_session(64), cache.open_session(256)
+        await scheduler.run(decoding, hidden(3, 1), 0)  # a prefill: it does not count as decoding
+        model.forward_flat = recording  # type: ignore[method-assign]
+
+        async def decode_soon() -> None:
+            await second_chunk.wait()
+            await scheduler.run(decoding, hidden(1, 3), 3)
+
+        await asyncio.gather(scheduler.run(prompting, hidden(200, 2), 0), decode_soon())
+
+    serving(scheduler, body)
+    assert batches[0] == [32] and batches[1] == [32]  # alone: big chunks
+    at = next(i for i, b in enumerate(batches) if len(b) == 2)  # the decode step's batch
+    assert at <= 3  # it waited for one big chunk at most
+    assert batches[at][0] == 1 and sum(batches[at]) == 8
+    after = [sum(b) for b in batches[at + 1 :]]
+    if linger:  # the session still counts as decoding: chunks stay small to the end
+        assert max(after) <= 8
+    else:  # only a queued step counts: back to big chunks
+        assert after[0] == 32
+    assert sum(sum(b) for b in batches) == 201
