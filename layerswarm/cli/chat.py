@@ -135,7 +135,9 @@ def open_generator(
         swarm_key=swarm_key,
     )
     try:
-        return open_swarm_generator(model_dir, args.peer, config=config, on_event=on_event)
+        return open_swarm_generator(
+            model_dir, args.peer, dtype=parse_dtype(args.dtype), config=config, on_event=on_event
+        )
     except PeerUnavailable as e:
         if not lan_only:
             raise

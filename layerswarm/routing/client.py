@@ -99,7 +99,8 @@ class Client:
             swarm_key=swarm_key,
             mdns_interfaces=() if discover else None,
         )
-        return cls(open_swarm_generator(model_dir, list(peers), config=config), defaults)
+        gen = open_swarm_generator(model_dir, list(peers), dtype=parse_dtype(dtype), config=config)
+        return cls(gen, defaults)
 
     def _sampling(self, overrides: dict[str, Any]) -> SamplingConfig:
         return SamplingConfig(**{**self.defaults, **overrides})

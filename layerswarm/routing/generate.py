@@ -6,7 +6,6 @@ a chain of peers (the swarm client) looks the same to it.
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
@@ -16,6 +15,7 @@ from typing import Protocol
 import torch
 
 from layerswarm.errors import ContextOverflow
+from layerswarm.routing.head_batch import HeadBatcher
 from layerswarm.routing.loop import BackgroundLoop
 from layerswarm.routing.sampling import Sampler, SamplingConfig
 from layerswarm.routing.text import ChatTokenizer, Message, TextStream
@@ -56,7 +56,8 @@ class Generator:
 
     Every reply runs on one event loop (`net`), however many are in flight: a reply waits on
     the network, not on a thread of its own. The head's work (embedding, logits, sampling) runs
-    on one compute thread (`compute`), so the loop stays free to move other replies' steps.
+    on one compute thread (`compute`), so the loop stays free to move other replies' steps, and
+    the logits of every reply waiting for them come from one matmul (`HeadBatcher`).
     """
 
     def __init__(
@@ -72,6 +73,7 @@ class Generator:
         self.open_pipeline = open_pipeline  # a coroutine function, run on `net`
         self.net = net or BackgroundLoop()
         self.compute = compute or ThreadPoolExecutor(1, thread_name_prefix="layerswarm-head")
+        self.heads = HeadBatcher(head, self.compute)  # next tokens of all replies, batched
         self.last_stats = GenerationStats()
         self.active: Pipeline | None = None  # the pipeline of the reply begun last
 
@@ -152,19 +154,16 @@ class Generator:
         stats = self.last_stats = GenerationStats(prompt_tokens=len(prompt))
         if sampling.max_new_tokens == 0:
             return
-        loop = asyncio.get_running_loop()
         pipeline = self.active = await self.open_pipeline(max_length)
         sampler = Sampler(sampling)
         context, sent = list(prompt), 0
         try:
             t0 = time.perf_counter()
             for step in range(max_length - len(prompt)):
-                hidden = await loop.run_in_executor(self.compute, self._embed, context[sent:])
-                hidden = await pipeline.aforward(hidden, sent)
+                # Embedding is a row lookup: on the loop, with no thread hop.
+                hidden = await pipeline.aforward(self._embed(context[sent:]), sent)
                 sent = len(context)
-                token = await loop.run_in_executor(
-                    self.compute, self._pick, sampler, hidden[:, -1:], context
-                )
+                token = await self.heads.pick(sampler, hidden[:, -1:], context)
                 t0 = _count(stats, step, t0)
                 context.append(token)
                 yield token
