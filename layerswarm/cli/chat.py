@@ -54,8 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=None,
         metavar="TOKENS",
-        help="the longest conversation, in tokens (default: the model's context); its session "
-        "reserves 2048 tokens at first and reopens larger when outgrown",
+        help="the longest conversation, in tokens (default: the model's context); peers take "
+        "memory for it as it grows",
     )
     ap.add_argument("--temperature", type=float, default=0.7)
     ap.add_argument("--top-k", type=int, default=0)

@@ -22,8 +22,6 @@ from layerswarm.shards.config import Span
 
 log = logging.getLogger(__name__)
 
-FIRST_RESERVE = 2048  # unit: tokens a new session reserves; it reopens larger when outgrown
-
 Route = list[tuple[str, Span]]  # (peer address, its layers); [] for the local engine
 
 
@@ -38,7 +36,7 @@ class ChatSession:
         self.length = 0  # unit: tokens the open pipeline was opened for
         self.sent: list[int] = []  # token ids whose keys and values the pipeline holds
         self.forwarded = 0  # unit: tokens sent through the pipeline, all turns together
-        self.opened = 0  # pipelines opened: the first, then each restart, rebuild or growth
+        self.opened = 0  # pipelines opened: the first, then each restart or rebuild
         self.last_route: Route | None = None  # the route of the last reply's pipeline
 
     def chat(self, messages: Sequence[Message], sampling: SamplingConfig) -> Iterator[str]:
@@ -110,12 +108,15 @@ class ChatSession:
         raise AssertionError("unreachable")
 
     def _ensure_room(self, needed: int) -> None:
-        """Open a pipeline with room for `needed` tokens and a reply, reopening a small one."""
+        """Open a pipeline for up to `max_context` tokens unless one is open.
+
+        Peers take KV pages as a session grows, so asking for the whole context costs nothing
+        up front, and the session never has to be reopened (and replayed) to grow.
+        """
         if self.pipeline is not None and needed <= self.length:
             return
         self.drop()
-        if needed > self.length:
-            self.length = min(max(FIRST_RESERVE, self.length * 2, needed), self.max_context)
+        self.length = self.max_context
         self.pipeline = self.gen.active = self.gen.net.run(self.gen.open_pipeline(self.length))
         self.opened += 1
 
