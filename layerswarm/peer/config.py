@@ -6,7 +6,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from layerswarm.shards.config import Span
-from layerswarm.shards.scheduler import DEFAULT_TOKEN_BUDGET, SchedulerConfig
+from layerswarm.shards.scheduler import (
+    DEFAULT_PREFILL_CHUNK,
+    DEFAULT_TOKEN_BUDGET,
+    SchedulerConfig,
+)
 
 
 @dataclass(frozen=True)
@@ -29,6 +33,7 @@ class PeerConfig:
     step_timeout: float = 30.0
     max_batch: int = 16  # sessions: steps of this many sessions run as one batch
     token_budget: int = DEFAULT_TOKEN_BUDGET  # tokens a batch: decode steps + prefill chunks
+    prefill_chunk: int = DEFAULT_PREFILL_CHUNK  # tokens a batch when no session decodes
     cache_reserve: float = 0.1  # fraction of KV pages new sessions leave for open ones to grow
     admission_queue: int = 32  # sessions: opens that may wait for KV memory at once
     admission_timeout: float = 10.0  # s: an open waits this long for memory, then cache_full
@@ -55,7 +60,7 @@ class PeerConfig:
     def serving(self) -> ServingConfig:
         """The part of the config the session table keeps."""
         return ServingConfig(
-            SchedulerConfig(self.token_budget, self.max_batch),
+            SchedulerConfig(self.token_budget, self.max_batch, prefill_chunk=self.prefill_chunk),
             self.cache_reserve,
             self.admission_queue,
             self.admission_timeout,

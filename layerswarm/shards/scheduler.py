@@ -59,7 +59,8 @@ class SchedulerConfig:
     token_budget: int = DEFAULT_TOKEN_BUDGET  # unit: tokens per iteration while sessions decode
     max_batch: int = 16  # unit: sessions per iteration
     decode_threads: int = 0  # unit: threads for a one-session one-token step; 0: all of torch's
-    prefill_chunk: int = DEFAULT_PREFILL_CHUNK  # unit: tokens per iteration when none decodes
+    # unit: tokens per iteration when no session decodes (token_budget if that is larger)
+    prefill_chunk: int = DEFAULT_PREFILL_CHUNK
     # unit: s after its last decode step that a session still counts as decoding (its next
     # step is on its way: the client samples, other hops run); 0: only a queued step counts
     decode_linger: float = DEFAULT_DECODE_LINGER
@@ -70,11 +71,8 @@ class SchedulerConfig:
                 f"need max_batch >= 1 and token_budget > max_batch (so that prefills advance "
                 f"beside a full batch of decode steps), got {self.max_batch}, {self.token_budget}"
             )
-        if self.prefill_chunk < self.token_budget or self.decode_linger < 0:
-            raise ValueError(
-                f"need prefill_chunk >= token_budget and decode_linger >= 0, got "
-                f"{self.prefill_chunk}, {self.token_budget}, {self.decode_linger}"
-            )
+        if self.decode_linger < 0:
+            raise ValueError(f"need decode_linger >= 0, got {self.decode_linger}")
 
 
 class PositionGap(LayerswarmError):
@@ -323,7 +321,7 @@ class StepScheduler:
             if now - at < linger:
                 return self.config.token_budget
             del self._decoded_at[key]
-        return self.config.prefill_chunk
+        return max(self.config.prefill_chunk, self.config.token_budget)
 
     def _ready(self, job: _Job, now: float) -> bool:
         """Whether a session's next step can run now; answers (and drops) the ones that cannot."""
