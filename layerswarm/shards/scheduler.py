@@ -2,9 +2,10 @@
 
 Each turn of the loop builds one batch from all the work that is ready (vLLM's and SGLang's
 iteration-level scheduling): the next one-token decode step of every waiting session first, then
-chunks of waiting prefills within `token_budget` tokens, and runs it as one forward pass over a
-flat token axis (`SpanModel.forward_flat`). A long prompt therefore never freezes the sessions
-that decode: it advances a chunk a turn beside them. Steps of one session stay in order, a chunk
+chunks of waiting prefills within `token_budget` tokens (`prefill_chunk`, larger, while no
+session decodes), and runs it as one forward pass over a flat token axis
+(`SpanModel.forward_flat`). A long prompt therefore never freezes the sessions that decode: it
+advances a chunk a turn beside them. Steps of one session stay in order, a chunk
 a turn at most. A session's pages grow before each chunk runs (`PagedKVCache.grow`); one that
 cannot grow fails alone (`CacheFull`), its batch-mates run on.
 
@@ -36,19 +37,31 @@ from layerswarm.shards.kv_cache import PagedKVCache, SessionCache
 
 log = logging.getLogger(__name__)
 
-# Measured with scripts/bench_scheduler.py on this project's 2-core CPU machine (while other
-# work shared it; ratios matter), SmolLM2-135M fp32, all 30 layers: 4 sessions decoding beside
-# a chunk of a 2,000-token prompt, 1,000 tokens in. A decode-only step took 83 ms.
-#   budget  16: step 165 ms (2.0x), prefill  73 tok/s
-#   budget  32: step 213 ms (2.6x), prefill 131 tok/s
-#   budget  64: step 291 ms (3.5x), prefill 206 tok/s
-#   budget 128: step 477 ms (5.8x), prefill 260 tok/s
-#   budget 256: step 905 ms (11.0x), prefill 278 tok/s
-# 32 is the largest budget that keeps a decoding session's gap under 3x while a long prompt
-# prefills, at half the prefill speed of big chunks; a peer that serves prompts more than chats
-# can raise it (`--token-budget`).
+# Measured with scripts/bench_scheduler.py on this project's 2-core CPU machine (shared with other
+# work: sizes interleaved, 3 rounds, median [min..max]), SmolLM2-135M fp32, all 30 layers.
+# Token budget, while sessions decode: 4 sessions decoding beside a chunk of a 2,000-token prompt,
+# 1,000 tokens in; a decode-only step took 84 ms (an earlier run: 83 ms; 64: 3.5x, 128: 5.8x).
+#   budget 16: step 162 [115..] ms (1.9x), prefill  74 tok/s
+#   budget 32: step 197 [137..] ms (2.3x), prefill 142 tok/s
+#   budget 64: step 289 [192..] ms (3.4x), prefill 208 tok/s
+# 32 is the largest budget that keeps a decoding session's gap under 3x while a prompt prefills.
+# Prefill chunk, when no session decodes: the same prompt alone, and the longest pause of a decoder
+# whose step arrives as the last (slowest) chunk starts: that chunk, then a budget-32 step.
+#   chunk   32: 234 [ 12..249] tok/s, pause  325 ms ( 1.7x the 197 ms budget-32 gap)
+#   chunk  128: 363 [304..373] tok/s, pause  542 [473..581] ms ( 2.8x)
+#   chunk  256: 361 [336..373] tok/s, pause 1027 [1023..1085] ms ( 5.2x)
+#   chunk  512: 334 [300..365] tok/s, pause 2032 ms (10.3x)
+#   chunk 1024: 241 [229..279] tok/s, pause 5328 ms (27.1x): attention over a long chunk costs more
+# Prefill speed flattens at 128-256 tokens and falls past 256; 128 is where it flattens and the
+# largest size measured whose pause stays under 3x the gap, so a lone prompt prefills 1.55x faster
+# than in budget-sized chunks. A peer that serves prompts more than chats can raise both
+# (`token_budget`, `prefill_chunk`).
 DEFAULT_TOKEN_BUDGET = 32
-DEFAULT_PREFILL_CHUNK = 256
+DEFAULT_PREFILL_CHUNK = 128
+# A session counts as decoding for this long after its last decode step, so that the small budget
+# holds between its steps (its next one arrives after the client samples and other hops run): with
+# only queued steps counting, each turn would start while the decoders' next steps are on their
+# way, and every gap would hold a big chunk.
 DEFAULT_DECODE_LINGER = 1.0
 
 
