@@ -17,7 +17,7 @@ from torch import nn
 from layerswarm.errors import StepCancelled
 from layerswarm.kernels import ops_for, reference
 from layerswarm.shards.config import ModelConfig, Span
-from layerswarm.shards.kv_cache import PagedKVCache, SessionCache
+from layerswarm.shards.kv_cache import PagedKVCache, SessionCache, StepSlots
 
 
 class Rotary:
@@ -162,6 +162,9 @@ class SpanModel(nn.Module):
             raise ValueError(f"{x.shape[0]} tokens for segments of {batch.counts}")
         for s, start, n in zip(batch.sessions, batch.starts, batch.counts, strict=True):
             cache.grow(s, start + n)
+        # Slots to write and runs to read, built once for all layers (a SmolLM2 decode step of
+        # 8 sessions spent ~a third of its time on this bookkeeping when each layer redid it).
+        slots = cache.step_slots(batch.sessions, batch.starts, batch.counts)
         pos = torch.cat(
             [torch.arange(s, s + n) for s, n in zip(batch.starts, batch.counts, strict=True)]
         )
@@ -180,7 +183,7 @@ class SpanModel(nn.Module):
                 normed, x = self.ops.add_rms_norm(
                     delta, x, layer.input_norm, self.config.rms_norm_eps
                 )
-            attn = self._attention(i, layer, normed, cos, sin, batch, cache)
+            attn = self._attention(i, layer, normed, cos, sin, batch, cache, slots)
             normed, x = self.ops.add_rms_norm(attn, x, layer.post_norm, self.config.rms_norm_eps)
             gate, up = layer.gate_up(normed).chunk(2, dim=-1)
             delta = layer.down_proj(self.ops.swiglu(gate, up))
@@ -199,6 +202,7 @@ class SpanModel(nn.Module):
         sin: torch.Tensor,
         batch: StepBatch,
         cache: PagedKVCache,
+        slots: StepSlots,
     ) -> torch.Tensor:
         c = self.config
         n = x.shape[0]
@@ -210,21 +214,16 @@ class SpanModel(nn.Module):
         v = qkv[:, layer.q_size + layer.kv_size :].reshape(n, c.num_kv_heads, c.head_dim)
         q, k = q.contiguous(), k.contiguous()
         self.ops.apply_rope(q, k, cos, sin)
-        offsets = batch.offsets
-        for s, start, at, t in zip(
-            batch.sessions, batch.starts, offsets, batch.counts, strict=True
-        ):
-            cache.write(i, s, start, k[at : at + t], v[at : at + t])
+        cache.write_step(i, slots, k, v)
         if self.ops is not reference:  # Triton: one launch for the decode tokens of all sessions
             out = self._paged_attention(i, q, batch, cache)
         else:
             # Session by session over views of its runs (one run: a plain view), so no step
             # copies a session's keys; a session gets the same bits in a batch as alone.
             out = torch.empty_like(q)
-            for s, start, at, t in zip(
-                batch.sessions, batch.starts, offsets, batch.counts, strict=True
-            ):
-                runs = cache.views(i, s, start + t)
+            segments = zip(batch.starts, batch.offsets, batch.counts, strict=True)
+            for j, (start, at, t) in enumerate(segments):
+                runs = cache.step_views(i, slots, j)
                 out[at : at + t] = reference.runs_attention(q[at : at + t], runs, start, self.scale)
         projected: torch.Tensor = layer.o_proj(out.reshape(n, layer.q_size))
         return projected

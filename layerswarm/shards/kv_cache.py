@@ -19,6 +19,7 @@ gathers (copies) a session's whole context; a one-run session is the common case
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -42,6 +43,14 @@ class SessionCache:
     def contiguous(self) -> bool:
         """The pages are one run, so keys are a view of the pool."""
         return len(self.runs) <= 1
+
+
+@dataclass(frozen=True)
+class StepSlots:
+    """One step's place in the pool: built by `PagedKVCache.step_slots` once, used per layer."""
+
+    slots: torch.Tensor  # (tokens,) int64: the pool slot of each new token, segments in order
+    runs: list[list[tuple[int, int]]]  # per segment: (first slot, tokens) of each run it reads
 
 
 class PagedKVCache:
@@ -174,6 +183,37 @@ class PagedKVCache:
         if not out or out[-1][2] < end:
             raise ContextOverflow(f"positions up to {end} pass the session's pages (grow first)")
         return out
+
+    def step_slots(
+        self, sessions: Sequence[SessionCache], starts: Sequence[int], counts: Sequence[int]
+    ) -> StepSlots:
+        """Where a step's new tokens go and which runs each session then reads, the same in
+        every layer: built once a step, so a layer only indexes (no per-layer bookkeeping).
+
+        Raises:
+            ContextOverflow: a session has not grown to hold its new tokens.
+        """
+        slots: list[torch.Tensor] = []
+        runs: list[list[tuple[int, int]]] = []
+        for session, start, n in zip(sessions, starts, counts, strict=True):
+            for slot, lo, hi in self._segments(session, start, start + n):
+                slots.append(torch.arange(slot, slot + hi - lo))
+            runs.append([(slot, hi - lo) for slot, lo, hi in self._segments(session, 0, start + n)])
+        return StepSlots(torch.cat(slots).to(self.k.device), runs)
+
+    def write_step(self, layer: int, step: StepSlots, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store one layer's keys and values of every new token of a step, `(tokens, kv_heads,
+        head_dim)` each, in two scatters."""
+        self.k[layer].view(-1, *k.shape[1:]).index_copy_(0, step.slots, k)
+        self.v[layer].view(-1, *v.shape[1:]).index_copy_(0, step.slots, v)
+
+    def step_views(
+        self, layer: int, step: StepSlots, segment: int
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """`views` of one segment of a step: its session's runs as views of the pool."""
+        pool_k = self.k[layer].flatten(0, 1)  # (slots, kv_heads, head_dim)
+        pool_v = self.v[layer].flatten(0, 1)
+        return [(pool_k[a : a + n], pool_v[a : a + n]) for a, n in step.runs[segment]]
 
     def write(
         self, layer: int, session: SessionCache, start: int, k: torch.Tensor, v: torch.Tensor
