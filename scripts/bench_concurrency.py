@@ -20,6 +20,10 @@ Columns, per row:
   prefill began (the target: under 3x);
 - failures: sessions that raised or stopped short, summed over repeats (the target: none).
 
+A second table says what batching can give on this machine at most: the time of SmolLM2's
+linear layers (one layer's q/k/v, o, gate/up and down matmuls) for 1 to 16 rows, relative to
+one row, in each dtype. A decode step of n sessions cannot be cheaper than its matmuls at n rows.
+
     python scripts/bench_concurrency.py [--sessions 1 2 4 8 16] [--tokens 32] [--repeats 2]
         [--dtypes float32 bfloat16] [--quick]
 """
@@ -378,11 +382,34 @@ def parse_args() -> argparse.Namespace:
     return args
 
 
+def gemm_scaling(dtypes: list[str], rows: list[int], repeats: int = 50) -> None:
+    """Print how one decoder layer's matmuls scale with rows (sessions), per dtype."""
+    shapes = [(576, 960), (576, 576), (576, 3072), (1536, 576)]  # SmolLM2: (in, out) per matmul
+    print("\n| dtype | " + " | ".join(f"{n} rows" for n in rows) + " |")
+    print("|---|" + "---|" * len(rows))
+    for name in dtypes:
+        dtype = getattr(torch, name)
+        weights = [torch.randn(o, i).to(dtype) for i, o in shapes]
+        times: dict[int, float] = {}
+        for _ in range(3):  # rounds, the row counts interleaved; the best round of each counts
+            for n in rows:
+                xs = [torch.randn(n, i).to(dtype) for i, _ in shapes]
+                t0 = time.perf_counter()
+                for _ in range(repeats):
+                    for x, w in zip(xs, weights, strict=True):
+                        torch.nn.functional.linear(x, w)
+                took = (time.perf_counter() - t0) / repeats
+                times[n] = min(times.get(n, took), took)
+        cells = [f"{times[n] * 1e3:.2f} ms ({times[n] / times[rows[0]]:.1f}x)" for n in rows]
+        print(f"| {SHORT[name]} | " + " | ".join(cells) + " |")
+
+
 def main() -> None:
     args = parse_args()
     if args.child:
         child(args)
         return
+    gemm_scaling(args.dtypes, [1, 2, 4, 8, 16])
     model_dir = resolve_model_cli(args.model, default_cache_dir())
     args.model = str(model_dir)
     results = {}
