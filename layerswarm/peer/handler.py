@@ -8,6 +8,7 @@ from layerswarm.errors import RemoteError
 from layerswarm.peer.config import PeerConfig
 from layerswarm.peer.sessions import SessionTable
 from layerswarm.shards.config import Span
+from layerswarm.swarm.listen import ConnectionInfo
 from layerswarm.swarm.protocol import (
     Closed,
     CloseSession,
@@ -21,7 +22,6 @@ from layerswarm.swarm.protocol import (
     Step,
     StepResult,
 )
-from layerswarm.swarm.transport import ConnectionInfo
 
 log = logging.getLogger(__name__)
 

@@ -38,10 +38,11 @@ from layerswarm.shards.quantize import memory_bytes, quantize
 from layerswarm.shards.weights import Progress, load_span, model_fingerprint
 from layerswarm.swarm.discovery import DhtLookup, RecordSource, dht_key, wait_for_coverage
 from layerswarm.swarm.identity import Identity
+from layerswarm.swarm.listen import Server as TransportServer
+from layerswarm.swarm.listen import serve_connections
 from layerswarm.swarm.mdns import MdnsAnnouncer, MdnsBrowser, MdnsConfig
 from layerswarm.swarm.records import PeerRecord
-from layerswarm.swarm.transport import Server as TransportServer
-from layerswarm.swarm.transport import TransportConfig, serve_connections
+from layerswarm.swarm.transport import TransportConfig
 
 if TYPE_CHECKING:
     from layerswarm.swarm.dht import DhtNode

@@ -31,6 +31,7 @@ import torch
 from layerswarm.errors import LayerswarmError, NoRouteError, PeerUnavailable, RemoteError
 from layerswarm.routing.paths import PathHop, PeerView, choose_path, missing_layers
 from layerswarm.shards.config import Span
+from layerswarm.swarm.dial import Connection
 from layerswarm.swarm.protocol import (
     CloseSession,
     ErrorCode,
@@ -40,7 +41,6 @@ from layerswarm.swarm.protocol import (
     Step,
     StepResult,
 )
-from layerswarm.swarm.transport import Connection
 
 if TYPE_CHECKING:
     from layerswarm.routing.swarm_client import SwarmClient
@@ -117,9 +117,16 @@ class RemoteSession:
         """Choose a path for `span` and open the session on each hop.
 
         Peers that fail are banned; peers that are full or busy are avoided (`avoid` grows).
-        Hops opened before a later one failed are closed, so no reservation leaks.
+        Hops opened before a later one failed are closed, so no reservation leaks. Failures
+        count against `max_reroutes`; full and busy peers against `busy_wait_timeout`.
+
+        Raises:
+            NoRouteError, SwarmBusy: as `_choose`; SwarmBusy too when peers kept refusing.
+            LayerswarmError: too many peers failed.
         """
-        for _ in range(self.config.max_reroutes):
+        faults = 0
+        waited_until = time.monotonic() + self.config.busy_wait_timeout
+        while True:
             path = await self._choose(span, avoid)
             views = {v.peer_id: v for v in self.client.views()}
             hops = [
@@ -137,7 +144,13 @@ class RemoteSession:
             except HopFailed as e:
                 self._failed(e, avoid)
                 await self._close_hops(opened)
-        raise LayerswarmError(f"could not open a session on layers {span}: too many failures")
+                faults += e.fault
+                if faults >= self.config.max_reroutes:
+                    raise LayerswarmError(
+                        f"could not open a session on layers {span}: too many failures ({e})"
+                    ) from None
+                if time.monotonic() > waited_until:
+                    raise SwarmBusy(f"the swarm has no room for a session now: {e}") from None
 
     async def _choose(self, span: Span, avoid: set[str]) -> list[PathHop]:
         """A path for `span`, trying harder as usable peers run out.

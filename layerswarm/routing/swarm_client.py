@@ -31,6 +31,7 @@ from layerswarm.routing.paths import BanList, PeerView
 from layerswarm.routing.text import ChatTokenizer
 from layerswarm.shards.config import ModelConfig, Span
 from layerswarm.shards.weights import load_client_head, model_fingerprint
+from layerswarm.swarm.dial import Connection, open_connection
 from layerswarm.swarm.discovery import (
     DhtLookup,
     RecordSource,
@@ -41,13 +42,7 @@ from layerswarm.swarm.discovery import (
 from layerswarm.swarm.identity import Identity, generate_identity
 from layerswarm.swarm.mdns import MdnsBrowser, MdnsConfig
 from layerswarm.swarm.protocol import InfoReply, InfoRequest
-from layerswarm.swarm.transport import (
-    Address,
-    Connection,
-    TransportConfig,
-    open_connection,
-    parse_address,
-)
+from layerswarm.swarm.transport import Address, TransportConfig, parse_address
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

@@ -263,8 +263,9 @@ def wait_for_span(
 def test_an_auto_placed_peer_moves_to_fill_a_gap_another_left(
     smollm2_dir: Path, tmp_path: Path
 ) -> None:
+    from layerswarm.swarm.dial import open_connection
     from layerswarm.swarm.protocol import InfoReply, InfoRequest
-    from layerswarm.swarm.transport import TransportConfig, open_connection, parse_address
+    from layerswarm.swarm.transport import TransportConfig, parse_address
 
     async def span_of(peer: PeerProcess) -> tuple[int, int]:
         async with await open_connection(

@@ -16,6 +16,7 @@ import torch
 from layerswarm.errors import PeerIdMismatch, PeerUnavailable, ProtocolError, RemoteError
 from layerswarm.peer.launch import PeerProcess, start_peer
 from layerswarm.shards.config import Span
+from layerswarm.swarm.dial import Connection, open_connection
 from layerswarm.swarm.identity import generate_identity
 from layerswarm.swarm.protocol import (
     CloseSession,
@@ -27,34 +28,14 @@ from layerswarm.swarm.protocol import (
     StepResult,
     encode,
 )
-from layerswarm.swarm.transport import (
-    Connection,
-    TransportConfig,
-    new_event_loop,
-    open_connection,
-    parse_address,
-)
+from layerswarm.swarm.transport import TransportConfig, new_event_loop, parse_address
 
 HIDDEN = 64
 
 
 @pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=256,
-        hidden_size=HIDDEN,
-        intermediate_size=128,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-    )
-    out = tmp_path_factory.mktemp("tiny")
-    LlamaForCausalLM(config).save_pretrained(out)
-    return out
+def tiny_dir(tiny_llama_dir: Path) -> Path:
+    return tiny_llama_dir  # hidden size HIDDEN
 
 
 def _peer(tiny_dir: Path, workdir: Path, *extra: str) -> Iterator[PeerProcess]:

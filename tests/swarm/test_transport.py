@@ -24,7 +24,9 @@ from layerswarm.errors import (
     SessionExpired,
     SwarmKeyMismatch,
 )
+from layerswarm.swarm.dial import Connection, open_connection
 from layerswarm.swarm.identity import generate_identity
+from layerswarm.swarm.listen import ConnectionInfo, Server, serve_connections
 from layerswarm.swarm.protocol import (
     PROTOCOL_VERSION,
     Closed,
@@ -43,16 +45,11 @@ from layerswarm.swarm.protocol import (
 )
 from layerswarm.swarm.transport import (
     Address,
-    Connection,
-    ConnectionInfo,
-    Server,
     TransportConfig,
-    _tls_context,
     new_event_loop,
-    open_connection,
     parse_address,
-    serve_connections,
     swarm_key_proof,
+    tls_context,
 )
 
 SERVER, CLIENT = generate_identity(), generate_identity()  # TLS contexts are made once for each
@@ -578,7 +575,7 @@ def test_a_client_with_a_swarm_key_refuses_a_peer_that_cannot_prove_it(proof: st
         writer.close()
 
     async def main() -> None:
-        context = _tls_context(SERVER, server=True)
+        context = tls_context(SERVER, server=True)
         listener = await asyncio.start_server(fake_peer, "127.0.0.1", 0, ssl=context)
         try:
             port = listener.sockets[0].getsockname()[1]
