@@ -46,9 +46,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from layerswarm import Client
 from layerswarm.cli.common import default_cache_dir, resolve_model_cli
+from layerswarm.kernels.cpu_linear import pack_linears
 from layerswarm.peer.launch import start_peers
 from layerswarm.routing.sampling import SamplingConfig
 from layerswarm.shards.config import Span
@@ -389,15 +391,19 @@ def gemm_scaling(dtypes: list[str], rows: list[int], repeats: int = 50) -> None:
     print("|---|" + "---|" * len(rows))
     for name in dtypes:
         dtype = getattr(torch, name)
-        weights = [torch.randn(o, i).to(dtype) for i, o in shapes]
+        # The layouts the peers use (`pack_linears`): a huge-page arena in fp32, oneDNN's packed
+        # weights in bf16.
+        layers = pack_linears(
+            nn.Sequential(*(nn.Linear(i, o, bias=False) for i, o in shapes)).to(dtype)
+        )
         times: dict[int, float] = {}
         for _ in range(3):  # rounds, the row counts interleaved; the best round of each counts
             for n in rows:
                 xs = [torch.randn(n, i).to(dtype) for i, _ in shapes]
                 t0 = time.perf_counter()
                 for _ in range(repeats):
-                    for x, w in zip(xs, weights, strict=True):
-                        torch.nn.functional.linear(x, w)
+                    for x, layer in zip(xs, layers, strict=True):
+                        layer(x)
                 took = (time.perf_counter() - t0) / repeats
                 times[n] = min(times.get(n, took), took)
         cells = [f"{times[n] * 1e3:.2f} ms ({times[n] / times[rows[0]]:.1f}x)" for n in rows]
