@@ -125,3 +125,22 @@ def test_bans_have_a_bounded_maximum() -> None:
         lengths.append(bans.ban("p", now))
         now += 100.0
     assert lengths[:4] == [1.0, 2.0, 4.0, 8.0] and max(lengths) == 8.0
+
+
+def test_a_connection_that_gets_replaced_is_closed(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    peer = start_peer(tiny_llama_dir, Span(0, 2), tmp_path)
+    client = SwarmClient(tiny_llama_dir, [peer.address])
+    try:
+        old = client.connection(peer.peer_id)
+        # As if the peer had said Goodbye (the callback the transport calls then), while its
+        # socket stays open: the next refresh dials it anew and must close the old connection.
+        client._goodbye(old, "a test says so")
+        client.net.run(client.refresh())
+        new = client.connection(peer.peer_id)
+        assert new is not old
+        assert old.closed
+        info = client.net.run(new.request(InfoRequest()))
+        assert isinstance(info, InfoReply)
+    finally:
+        client.close()
+        peer.stop()
