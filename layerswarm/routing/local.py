@@ -20,7 +20,7 @@ from layerswarm.routing.text import ChatTokenizer
 from layerswarm.shards.blocks import SpanModel
 from layerswarm.shards.config import ModelConfig, Span, parse_dtype
 from layerswarm.shards.kv_cache import PagedKVCache, SessionCache
-from layerswarm.shards.scheduler import StepScheduler
+from layerswarm.shards.scheduler import SchedulerConfig, StepScheduler
 from layerswarm.shards.weights import Progress, load_client_head, load_span
 
 __all__ = ["LocalEngine", "LocalPipeline", "open_local_generator", "parse_dtype"]
@@ -44,7 +44,11 @@ class LocalEngine:
             len(model.span), c.num_kv_heads, c.head_dim, next(model.parameters()).dtype
         )
         self.cache: PagedKVCache = model.new_cache(max(cache_bytes // per_token, 1))
-        self.scheduler = StepScheduler(model, self.cache, compute=compute)
+        # The head samples on the same compute thread, so a session's next step comes back
+        # within its pick (~10 ms for SmolLM2): wait that long to keep the sessions in one batch.
+        self.scheduler = StepScheduler(
+            model, self.cache, SchedulerConfig(regroup_wait=0.05), compute=compute
+        )
         self.net = net
         self._serving = net.run(self._start())  # the compute loop, for the engine's life
 

@@ -77,6 +77,11 @@ class SchedulerConfig:
     # unit: s after its last decode step that a session still counts as decoding (its next
     # step is on its way: the client samples, other hops run); 0: only a queued step counts
     decode_linger: float = DEFAULT_DECODE_LINGER
+    # unit: s to wait, before a batch, for sessions that decoded in the last one and come back
+    # at once (`_regroup`); 0: never wait. The local engine sets it: there the next steps come
+    # after the head samples on this same compute thread. A peer leaves it 0: its sessions'
+    # next steps come after other hops, and taking turns with them is the pipelining.
+    regroup_wait: float = 0.0
 
     def __post_init__(self) -> None:
         if self.max_batch < 1 or self.token_budget <= self.max_batch:
@@ -142,6 +147,7 @@ class StepScheduler:
         self._batch_s = 0.0  # unit: s, moving average of one batch's time
         self._to_free: list[tuple[PagedKVCache, SessionCache]] = []  # after the running batch
         self._decoded_at: dict[int, float] = {}  # id(seq) -> monotonic s its last decode ran
+        self._last_decoders: set[int] = set()  # id(seq) of the last batch's decode steps
         self._closed = False
 
     async def run(
@@ -206,6 +212,7 @@ class StepScheduler:
         for job in self._queues.pop(id(seq), ()):
             self._fail(job, SessionExpired("the session ended before its step ran"))
         self._decoded_at.pop(id(seq), None)
+        self._last_decoders.discard(id(seq))
         if any(job.seq is seq for job, _ in self._running):
             self._to_free.append((self.cache, seq))
         else:
@@ -252,6 +259,7 @@ class StepScheduler:
         """The compute loop: form a batch from the ready work, run it, answer; until cancelled."""
         loop = asyncio.get_running_loop()
         while not self._closed:
+            await self._regroup()
             batch = self._next_batch()
             if not batch:
                 self._wake.clear()
@@ -276,6 +284,30 @@ class StepScheduler:
                 self._to_free.clear()
             for (job, _), out in zip(batch, outs, strict=True):
                 self._finish_chunk(job, out)
+            self._last_decoders = {id(job.seq) for job, _ in batch if job.total == 1}
+
+    async def _regroup(self) -> None:
+        """Wait up to `regroup_wait` for the sessions that decoded in the last batch.
+
+        Starting the next batch without them splits the decoding sessions into groups that take
+        turns, each waiting two batches a token: on the local engine, 4 sessions decoding beside
+        a 2,000-token prefill went in pairs, and their longest gap was 7x the median.
+        """
+        wait = self.config.regroup_wait
+        if not wait or not self._last_decoders:
+            return
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait
+        while True:
+            back = {key for key, q in self._queues.items() if q and q[0].total == 1}
+            left = deadline - loop.time()
+            if self._last_decoders <= back or left <= 0 or self._closed:
+                return
+            self._wake.clear()
+            try:
+                await asyncio.wait_for(self._wake.wait(), left)
+            except asyncio.TimeoutError:  # not the builtin before Python 3.11
+                return
 
     def _finish_chunk(self, job: _Job, out: torch.Tensor) -> None:
         job.parts.append(out)
