@@ -13,7 +13,7 @@ import torch
 from layerswarm.errors import CacheFull, SessionExpired, StepCancelled
 from layerswarm.shards.blocks import ClientHead, SpanModel, StepBatch
 from layerswarm.shards.config import ModelConfig, Span
-from layerswarm.shards.kv_cache import PagedKVCache
+from layerswarm.shards.kv_cache import PagedKVCache, SessionCache
 from layerswarm.shards.scheduler import PositionGap, SchedulerConfig, StepScheduler
 
 CONFIG = ModelConfig(
@@ -230,3 +230,43 @@ def test_a_lone_prefill_runs_in_big_chunks_and_a_decode_step_makes_them_small(
     else:  # only a queued step counts: back to big chunks
         assert after[0] == 32
     assert sum(sum(b) for b in batches) == 201
+
+
+@pytest.mark.parametrize("regroup_wait", [0.0, 5.0])
+def test_sessions_of_one_batch_stay_together_with_a_regroup_wait(regroup_wait: float) -> None:
+    """Two sessions decode beside a prefill; one comes back at once, the other a moment later
+    (as after the head's pick). With a regroup wait they keep sharing batches; without it, the
+    prompt's next chunk starts with the first alone and the two take turns from then on."""
+    model = tiny_span()
+    cache = model.new_cache(512)
+    config = SchedulerConfig(token_budget=8, max_batch=4, regroup_wait=regroup_wait)
+    scheduler = StepScheduler(model, cache, config)
+    batches: list[list[int]] = []
+    forward_flat = model.forward_flat
+
+    def recording(x: torch.Tensor, batch: StepBatch, *args: object, **kw: object) -> object:
+        batches.append(list(batch.counts))
+        return forward_flat(x, batch, *args, **kw)  # type: ignore[arg-type]
+
+    async def body() -> None:
+        quick, slow, prompt = (cache.open_session(64) for _ in range(3))
+        await asyncio.gather(
+            *(scheduler.run(s, hidden(2, i), 0) for i, s in enumerate([quick, slow]))
+        )
+        model.forward_flat = recording  # type: ignore[method-assign]
+
+        async def decode(seq: SessionCache, seed: int, delay: float) -> None:
+            for n in range(4):
+                await scheduler.run(seq, hidden(1, seed + n), 2 + n)
+                await asyncio.sleep(delay)  # this session's "head": slower for one of the two
+
+        await asyncio.gather(
+            decode(quick, 10, 0.0), decode(slow, 20, 0.2), scheduler.run(prompt, hidden(60, 3), 0)
+        )
+
+    serving(scheduler, body)
+    paired = sum(1 for b in batches if b[:2] == [1, 1])
+    if regroup_wait:
+        assert paired == 4  # every decode step of the two ran in the same batch
+    else:
+        assert paired < 4
