@@ -42,7 +42,7 @@ from layerswarm.cli.status import add_status_parser, run_status
 from layerswarm.peer.config import PeerConfig
 from layerswarm.peer.server import serve_peer
 from layerswarm.shards.config import DTYPES, Span
-from layerswarm.shards.scheduler import DEFAULT_TOKEN_BUDGET
+from layerswarm.shards.scheduler import DEFAULT_PREFILL_CHUNK, DEFAULT_TOKEN_BUDGET
 from layerswarm.swarm.identity import load_or_create_identity
 from layerswarm.swarm.transport import new_event_loop
 
@@ -131,6 +131,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_TOKEN_BUDGET,
         metavar="TOKENS",
         help="tokens a batch: every decode step, then prefill chunks up to this",
+    )
+    start.add_argument(
+        "--prefill-chunk",
+        type=int,
+        default=DEFAULT_PREFILL_CHUNK,
+        metavar="TOKENS",
+        help="tokens a batch takes of a prompt while no session decodes",
     )
     start.add_argument(
         "--admission-timeout",
@@ -243,6 +250,7 @@ def _main(argv: list[str] | None) -> None:
         step_timeout=args.step_timeout,
         max_batch=args.max_batch,
         token_budget=args.token_budget,
+        prefill_chunk=args.prefill_chunk,
         admission_timeout=args.admission_timeout,
         max_sessions_per_client=args.max_sessions_per_client,
         memory_budget_bytes=int(args.memory_budget * 2**20),
