@@ -28,7 +28,10 @@ from layerswarm.kernels.cpu_linear import pack_linears
 from layerswarm.routing.generate import Generator, Pipeline
 from layerswarm.routing.loop import BackgroundLoop
 from layerswarm.routing.paths import BanList, PeerView
+from layerswarm.routing.peer_stats import MAX_LOAD, PeerStats, bounded, claimed_seconds_per_layer
 from layerswarm.routing.text import ChatTokenizer
+from layerswarm.routing.trust import TrustLedger
+from layerswarm.routing.verify import NormBounds
 from layerswarm.shards.config import ModelConfig, Span
 from layerswarm.shards.weights import load_client_head, model_fingerprint
 from layerswarm.swarm.dial import Connection, open_connection
@@ -70,6 +73,12 @@ class ClientConfig:
     bootstrap: tuple[str, ...] = ()  # DHT members' multiaddrs to find peers through; (): no DHT
     # 32 bytes: a private swarm's key (its DHT and its peers admit only holders); None: open
     swarm_key: bytes | None = field(default=None, repr=False)
+    verify_fraction: float = 0.02  # unit: share of steps re-run on another replica and compared
+    verify_first_steps: int = 2  # unit: steps; each peer's first ones are always checked
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.verify_fraction <= 1.0 or self.verify_first_steps < 0:
+            raise ValueError("verify_fraction must be in [0, 1], verify_first_steps >= 0")
 
 
 @dataclass
@@ -82,22 +91,28 @@ class PeerLink:
     rtt: float = 0.0  # unit: s, the info round trip measured here
     leaving: bool = False  # the peer said Goodbye
     discovered: bool = False  # from a record (mDNS, DHT), not from the caller
+    skipped: str | None = None  # why its last answer made it unusable; None: it was fine
 
     @property
     def live(self) -> bool:
         return self.conn is not None and not self.conn.closed and not self.leaving
 
-    def view(self) -> PeerView:
+    def view(self, stats: PeerStats) -> PeerView:
+        """The router's view: measured speed where measured, else the peer's bounded claims."""
         assert self.info is not None and self.conn is not None  # only called on live links
-        extra = self.info.extra
-        spl = extra.get("decode_s_per_layer")
+        info = self.info
+        measured = stats.seconds_per_layer(self.conn.peer_id)
+        quant = info.extra.get("quant")
         return PeerView(
             peer_id=self.conn.peer_id,
             address=str(self.address),
-            span=Span(self.info.span_start, self.info.span_end),
-            seconds_per_layer=float(spl) if isinstance(spl, (int, float)) and spl > 0 else 0.01,
-            load=float(self.info.active_sessions),
+            span=Span(info.span_start, info.span_end),
+            seconds_per_layer=measured or claimed_seconds_per_layer(info.extra),
+            # a measured step already includes the wait behind other sessions
+            load=0.0 if measured else bounded(info.active_sessions, 0.0, MAX_LOAD, 0.0),
             rtt=self.rtt,
+            dtype=info.dtype,
+            quant=quant if isinstance(quant, str) else "none",
         )
 
 
@@ -118,6 +133,10 @@ class SwarmClient:
         self.identity = identity or generate_identity()
         self.links = [PeerLink(parse_address(a)) for a in addresses]
         self.bans = BanList(self.config.ban_seconds, self.config.max_ban_seconds)
+        self.trust = TrustLedger()  # liars, banned for good with their evidence
+        self.stats = PeerStats()  # measured step times: routing and deadlines use these
+        self.norms = NormBounds()  # per layer boundary, the output norms seen
+        self.verify_counts = {"match": 0, "mismatch": 0, "error": 0}  # checks, by result
         self.rng = random.Random()
         self.on_event = on_event or (lambda text: log.info("%s", text))
         self.transport = TransportConfig(
@@ -249,11 +268,17 @@ class SwarmClient:
             )
         await asyncio.gather(*(self._refresh(link) for link in self.links))
         if not any(link.live for link in self.links):
+            skipped = [link.skipped for link in self.links if link.skipped]
+            if skipped:  # say why the peers that answered cannot be used
+                more = f" (and {len(skipped) - 1} more peers skipped)" if len(skipped) > 1 else ""
+                raise LayerswarmError(skipped[0] + more)
             raise PeerUnavailable(
                 "none of the peers answered: " + ", ".join(str(link.address) for link in self.links)
             )
 
     async def _refresh(self, link: PeerLink) -> None:
+        """Dial a link if needed and read what it serves; a bad peer is skipped, never raised:
+        one peer that lies or breaks the protocol must not break discovery for the others."""
         try:
             if not link.live:
                 if link.conn is not None:  # a leaving peer's connection: replaced, so closed
@@ -263,21 +288,33 @@ class SwarmClient:
                     link.address, self.identity, self.transport, on_goodbye=self._goodbye
                 )
                 self.bans.lift(link.conn.peer_id)  # it is back: usable again
-            assert link.conn is not None
+            conn = link.conn
+            if conn is None:
+                return
             t0 = time.perf_counter()
-            info = await link.conn.request(InfoRequest())
+            info = await conn.request(InfoRequest())
             link.rtt = time.perf_counter() - t0
-            assert isinstance(info, InfoReply)
-            self._check_model(link.conn, info)
-            link.info = info
+            if not isinstance(info, InfoReply):
+                raise ProtocolError(f"it answered Info with {type(info).__name__}")
+            self._check_model(conn, info)
+            link.info, link.skipped = info, None
         except (PeerUnavailable, OSError) as e:
             log.debug("peer at %s is unreachable: %s", link.address, e)
             link.conn = None
-        except ProtocolError as e:
-            if not link.discovered:
-                raise  # a peer the caller named: say why it cannot be used
-            log.warning("skipping discovered peer at %s: %s", link.address, e)
+        except LayerswarmError as e:  # a protocol breach, an error reply, another model
+            link.skipped = str(e) if str(e).startswith("peer ") else f"peer at {link.address}: {e}"
+            log.warning("skipping peer at %s: %s", link.address, e)
+            if link.conn is not None:
+                link.conn.close()
             link.conn = None
+
+    async def add_peers(self, addresses: Sequence[str]) -> None:
+        """Add peers by address (`host:port[/PEERID]`) and read what they serve."""
+        known = {str(link.address) for link in self.links}
+        for text in addresses:
+            if text not in known:
+                self.links.append(PeerLink(parse_address(text)))
+        await asyncio.gather(*(self._refresh(link) for link in self.links if not link.live))
 
     def _goodbye(self, conn: Connection, reason: str) -> None:
         for link in self.links:
@@ -295,8 +332,12 @@ class SwarmClient:
             )
 
     def views(self) -> list[PeerView]:
-        """The live peers, as the path chooser sees them."""
-        return [link.view() for link in self.links if link.live and link.info is not None]
+        """The live peers, as the path chooser sees them; liars are left out for good."""
+        liars = self.trust.liars
+        live = [link for link in self.links if link.live and link.info is not None]
+        return [
+            link.view(self.stats) for link in live if link.conn and link.conn.peer_id not in liars
+        ]
 
     def connection(self, peer_id: str) -> Connection:
         for link in self.links:
