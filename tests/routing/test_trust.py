@@ -8,6 +8,7 @@ bad peer alone, then lets the client know honest replicas, so the bad peer is th
 from __future__ import annotations
 
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from layerswarm.peer.launch import PeerProcess, start_peers
+from layerswarm.peer.launch import PeerProcess, start_peer
 from layerswarm.routing.session import RemoteSession
 from layerswarm.routing.swarm_client import ClientConfig, SwarmClient
 from layerswarm.shards.config import Span
@@ -43,17 +44,18 @@ class Swarm:
 @pytest.fixture(scope="module")
 def swarm(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Swarm]:
     workdir = tmp_path_factory.mktemp("trust")
-    honest = start_peers(tiny_llama_dir, [ALL, ALL], workdir)
-    bad: dict[str, PeerProcess] = {}
+    specs = ["", "", *FAULTS.values()]
+    with ThreadPoolExecutor(len(specs)) as pool:  # every peer loads at once
+        started = list(pool.map(lambda spec: start(tiny_llama_dir, workdir, spec), specs))
+    swarm = Swarm(started[:2], dict(zip(FAULTS, started[2:], strict=True)))
     try:
-        for name, spec in FAULTS.items():
-            one = start_peers(tiny_llama_dir, [ALL], workdir, ["--test-fault-injector", spec])
-            bad[name] = one.peers[0]
-        yield Swarm(honest.peers, bad)
+        yield swarm
     finally:
-        honest.stop()
-        for peer in bad.values():
-            peer.stop()
+        swarm.stop()
+
+
+def start(model: Path, workdir: Path, spec: str) -> PeerProcess:
+    return start_peer(model, ALL, workdir, ["--test-fault-injector", spec] if spec else [])
 
 
 def honest_outputs(model: Path, swarm: Swarm, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
