@@ -92,6 +92,7 @@ class PeerLink:
     leaving: bool = False  # the peer said Goodbye
     discovered: bool = False  # from a record (mDNS, DHT), not from the caller
     skipped: str | None = None  # why its last answer made it unusable; None: it was fine
+    told: str | None = None  # the `skipped` reason last logged (each new reason once)
 
     @property
     def live(self) -> bool:
@@ -267,8 +268,13 @@ class SwarmClient:
                 f"within {self.config.discovery_timeout:g} s"
             )
         await asyncio.gather(*(self._refresh(link) for link in self.links))
-        if not any(link.live for link in self.links):
-            skipped = [link.skipped for link in self.links if link.skipped]
+        skipped = [link.skipped for link in self.links if link.skipped]
+        if any(link.live for link in self.links):
+            for link in self.links:  # the others serve: say which peers are left out, and why
+                if link.skipped and link.skipped != link.told:
+                    log.warning("skipping %s", link.skipped)
+                link.told = link.skipped
+        else:
             if skipped:  # say why the peers that answered cannot be used
                 more = f" (and {len(skipped) - 1} more peers skipped)" if len(skipped) > 1 else ""
                 raise LayerswarmError(skipped[0] + more)
@@ -303,7 +309,7 @@ class SwarmClient:
             link.conn = None
         except LayerswarmError as e:  # a protocol breach, an error reply, another model
             link.skipped = str(e) if str(e).startswith("peer ") else f"peer at {link.address}: {e}"
-            log.warning("skipping peer at %s: %s", link.address, e)
+            log.debug("skipping peer at %s: %s", link.address, e)
             if link.conn is not None:
                 link.conn.close()
             link.conn = None
