@@ -19,6 +19,7 @@ Three tables:
 from __future__ import annotations
 
 import argparse
+import asyncio
 import math
 import statistics
 import sys
@@ -78,10 +79,10 @@ def bench_tolerance(model_dir: Path) -> None:
             net.run(steady.aclose())
             net.run(shadow.aclose())
 
-        async def stop_serving() -> None:
-            engine._serving.cancel()
+        async def stop_serving(serving: asyncio.Task[None]) -> None:
+            serving.cancel()
 
-        net.run(stop_serving())
+        net.run(stop_serving(engine._serving))
         net.stop()
         print(f"| {name} | {worst:.2e} | {tolerance(name):.2e} |")
 
@@ -140,9 +141,8 @@ def steps_until_caught(model_dir: Path, liar: PeerProcess, honest: list[str], li
 
 
 def bench_detection(model_dir: Path, runs: int, limit: int) -> None:
-    print(
-        f"\n| corrupted steps | checked | steps until banned, median (min-max) of {runs} | expected median | expected mean |"
-    )
+    head = f"steps until banned, median (min-max) of {runs}"
+    print(f"\n| corrupted steps | checked | {head} | expected median | expected mean |")
     print("|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
         long = ["--max-session-length", str(limit + 8)]
