@@ -16,7 +16,6 @@ import logging
 import random
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
@@ -25,14 +24,17 @@ from zeroconf import InterfaceChoice
 
 from layerswarm.errors import LayerswarmError, PeerUnavailable, ProtocolError
 from layerswarm.kernels.cpu_linear import pack_linears
+from layerswarm.routing.client_config import ClientConfig as ClientConfig
 from layerswarm.routing.generate import Generator, Pipeline
 from layerswarm.routing.loop import BackgroundLoop
 from layerswarm.routing.paths import BanList, PeerView
-from layerswarm.routing.peer_stats import MAX_LOAD, PeerStats, bounded, claimed_seconds_per_layer
+from layerswarm.routing.peer_link import PeerLink
+from layerswarm.routing.peer_stats import PeerStats
 from layerswarm.routing.text import ChatTokenizer
 from layerswarm.routing.trust import TrustLedger
 from layerswarm.routing.verify import NormBounds
-from layerswarm.shards.config import ModelConfig, Span
+from layerswarm.routing.verify_local import LocalSpans
+from layerswarm.shards.config import ModelConfig
 from layerswarm.shards.weights import load_client_head, model_fingerprint
 from layerswarm.swarm.dial import Connection, open_connection
 from layerswarm.swarm.discovery import (
@@ -45,76 +47,10 @@ from layerswarm.swarm.discovery import (
 from layerswarm.swarm.identity import Identity, generate_identity
 from layerswarm.swarm.mdns import MdnsBrowser, MdnsConfig
 from layerswarm.swarm.protocol import InfoReply, InfoRequest
-from layerswarm.swarm.transport import Address, TransportConfig, parse_address
+from layerswarm.swarm.transport import TransportConfig, parse_address
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-
-
-@dataclass(frozen=True)
-class ClientConfig:
-    """How a client talks to peers and reacts when they fail."""
-
-    connect_timeout: float = 3.0  # unit: s to reach a peer and prove who it is
-    request_timeout: float = 10.0  # unit: s for small requests (info, open, close)
-    step_timeout_floor: float = 1.0  # unit: s every step may take, whatever the peer's speed
-    step_timeout_factor: float = 20.0  # unit: times a step's expected duration before giving up
-    max_reroutes: int = 8  # unit: reroutes per step before the step fails
-    ban_seconds: float = 5.0  # unit: s of a failed peer's first ban; doubles on each new failure
-    max_ban_seconds: float = 60.0  # unit: s, the longest ban (a peer may come back)
-    probe_timeout: float = 3.0  # unit: s for a slow step's peer to say it is still busy
-    max_step_wait: float = 600.0  # unit: s a busy peer may take for one step, probes answered
-    busy_wait_timeout: float = 30.0  # unit: s to wait for room when every replica is full
-    replay_chunk_tokens: int = 4096  # unit: tokens per step when replaying into a new hop
-    insecure_plaintext: bool = False  # no TLS; trusted LANs and measurements only
-    mdns_interfaces: tuple[str, ...] | None = None  # browse mDNS here (() = every one); None: off
-    refresh_interval: float = 5.0  # unit: s; a new session first re-reads the swarm if older
-    discovery_timeout: float = 5.0  # unit: s to wait for discovered peers to cover every layer
-    bootstrap: tuple[str, ...] = ()  # DHT members' multiaddrs to find peers through; (): no DHT
-    # 32 bytes: a private swarm's key (its DHT and its peers admit only holders); None: open
-    swarm_key: bytes | None = field(default=None, repr=False)
-    verify_fraction: float = 0.02  # unit: share of steps re-run on another replica and compared
-    verify_first_steps: int = 2  # unit: steps; each peer's first ones are always checked
-
-    def __post_init__(self) -> None:
-        if not 0.0 <= self.verify_fraction <= 1.0 or self.verify_first_steps < 0:
-            raise ValueError("verify_fraction must be in [0, 1], verify_first_steps >= 0")
-
-
-@dataclass
-class PeerLink:
-    """One peer the client was told about, and what it learned of it."""
-
-    address: Address
-    conn: Connection | None = None
-    info: InfoReply | None = None
-    rtt: float = 0.0  # unit: s, the info round trip measured here
-    leaving: bool = False  # the peer said Goodbye
-    discovered: bool = False  # from a record (mDNS, DHT), not from the caller
-    skipped: str | None = None  # why its last answer made it unusable; None: it was fine
-    told: str | None = None  # the `skipped` reason last logged (each new reason once)
-
-    @property
-    def live(self) -> bool:
-        return self.conn is not None and not self.conn.closed and not self.leaving
-
-    def view(self, stats: PeerStats) -> PeerView:
-        """The router's view: measured speed where measured, else the peer's bounded claims."""
-        assert self.info is not None and self.conn is not None  # only called on live links
-        info = self.info
-        measured = stats.seconds_per_layer(self.conn.peer_id)
-        quant = info.extra.get("quant")
-        return PeerView(
-            peer_id=self.conn.peer_id,
-            address=str(self.address),
-            span=Span(info.span_start, info.span_end),
-            seconds_per_layer=measured or claimed_seconds_per_layer(info.extra),
-            # a measured step already includes the wait behind other sessions
-            load=0.0 if measured else bounded(info.active_sessions, 0.0, MAX_LOAD, 0.0),
-            rtt=self.rtt,
-            dtype=info.dtype,
-            quant=quant if isinstance(quant, str) else "none",
-        )
 
 
 class SwarmClient:
@@ -153,6 +89,9 @@ class SwarmClient:
         self.last_refresh = 0.0  # unit: monotonic s of the last refresh
         self._refreshing: asyncio.Lock | None = None  # one refresh at a time (made on `net`)
         self.net = BackgroundLoop()
+        self.model_dir = model_dir
+        # this client's own computation of spans, to check peers on (verify_locally)
+        self.local = LocalSpans(model_dir, self.net) if self.config.verify_locally else None
         try:
             self.net.run(self._start_discovery())
             self.net.run(self.refresh())
@@ -375,6 +314,8 @@ class SwarmClient:
     async def _close_all(self) -> None:
         for close in self.closers:
             await close()
+        if self.local is not None:
+            await self.local.aclose()
         conns = [link.conn for link in self.links if link.conn is not None]
         for conn in conns:
             conn.close()

@@ -25,7 +25,7 @@ import asyncio
 import logging
 import random
 import uuid
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -33,6 +33,7 @@ import torch
 
 from layerswarm.errors import LayerswarmError
 from layerswarm.routing.paths import PeerView
+from layerswarm.routing.verify_local import LOCAL
 from layerswarm.shards.config import Span
 from layerswarm.swarm.protocol import OpenSession
 
@@ -140,18 +141,13 @@ def context_slice(
 
 @dataclass
 class Shadow:
-    """A verifier's session on a replica: fed the hop's inputs when a check needs them."""
+    """A verifier's session on a replica (or in this client): fed the hop's inputs when a check
+    needs them."""
 
-    hop: ActiveHop
+    run: Callable[[torch.Tensor, int], Awaitable[torch.Tensor]]  # one step: (hidden, start)
+    close: Callable[[], Awaitable[None]]
     fed: int = 0  # unit: tokens of context it holds
-    opened: bool = False
     last: tuple[int, int, torch.Tensor] | None = None  # (start, tokens, output) of its last step
-
-
-@dataclass
-class Opinion:
-    peer: PeerView
-    out: torch.Tensor
 
 
 @dataclass
@@ -229,6 +225,9 @@ class Verifier:
             "positions": f"{start}:{start + hidden.shape[1]}",
             "tolerance": tol,
         }
+        if verifier.peer_id == LOCAL:  # this client's own computation settles it
+            self._ban(hop.view, [verifier], err, evidence)
+            raise self._caught(hop)
         third = self._pick(hop, (verifier.peer_id,))
         referee = await self._opinion(hop, third, hidden, start) if third is not None else None
         if third is None or not isinstance(referee, torch.Tensor):
@@ -242,10 +241,15 @@ class Verifier:
             return out
         if theirs_ok and not ours_ok:
             self._ban(hop.view, [verifier, third], relative_error(out, referee), evidence)
-            from layerswarm.routing.session import HopFailed
-
-            raise HopFailed(hop.view.peer_id, f"peer {hop.view.address} computed wrong outputs")
+            raise self._caught(hop)
         return self._dispute(hop, verifier, err, evidence, out)
+
+    @staticmethod
+    def _caught(hop: ActiveHop) -> Exception:
+        """The failure that reroutes a hop caught lying; the step is redone elsewhere."""
+        from layerswarm.routing.session import HopFailed
+
+        return HopFailed(hop.view.peer_id, f"peer {hop.view.address} computed wrong outputs")
 
     def _dispute(
         self,
@@ -279,8 +283,12 @@ class Verifier:
             "relative_error": err,
             "agreeing": [p.peer_id for p in others],
         }
+        replicas = sum(p.peer_id != LOCAL for p in others)
+        said = [f"{replicas} replica's" if replicas == 1 else f"{replicas} replicas'"]
+        said = said if replicas else []
+        said += ["this client's own computation"] * (len(others) - replicas)
         reason = (
-            f"its output on layers {evidence['layers']} differs from {len(others)} replicas' "
+            f"its output on layers {evidence['layers']} differs from {' and '.join(said)} "
             f"(relative error {err:.3g}, tolerance {evidence['tolerance']:.3g})"
         )
         if self._client.trust.ban(liar.peer_id, liar.address, reason, evidence):
@@ -300,8 +308,9 @@ class Verifier:
             and hop.span.end <= v.span.end
             and v.quant == quant
         ]
-        if not candidates:
-            return None
+        if not candidates:  # no replica: this client computes the span itself, if it may
+            local = client.local
+            return local.view(hop.span) if local is not None and LOCAL not in exclude else None
         same_dtype = [v for v in candidates if v.dtype == hop.view.dtype]
         candidates = same_dtype or candidates
         first = client.config.verify_first_steps
@@ -316,7 +325,7 @@ class Verifier:
         self, hop: ActiveHop, peer: PeerView, hidden: torch.Tensor, start: int
     ) -> torch.Tensor | BaseException:
         """What `peer` computes for this step of the hop, through its shadow session."""
-        from layerswarm.routing.session import ActiveHop, merge_inputs
+        from layerswarm.routing.session import merge_inputs
 
         session = self.session
         key = (hop.span, peer.peer_id)
@@ -328,29 +337,40 @@ class Verifier:
                 return last[2]  # asked again (the step is redone): the same answer
             if shadow is None or start < shadow.fed:
                 if shadow is not None:
-                    await session._close_hops([shadow.hop])
-                conn = self._client.connection(peer.peer_id)
-                shadow = Shadow(ActiveHop(peer, hop.span, conn, uuid.uuid4().hex))
+                    del self.shadows[key]
+                    await shadow.close()
+                shadow = await self._open_shadow(hop, peer)
                 self.shadows[key] = shadow
-            if not shadow.opened:
-                opening = OpenSession(
-                    shadow.hop.session_id, hop.span.start, hop.span.end, session.max_length
-                )
-                await session._request(shadow.hop, opening, session.config.request_timeout)
-                shadow.opened = True
             context = context_slice(session.history.get(hop.span.start, []), shadow.fed, start)
             for at, chunk in merge_inputs(context, session.config.replay_chunk_tokens):
-                await session._step(shadow.hop, chunk, at)
+                await shadow.run(chunk, at)
                 shadow.fed = at + chunk.shape[1]
-            out = await session._step(shadow.hop, hidden, start)
+            out = await shadow.run(hidden, start)
             shadow.fed, shadow.last = start + tokens, (start, tokens, out)
             return out
         except LayerswarmError as e:  # the verifier failed: the check did not happen
-            if self.shadows.pop(key, None) is not None and shadow is not None and shadow.opened:
-                await session._close_hops([shadow.hop])
+            if shadow is not None and self.shadows.pop(key, None) is not None:
+                await shadow.close()
             if getattr(e, "fault", False):
                 self._client.bans.ban(peer.peer_id)
             return e
+
+    async def _open_shadow(self, hop: ActiveHop, peer: PeerView) -> Shadow:
+        """A new shadow session of `hop`'s span on `peer` (or in this client: LOCAL)."""
+        from layerswarm.routing.session import ActiveHop
+
+        session = self.session
+        if peer.peer_id == LOCAL:
+            assert self._client.local is not None  # LOCAL is picked only when it exists
+            return await self._client.local.open_shadow(hop.span, session.max_length)
+        twin = ActiveHop(peer, hop.span, self._client.connection(peer.peer_id), uuid.uuid4().hex)
+        opening = OpenSession(twin.session_id, hop.span.start, hop.span.end, session.max_length)
+        await session._request(twin, opening, session.config.request_timeout)
+
+        async def run(hidden: torch.Tensor, start: int) -> torch.Tensor:
+            return await session._step(twin, hidden, start)
+
+        return Shadow(run, lambda: session._close_hops([twin]))
 
     def _drop_shadows(self, peer_id: str) -> None:
         for key in [k for k in self.shadows if k[1] == peer_id]:
@@ -359,4 +379,4 @@ class Verifier:
     async def aclose(self) -> None:
         """Close every shadow session (best effort)."""
         shadows, self.shadows = list(self.shadows.values()), {}
-        await self.session._close_hops([s.hop for s in shadows if s.opened])
+        await asyncio.gather(*(shadow.close() for shadow in shadows))

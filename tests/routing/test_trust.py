@@ -8,14 +8,15 @@ bad peer alone, then lets the client know honest replicas, so the bad peer is th
 from __future__ import annotations
 
 import logging
-from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
 
+from layerswarm.errors import NoRouteError
 from layerswarm.peer.launch import PeerProcess, start_peer
 from layerswarm.routing.session import RemoteSession
 from layerswarm.routing.swarm_client import ClientConfig, SwarmClient
@@ -125,6 +126,32 @@ def test_a_peer_returning_perturbed_activations_is_caught_banned_and_its_steps_r
         assert liar.peer_id not in [h.view.peer_id for h in again.hops]
         again.close()
         session.close()
+    finally:
+        client.close()
+
+
+def test_a_client_holding_the_weights_checks_a_lone_peer_itself(
+    tiny_llama_dir: Path, swarm: Swarm
+) -> None:
+    """No replica to compare with: the client computes the span itself, catches the liar, and
+    says no honest peer serves those layers rather than pass a wrong output on."""
+    liar = swarm.bad["liar"]
+    config = ClientConfig(verify_fraction=1.0, verify_locally=True)
+    client = SwarmClient(tiny_llama_dir, [liar.address], config)
+    try:
+        session = RemoteSession(client, 64)
+        client.net.run(session.open())
+        with pytest.raises(NoRouteError):
+            for n, hidden in enumerate(steps()[1:] * 2):  # one-token steps until it lies
+                session.forward(hidden, n)
+        [record] = client.trust.records()
+        assert record.peer_id == liar.peer_id
+        assert "this client's own computation" in record.reason
+        client.net.run(client.add_peers([swarm.honest[0].address]))
+        again = RemoteSession(client, 64)
+        client.net.run(again.open())
+        assert [h.view.peer_id for h in again.hops] == [swarm.honest[0].peer_id]
+        again.close()
     finally:
         client.close()
 
