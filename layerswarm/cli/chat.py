@@ -99,6 +99,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="share of steps re-run on another replica and compared; a peer caught lying is "
         "banned (default: 0.02; each peer's first steps are always checked)",
     )
+    ap.add_argument(
+        "--verify-locally",
+        action="store_true",
+        help="where no other replica can check a peer, compute its layers here to check it "
+        "(loads those layers' weights in this process)",
+    )
     ap.add_argument("--verbose", action="store_true")
     return ap
 
@@ -144,6 +150,7 @@ def open_generator(
         bootstrap=tuple(args.bootstrap),
         swarm_key=swarm_key,
         verify_fraction=args.verify_fraction,
+        verify_locally=args.verify_locally,
     )
     try:
         return open_swarm_generator(

@@ -229,7 +229,9 @@ class RemoteSession:
 
     async def _step(self, hop: ActiveHop, hidden: torch.Tensor, start: int) -> torch.Tensor:
         tokens = hidden.shape[1]
-        expected = len(hop.span) * hop.view.seconds_per_layer * tokens + hop.view.rtt
+        # the deadline follows what this client measured of the peer, once it has
+        per_layer = self.client.stats.seconds_per_layer(hop.view.peer_id)
+        expected = len(hop.span) * (per_layer or hop.view.seconds_per_layer) * tokens + hop.view.rtt
         patience = self.config.step_timeout_floor + self.config.step_timeout_factor * expected
         t0 = time.perf_counter()
         reply = await self._request(hop, Step(hop.session_id, hidden, start), patience, probe=True)

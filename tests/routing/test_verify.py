@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import math
 import struct
+from types import SimpleNamespace
 
 import msgpack
 import pytest
 import torch
 
 from layerswarm.errors import LayerswarmError, ProtocolError
+from layerswarm.routing.peer_link import PeerLink
 from layerswarm.routing.peer_stats import (
     MAX_SECONDS_PER_LAYER,
     MIN_SECONDS_PER_LAYER,
@@ -25,6 +27,7 @@ from layerswarm.routing.verify import (
     tolerance,
 )
 from layerswarm.swarm.protocol import InfoReply, decode_frame, encode
+from layerswarm.swarm.transport import parse_address
 
 
 def test_reply_checks_name_shape_dtype_and_non_finite_values() -> None:
@@ -124,3 +127,16 @@ def test_a_liar_is_recorded_once_with_its_evidence() -> None:
     assert ledger.liars == {"p"} and len(seen) == 1
     [record] = ledger.records()
     assert record.as_dict()["evidence"] == {"layers": "0:4"} and record.reason == "wrong"
+
+
+def test_the_router_sees_bounded_claims_until_its_own_measurements_replace_them() -> None:
+    claim = {"decode_s_per_layer": 1e-30, "quant": "int8"}
+    info = InfoReply("p", "m@h", 0, 4, 4, "bfloat16", 0, 0, 10**9, claim)  # type: ignore[arg-type]
+    link = PeerLink(parse_address("127.0.0.1:1"), SimpleNamespace(peer_id="p"), info)  # type: ignore[arg-type]
+    stats = PeerStats()
+    view = link.view(stats)
+    assert view.seconds_per_layer == MIN_SECONDS_PER_LAYER  # "infinitely fast": clamped
+    assert view.load == 1000.0 and view.dtype == "bfloat16" and view.quant == "int8"
+    stats.observe("p", 0.041, layers=4, tokens=1, rtt=0.001)
+    view = link.view(stats)
+    assert view.seconds_per_layer == pytest.approx(0.01) and view.load == 0.0
