@@ -29,6 +29,7 @@ from safetensors import safe_open
 from layerswarm.errors import LayerswarmError, ModelFormatError
 from layerswarm.shards.config import ModelConfig
 from layerswarm.shards.convert import Progress, convert_gguf
+from layerswarm.shards.families import family_of
 
 MARKER = ".layerswarm-complete"  # written last into a finished conversion
 CONVERTER_VERSION = 1  # raise when convert.py's output changes, to redo cached conversions
@@ -119,17 +120,10 @@ def check_model_dir(path: Path) -> None:
 
 
 def expected_tensor_names(config: ModelConfig) -> list[str]:
-    """The Hugging Face tensor names a Llama-family model with this config must have."""
-    layer = [
-        "input_layernorm.weight",
-        "post_attention_layernorm.weight",
-        *(f"self_attn.{p}_proj.weight" for p in "qkvo"),
-        *(f"mlp.{p}_proj.weight" for p in ("gate", "up", "down")),
-    ]
-    if config.attention_bias:
-        layer += [f"self_attn.{p}_proj.bias" for p in "qkv"]
+    """The Hugging Face tensor names a model with this config must have (its family's names)."""
+    family = family_of(config)
     names = ["model.embed_tokens.weight", "model.norm.weight"]
-    names += [f"model.layers.{i}.{n}" for i in range(config.num_layers) for n in layer]
+    names += [n for i in range(config.num_layers) for n in family.layer_tensors(config, i)]
     if not config.tie_word_embeddings:
         names.append("lm_head.weight")
     return names

@@ -14,6 +14,7 @@ from safetensors import safe_open
 from layerswarm.errors import ModelFormatError
 from layerswarm.shards.blocks import ClientHead, DecoderLayer, SpanModel
 from layerswarm.shards.config import ModelConfig, Span
+from layerswarm.shards.families import family_of
 
 Progress = Callable[[str, float | None], None]
 
@@ -98,7 +99,7 @@ def load_span(
         with torch.device("meta"):
             model = SpanModel(config, span)
         for i, layer in enumerate(model.layers):
-            _fill_layer(cast(DecoderLayer, layer), files, span.start + i, dtype)
+            _fill_layer(cast(DecoderLayer, layer), files, config, span.start + i, dtype)
             if progress:
                 progress(
                     f"loading layer {span.start + i + 1}/{config.num_layers}", (i + 1) / len(span)
@@ -106,22 +107,12 @@ def load_span(
     return model
 
 
-def _fill_layer(layer: DecoderLayer, files: WeightFiles, index: int, dtype: torch.dtype) -> None:
-    pre = f"model.layers.{index}."
-    a = pre + "self_attn."
-    qkv = [files.get(f"{a}{p}_proj.weight", dtype) for p in "qkv"]
-    gate_up = [files.get(f"{pre}mlp.{p}_proj.weight", dtype) for p in ("gate", "up")]
-    params = {
-        "input_norm": files.get(pre + "input_layernorm.weight", dtype),
-        "post_norm": files.get(pre + "post_attention_layernorm.weight", dtype),
-        "qkv.weight": torch.cat(qkv),
-        "o_proj.weight": files.get(a + "o_proj.weight", dtype),
-        "gate_up.weight": torch.cat(gate_up),
-        "down_proj.weight": files.get(pre + "mlp.down_proj.weight", dtype),
-    }
-    if layer.qkv.bias is not None:
-        params["qkv.bias"] = torch.cat([files.get(f"{a}{p}_proj.bias", dtype) for p in "qkv"])
-    layer.load_state_dict(params, strict=True, assign=True)
+def _fill_layer(
+    layer: DecoderLayer, files: WeightFiles, config: ModelConfig, index: int, dtype: torch.dtype
+) -> None:
+    """Read layer `index`'s tensors, in the family's names, into `layer`."""
+    state = family_of(config).layer_state(lambda name: files.get(name, dtype), config, index)
+    layer.load_state_dict(state, strict=True, assign=True)
 
 
 def load_client_head(
