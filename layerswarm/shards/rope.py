@@ -66,8 +66,12 @@ def _yarn(
     low, high = max(low, 0), min(high, dim - 1)
     if low == high:
         high += 0.001  # as transformers: no division by zero
-    ramp = ((torch.arange(dim // 2, dtype=torch.float32, device=device) - low) / (high - low)).clamp(0, 1)
+    ramp = (
+        (torch.arange(dim // 2, dtype=torch.float32, device=device) - low) / (high - low)
+    ).clamp(0, 1)
     pos_freqs = base ** (torch.arange(0, dim, 2, device=device).float() / dim)
     extrapolation = 1 - ramp
-    inv_freq = (1.0 / (factor * pos_freqs)) * (1 - extrapolation) + (1.0 / pos_freqs) * extrapolation
+    inv_freq = (1.0 / (factor * pos_freqs)) * (1 - extrapolation) + (
+        1.0 / pos_freqs
+    ) * extrapolation
     return inv_freq, float(scale)

@@ -14,7 +14,8 @@ from safetensors import safe_open
 from layerswarm.errors import ModelFormatError
 from layerswarm.shards.blocks import ClientHead, DecoderLayer, SpanModel
 from layerswarm.shards.config import ModelConfig, Span
-from layerswarm.shards.families import family_of
+from layerswarm.shards.families import client_tensor_names, family_of, layer_tensor_names
+from layerswarm.shards.hub import INDEX, fetch_weight_files
 
 Progress = Callable[[str, float | None], None]
 
@@ -87,12 +88,16 @@ def load_span(
 ) -> SpanModel:
     """Build the layers `[span.start, span.end)` of the model in `model_dir`.
 
-    Only those layers' tensors are read, so memory grows with the span, not the model.
+    Only those layers' tensors are read, so memory grows with the span, not the model. In a
+    Hugging Face cache snapshot, the shards holding them are downloaded first if missing.
 
     Raises:
         ModelFormatError: the folder lacks config.json, weights, or one of the span's tensors.
     """
     config = config or ModelConfig.from_file(model_dir)
+    if files is None:
+        names = layer_tensor_names(config, range(span.start, span.end))
+        fetch_weight_files(Path(model_dir), names, progress)
     with ExitStack() as stack:
         if files is None:
             files = stack.enter_context(open_weights(model_dir))
@@ -118,8 +123,10 @@ def _fill_layer(
 def load_client_head(
     model_dir: str | Path, dtype: torch.dtype = torch.float32, config: ModelConfig | None = None
 ) -> ClientHead:
-    """Build the embedding, final norm and head: the parts a client holds."""
+    """Build the embedding, final norm and head: the parts a client holds (in a Hugging Face
+    cache snapshot, only the shards holding them are downloaded)."""
     config = config or ModelConfig.from_file(model_dir)
+    fetch_weight_files(Path(model_dir), client_tensor_names(config))
     with torch.device("meta"):
         head = ClientHead(config)
     with open_weights(model_dir) as files:
@@ -145,6 +152,10 @@ def model_fingerprint(model_dir: str | Path) -> str:
 
     model_dir = Path(model_dir)
     h = hashlib.sha256((model_dir / "config.json").read_bytes())
+    index = model_dir / INDEX
+    if index.is_file():  # a Hub snapshot holds only its span's shards: the index names all
+        h.update(index.read_bytes())
+        return h.hexdigest()[:16]
     for f in sorted(model_dir.glob("*.safetensors")):
         h.update(f"{f.name}:{f.stat().st_size}".encode())
     return h.hexdigest()[:16]

@@ -70,3 +70,15 @@ def family_for(d: dict[str, Any]) -> Family:
 def family_of(config: ModelConfig) -> Family:
     """The family of a parsed config."""
     return families()[config.architecture]
+
+
+def layer_tensor_names(config: ModelConfig, layers: range) -> list[str]:
+    """The checkpoint names of `layers`' tensors (a peer's span), in order."""
+    family = family_of(config)
+    return [n for i in layers for n in family.layer_tensors(config, i)]
+
+
+def client_tensor_names(config: ModelConfig) -> list[str]:
+    """The checkpoint names of what a client holds: embedding, final norm and head."""
+    names = ["model.embed_tokens.weight", "model.norm.weight"]
+    return names if config.tie_word_embeddings else [*names, "lm_head.weight"]

@@ -19,7 +19,24 @@ from layerswarm.shards.families import Family, Get
 from layerswarm.shards.families.common import attention_state, attention_tensors, prefix
 
 # The 16 values of an FP4 (e2m1) nibble, as in OCP's microscaling spec and transformers' mxfp4.
-FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
+FP4_VALUES = (
+    0.0,
+    0.5,
+    1.0,
+    1.5,
+    2.0,
+    3.0,
+    4.0,
+    6.0,
+    -0.0,
+    -0.5,
+    -1.0,
+    -1.5,
+    -2.0,
+    -3.0,
+    -4.0,
+    -6.0,
+)
 
 
 def config_fields(d: dict[str, Any]) -> dict[str, Any]:
@@ -47,9 +64,8 @@ def config_fields(d: dict[str, Any]) -> dict[str, Any]:
         "attention_out_bias": bias,
         "attention_sinks": True,
         "sliding_window": int(d.get("sliding_window") or 128),
-        "layer_types": types or tuple(
-            "sliding_attention" if i % 2 == 0 else "full_attention" for i in range(n)
-        ),
+        "layer_types": types
+        or tuple("sliding_attention" if i % 2 == 0 else "full_attention" for i in range(n)),
         "moe": moe,
         "weights_format": "mxfp4" if quant == "mxfp4" else "",
     }
@@ -59,7 +75,12 @@ def _expert_names(config: ModelConfig, i: int) -> tuple[str, ...]:
     e = prefix(i) + "mlp.experts."
     mats: tuple[str, ...]
     if config.weights_format == "mxfp4":
-        mats = ("gate_up_proj_blocks", "gate_up_proj_scales", "down_proj_blocks", "down_proj_scales")
+        mats = (
+            "gate_up_proj_blocks",
+            "gate_up_proj_scales",
+            "down_proj_blocks",
+            "down_proj_scales",
+        )
     else:
         mats = ("gate_up_proj", "down_proj")
     return tuple(e + m for m in (*mats, "gate_up_proj_bias", "down_proj_bias"))

@@ -39,9 +39,11 @@ def _n(config: ModelConfig) -> int:
 
 def layer_tensors(config: ModelConfig, i: int) -> list[str]:
     m = prefix(i) + "block_sparse_moe."
-    return [*attention_tensors(config, i), m + "gate.weight"] + expert_tensors(
-        m + "experts", _n(config), "w1", "w3", "w2"
-    )
+    return [
+        *attention_tensors(config, i),
+        m + "gate.weight",
+        *expert_tensors(m + "experts", _n(config), "w1", "w3", "w2"),
+    ]
 
 
 def layer_state(get: Get, config: ModelConfig, i: int) -> dict[str, torch.Tensor]:

@@ -52,9 +52,11 @@ def layer_tensors(config: ModelConfig, i: int) -> list[str]:
     if not config.sparse(i):
         return names + dense_mlp_tensors(i)
     m = prefix(i) + "mlp."
-    return [*names, m + "gate.weight"] + expert_tensors(
-        m + "experts", _experts(config), "gate_proj", "up_proj", "down_proj"
-    )
+    return [
+        *names,
+        m + "gate.weight",
+        *expert_tensors(m + "experts", _experts(config), "gate_proj", "up_proj", "down_proj"),
+    ]
 
 
 def layer_state(get: Get, config: ModelConfig, i: int) -> dict[str, torch.Tensor]:
