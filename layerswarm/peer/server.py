@@ -35,6 +35,7 @@ from layerswarm.shards.blocks import SpanModel
 from layerswarm.shards.config import DTYPES, ModelConfig, Span
 from layerswarm.shards.kv_cache import PagedKVCache
 from layerswarm.shards.quantize import memory_bytes, quantize
+from layerswarm.shards.sizes import layer_weight_bytes
 from layerswarm.shards.weights import Progress, load_span, model_fingerprint
 from layerswarm.swarm.discovery import DhtLookup, RecordSource, dht_key, wait_for_coverage
 from layerswarm.swarm.identity import Identity
@@ -223,7 +224,8 @@ async def _auto_span(
         for r in records
     ]
     budget = config.memory_budget_bytes or free_memory_bytes() // 2
-    per_layer = int(model_config.layer_parameters() * BYTES_PER_WEIGHT[config.quant][config.dtype])
+    # Every expert of a MoE layer counts in memory (shards.sizes), not only the active ones.
+    per_layer = layer_weight_bytes(model_config, BYTES_PER_WEIGHT[config.quant][config.dtype])
     n = layers_that_fit(budget, per_layer, config.cache_memory_bytes, model_config.num_layers)
     span = choose_span(servers, model_config.num_layers, n)
     log.info(
