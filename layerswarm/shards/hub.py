@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from layerswarm.errors import LayerswarmError, ModelFormatError
-from layerswarm.shards.convert import Progress
+from layerswarm.shards.gguf_tensors import Progress
 
 INDEX = "model.safetensors.index.json"
 SMALL_FILES = (  # fetched at resolution, when the repository has them

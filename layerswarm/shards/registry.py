@@ -28,8 +28,9 @@ from safetensors import safe_open
 
 from layerswarm.errors import LayerswarmError, ModelFormatError
 from layerswarm.shards.config import ModelConfig
-from layerswarm.shards.convert import Progress, convert_gguf
+from layerswarm.shards.convert import convert_gguf
 from layerswarm.shards.families import client_tensor_names, layer_tensor_names
+from layerswarm.shards.gguf_tensors import Progress
 from layerswarm.shards.hub import INDEX, parse_hub_name, resolve_hub_model, snapshot_origin
 
 MARKER = ".layerswarm-complete"  # written last into a finished conversion
