@@ -1,8 +1,10 @@
-"""Convert a Llama-family GGUF file into a Hugging Face style model folder, weights in float32.
+"""Convert a GGUF file into a Hugging Face style model folder, weights in float32.
 
-The folder holds `model.safetensors` (Hugging Face Llama tensor names, written layer by layer so a
-span's tensors lie together on disk), `config.json`, `tokenizer.json`, `tokenizer_config.json`
-(with the chat template) and `generation_config.json`.
+Architectures (`general.architecture`): `llama` (Llama, Mistral, and Mixtral when it has
+experts), `qwen3` and `qwen3moe`. The folder holds `model.safetensors` (the family's Hugging
+Face tensor names, written layer by layer so a span's tensors lie together on disk; stacked
+experts are written one by one), `config.json`, `tokenizer.json`, `tokenizer_config.json` (with
+the chat template) and `generation_config.json`.
 """
 
 from __future__ import annotations
@@ -30,7 +32,14 @@ from layerswarm.shards.gguf_tokenizer import gguf_tokenizer, tokenizer_config
 log = logging.getLogger(__name__)
 
 
-GGUF_ARCHITECTURES = ("llama",)  # values of `general.architecture` this module converts
+# `general.architecture` values this module converts -> whether llama.cpp interleaved q/k rows
+# (its LlamaModel.permute, which Mixtral inherits; Qwen models are stored as they are).
+GGUF_ARCHITECTURES = {"llama": True, "qwen3": False, "qwen3moe": False}
+_QK_NORMS = (
+    ("attn_q_norm.weight", "self_attn.q_norm.weight"),
+    ("attn_k_norm.weight", "self_attn.k_norm.weight"),
+)
+_EXPERT_STACKS = ("ffn_gate_exps.weight", "ffn_up_exps.weight", "ffn_down_exps.weight")
 
 # (gguf name inside `blk.{i}.`, Hugging Face name inside `model.layers.{i}.`), in the order
 # written to disk. Biases are optional (Qwen2-style q/k/v biases).
@@ -76,8 +85,8 @@ def convert_gguf(gguf_path: Path, out_dir: Path, progress: Progress | None = Non
             f"{', '.join(GGUF_ARCHITECTURES)} GGUF files"
         )
     tensors = {t.name: t for t in reader.tensors}
-    config = _config(meta, tensors, gguf_path)
-    entries = _plan(tensors, config, gguf_path)
+    config = _config(meta, tensors, gguf_path, arch)
+    entries = _plan(tensors, config, gguf_path, GGUF_ARCHITECTURES[arch])
     tokenizer = gguf_tokenizer(meta, gguf_path)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -114,10 +123,12 @@ def _float32(value: float) -> float:
     return float(str(np.float32(value)))
 
 
-def _config(meta: dict[str, Any], tensors: dict[str, ReaderTensor], path: Path) -> dict[str, Any]:
-    """A Hugging Face `config.json` for a Llama model, from `llama.*` metadata."""
-    if meta.get("llama.expert_count", 0):
-        raise ModelFormatError(f"{path} is a mixture-of-experts model, which layerswarm cannot run")
+def _config(
+    meta: dict[str, Any], tensors: dict[str, ReaderTensor], path: Path, arch: str
+) -> dict[str, Any]:
+    """A Hugging Face `config.json` from `<arch>.*` metadata."""
+    if arch != "llama":  # the keys below are read under the file's own architecture
+        meta = {k.replace(f"{arch}.", "llama.", 1): v for k, v in meta.items()}
     if "token_embd.weight" not in tensors:
         raise ModelFormatError(f"{path} lacks the tensor 'token_embd.weight'")
     hidden = _int(meta, "llama.embedding_length", path)
@@ -134,7 +145,9 @@ def _config(meta: dict[str, Any], tensors: dict[str, ReaderTensor], path: Path) 
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
         "hidden_size": hidden,
-        "intermediate_size": _int(meta, "llama.feed_forward_length", path),
+        "intermediate_size": _int(
+            meta, "llama.feed_forward_length", path, meta.get("llama.expert_feed_forward_length")
+        ),
         "num_hidden_layers": _int(meta, "llama.block_count", path),
         "num_attention_heads": heads,
         "num_key_value_heads": _int(meta, "llama.attention.head_count_kv", path, heads),
@@ -150,6 +163,12 @@ def _config(meta: dict[str, Any], tensors: dict[str, ReaderTensor], path: Path) 
         "hidden_act": "silu",
         "torch_dtype": "float32",
     }
+    config |= _family_fields(meta, path, arch)
+    if arch == "qwen3moe":  # layers stored with a plain MLP
+        layers = range(config["num_hidden_layers"])
+        config["mlp_only_layers"] = [
+            i for i in layers if f"blk.{i}.ffn_gate_inp.weight" not in tensors
+        ]
     eos = [
         meta[k] for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id") if k in meta
     ]
@@ -160,6 +179,28 @@ def _config(meta: dict[str, Any], tensors: dict[str, ReaderTensor], path: Path) 
         if f"tokenizer.ggml.{key}" in meta:
             config[hf_key] = meta[f"tokenizer.ggml.{key}"]
     return config
+
+
+def _family_fields(meta: dict[str, Any], path: Path, arch: str) -> dict[str, Any]:
+    """What the architecture adds to config.json: its class, and its experts."""
+    experts = int(meta.get("llama.expert_count") or 0)
+    moe: dict[str, Any] = {}
+    if experts or arch == "qwen3moe":
+        moe["num_experts_per_tok"] = _int(meta, "llama.expert_used_count", path)
+        moe["norm_topk_prob"] = True  # llama.cpp renormalizes the top k for both
+    if arch == "qwen3moe":
+        moe["num_experts"] = experts
+        moe["moe_intermediate_size"] = _int(meta, "llama.expert_feed_forward_length", path)
+        return {"architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe"} | moe
+    if arch == "qwen3":
+        return {"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3"}
+    if experts:
+        return (
+            {"architectures": ["MixtralForCausalLM"], "model_type": "mixtral"}
+            | moe
+            | {"num_local_experts": experts}
+        )
+    return {}
 
 
 def _rope_scaling(
@@ -209,19 +250,26 @@ def _llama3_factors(
     return np.where(wavelen > original_max_position_embeddings / low_freq_factor, factor, out)
 
 
-def _plan(tensors: dict[str, ReaderTensor], config: dict[str, Any], path: Path) -> list[Entry]:
+def _plan(
+    tensors: dict[str, ReaderTensor], config: dict[str, Any], path: Path, permuted: bool
+) -> list[Entry]:
     """Every tensor to write, in disk order: embedding, layer 0, layer 1, ..., norm, head."""
     entries = [Entry("model.embed_tokens.weight", tensors["token_embd.weight"])]
     heads = {"attn_q": config["num_attention_heads"], "attn_k": config["num_key_value_heads"]}
     for i in range(config["num_hidden_layers"]):
-        for gguf_name, hf_name in _LAYER_TENSORS:
-            source = tensors.get(f"blk.{i}.{gguf_name}")
-            if source is None and gguf_name in _OPTIONAL:
+        blk = _layer(tensors, i)
+        sparse = "ffn_gate_inp.weight" in blk  # experts instead of ffn_gate/up/down
+        own = _LAYER_TENSORS[:9] if sparse else _LAYER_TENSORS  # [:9]: up to ffn_norm
+        for gguf_name, hf_name in own + _QK_NORMS:
+            source = blk.get(gguf_name)
+            if source is None and (gguf_name in _OPTIONAL or (gguf_name, hf_name) in _QK_NORMS):
                 continue
             if source is None:
                 raise ModelFormatError(f"{path} lacks the tensor 'blk.{i}.{gguf_name}'")
-            n_heads = heads.get(gguf_name.split(".")[0])
+            n_heads = heads.get(gguf_name.split(".")[0]) if permuted else None
             entries.append(Entry(f"model.layers.{i}.{hf_name}", source, n_heads))
+        if sparse:
+            entries += _experts(blk, i, config, path)
     if "output_norm.weight" not in tensors:
         raise ModelFormatError(f"{path} lacks the tensor 'output_norm.weight'")
     entries.append(Entry("model.norm.weight", tensors["output_norm.weight"]))
@@ -230,8 +278,31 @@ def _plan(tensors: dict[str, ReaderTensor], config: dict[str, Any], path: Path) 
     used = {e.source.name for e in entries}
     extra = [n for n in tensors if n not in used and not any(c in n for c in _CONSUMED)]
     if extra:
-        raise ModelFormatError(f"{path} holds tensors a Llama model does not have: {extra[:5]}")
+        raise ModelFormatError(f"{path} holds tensors this architecture does not have: {extra[:5]}")
     check_types(entries)
+    return entries
+
+
+def _layer(tensors: dict[str, ReaderTensor], i: int) -> dict[str, ReaderTensor]:
+    pre = f"blk.{i}."
+    return {n[len(pre) :]: t for n, t in tensors.items() if n.startswith(pre)}
+
+
+def _experts(
+    blk: dict[str, ReaderTensor], i: int, config: dict[str, Any], path: Path
+) -> list[Entry]:
+    """The router and every expert of layer `i`, from llama.cpp's stacked `ffn_*_exps`."""
+    mixtral = config["architectures"] == ["MixtralForCausalLM"]
+    pre = f"model.layers.{i}." + ("block_sparse_moe." if mixtral else "mlp.")
+    names = ("w1", "w3", "w2") if mixtral else ("gate_proj", "up_proj", "down_proj")
+    missing = [n for n in _EXPERT_STACKS if n not in blk]
+    if missing:
+        raise ModelFormatError(f"{path} lacks the tensor 'blk.{i}.{missing[0]}' (stored experts)")
+    entries = [Entry(pre + "gate.weight", blk["ffn_gate_inp.weight"])]
+    n = int(blk["ffn_gate_exps.weight"].shape[-1])
+    for e in range(n):
+        for stack, name in zip(_EXPERT_STACKS, names, strict=True):
+            entries.append(Entry(f"{pre}experts.{e}.{name}.weight", blk[stack], expert=e))
     return entries
 
 

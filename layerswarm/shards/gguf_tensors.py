@@ -26,11 +26,13 @@ class Entry:
     name: str
     source: ReaderTensor
     unpermute_heads: int | None = None  # unit: heads of the Q/K row interleave to undo
+    expert: int | None = None  # which expert of a stacked `(experts, out, in)` source to write
 
     @property
     def shape(self) -> tuple[int, ...]:
         # GGUF lists dimensions fastest first, the reverse of torch: [576, 49152] is (49152, 576).
-        return tuple(int(d) for d in reversed(self.source.shape.tolist()))
+        shape = tuple(int(d) for d in reversed(self.source.shape.tolist()))
+        return shape if self.expert is None else shape[1:]
 
 
 def check_types(entries: list[Entry]) -> None:
@@ -90,10 +92,16 @@ def write_safetensors(path: Path, entries: list[Entry], progress: Progress | Non
         offset += size
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)  # the data starts 8-byte aligned
+    stacked: tuple[str, np.ndarray] | None = None  # the last expert stack, dequantized once
     with open(path, "wb") as f:
         f.write(struct.pack("<Q", len(blob)) + blob)
         for n, e in enumerate(entries, 1):
-            w = dequantize(e.source)
+            if e.expert is None:
+                w = dequantize(e.source)
+            else:  # experts of one stack are written one after another
+                if stacked is None or stacked[0] != e.source.name:
+                    stacked = (e.source.name, dequantize(e.source))
+                w = stacked[1][e.expert]
             if w.shape != e.shape:
                 raise ModelFormatError(
                     f"tensor {e.source.name!r} has shape {w.shape}, expected {e.shape}"
