@@ -7,8 +7,11 @@ tensors (`fetch_weight_files`). A peer serving layers 12-23 of a 48-layer model 
 a quarter of the weights; a client the shards with the embedding and the head.
 
 The download itself is `huggingface_hub`'s (the user's token, endpoint, proxy and cache settings
-apply; an interrupted file resumes from its `.incomplete` part). What is already in the cache is
-used without the network, so `HF_HUB_OFFLINE=1` works for anything fetched before.
+apply). An interrupted download resumes shard by shard: every finished shard stays in the
+cache and is not fetched again; within a run, a dropped connection resumes with a byte range
+(huggingface_hub 2.4 no longer resumes a half-written file across processes: its PR #4228).
+What is already in the cache is used without the network, so `HF_HUB_OFFLINE=1` works for
+anything fetched before.
 """
 
 from __future__ import annotations
@@ -185,7 +188,9 @@ def _download(
             "(offline?); run once with the network on"
         ) from None
     except (HfHubHTTPError, OSError) as e:
-        raise LayerswarmError(f"downloading {repo} {file} failed: {e}; run again to resume") from e
+        raise LayerswarmError(
+            f"downloading {repo} {file} failed: {e}; run again (finished shards are kept)"
+        ) from e
     return Path(str(path))
 
 

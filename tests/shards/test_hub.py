@@ -3,12 +3,17 @@ of shards a span or a client needs on a 4-shard index. Nothing here touches the 
 
 from __future__ import annotations
 
+import hashlib
+import http.server
 import json
 import os
 import subprocess
 import sys
+import threading
+import urllib.parse
 from collections.abc import Callable
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 import torch
@@ -154,3 +159,102 @@ def test_the_cli_resolves_a_name_through_the_hf_cache_of_its_environment(
         env=env, capture_output=True, text=True, check=True, timeout=120,
     )  # fmt: skip
     assert Path(out.stdout.strip()) == snapshot
+
+
+class FakeHub(http.server.BaseHTTPRequestHandler):
+    """A test-only stand-in for the Hub's HTTP API on loopback: the file tree, and files with
+    the headers `hf_hub_download` reads (commit, ETag, size) and byte ranges (for resuming)."""
+
+    files: ClassVar[dict[str, bytes]] = {}
+    seen: ClassVar[list[tuple[str, str, str]]] = []  # (method, file, Range header)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+    def do_HEAD(self) -> None:
+        self._serve(body=False)
+
+    def do_GET(self) -> None:
+        self._serve(body=True)
+
+    def _serve(self, body: bool) -> None:
+        path = urllib.parse.unquote(urllib.parse.urlparse(self.path).path)
+        if path.startswith("/api/models/tiny-org/tiny-moe/tree/"):
+            tree = [
+                {"type": "file", "path": n, "size": len(b), "oid": hashlib.sha1(b).hexdigest()}
+                for n, b in self.files.items()
+            ]
+            self._send(200, json.dumps(tree).encode(), {"Content-Type": "application/json"}, body)
+            return
+        prefix = "/tiny-org/tiny-moe/resolve/"
+        name = path[len(prefix) :].split("/", 1)[-1] if path.startswith(prefix) else ""
+        if name not in self.files:
+            self._send(404, b"not found", {"X-Error-Code": "EntryNotFound"}, body)
+            return
+        data = self.files[name]
+        self.seen.append((self.command, name, self.headers.get("Range", "")))
+        headers = {"X-Repo-Commit": COMMIT, "ETag": f'"{hashlib.sha256(data).hexdigest()}"'}
+        status, start = 200, 0
+        if rng := self.headers.get("Range"):
+            start = int(rng.removeprefix("bytes=").split("-")[0])
+            status = 206
+            headers["Content-Range"] = f"bytes {start}-{len(data) - 1}/{len(data)}"
+        self._send(status, data[start:], headers, body)
+
+    def _send(self, status: int, data: bytes, headers: dict[str, str], body: bool) -> None:
+        self.send_response(status)
+        for k, v in headers.items():
+            self.send_header(k, v)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        if body:
+            self.wfile.write(data)
+
+
+def test_a_peer_downloads_only_its_span_with_progress_and_keeps_the_shards_it_has(
+    tiny_family: Callable[[str], Path], tmp_path: Path
+) -> None:
+    repo_files = write_hub_cache(tmp_path / "source", tiny_family("qwen3_moe"))
+    FakeHub.files = {f.name: f.read_bytes() for f in repo_files.iterdir()}
+    FakeHub.seen = []
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), FakeHub)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    hub = tmp_path / "hub"
+    # An earlier run that was cut off after the second shard: that one is in the cache.
+    shard = FakeHub.files[SHARDS[1]]
+    earlier = hub / "models--tiny-org--tiny-moe" / "snapshots" / COMMIT
+    earlier.mkdir(parents=True)
+    (earlier / SHARDS[1]).write_bytes(shard)
+    (earlier.parent.parent / "refs").mkdir()
+    (earlier.parent.parent / "refs" / "main").write_text(COMMIT)
+    code = (
+        "import sys; from pathlib import Path; from layerswarm.shards.config import Span; "
+        "from layerswarm.shards.registry import resolve_model; "
+        "from layerswarm.shards.weights import load_span; "
+        "say = lambda m, f=None: print(m, f, file=sys.stderr); "
+        "d = resolve_model('tiny-org/tiny-moe', Path(sys.argv[1]), say); "
+        "load_span(d, Span(1, 3), progress=say); print(d)"
+    )
+    env = os.environ | {
+        "HF_ENDPOINT": f"http://127.0.0.1:{server.server_address[1]}",
+        "HF_HUB_CACHE": str(hub),
+        "HF_HUB_DISABLE_TELEMETRY": "1",
+        "NO_PROXY": "127.0.0.1",
+    }
+    env.pop("HF_HUB_OFFLINE", None)
+    try:
+        out = subprocess.run(
+            [sys.executable, "-c", code, str(tmp_path / "cache")],
+            env=env, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert out.returncode == 0, out.stderr
+    fetched = [name for method, name, _ in FakeHub.seen if method == "GET"]
+    # The small files and the one missing shard of span 1:3: not the client's, not the other.
+    assert sorted(fetched) == sorted([*SMALL, "model.safetensors.index.json", SHARDS[2]])
+    snapshot = Path(out.stdout.strip())
+    assert snapshot == earlier
+    assert (snapshot / SHARDS[2]).read_bytes() == FakeHub.files[SHARDS[2]]
+    assert f"downloading tiny-org/tiny-moe {SHARDS[2]} (1/1)" in out.stderr  # progress shown
