@@ -54,7 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     start.add_argument(
         "--model",
         default="smollm2-135m",
-        help="model name, a Hugging Face style folder, or a .gguf file",
+        help="model name, Hugging Face name ORG/NAME[@REVISION], a Hugging Face style folder, "
+        "or a .gguf file",
     )
     start.add_argument(
         "--layers",

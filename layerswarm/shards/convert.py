@@ -64,7 +64,7 @@ _CONSUMED = ("rope_freqs.weight", ".attn_rot_embd")
 
 
 def convert_gguf(gguf_path: Path, out_dir: Path, progress: Progress | None = None) -> None:
-    """Convert a Llama-family GGUF file into a Hugging Face style folder.
+    """Convert a GGUF file (llama, qwen3, qwen3moe) into a Hugging Face style folder.
 
     Args:
         gguf_path: the `.gguf` file.
@@ -72,7 +72,7 @@ def convert_gguf(gguf_path: Path, out_dir: Path, progress: Progress | None = Non
         progress: told `("converting 120/272 tensors", 0.44)` as each tensor is written.
 
     Raises:
-        ModelFormatError: the file is not GGUF, not a Llama-family model, lacks metadata or
+        ModelFormatError: the file is not GGUF, not a supported architecture, lacks metadata or
             tensors, or stores a tensor type or tokenizer this converter cannot read.
     """
     gguf_path = Path(gguf_path)
