@@ -12,8 +12,9 @@ installed sources (uvicorn 0.54.0, h11 0.16.0):
   request's head, from the connection's start and from the first byte of each later request.
 - uvicorn accepts every connection; `limit_concurrency` answers 503 only once a request's head
   has come. `GuardedProtocol` caps connections in all and per client address when they open.
-- h11 bounds a request's head to `max_incomplete_event_size` bytes (a 400 past it) but counts
-  no headers; `guard` answers 431 past `max_headers`.
+- h11 bounds a request's head to `max_incomplete_event_size` bytes (a 400 past it) only while
+  it arrives in pieces (a head that came whole in one read passes), and counts no headers;
+  `guard` answers 431 past `max_headers` or `max_head_bytes`.
 - httptools (uvicorn's "auto" choice when installed) bounds neither: the protocol is always h11.
 - Authentication is checked by `guard` from the head alone, before the body is read; the body
   is then read in `read_json` up to `max_body_bytes`, within `read_timeout`.
@@ -232,6 +233,9 @@ def _check_head(scope: Scope, config: ApiConfig) -> None:
     headers: list[tuple[bytes, bytes]] = scope["headers"]
     if len(headers) > config.max_headers:
         raise ApiError(431, f"a request may carry at most {config.max_headers} headers")
+    # h11 bounds only a head that arrives in pieces; one that came whole is measured here.
+    if sum(len(k) + len(v) + 4 for k, v in headers) > config.max_head_bytes:
+        raise ApiError(431, f"a request's headers may take at most {config.max_head_bytes} bytes")
     path = scope["path"]
     if config.api_key is not None and not (path in OPEN_PATHS or path.startswith(OPEN_PREFIXES)):
         given = dict(headers).get(b"authorization", b"").decode("latin-1")
