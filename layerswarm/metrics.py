@@ -14,7 +14,9 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 from prometheus_client import Counter, Gauge, Histogram
 
@@ -61,6 +63,69 @@ PEER_STEP_SECONDS = Histogram(
     buckets=STEP_BUCKETS,
 )
 PEER_STEP_ERRORS = Counter("layerswarm_peer_step_errors", "Steps answered with an error")
+PEER_QUEUED_TOKENS = Gauge("layerswarm_peer_queued_tokens", "Tokens of steps waiting to run")
+PEER_KV_PAGES_USED = Gauge("layerswarm_peer_kv_pages_used", "KV-cache pages held by sessions")
+PEER_KV_PAGES_TOTAL = Gauge("layerswarm_peer_kv_pages_total", "KV-cache pages in all")
+PEER_SESSIONS = Gauge("layerswarm_peer_sessions", "Inference sessions open")
+
+
+class _Scheduler(Protocol):
+    on_batch: Callable[[int, int, float], None] | None
+
+    @property
+    def queued_tokens(self) -> int: ...
+
+
+class _Cache(Protocol):
+    num_pages: int
+
+    @property
+    def pages_free(self) -> int: ...
+
+
+def watch_peer(
+    scheduler: _Scheduler, cache: Callable[[], _Cache], sessions: Callable[[], int]
+) -> None:
+    """Count a peer's batches, and read its queue, KV pages and sessions at each scrape."""
+    scheduler.on_batch = _batch_done
+    PEER_QUEUED_TOKENS.set_function(_safely(lambda: scheduler.queued_tokens))
+    PEER_KV_PAGES_USED.set_function(lambda: cache().num_pages - cache().pages_free)
+    PEER_KV_PAGES_TOTAL.set_function(lambda: cache().num_pages)
+    PEER_SESSIONS.set_function(sessions)
+
+
+def _safely(read: Callable[[], int]) -> Callable[[], float]:
+    """`read`, from the scrape's thread while the peer's loop changes what it reads: a read
+    that meets a dict mid-change says 0 rather than failing the scrape."""
+
+    def value() -> float:
+        try:
+            return float(read())
+        except RuntimeError:
+            return 0.0
+
+    return value
+
+
+def serve_metrics(host: str, port: int) -> int:
+    """Serve this process's metrics at `http://host:port/metrics` from a thread; the port."""
+    from prometheus_client import start_http_server
+
+    server, _thread = start_http_server(port, addr=host)
+    return int(server.server_port)
+
+
+def _batch_done(sessions: int, tokens: int, seconds: float) -> None:
+    PEER_BATCHES.inc()
+    PEER_BATCH_SIZE.observe(sessions)
+    PEER_BATCH_SECONDS.observe(seconds)
+
+
+def step_done(tokens: int, seconds: float) -> None:
+    """A session's step answered: `tokens` run, `seconds` from its arrival."""
+    PEER_STEPS.inc()
+    PEER_TOKENS.inc(tokens)
+    PEER_STEP_SECONDS.observe(seconds)
 
 
 @dataclass(frozen=True)
@@ -116,7 +181,7 @@ class TokenRate:
                 if second > start:
                     key = second - (second - start) % step
                     sums[key] = sums.get(key, 0) + n
-        return [(t, sums.get(t, 0) / step) for t in range(start + 1, end + 1, step)]
+        return [(t + step, sums.get(t, 0) / step) for t in range(start, end, step)]
 
 
 EVENTS = EventLog()

@@ -322,8 +322,8 @@ async def serve(gen: Generator, config: ApiConfig, host: str, port: int) -> None
 def on_swarm_event(text: str) -> None:
     """The client's news (reroutes, peers leaving): to the log and to the dashboard."""
     log.info("%s", text)
-    kind = "reroute" if text.startswith("rerouted") else "leave" if "leaving" in text else "info"
-    note_event(kind, text)
+    if not text.startswith("rerouted"):  # the session noted its reroutes already
+        note_event("leave" if "leaving" in text else "info", text)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -222,6 +222,8 @@ def guard(app: ASGIApp, config: ApiConfig) -> ASGIApp:
             _check_head(scope, config)
         except ApiError as e:
             HTTP_REFUSALS.labels(reason=str(e.status)).inc()
+            # The body, if any, stays unread: the connection cannot carry another request.
+            e.headers["Connection"] = "close"
             await e.response()(scope, receive, send)
             return
         await app(scope, receive, send)

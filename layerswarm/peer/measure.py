@@ -98,3 +98,18 @@ def free_memory_bytes(device: torch.device | str = "cpu") -> int:
     except OSError:
         pass
     return 0
+
+
+def memory_total_bytes(device: torch.device | str = "cpu") -> int:
+    """All memory of the device: VRAM on CUDA, RAM (MemTotal) elsewhere; 0 if unknown."""
+    if torch.device(device).type == "cuda":
+        _free, total = torch.cuda.mem_get_info(torch.device(device))
+        return int(total)
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemTotal:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0

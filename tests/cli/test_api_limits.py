@@ -1,14 +1,12 @@
 """`swarm-api` against strangers: idle connections, a slowloris client, too many headers, a body
-sent without a key; each gets its refusal while a good request still succeeds. And TLS."""
+sent without a key; each gets its refusal while a good request still succeeds. (TLS is tested
+with the dashboard: tests/cli/test_dashboard.py.)"""
 
 from __future__ import annotations
 
-import datetime
-import ipaddress
 import json
 import resource
 import socket
-import ssl
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -130,59 +128,3 @@ def test_the_key_is_checked_before_the_body_is_read(api: tuple[str, int]) -> Non
         sock.close()
         assert status_of(reply) == status, reply[:200]
     assert good_request(api) == 1
-
-
-def self_signed(folder: Path) -> tuple[Path, Path]:
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(
-            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-            critical=False,
-        )
-        .sign(key, hashes.SHA256())
-    )
-    cert_path, key_path = folder / "cert.pem", folder / "key.pem"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    return cert_path, key_path
-
-
-def test_tls_with_a_certificate(
-    smollm2_dir: Path, tmp_path: Path, open_api: Callable[..., AbstractContextManager[str]]
-) -> None:
-    cert, key = self_signed(tmp_path)
-    extra = ("--local", "--tls-cert", str(cert), "--tls-key", str(key))
-    with open_api(smollm2_dir, [], extra) as url:
-        assert url.startswith("https://")
-        trusted = ssl.create_default_context(cafile=str(cert))
-        with httpx.Client(verify=trusted) as http:
-            client = openai.OpenAI(base_url=url, api_key="none", max_retries=0, http_client=http)
-            reply = client.completions.create(
-                model=smollm2_dir.name,
-                prompt="The capital of France is",
-                max_tokens=3,
-                temperature=0,
-            )
-        assert "Paris" in reply.choices[0].text
-        with pytest.raises(httpx.ConnectError):  # an unknown certificate is not trusted
-            httpx.get(url + "/models")

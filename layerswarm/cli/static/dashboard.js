@@ -42,7 +42,7 @@ function drawPeers(state) {
 }
 
 function drawRoutes(state) {
-  const items = state.routes.map((r) => el("li", "",
+  const items = state.routes.map((r) => el("li", "route",
     `#${r.id} (${r.steps} steps, ${r.age_s.toFixed(0)} s): ` +
     (r.hops.length ? r.hops.map((h) => `${h.address.split("/")[0]} [${h.span[0]}:${h.span[1]})`).join(" → ")
                    : "every layer in this process")));
