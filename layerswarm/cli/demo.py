@@ -22,6 +22,7 @@ from layerswarm.cli.common import (
     default_cache_dir,
     quiet_logging,
     resolve_model_cli,
+    route_libp2p_logs,
     run_main,
     setup_logging,
 )
@@ -65,6 +66,7 @@ def _main(argv: list[str] | None) -> None:
             for p in swarm.peers:
                 say(f"  layers {p.span}  at {p.address}")
             config = ClientConfig(bootstrap=(first.multiaddr or "",))
+            route_libp2p_logs(args.verbose)  # else its warnings print raw, mid-reply
             gen = open_swarm_generator(model_dir, [], config=config, on_event=events)
             say(f"\n> {args.prompt}")
             show(
