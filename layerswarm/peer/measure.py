@@ -90,14 +90,7 @@ def free_memory_bytes(device: torch.device | str = "cpu") -> int:
     if torch.device(device).type == "cuda":
         free, _total = torch.cuda.mem_get_info(torch.device(device))
         return int(free)
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
+    return _meminfo_bytes("MemAvailable:")
 
 
 def memory_total_bytes(device: torch.device | str = "cpu") -> int:
@@ -105,10 +98,15 @@ def memory_total_bytes(device: torch.device | str = "cpu") -> int:
     if torch.device(device).type == "cuda":
         _free, total = torch.cuda.mem_get_info(torch.device(device))
         return int(total)
+    return _meminfo_bytes("MemTotal:")
+
+
+def _meminfo_bytes(field: str) -> int:
+    """A field of /proc/meminfo in bytes; 0 where there is none."""
     try:
         with open("/proc/meminfo") as f:
             for line in f:
-                if line.startswith("MemTotal:"):
+                if line.startswith(field):
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
