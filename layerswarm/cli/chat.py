@@ -147,6 +147,20 @@ def open_generator(
         ) from None
 
 
+def close_generator(gen: Generator) -> None:
+    """Close what `open_generator` opened: the swarm's connections and the network thread.
+
+    A process must not exit with them running: a daemon thread inside uvloop, zeroconf or
+    py-libp2p while the interpreter finalizes can crash it (the `swarm-chat` SIGSEGV, exit -11
+    with an empty stderr, once seen in test_mdns_swarm.py under load).
+    """
+    client = getattr(gen, "client", None)
+    if client is not None:
+        client.close()
+    else:
+        gen.net.stop()
+
+
 def show(pieces: Iterable[str], events: Events | None = None) -> str:
     """Print pieces as they come; return the whole reply. `events` learns whether a line is
     unfinished, so that a log line or an event printed meanwhile starts a line of its own."""
@@ -178,13 +192,16 @@ def _main(argv: list[str] | None) -> None:
     if not args.verbose:
         quiet_logging(events)
     gen = open_generator(args, on_event=events)
-    if args.prompt is not None:
-        messages: list[Message] = (
-            [{"role": "system", "content": args.system}] if args.system else []
-        )
-        show(gen.chat([*messages, {"role": "user", "content": args.prompt}], sampling), events)
-        return
-    Chat(gen, sampling, args.system, args.max_context, events).run()
+    try:
+        if args.prompt is not None:
+            messages: list[Message] = (
+                [{"role": "system", "content": args.system}] if args.system else []
+            )
+            show(gen.chat([*messages, {"role": "user", "content": args.prompt}], sampling), events)
+            return
+        Chat(gen, sampling, args.system, args.max_context, events).run()
+    finally:
+        close_generator(gen)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from layerswarm.cli.chat import show
+from layerswarm.cli.chat import close_generator, show
 from layerswarm.cli.common import (
     default_cache_dir,
     quiet_logging,
@@ -82,7 +82,7 @@ def _main(argv: list[str] | None) -> None:
                 f"{s.prefill_seconds * 1e3:.0f} ms, decode {s.decode_tokens_per_second:.1f} tok/s"
             )
             say("stopping the peers")
-            gen.client.close()  # type: ignore[attr-defined]
+            close_generator(gen)
 
 
 def say(text: str) -> None:
