@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import resource
+import select
 import socket
 import threading
 import time
@@ -45,10 +46,14 @@ def good_request(api: tuple[str, int]) -> int:
 
 
 def read_reply(sock: socket.socket, timeout: float = 60.0) -> bytes:
+    """Everything the server sends until it closes (a reset after its reply ends it too)."""
     sock.settimeout(timeout)
     data = b""
-    while chunk := sock.recv(65536):
-        data += chunk
+    try:
+        while chunk := sock.recv(65536):
+            data += chunk
+    except ConnectionResetError:
+        pass
     return data
 
 
@@ -64,11 +69,13 @@ def test_idle_connections_past_the_cap_are_refused_and_the_rest_time_out(
     api: tuple[str, int],
 ) -> None:
     idle = []
+    t0 = time.monotonic()
     for _ in range(1000):
         s = socket.socket()
         s.bind((STRANGER, 0))
         s.connect(api)
         idle.append(s)
+    quick = time.monotonic() - t0 < HEAD_TIMEOUT  # no held one timed out while we connected
     try:
         assert good_request(api) == 1  # meanwhile, from another address
         replies = [read_reply(s) for s in idle]
@@ -76,8 +83,10 @@ def test_idle_connections_past_the_cap_are_refused_and_the_rest_time_out(
         for s in idle:
             s.close()
     statuses = [status_of(r) for r in replies]
-    assert statuses.count(503) == 1000 - PER_IP, sorted(set(statuses))
-    assert statuses.count(408) == PER_IP  # held, until their headers were late
+    assert set(statuses) == {503, 408}, sorted(set(statuses))
+    assert statuses.count(408) >= PER_IP  # held, until their headers were late
+    if quick:  # else the first held ones timed out meanwhile, and others took their places
+        assert statuses.count(503) == 1000 - PER_IP
     refused = next(r for r in replies if status_of(r) == 503)
     assert b"Retry-After: 5" in refused
     assert "too many connections from 127.0.0.2" in str(error_of(refused)["message"])
@@ -92,8 +101,9 @@ def test_a_slowloris_client_is_cut_off_while_others_are_served(api: tuple[str, i
     def drip() -> None:  # one byte every 0.2 s: each keeps uvicorn's own timer from firing
         try:
             for byte in head + b"\r\nX-Slow: " + b"a" * 1000:
+                if select.select([sock], [], [], 0.2)[0]:
+                    return  # the server answered: stop before a byte meets a closed socket
                 sock.send(bytes([byte]))
-                time.sleep(0.2)
         except OSError:
             pass  # cut off
 
