@@ -102,7 +102,7 @@ class Flight:
     id: int
     pipeline: Pipeline
     started: float = field(default_factory=time.time)
-    tokens: int = 0
+    steps: int = 0  # forward passes through the route so far
 
 
 class InFlight:
@@ -134,7 +134,7 @@ class InFlight:
         for f in flights:
             route = getattr(f.pipeline, "route", None)  # a swarm session's; local: none
             hops = [{"address": a, "span": [s.start, s.end]} for a, s in route or []]
-            out.append({"id": f.id, "hops": hops, "steps": f.tokens, "age_s": now - f.started})
+            out.append({"id": f.id, "hops": hops, "steps": f.steps, "age_s": now - f.started})
         return out
 
 
@@ -150,7 +150,7 @@ class _Tracked:
 
     async def aforward(self, hidden: Any, start: int) -> Any:
         out = await self.inner.aforward(hidden, start)
-        self.flight.tokens += 1
+        self.flight.steps += 1
         return out
 
     async def aclose(self) -> None:
