@@ -93,6 +93,20 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="talk to peers without encryption (trusted LANs and measurements only)",
     )
+    ap.add_argument(
+        "--verify-fraction",
+        type=float,
+        default=0.02,
+        metavar="F",
+        help="share of steps re-run on another replica and compared; a peer caught lying is "
+        "banned (default: 0.02; each peer's first steps are always checked)",
+    )
+    ap.add_argument(
+        "--verify-locally",
+        action="store_true",
+        help="where no other replica can check a peer, compute its layers here to check it "
+        "(loads those layers' weights in this process)",
+    )
     ap.add_argument("--verbose", action="store_true")
     return ap
 
@@ -130,11 +144,15 @@ def open_generator(
     mdns = tuple(args.mdns_interface or ()) if lan_only or args.mdns_interface else None
     if args.bootstrap:
         route_libp2p_logs(args.verbose)
+    if not 0.0 <= args.verify_fraction <= 1.0:
+        raise SystemExit("error: --verify-fraction must be between 0 and 1")
     config = ClientConfig(
         insecure_plaintext=args.insecure_plaintext,
         mdns_interfaces=mdns,
         bootstrap=tuple(args.bootstrap),
         swarm_key=swarm_key,
+        verify_fraction=args.verify_fraction,
+        verify_locally=args.verify_locally,
     )
     try:
         return open_swarm_generator(

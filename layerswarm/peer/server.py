@@ -137,7 +137,9 @@ async def serve_peer(
             "prefill_tokens_per_s_per_layer": speed.prefill_tokens_per_s_per_layer,
         }
         transport = TransportConfig(
-            insecure_plaintext=config.insecure_plaintext, swarm_key=config.swarm_key
+            handshake_timeout=config.handshake_timeout,
+            insecure_plaintext=config.insecure_plaintext,
+            swarm_key=config.swarm_key,
         )
         server = await serve_connections(
             handler,
@@ -146,6 +148,7 @@ async def serve_peer(
             identity,
             transport,
             on_disconnect=handler.disconnected,
+            limits=config.limits,
         )
         stack.push_async_callback(_close_server, server, table)
         facts = PeerFacts(
