@@ -16,6 +16,7 @@ from pathlib import Path
 
 from layerswarm.cli.common import (
     default_cache_dir,
+    quiet_logging,
     resolve_model_cli,
     route_libp2p_logs,
     run_main,
@@ -35,7 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument(
         "--model",
         default="smollm2-135m",
-        help="model name, a Hugging Face style folder, or a .gguf file",
+        help="model name, Hugging Face name ORG/NAME[@REVISION], a Hugging Face style folder, "
+        "or a .gguf file",
     )
     where = ap.add_mutually_exclusive_group()
     where.add_argument("--local", action="store_true", help="run every layer in this process")
@@ -178,13 +180,18 @@ def close_generator(gen: Generator) -> None:
         gen.net.stop()
 
 
-def show(pieces: Iterable[str]) -> str:
-    """Print pieces as they come; return the whole reply."""
+def show(pieces: Iterable[str], events: Events | None = None) -> str:
+    """Print pieces as they come; return the whole reply. `events` learns whether a line is
+    unfinished, so that a log line or an event printed meanwhile starts a line of its own."""
     reply = []
     for piece in pieces:
         sys.stdout.write(piece)
         sys.stdout.flush()
         reply.append(piece)
+        if events is not None:
+            events.mid_line = not piece.endswith("\n")
+    if events is not None:
+        events.mid_line = False
     sys.stdout.write("\n")
     sys.stdout.flush()
     return "".join(reply)
@@ -201,13 +208,15 @@ def _main(argv: list[str] | None) -> None:
     if args.max_context is not None and args.max_context < 2:
         raise SystemExit("error: --max-context must be at least 2 tokens")
     events = Events()
+    if not args.verbose:
+        quiet_logging(events)
     gen = open_generator(args, on_event=events)
     try:
         if args.prompt is not None:
             messages: list[Message] = (
                 [{"role": "system", "content": args.system}] if args.system else []
             )
-            show(gen.chat([*messages, {"role": "user", "content": args.prompt}], sampling))
+            show(gen.chat([*messages, {"role": "user", "content": args.prompt}], sampling), events)
             return
         Chat(gen, sampling, args.system, args.max_context, events).run()
     finally:

@@ -24,6 +24,7 @@ os.environ.setdefault("GOMP_SPINCOUNT", "20000")
 
 import argparse
 import asyncio
+import logging
 import sys
 from pathlib import Path
 
@@ -56,7 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     start.add_argument(
         "--model",
         default="smollm2-135m",
-        help="model name, a Hugging Face style folder, or a .gguf file",
+        help="model name, Hugging Face name ORG/NAME[@REVISION], a Hugging Face style folder, "
+        "or a .gguf file",
     )
     start.add_argument(
         "--layers",
@@ -166,6 +168,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--insecure-plaintext",
         action="store_true",
         help="serve without encryption (trusted LANs and measurements only)",
+    )
+    start.add_argument(
+        "--metrics-port",
+        type=int,
+        default=None,
+        metavar="PORT",
+        help="serve Prometheus metrics at http://HOST:PORT/metrics (steps, tokens, batches, "
+        "queue, KV pages, latency; 0: any free port)",
+    )
+    start.add_argument(
+        "--metrics-host", default="127.0.0.1", help="address for --metrics-port (default: loopback)"
     )
     add_dht_arguments(start)
     start.add_argument("--verbose", action="store_true")
@@ -325,6 +338,14 @@ def _main(argv: list[str] | None) -> None:
 
     if config.uses_dht:
         route_libp2p_logs(args.verbose)
+    if args.metrics_port is not None:
+        from layerswarm.metrics import serve_metrics
+
+        try:
+            port = serve_metrics(args.metrics_host, args.metrics_port)
+        except OSError as e:
+            raise SystemExit(f"error: --metrics-port {args.metrics_port}: {e}") from None
+        logging.getLogger(__name__).info("metrics at http://%s:%d/metrics", args.metrics_host, port)
 
     def on_ready(line: str) -> None:
         print(line, flush=True)

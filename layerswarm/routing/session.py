@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from layerswarm import metrics
 from layerswarm.errors import LayerswarmError, NoRouteError, PeerUnavailable, RemoteError
 from layerswarm.routing.paths import PathHop, PeerView, choose_path, missing_layers
 from layerswarm.routing.verify import Verifier, reply_fault
@@ -296,6 +297,7 @@ class RemoteSession:
         if failure.fault:
             seconds = self.client.bans.ban(failure.peer_id)
             log.debug("banned %s for %.0f s: %s", failure.peer_id, seconds, failure)
+            metrics.note_event("ban", f"banned {failure.peer_id} for {seconds:.0f} s: {failure}")
         else:
             log.debug("moving away from %s: %s", failure.peer_id, failure)
         avoid.add(failure.peer_id)
@@ -320,10 +322,11 @@ class RemoteSession:
                 continue
             self.hops[index : index + 1] = new
             self.reroute_seconds.append(time.perf_counter() - t0)
-            self.client.on_event(
-                f"rerouted layers {old.span} from {host(old.view.address)} to "
-                + ", ".join(f"{host(h.view.address)} ({h.span})" for h in new)
+            news = f"rerouted layers {old.span} from {host(old.view.address)} to " + ", ".join(
+                f"{host(h.view.address)} ({h.span})" for h in new
             )
+            metrics.note_event("reroute", news)
+            self.client.on_event(news)
             return
         raise LayerswarmError(f"could not rebuild layers {old.span}: too many failures")
 
