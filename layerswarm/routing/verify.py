@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from layerswarm import metrics
 from layerswarm.errors import LayerswarmError
 from layerswarm.routing.paths import PeerView
 from layerswarm.routing.verify_local import LOCAL
@@ -206,9 +207,9 @@ class Verifier:
         theirs: torch.Tensor | BaseException | None,
     ) -> torch.Tensor:
         """Compare the hop's output with a verifier's; ask a third replica if they differ."""
-        ledger, stats = self._client.trust, self._client.verify_counts
+        ledger = self._client.trust
         if not isinstance(theirs, torch.Tensor):
-            stats["error"] += 1
+            self._count("error")
             log.debug("checking on %s failed: %s", verifier.address, theirs)
             return out
         ledger.checks(hop.view.peer_id).checked += 1
@@ -216,10 +217,10 @@ class Verifier:
         tol = tolerance(hop.view.dtype, verifier.dtype)
         err = relative_error(out, theirs)
         if err <= tol:
-            stats["match"] += 1
+            self._count("match")
             self._client.norms.learn(hop.span.end, token_rms(out))
             return out
-        stats["mismatch"] += 1
+        self._count("mismatch")
         evidence: dict[str, object] = {
             "layers": str(hop.span),
             "positions": f"{start}:{start + hidden.shape[1]}",
@@ -243,6 +244,11 @@ class Verifier:
             self._ban(hop.view, [verifier, third], relative_error(out, referee), evidence)
             raise self._caught(hop)
         return self._dispute(hop, verifier, err, evidence, out)
+
+    def _count(self, result: str) -> None:
+        """Count a check by result: here (`SwarmClient.verify_counts`) and in Prometheus."""
+        self._client.verify_counts[result] += 1
+        metrics.VERIFICATIONS.labels(result).inc()
 
     @staticmethod
     def _caught(hop: ActiveHop) -> Exception:

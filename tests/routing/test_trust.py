@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from layerswarm import metrics
 from layerswarm.errors import NoRouteError
 from layerswarm.peer.launch import PeerProcess, start_peer
 from layerswarm.routing.session import RemoteSession
@@ -117,6 +118,9 @@ def test_a_peer_returning_perturbed_activations_is_caught_banned_and_its_steps_r
         assert set(record.evidence["agreeing"]) == {p.peer_id for p in swarm.honest}  # type: ignore[arg-type]
         assert record.evidence["relative_error"] > record.evidence["tolerance"]  # type: ignore[operator]
         assert any("banned peer" in e and "lying" in e for e in events)
+        shown = [e.text for e in metrics.EVENTS.recent() if e.kind == "ban"]  # the dashboard's
+        assert any(liar.peer_id in text and "for lying" in text for text in shown)
+        assert metrics.VERIFICATIONS.labels("mismatch")._value.get() >= 1
         assert client.verify_counts["mismatch"] >= 1 and client.verify_counts["match"] >= 1
         # Banned for good: a new session never uses it, even with every other peer banned.
         for peer in swarm.honest:
