@@ -179,7 +179,7 @@ class RemoteSession:
             if path is not None:
                 return path
             if missing := missing_layers(self.client.views(), span):
-                raise NoRouteError(missing)
+                raise NoRouteError(missing, self.client.liars_note(missing))
             if time.monotonic() + pause > waited_until:
                 raise SwarmBusy(
                     f"the peers serving layers {span} stayed full or busy for "

@@ -285,6 +285,18 @@ class SwarmClient:
             link.view(self.stats) for link in live if link.conn and link.conn.peer_id not in liars
         ]
 
+    def liars_note(self, layers: list[int]) -> str:
+        """Why some of `layers` lack a peer, when peers that served them were caught lying."""
+        caught = self.trust.liars
+        serving = {
+            link.conn.peer_id
+            for link in self.links
+            if link.info is not None and link.conn is not None and link.conn.peer_id in caught
+            if any(link.info.span_start <= layer < link.info.span_end for layer in layers)
+        }
+        n = len(serving)
+        return f"{n} peer{'s' * (n > 1)} serving them banned for lying" if n else ""
+
     def connection(self, peer_id: str) -> Connection:
         for link in self.links:
             if link.live and link.conn is not None and link.conn.peer_id == peer_id:

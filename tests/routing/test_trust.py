@@ -145,7 +145,7 @@ def test_a_client_holding_the_weights_checks_a_lone_peer_itself(
     try:
         session = RemoteSession(client, 64)
         client.net.run(session.open())
-        with pytest.raises(NoRouteError):
+        with pytest.raises(NoRouteError, match="1 peer serving them banned for lying"):
             for n, hidden in enumerate(steps()[1:] * 2):  # one-token steps until it lies
                 session.forward(hidden, n)
         [record] = client.trust.records()
