@@ -49,6 +49,7 @@ SWARM_FLAGS = (
     "bootstrap",
     "swarm_key",
     "insecure_plaintext",
+    "relay",
     "verbose",
 )
 

@@ -91,6 +91,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="talk to peers without encryption (trusted LANs and measurements only)",
     )
+    ap.add_argument(
+        "--relay",
+        action="store_true",
+        help="relay every hop's output through this client instead of letting peers hand it "
+        "to the next hop (push, the default: fewer link crossings a token)",
+    )
     ap.add_argument("--verbose", action="store_true")
     return ap
 
@@ -133,6 +139,7 @@ def open_generator(
         mdns_interfaces=mdns,
         bootstrap=tuple(args.bootstrap),
         swarm_key=swarm_key,
+        push=not args.relay,
     )
     try:
         return open_swarm_generator(

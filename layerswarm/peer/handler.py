@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import logging
 
+import torch
+
 from layerswarm.errors import RemoteError
 from layerswarm.peer.config import PeerConfig
-from layerswarm.peer.sessions import SessionTable
+from layerswarm.peer.forward import PushSteps
+from layerswarm.peer.sessions import Session, SessionTable
 from layerswarm.shards.config import Span
 from layerswarm.swarm.listen import ConnectionInfo
 from layerswarm.swarm.protocol import (
     Closed,
     CloseSession,
+    Collect,
     ErrorCode,
     InfoReply,
     InfoRequest,
@@ -52,6 +56,7 @@ class RequestHandler:
         self.peer_id = peer_id
         self.stopping = False
         self.extra: dict[str, JsonValue] = {}  # measured speed, memory, quantization
+        self.push: PushSteps | None = None  # steps handed on to the next hop; None: refused
 
     async def __call__(self, conn: ConnectionInfo, msg: Message) -> Message:
         if self.stopping and not isinstance(msg, (InfoRequest, CloseSession)):
@@ -61,15 +66,34 @@ class RequestHandler:
         if isinstance(msg, OpenSession):
             return await self._open(conn, msg)
         if isinstance(msg, Step):
+            if msg.route is not None or msg.token is not None:
+                push = self._push()
+                return await push.step(push.session(self.table, owner(conn), msg), msg, self._run)
             session = self.table.get(owner(conn), msg.session_id)
-            out = await self.table.step(
-                session, msg.hidden, msg.start_position, self.config.step_timeout
+            return StepResult(msg.session_id, await self._run(session, msg))
+        if isinstance(msg, Collect):
+            session = self.table.get(owner(conn), msg.session_id)
+            return StepResult(
+                msg.session_id, await self._push().collect(session, msg.start_position)
             )
-            return StepResult(msg.session_id, out)
         if isinstance(msg, CloseSession):
             self.table.close(owner(conn), msg.session_id)
             return Closed(msg.session_id)
         raise RemoteError(ErrorCode.PROTOCOL, f"{type(msg).__name__} is not a request")
+
+    async def _run(self, session: Session, msg: Step) -> torch.Tensor:
+        """Run one step of a session, sent by its client or pushed by the hop before."""
+        return await self.table.step(
+            session, msg.hidden, msg.start_position, self.config.step_timeout
+        )
+
+    def _push_load(self) -> dict[str, JsonValue]:
+        return {} if self.push is None else {"pushed_steps": self.push.handed_steps}
+
+    def _push(self) -> PushSteps:
+        if self.push is None:
+            raise RemoteError(ErrorCode.PROTOCOL, "this peer does not take pushed steps")
+        return self.push
 
     def disconnected(self, conn: ConnectionInfo) -> None:
         """Free the sessions of a connection that closed."""
@@ -85,7 +109,10 @@ class RequestHandler:
             layers = Span(msg.span_start, msg.span_end)
         except ValueError as e:
             raise RemoteError(ErrorCode.BAD_SPAN, str(e)) from None
-        await self.table.open(owner(conn), client(conn), msg.session_id, layers, msg.max_length)
+        session = await self.table.open(
+            owner(conn), client(conn), msg.session_id, layers, msg.max_length
+        )
+        session.push_key = msg.push_key
         log.debug("opened session %s for %s on layers %s", msg.session_id, conn.peer_id, layers)
         return SessionOpened(msg.session_id)
 
@@ -102,5 +129,5 @@ class RequestHandler:
             cache_tokens_free=self.table.tokens_free,
             cache_tokens_total=cache.tokens_total,
             active_sessions=len(self.table.sessions),
-            extra={**self.extra, **self.table.load()},
+            extra={**self.extra, **self.table.load(), **self._push_load()},
         )

@@ -63,6 +63,9 @@ class ClientConfig:
     max_step_wait: float = 600.0  # unit: s a busy peer may take for one step, probes answered
     busy_wait_timeout: float = 30.0  # unit: s to wait for room when every replica is full
     replay_chunk_tokens: int = 4096  # unit: tokens per step when replaying into a new hop
+    # Peers hand each step's activations straight to the next hop (N+1 link crossings a token
+    # through N hops instead of 2N); False: the client relays every hop's output itself
+    push: bool = True
     insecure_plaintext: bool = False  # no TLS; trusted LANs and measurements only
     mdns_interfaces: tuple[str, ...] | None = None  # browse mDNS here (() = every one); None: off
     refresh_interval: float = 5.0  # unit: s; a new session first re-reads the swarm if older

@@ -21,10 +21,10 @@ def test_bandwidth_serializes_a_burst_and_queues_what_follows() -> None:
     assert [size for _, size in pieces] == [PIECE_BYTES] * 3
     assert [round(t, 6) for t, _ in pieces] == [0.11, 0.21, 0.31]
     # Handed over while the wire is still busy: it waits for the burst before it.
-    (arrival, _), = shaper.send(10, now=0.05)
+    ((arrival, _),) = shaper.send(10, now=0.05)
     assert arrival > 0.31
     # Handed over once the wire is idle again: only its own serialization and the delay.
-    (arrival, _), = shaper.send(PIECE_BYTES, now=5.0)
+    ((arrival, _),) = shaper.send(PIECE_BYTES, now=5.0)
     assert round(arrival, 6) == 5.11
 
 

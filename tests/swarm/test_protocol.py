@@ -21,6 +21,7 @@ from layerswarm.swarm.protocol import (
     PROTOCOL_VERSION,
     Closed,
     CloseSession,
+    Collect,
     ErrorReply,
     FrameReader,
     Goodbye,
@@ -30,6 +31,8 @@ from layerswarm.swarm.protocol import (
     JsonValue,
     Message,
     OpenSession,
+    Pushed,
+    PushHop,
     SessionOpened,
     Step,
     StepResult,
@@ -82,6 +85,13 @@ EXAMPLES: list[Message] = [
     InfoReply("12D3KooWabc", "smollm2-135m", 0, 15, 30, "bfloat16", 100, 4096, 3, {"tflops": 1.5}),
     InfoReply("p", "", 0, 0, 1, "", 0, 0, 0, {"a": [1, "x", None, True, {"b": -(2**63)}]}),
     OpenSession("s" * 128, 3, 7, 2048),
+    OpenSession("s", 3, 7, 2048, push_key=bytes(range(32))),
+    Step("s", tensor(torch.bfloat16), 4, route=(), token=b"t" * 32),
+    Step(
+        "s", tensor(torch.float32), 4, route=(PushHop("127.0.0.1:9/12D3KooWabc", "x", b"k" * 32),)
+    ),
+    Collect("s", 12),
+    Pushed("s"),
     SessionOpened("s"),
     CloseSession("s"),
     Closed("s"),
@@ -451,3 +461,20 @@ def test_a_proof_of_the_wrong_size_or_type_is_refused(proof: object) -> None:
         decode_frame(raw_frame({**HELLO, "psk_proof": proof}))
     with pytest.raises(ProtocolError, match="psk_proof"):
         encode(Hello(PROTOCOL_VERSION, "p", 2048, proof), 0)  # type: ignore[arg-type]
+
+
+BAD_ROUTES = {
+    "not a list": 5,
+    "a hop of two fields": [["127.0.0.1:9/ID", "s"]],
+    "an address without the peer ID": [["127.0.0.1:9", "s", b"k" * 32]],
+    "a short token": [["127.0.0.1:9/ID", "s", b"k" * 31]],
+    "too many hops": [["127.0.0.1:9/ID", "s", b"k" * 32]] * 65,
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_ROUTES))
+def test_a_bad_route_is_a_protocol_error(case: str) -> None:
+    header = {"type": "step", "id": 1, "session_id": "s", "start_position": 0}
+    header |= {"route": BAD_ROUTES[case], "hidden": {"dtype": "float32", "shape": [1, 1, 1]}}
+    with pytest.raises(ProtocolError, match="route"):
+        decode_frame(raw_frame(header, b"\0" * 4))
