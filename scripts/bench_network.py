@@ -243,7 +243,7 @@ def prefill_table(args: argparse.Namespace, model_dir: Path, tmp: Path) -> list[
     link = Link(args.mbit_delay, args.mbit)
     words = "The sea was calm at dawn and the gulls were quiet. " * (args.prefill_tokens // 11)
     out = [
-        f"| peers | link | prompt tokens | client option | TTFT ms | x first row |",
+        "| peers | link | prompt tokens | client option | TTFT ms | x first row |",
         "|---|---|---|---|---|---|",
     ]
     for n in args.peers:

@@ -120,6 +120,8 @@ class LinkProxy:
                 group.create_task(self._pump(t_reader, writer, LinkShaper(self.down), False))
         except Exception as e:  # a side closed or reset: that connection is done
             log.debug("link proxy connection ended: %r", e)
+        except asyncio.CancelledError:  # the proxy is closing (asyncio logs a re-raise here)
+            pass
         finally:
             self._tasks.discard(task)
             for w in (writer, t_writer):

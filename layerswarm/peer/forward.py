@@ -29,7 +29,8 @@ from layerswarm.swarm.transport import TransportConfig, parse_address
 log = logging.getLogger(__name__)
 
 KEPT_OUTPUTS = 16  # outputs a session keeps uncollected; older ones are dropped
-RunStep = Callable[[Session, Step], Awaitable[torch.Tensor]]
+Activations = tuple[torch.Tensor, bytes | None]  # hidden states as sent, and their int8 scales
+RunStep = Callable[[Session, Step], Awaitable[Activations]]
 
 
 class Forwarder:
@@ -52,7 +53,7 @@ class Forwarder:
     async def _dial(self, address: str) -> Connection:
         return await open_connection(parse_address(address), self.identity, self.transport)
 
-    async def push(self, step: Step, out: torch.Tensor) -> None:
+    async def push(self, step: Step, out: Activations) -> None:
         """Hand `out` on to the first hop of `step.route`, as the same step.
 
         Raises:
@@ -63,7 +64,12 @@ class Forwarder:
         # Every field of the client's step travels on (speculation's, too): only where it goes
         # and the tensor change.
         forwarded = dataclasses.replace(
-            step, session_id=nxt.session_id, hidden=out, route=rest, token=nxt.token
+            step,
+            session_id=nxt.session_id,
+            hidden=out[0],
+            scales=out[1],
+            route=rest,
+            token=nxt.token,
         )
         peer_id = nxt.address.partition("/")[2]
         try:
@@ -153,7 +159,7 @@ class PushSteps:
             await self.forwarder.push(step, out)
         return Pushed(step.session_id)
 
-    async def collect(self, session: Session, start: int) -> torch.Tensor:
+    async def collect(self, session: Session, start: int) -> Activations:
         """This hop's output of the routed step at `start`, once it ran.
 
         Raises:
@@ -171,7 +177,7 @@ class PushSteps:
             if future.done() and session.outputs.get(start) is future:
                 del session.outputs[start]
 
-    def _slot(self, session: Session, start: int, fresh: bool) -> asyncio.Future[torch.Tensor]:
+    def _slot(self, session: Session, start: int, fresh: bool) -> asyncio.Future[Activations]:
         """Where the output of the step at `start` goes. `fresh`: for a step arriving now, so a
         finished output of an older step at the same position (never collected) is dropped."""
         outputs = session.outputs

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import logging
 
-import torch
-
 from layerswarm.errors import RemoteError
 from layerswarm.peer.config import PeerConfig
-from layerswarm.peer.forward import PushSteps
+from layerswarm.peer.forward import Activations, PushSteps
 from layerswarm.peer.sessions import Session, SessionTable
-from layerswarm.shards.config import Span
+from layerswarm.shards.config import DTYPES, Span
+from layerswarm.swarm.compress import compress_int8, decompress_int8
 from layerswarm.swarm.listen import ConnectionInfo
 from layerswarm.swarm.protocol import (
     Closed,
@@ -70,22 +69,28 @@ class RequestHandler:
                 push = self._push()
                 return await push.step(push.session(self.table, owner(conn), msg), msg, self._run)
             session = self.table.get(owner(conn), msg.session_id)
-            return StepResult(msg.session_id, await self._run(session, msg))
+            out, scales = await self._run(session, msg)
+            return StepResult(msg.session_id, out, scales)
         if isinstance(msg, Collect):
             session = self.table.get(owner(conn), msg.session_id)
-            return StepResult(
-                msg.session_id, await self._push().collect(session, msg.start_position)
-            )
+            out, scales = await self._push().collect(session, msg.start_position)
+            return StepResult(msg.session_id, out, scales)
         if isinstance(msg, CloseSession):
             self.table.close(owner(conn), msg.session_id)
             return Closed(msg.session_id)
         raise RemoteError(ErrorCode.PROTOCOL, f"{type(msg).__name__} is not a request")
 
-    async def _run(self, session: Session, msg: Step) -> torch.Tensor:
-        """Run one step of a session, sent by its client or pushed by the hop before."""
-        return await self.table.step(
-            session, msg.hidden, msg.start_position, self.config.step_timeout
-        )
+    async def _run(self, session: Session, msg: Step) -> Activations:
+        """Run one step of a session, sent by its client or pushed by the hop before.
+
+        Returns:
+            The output as it goes on the wire: int8 with scales when the input came so.
+        """
+        hidden = msg.hidden
+        if msg.scales is not None:
+            hidden = decompress_int8(hidden, msg.scales, DTYPES[self.config.dtype])
+        out = await self.table.step(session, hidden, msg.start_position, self.config.step_timeout)
+        return compress_int8(out) if msg.scales is not None else (out, None)
 
     def _push_load(self) -> dict[str, JsonValue]:
         return {} if self.push is None else {"pushed_steps": self.push.handed_steps}

@@ -46,7 +46,10 @@ class Session:
     queued_length: int = 0  # unit: tokens the session will hold once its queued steps ran
     push_key: bytes | None = None  # the client's key for steps pushed here (`swarm/push.py`)
     # outputs of pushed steps by start position, until the client collects them (`forward`)
-    outputs: dict[int, asyncio.Future[torch.Tensor]] = field(default_factory=dict)
+    # (the tensor as sent, and its int8 scales or None)
+    outputs: dict[int, asyncio.Future[tuple[torch.Tensor, bytes | None]]] = field(
+        default_factory=dict
+    )
 
 
 class SessionTable:

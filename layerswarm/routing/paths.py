@@ -34,6 +34,7 @@ class PeerView:
     seconds_per_layer: float = 0.01  # unit: s one layer takes per step (from its measured speed)
     load: float = 0.0  # unit: sessions waiting beside ours; each one slows a step down
     rtt: float = 0.001  # unit: s, the round trip this client measured
+    dtype: str = "float32"  # the peer's compute dtype (activations travel in it)
 
 
 @dataclass(frozen=True)

@@ -211,10 +211,15 @@ class RemoteSession:
         return self.client.net.run(self.aforward(hidden, start))
 
     async def aforward(self, hidden: torch.Tensor, start: int) -> torch.Tensor:
-        if self.config.push and len(self.hops) > 1:
-            from layerswarm.routing.push import push_forward  # it builds on this module
+        from layerswarm.routing.push import push_forward, wire_dtype  # they build on this
 
-            return await push_forward(self, hidden, start)
+        wanted, hidden = hidden.dtype, hidden.to(wire_dtype(self.config.wire_dtype, self.hops))
+        if self.config.push and len(self.hops) > 1:
+            return (await push_forward(self, hidden, start)).to(wanted)
+        return (await self._relay(hidden, start)).to(wanted)
+
+    async def _relay(self, hidden: torch.Tensor, start: int) -> torch.Tensor:
+        """Run every hop on `hidden`, the client sending each hop's output to the next."""
         i = 0
         while i < len(self.hops):
             self.history.setdefault(self.hops[i].span.start, []).append((start, hidden))

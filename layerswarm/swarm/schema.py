@@ -9,12 +9,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 from layerswarm.errors import ProtocolError
 from layerswarm.swarm.messages import (
     MAX_DIM,
     MAX_LAYERS,
     MAX_REQUEST_ID,
     MAX_ROUTE_HOPS,
+    MAX_SCALED_TOKENS,
     MAX_TOKENS,
     PSK_PROOF_BYTES,
     PUSH_KEY_BYTES,
@@ -117,6 +120,11 @@ _ADDRESS = _str(300, min_len=3)
 _PUSH_TOKEN = _bytes(PUSH_TOKEN_BYTES)
 
 
+def _SCALES(value: object, name: str) -> None:
+    if type(value) is not bytes or len(value) > 4 * MAX_SCALED_TOKENS:
+        raise ProtocolError(f"{name} must be at most {4 * MAX_SCALED_TOKENS} bytes")
+
+
 def _check_route(value: object, name: str) -> None:
     if not isinstance(value, (list, tuple)):
         raise ProtocolError(f"{name} must be a list, got {type(value).__name__}")
@@ -159,6 +167,22 @@ class Schema:
 def _check_open_session(msg: Message) -> None:
     if isinstance(msg, OpenSession) and msg.span_start >= msg.span_end:
         raise ProtocolError(f"empty span [{msg.span_start}, {msg.span_end})")
+
+
+def _check_scales(msg: Message) -> None:
+    """int8 activations come with one fp32 scale a token, and only they have scales."""
+    if not isinstance(msg, (Step, StepResult)):
+        return
+    int8 = msg.hidden.dtype == torch.int8
+    if msg.scales is None and int8:
+        raise ProtocolError("int8 hidden states need scales")
+    if msg.scales is not None:
+        if not int8:
+            raise ProtocolError(f"scales come only with int8 hidden states, not {msg.hidden.dtype}")
+        if len(msg.scales) != 4 * msg.hidden.shape[1]:
+            raise ProtocolError(
+                f"scales have {len(msg.scales)} bytes for {msg.hidden.shape[1]} tokens (4 each)"
+            )
 
 
 def _check_info_reply(msg: Message) -> None:
@@ -220,12 +244,20 @@ SCHEMAS: dict[type[Message], Schema] = {
             ("start_position", _TOKENS),
             ("route", _optional(_check_route)),
             ("token", _optional(_PUSH_TOKEN)),
+            ("scales", _optional(_SCALES)),
         ),
         tensor="hidden",
-        omitted_if_none=frozenset({"route", "token"}),
+        check=_check_scales,
+        omitted_if_none=frozenset({"route", "token", "scales"}),
         from_wire=(("route", _route_from_wire),),
     ),
-    StepResult: Schema("step_result", (("session_id", _SESSION_ID),), tensor="hidden"),
+    StepResult: Schema(
+        "step_result",
+        (("session_id", _SESSION_ID), ("scales", _optional(_SCALES))),
+        tensor="hidden",
+        check=_check_scales,
+        omitted_if_none=frozenset({"scales"}),
+    ),
     Collect: Schema("collect", (("session_id", _SESSION_ID), ("start_position", _TOKENS))),
     Pushed: Schema("pushed", (("session_id", _SESSION_ID),)),
     CloseSession: Schema("close_session", (("session_id", _SESSION_ID),)),

@@ -11,10 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from layerswarm.devtools.linkemu import LinkConfig, LinkProxy
 from layerswarm.errors import PeerUnavailable, RemoteError
 from layerswarm.peer.launch import LocalSwarm, PeerProcess, start_peers
 from layerswarm.routing.generate import Generator
 from layerswarm.routing.local import open_local_generator
+from layerswarm.routing.loop import BackgroundLoop
 from layerswarm.routing.push import push_route
 from layerswarm.routing.sampling import SamplingConfig
 from layerswarm.routing.session import RemoteSession
@@ -93,6 +95,49 @@ def test_push_gives_the_local_engines_greedy_tokens(
     before = pushed_steps(swarm)
     assert greedy(relay) == reference
     assert pushed_steps(swarm) == before
+
+
+def test_a_prompt_flows_down_the_hops_in_chunks_with_the_same_tokens(
+    tiny_chat_dir: Path, swarm: LocalSwarm, reference: list[int]
+) -> None:
+    flowing = ClientConfig(prefill_chunk_tokens=4)
+    gen = open_swarm_generator(tiny_chat_dir, swarm.addresses, config=flowing)
+    prompt = len(gen.tokenizer.encode_chat(PROMPT))
+    before = pushed_steps(swarm)
+    assert greedy(gen) == reference
+    chunks = -(-prompt // 4)
+    assert pushed_steps(swarm) - before == 2 * (chunks + len(reference) - 1)
+
+
+def test_an_int8_prefill_sends_fewer_bytes_over_every_link(
+    tiny_chat_dir: Path, swarm: LocalSwarm
+) -> None:
+    """A link emulator in front of each peer counts the bytes a prefill sends to it: int8
+    with a scale per token against float32. (int8 is not exact, so no tokens are compared.)"""
+    net = BackgroundLoop()
+    peers = [swarm.peers[i] for i in (0, 1, 3)]
+    proxies = [net.run(LinkProxy("127.0.0.1", p.port, LinkConfig()).start()) for p in peers]
+    addresses = [f"127.0.0.1:{x.port}/{p.peer_id}" for x, p in zip(proxies, peers, strict=True)]
+    text = [{"role": "user", "content": "hello 12 " * 25}]
+    one_token = SamplingConfig(max_new_tokens=1, temperature=0.0)
+    try:
+        sent = {}
+        for compression in (None, "int8"):
+            before = [x.bytes_up for x in proxies]
+            config = ClientConfig(prefill_compression=compression, prefill_chunk_tokens=64)
+            gen = open_swarm_generator(tiny_chat_dir, addresses, config=config)
+            prompt = gen.tokenizer.encode_chat(text)
+            assert len(list(gen.tokens(prompt, one_token))) == 1
+            gen.client.close()  # type: ignore[attr-defined]
+            sent[compression] = [x.bytes_up - b for x, b in zip(proxies, before, strict=True)]
+        floats = len(prompt) * HIDDEN * 4
+        assert all(n > floats for n in sent[None])  # each hop got the whole prompt's floats
+        assert all(n < floats / 2 for n in sent["int8"]), (sent, floats)
+    finally:
+        for proxy in proxies:
+            proxy.close()
+            net.run(proxy.wait_closed())
+        net.stop()
 
 
 # --- who may push what, where -------------------------------------------------------------------
