@@ -36,13 +36,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from layerswarm.cli.common import default_cache_dir, resolve_model_cli
 from layerswarm.peer.launch import LocalSwarm, even_spans, start_peers
 from layerswarm.routing.client import Client
 from layerswarm.routing.generate import Generator
 from layerswarm.routing.sampling import SamplingConfig
 from layerswarm.routing.swarm_client import ClientConfig, open_swarm_generator
-from layerswarm.shards.config import ModelConfig
+from layerswarm.routing.text import ChatTokenizer
+from layerswarm.shards.config import ModelConfig, Span
+from layerswarm.shards.weights import load_client_head, load_span
+from layerswarm.swarm.compress import compress_int8, decompress_int8
 
 EDIT_PROMPT = (
     "Fix the spelling mistakes in this paragraph and write the corrected paragraph out in "
@@ -55,6 +60,7 @@ EDIT_PROMPT = (
 CHAT_PROMPT = "Tell me about your favourite season of the year and why you like it."
 PROMPTS = {"edit": EDIT_PROMPT, "chat": CHAT_PROMPT}
 MODES = ["relay", "push", "push + lookup", "push + draft"]
+QUALITY_TEXT = Path(__file__).parent / "data" / "quality_text.txt"
 SPIN_ENV = {"GOMP_SPINCOUNT": "20000"}  # what `swarm-peer` sets: OpenMP spins briefly
 
 
@@ -266,10 +272,43 @@ def prefill_table(args: argparse.Namespace, model_dir: Path, tmp: Path) -> list[
             first = statistics.median(next(iter(times.values())))
             for name, values in times.items():
                 x = first / statistics.median(values)
-                out.append(
-                    f"| {n} | {link} | {prompt_tokens} | {name} | {spread(values, 1e3)} | {x:.2f}x |"
-                )
+                ms = spread(values, 1e3)
+                out.append(f"| {n} | {link} | {prompt_tokens} | {name} | {ms} | {x:.2f}x |")
                 print(out[-1], flush=True)
+    return out
+
+
+@torch.inference_mode()
+def quality_table(args: argparse.Namespace, model_dir: Path) -> list[str]:
+    """Top-1 agreement of the next token when each span boundary of the swarm carries int8
+    activations (a scale per token), against float32 boundaries, as `eval_quality.py` scores
+    weight quantization: every position of a text, in windows of 512 tokens."""
+    config = ModelConfig.from_file(model_dir)
+    ids = ChatTokenizer(model_dir).encode(QUALITY_TEXT.read_text())
+    windows = [ids[i : i + 512] for i in range(0, len(ids) - 1, 512)]
+    head = load_client_head(model_dir, torch.float32, config)
+    model = load_span(model_dir, Span(0, config.num_layers), torch.float32, config)
+    out = [
+        "| peers | boundaries | positions | top-1 agreement, int8 boundaries vs float32 |",
+        "|---|---|---|---|",
+    ]
+    for n in args.peers:
+        spans = even_spans(config.num_layers, n)
+        top1: dict[bool, list[torch.Tensor]] = {False: [], True: []}
+        for window in windows:
+            for compress in (False, True):
+                cache = model.new_cache(len(window))
+                seq = cache.allocate(len(window))
+                hidden = head.embed_tokens(torch.tensor([window]))
+                for i, span in enumerate(spans):
+                    if compress and i:
+                        hidden = decompress_int8(*compress_int8(hidden), torch.float32)
+                    hidden = model(hidden, [0], cache, [seq], layers=span)
+                top1[compress].append(head.logits(hidden)[0].argmax(dim=-1))
+        agree = (torch.cat(top1[True]) == torch.cat(top1[False])).float().mean().item()
+        positions = sum(len(w) for w in windows)
+        out.append(f"| {n} | {n - 1} | {positions} | {agree:.2%} |")
+        print(out[-1], flush=True)
     return out
 
 
@@ -284,7 +323,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--draft-model", default=None, help="the draft model of 'push + draft'")
     ap.add_argument("--prefill-tokens", type=int, default=2000, help="0: no prefill table")
-    ap.add_argument("--skip-decode", action="store_true", help="only the prefill table")
+    ap.add_argument("--skip-decode", action="store_true", help="no decode table")
+    ap.add_argument("--quality", action="store_true", help="int8 boundaries' top-1 agreement")
     args = ap.parse_args()
     os.environ.update(SPIN_ENV)
     model_dir = resolve_model_cli(args.model, default_cache_dir())
@@ -292,6 +332,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         decode = [] if args.skip_decode else decode_table(args, model_dir, Path(tmp))
         prefill = prefill_table(args, model_dir, Path(tmp)) if args.prefill_tokens else []
+        quality = quality_table(args, model_dir) if args.quality else []
     print(
         f"\n{args.model}, {started} UTC, every process on this machine ({os.cpu_count()} "
         f"cores), each peer behind a link emulator with the delay each way; greedy, "
@@ -302,6 +343,8 @@ def main() -> None:
     print("\n".join(decode))
     print()
     print("\n".join(prefill))
+    print()
+    print("\n".join(quality))
 
 
 if __name__ == "__main__":

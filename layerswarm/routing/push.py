@@ -35,7 +35,8 @@ import torch
 from layerswarm.errors import LayerswarmError, RemoteError
 from layerswarm.routing.session import FAULTS, NOT_A_FAULT, ActiveHop, HopFailed
 from layerswarm.shards.config import DTYPES, Span
-from layerswarm.swarm.compress import compress_int8, decompress_int8
+from layerswarm.swarm.compress import compress_int8, decompress_int8, groups
+from layerswarm.swarm.messages import MAX_SCALES
 from layerswarm.swarm.protocol import Collect, ErrorCode, Message, Pushed, PushHop, Step, StepResult
 from layerswarm.swarm.push import parse_forward_failure, push_token
 
@@ -87,6 +88,9 @@ async def push_forward(session: RemoteSession, hidden: torch.Tensor, start: int)
     config = session.config
     compress = config.prefill_compression == "int8" and hidden.shape[1] > 1
     chunk = config.prefill_chunk_tokens
+    if compress:  # a step's scales travel in its header: at most MAX_SCALES of them
+        fits = MAX_SCALES // groups(hidden.shape[2])
+        chunk = min(chunk or fits, fits)
     if not 0 < chunk < hidden.shape[1]:
         return await _push_one(session, Wire.pack(hidden, compress), start)
     pieces = [

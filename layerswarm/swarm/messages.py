@@ -23,7 +23,7 @@ PSK_PROOF_BYTES = 32  # bytes: a Hello's proof of the swarm key (HMAC-SHA256)
 PUSH_KEY_BYTES = 32  # bytes: a session's push key, shared by its client and its peer only
 PUSH_TOKEN_BYTES = 32  # bytes: a pushed step's token (HMAC-SHA256, see `swarm/push.py`)
 MAX_ROUTE_HOPS = 64  # hops: the longest route a step may carry
-MAX_SCALED_TOKENS = 8192  # tokens: the most a compressed step may carry (scales in the header)
+MAX_SCALES = 8192  # scales a compressed step may carry (4 bytes each, in the header)
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -129,8 +129,8 @@ class Step:
     # PUSH_TOKEN_BYTES: set on a step pushed by the hop before (it then comes from another
     # peer's connection, not the client's); None: the session's own client sends it
     token: bytes | None = None
-    # 4*T bytes: `hidden` is int8 with these fp32 scales, one a token (`swarm/compress.py`);
-    # the peer then sends its output compressed the same way. None: plain floats
+    # `hidden` is int8 with these fp32 scales, one a token and group of channels
+    # (`swarm/compress.py`); the peer then sends its output so too. None: plain floats
     scales: bytes | None = None
 
 

@@ -12,12 +12,13 @@ from typing import Any
 import torch
 
 from layerswarm.errors import ProtocolError
+from layerswarm.swarm.compress import groups
 from layerswarm.swarm.messages import (
     MAX_DIM,
     MAX_LAYERS,
     MAX_REQUEST_ID,
     MAX_ROUTE_HOPS,
-    MAX_SCALED_TOKENS,
+    MAX_SCALES,
     MAX_TOKENS,
     PSK_PROOF_BYTES,
     PUSH_KEY_BYTES,
@@ -121,8 +122,8 @@ _PUSH_TOKEN = _bytes(PUSH_TOKEN_BYTES)
 
 
 def _SCALES(value: object, name: str) -> None:
-    if type(value) is not bytes or len(value) > 4 * MAX_SCALED_TOKENS:
-        raise ProtocolError(f"{name} must be at most {4 * MAX_SCALED_TOKENS} bytes")
+    if type(value) is not bytes or len(value) > 4 * MAX_SCALES:
+        raise ProtocolError(f"{name} must be at most {4 * MAX_SCALES} bytes")
 
 
 def _check_route(value: object, name: str) -> None:
@@ -170,7 +171,7 @@ def _check_open_session(msg: Message) -> None:
 
 
 def _check_scales(msg: Message) -> None:
-    """int8 activations come with one fp32 scale a token, and only they have scales."""
+    """int8 activations come with scales (`swarm/compress.py`), and only they have scales."""
     if not isinstance(msg, (Step, StepResult)):
         return
     int8 = msg.hidden.dtype == torch.int8
@@ -179,9 +180,11 @@ def _check_scales(msg: Message) -> None:
     if msg.scales is not None:
         if not int8:
             raise ProtocolError(f"scales come only with int8 hidden states, not {msg.hidden.dtype}")
-        if len(msg.scales) != 4 * msg.hidden.shape[1]:
+        _, t, h = msg.hidden.shape
+        if len(msg.scales) != 4 * t * groups(h):
             raise ProtocolError(
-                f"scales have {len(msg.scales)} bytes for {msg.hidden.shape[1]} tokens (4 each)"
+                f"scales have {len(msg.scales)} bytes for {t} tokens of {groups(h)} groups "
+                "(4 bytes each)"
             )
 
 
