@@ -163,8 +163,8 @@ def measure_link(
     """Every mode and prompt over one link, interleaved (A B A B) and repeated."""
     samples = {(p, m): Sample() for p in PROMPTS for m in MODES}
     reference: dict[str, list[int]] = {}
-    for _ in range(args.repeats):
-        for mode in MODES:
+    for repeat in range(args.repeats):
+        for mode in MODES if repeat % 2 == 0 else MODES[::-1]:  # A B, then B A
             if "+" in mode and not spec:
                 for p in PROMPTS:
                     samples[(p, mode)].error = "n/a (speculation not merged)"
@@ -257,8 +257,9 @@ def prefill_table(args: argparse.Namespace, model_dir: Path, tmp: Path) -> list[
             with links(swarm, link) as addresses:
                 times: dict[str, list[float]] = {name: [] for name in PREFILL_OPTIONS}
                 prompt_tokens = 0
-                for _ in range(args.repeats):
-                    for name, config in PREFILL_OPTIONS.items():
+                for repeat in range(args.repeats):
+                    options = list(PREFILL_OPTIONS.items())
+                    for name, config in options if repeat % 2 == 0 else options[::-1]:
                         gen = open_swarm_generator(model_dir, addresses, config=config())
                         try:
                             ids = gen.tokenizer.encode_chat([{"role": "user", "content": words}])

@@ -13,14 +13,14 @@ import torch
 
 from layerswarm.devtools.linkemu import LinkConfig, LinkProxy
 from layerswarm.errors import PeerUnavailable, RemoteError
-from layerswarm.peer.launch import LocalSwarm, PeerProcess, start_peers
+from layerswarm.peer.launch import LocalSwarm, PeerProcess, start_peer, start_peers
 from layerswarm.routing.generate import Generator
 from layerswarm.routing.local import open_local_generator
 from layerswarm.routing.loop import BackgroundLoop
 from layerswarm.routing.push import push_route
 from layerswarm.routing.sampling import SamplingConfig
 from layerswarm.routing.session import RemoteSession
-from layerswarm.routing.swarm_client import ClientConfig, open_swarm_generator
+from layerswarm.routing.swarm_client import ClientConfig, SwarmClient, open_swarm_generator
 from layerswarm.shards.config import Span
 from layerswarm.swarm.dial import Connection, open_connection
 from layerswarm.swarm.identity import generate_identity
@@ -305,3 +305,33 @@ def test_reply_survives_kill_9_of_the_middle_hop_with_push(
             victim.stop(signal.SIGKILL)
     assert tokens == reference
     assert any("rerouted" in e for e in events), events
+
+
+def test_a_hop_lost_during_a_flowing_prefill_restarts_it_on_a_new_path(
+    tiny_chat_dir: Path, swarm: LocalSwarm, tmp_path: Path
+) -> None:
+    """After the kill above: one more middle peer, so that one survives this test's kill. The
+    session loses its middle hop before a prompt flows in chunks: the client opens a new path,
+    and the output is what an undisturbed session computes."""
+    spare = start_peer(tiny_chat_dir, Span(1, 3), tmp_path)
+    try:
+        live = [p.address for p in swarm.peers if p.process.poll() is None]
+        client = SwarmClient(
+            tiny_chat_dir, [*live, spare.address], ClientConfig(prefill_chunk_tokens=4)
+        )
+        hidden = torch.randn(1, 30, HIDDEN)
+        calm = client.net.run(client.open_pipeline(64))
+        expected = calm.forward(hidden, 0)
+        events: list[str] = []
+        client.on_event = events.append
+        session = client.net.run(client.open_pipeline(64))
+        assert isinstance(session, RemoteSession)
+        middle = session.hops[1].view.peer_id
+        victim = next(p for p in [*swarm.peers, spare] if p.peer_id == middle)
+        victim.stop(signal.SIGKILL)
+        assert torch.equal(session.forward(hidden, 0), expected)
+        assert any("starting it again" in e for e in events), events
+        assert middle not in {h.view.peer_id for h in session.hops}
+        client.close()
+    finally:
+        spare.stop()
