@@ -238,9 +238,12 @@ def _output(hop: ActiveHop, reply: object, wire: Wire, index: int) -> Wire:
     ):
         malformed = f"peer {hop.view.address} sent a malformed result"
         raise _Failed(index, wire, HopFailed(hop.view.peer_id, malformed))
-    if reply.scales is None:
-        return Wire(reply.hidden, None, reply.hidden)
-    seen = decompress_int8(reply.hidden, reply.scales, wire.seen.dtype)
+    seen = reply.hidden
+    if reply.scales is not None:
+        seen = decompress_int8(reply.hidden, reply.scales, wire.seen.dtype)
+    if not bool(torch.isfinite(seen).all()):  # blamed on this hop, not on the next one
+        nan = f"peer {hop.view.address} sent non-finite values (NaN or inf)"
+        raise _Failed(index, wire, HopFailed(hop.view.peer_id, nan))
     return Wire(reply.hidden, reply.scales, seen)
 
 

@@ -31,6 +31,7 @@ import torch
 
 from layerswarm import metrics
 from layerswarm.errors import LayerswarmError, NoRouteError, PeerUnavailable, RemoteError
+from layerswarm.routing.history import merge_inputs
 from layerswarm.routing.paths import PathHop, PeerView, choose_path, missing_layers
 from layerswarm.routing.verify import Verifier, reply_fault
 from layerswarm.shards.config import Span
@@ -218,7 +219,10 @@ class RemoteSession:
 
         wanted, hidden = hidden.dtype, hidden.to(wire_dtype(self.config.wire_dtype, self.hops))
         if self.config.push and len(self.hops) > 1:
-            return (await push_forward(self, hidden, start)).to(wanted)
+            if not self.verifier.plan(self.hops):  # a step to check goes hop by hop instead
+                return (await push_forward(self, hidden, start)).to(wanted)
+        else:
+            self.verifier.planned = None
         return (await self._relay(hidden, start)).to(wanted)
 
     async def _relay(self, hidden: torch.Tensor, start: int) -> torch.Tensor:
@@ -387,21 +391,3 @@ class RemoteSession:
     async def aclose(self) -> None:
         hops, self.hops = self.hops, []
         await asyncio.gather(self._close_hops(hops), self.verifier.aclose())
-
-
-def merge_inputs(
-    inputs: list[tuple[int, torch.Tensor]], max_tokens: int
-) -> list[tuple[int, torch.Tensor]]:
-    """Join consecutive inputs `(start, (1, tokens, hidden))` into steps of up to `max_tokens`.
-
-    Inputs join only where one starts where the previous one ends; order is kept.
-    """
-    out: list[tuple[int, list[torch.Tensor], int]] = []  # (start, parts, tokens)
-    for start, hidden in inputs:
-        t = hidden.shape[1]
-        if out and out[-1][0] + out[-1][2] == start and out[-1][2] + t <= max_tokens:
-            first, parts, tokens = out[-1]
-            out[-1] = (first, [*parts, hidden], tokens + t)
-        else:
-            out.append((start, [hidden], t))
-    return [(start, torch.cat(parts, dim=1)) for start, parts, _ in out]
