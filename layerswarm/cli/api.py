@@ -66,6 +66,7 @@ SWARM_FLAGS = (
     "bootstrap",
     "swarm_key",
     "insecure_plaintext",
+    "relay",
     "verbose",
 )
 
