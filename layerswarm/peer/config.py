@@ -11,6 +11,7 @@ from layerswarm.shards.scheduler import (
     DEFAULT_TOKEN_BUDGET,
     SchedulerConfig,
 )
+from layerswarm.swarm.limits import ListenLimits
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,9 @@ class PeerConfig:
     # s: a step still running this long after its first chunk ran is cancelled (waiting behind
     # other sessions' work does not count: a busy peer is not a dead one)
     step_timeout: float = 30.0
+    # s: a pushed step may take this long to go down the rest of its route, and a client's
+    # collect waits this long for its step to arrive
+    push_timeout: float = 600.0
     max_batch: int = 16  # sessions: steps of this many sessions run as one batch
     token_budget: int = DEFAULT_TOKEN_BUDGET  # tokens a batch: decode steps + prefill chunks
     prefill_chunk: int = DEFAULT_PREFILL_CHUNK  # tokens a batch when no session decodes
@@ -52,6 +56,9 @@ class PeerConfig:
     record_ttl: float = 60.0  # unit: s each signed DHT record is valid; re-put every third of it
     # 32 bytes: a private swarm's key, for the DHT and the data plane; None: an open swarm
     swarm_key: bytes | None = field(default=None, repr=False)
+    limits: ListenLimits = field(default_factory=ListenLimits)  # caps on strangers' connections
+    handshake_timeout: float = 5.0  # unit: s for a new connection's TLS handshake, then its Hello
+    test_faults: str = ""  # tests only: `fault_injection.FaultInjector`'s SPEC; "": behave
 
     @property
     def uses_dht(self) -> bool:

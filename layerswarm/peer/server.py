@@ -26,8 +26,15 @@ from layerswarm.peer.announce import (
 )
 from layerswarm.peer.config import PeerConfig
 from layerswarm.peer.dht_announce import DhtAnnouncer, open_peer_dht
+from layerswarm.peer.forward import Forwarder, PushSteps
 from layerswarm.peer.handler import RequestHandler
-from layerswarm.peer.measure import SpeedSample, free_memory_bytes, measure_speed, measure_tflops
+from layerswarm.peer.measure import (
+    SpeedSample,
+    free_memory_bytes,
+    measure_speed,
+    measure_tflops,
+    memory_total_bytes,
+)
 from layerswarm.peer.placement import Server, choose_span, layers_that_fit
 from layerswarm.peer.rebalance import serve_rebalancing
 from layerswarm.peer.sessions import SessionTable, open_compute_thread
@@ -120,15 +127,24 @@ async def serve_peer(
         handler = RequestHandler(
             config, table, identity.peer_id, f"{config.model_name}@{fingerprint}"
         )
+        device = next(model.parameters()).device
         handler.extra = {
+            "device": str(device),  # shown by dashboards
+            "free_memory_bytes": free_memory_bytes(device),  # at start
+            "memory_total_bytes": memory_total_bytes(device),
             "quant": config.quant,
             "weights_bytes": memory_bytes(model),
             "decode_s_per_layer": speed.decode_s_per_layer,
             "prefill_tokens_per_s_per_layer": speed.prefill_tokens_per_s_per_layer,
         }
         transport = TransportConfig(
-            insecure_plaintext=config.insecure_plaintext, swarm_key=config.swarm_key
+            handshake_timeout=config.handshake_timeout,
+            insecure_plaintext=config.insecure_plaintext,
+            swarm_key=config.swarm_key,
         )
+        forwarder = Forwarder(identity, transport, config.push_timeout)
+        stack.push_async_callback(forwarder.aclose)
+        handler.push = PushSteps(forwarder, config.push_timeout)
         server = await serve_connections(
             handler,
             config.host,
@@ -136,6 +152,7 @@ async def serve_peer(
             identity,
             transport,
             on_disconnect=handler.disconnected,
+            limits=config.limits,
         )
         stack.push_async_callback(_close_server, server, table)
         facts = PeerFacts(

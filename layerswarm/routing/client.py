@@ -80,6 +80,7 @@ class Client:
         swarm_key: bytes | None = None,
         dtype: str = "float32",
         cache_dir: Path | None = None,
+        relay: bool = False,
         **defaults: Any,
     ) -> Client:
         """Resolve the model (fetching the default one if missing) and connect.
@@ -88,6 +89,7 @@ class Client:
             peers: explicit peer addresses `host:port[/PEERID]`.
             bootstrap: DHT multiaddrs of a swarm elsewhere.
             local: run every layer in this process instead.
+            relay: the client relays every hop's output (instead of peers pushing it on).
             defaults: sampling defaults, e.g. `temperature=0, max_new_tokens=64`.
         """
         model_dir = resolve_model(model, cache_dir or _default_cache())
@@ -98,6 +100,7 @@ class Client:
             bootstrap=tuple(bootstrap),
             swarm_key=swarm_key,
             mdns_interfaces=() if discover else None,
+            push=not relay,
         )
         gen = open_swarm_generator(model_dir, list(peers), dtype=parse_dtype(dtype), config=config)
         return cls(gen, defaults)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import time
 import uuid
 from collections.abc import Collection
@@ -28,15 +29,19 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from layerswarm import metrics
 from layerswarm.errors import LayerswarmError, NoRouteError, PeerUnavailable, RemoteError
 from layerswarm.routing.paths import PathHop, PeerView, choose_path, missing_layers
+from layerswarm.routing.verify import Verifier, reply_fault
 from layerswarm.shards.config import Span
 from layerswarm.swarm.dial import Connection
+from layerswarm.swarm.messages import PUSH_KEY_BYTES
 from layerswarm.swarm.protocol import (
     CloseSession,
     ErrorCode,
     InfoReply,
     InfoRequest,
+    Message,
     OpenSession,
     Step,
     StepResult,
@@ -89,6 +94,8 @@ class ActiveHop:
     conn: Connection
     # This hop's own session ID: a retried open never reuses one that another hop holds.
     session_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    # The key of the tokens that let steps pushed by the hop before into this session.
+    push_key: bytes = field(default_factory=lambda: secrets.token_bytes(PUSH_KEY_BYTES))
 
 
 class RemoteSession:
@@ -102,6 +109,7 @@ class RemoteSession:
         # Inputs sent into the layer boundary `b`: every (start, hidden) in order.
         self.history: dict[int, list[tuple[int, torch.Tensor]]] = {}
         self.reroute_seconds: list[float] = []  # unit: s each reroute took, replay included
+        self.verifier = Verifier(self)  # checks some steps on replicas
 
     @property
     def route(self) -> list[tuple[str, Span]]:
@@ -135,8 +143,9 @@ class RemoteSession:
             opened: list[ActiveHop] = []
             try:
                 for hop in hops:
+                    key = hop.push_key if self.config.push else None
                     opening = OpenSession(
-                        hop.session_id, hop.span.start, hop.span.end, self.max_length
+                        hop.session_id, hop.span.start, hop.span.end, self.max_length, key
                     )
                     await self._request(hop, opening, self.config.request_timeout)
                     opened.append(hop)
@@ -205,6 +214,15 @@ class RemoteSession:
         return self.client.net.run(self.aforward(hidden, start))
 
     async def aforward(self, hidden: torch.Tensor, start: int) -> torch.Tensor:
+        from layerswarm.routing.push import push_forward, wire_dtype  # they build on this
+
+        wanted, hidden = hidden.dtype, hidden.to(wire_dtype(self.config.wire_dtype, self.hops))
+        if self.config.push and len(self.hops) > 1:
+            return (await push_forward(self, hidden, start)).to(wanted)
+        return (await self._relay(hidden, start)).to(wanted)
+
+    async def _relay(self, hidden: torch.Tensor, start: int) -> torch.Tensor:
+        """Run every hop on `hidden`, the client sending each hop's output to the next."""
         i = 0
         while i < len(self.hops):
             self.history.setdefault(self.hops[i].span.start, []).append((start, hidden))
@@ -213,7 +231,7 @@ class RemoteSession:
                 try:
                     if self.client.is_leaving(hop.view.peer_id):
                         raise HopFailed(hop.view.peer_id, "the peer is leaving", fault=False)
-                    hidden = await self._step(hop, hidden, start)
+                    hidden = await self.verifier.step(hop, hidden, start)
                     self.client.bans.succeeded(hop.view.peer_id)
                     break
                 except HopFailed as e:
@@ -227,11 +245,18 @@ class RemoteSession:
 
     async def _step(self, hop: ActiveHop, hidden: torch.Tensor, start: int) -> torch.Tensor:
         tokens = hidden.shape[1]
-        expected = len(hop.span) * hop.view.seconds_per_layer * tokens + hop.view.rtt
+        # the deadline follows what this client measured of the peer, once it has
+        per_layer = self.client.stats.seconds_per_layer(hop.view.peer_id)
+        expected = len(hop.span) * (per_layer or hop.view.seconds_per_layer) * tokens + hop.view.rtt
         patience = self.config.step_timeout_floor + self.config.step_timeout_factor * expected
+        t0 = time.perf_counter()
         reply = await self._request(hop, Step(hop.session_id, hidden, start), patience, probe=True)
-        if not isinstance(reply, StepResult) or reply.hidden.shape != hidden.shape:
+        if not isinstance(reply, StepResult):
             raise HopFailed(hop.view.peer_id, f"peer {hop.view.address} sent a malformed result")
+        if fault := reply_fault(hidden, reply.hidden):  # blamed on the sender, not the next hop
+            raise HopFailed(hop.view.peer_id, f"peer {hop.view.address} sent {fault}")
+        seconds = time.perf_counter() - t0
+        self.client.stats.observe(hop.view.peer_id, seconds, len(hop.span), tokens, hop.view.rtt)
         return reply.hidden
 
     async def _request(
@@ -246,6 +271,12 @@ class RemoteSession:
         request = asyncio.ensure_future(
             hop.conn.request(msg, self.config.max_step_wait if probe else patience)  # type: ignore[arg-type]
         )
+        return await self._await_reply(hop, request, patience, probe)
+
+    async def _await_reply(
+        self, hop: ActiveHop, request: asyncio.Future[Message], patience: float, probe: bool
+    ) -> object:
+        """`_request`'s wait for a request already sent; cancels it if it fails."""
         try:
             wait, last = (patience, False) if probe else (patience + 1.0, True)
             while True:
@@ -287,6 +318,7 @@ class RemoteSession:
         if failure.fault:
             seconds = self.client.bans.ban(failure.peer_id)
             log.debug("banned %s for %.0f s: %s", failure.peer_id, seconds, failure)
+            metrics.note_event("ban", f"banned {failure.peer_id} for {seconds:.0f} s: {failure}")
         else:
             log.debug("moving away from %s: %s", failure.peer_id, failure)
         avoid.add(failure.peer_id)
@@ -311,10 +343,11 @@ class RemoteSession:
                 continue
             self.hops[index : index + 1] = new
             self.reroute_seconds.append(time.perf_counter() - t0)
-            self.client.on_event(
-                f"rerouted layers {old.span} from {host(old.view.address)} to "
-                + ", ".join(f"{host(h.view.address)} ({h.span})" for h in new)
+            news = f"rerouted layers {old.span} from {host(old.view.address)} to " + ", ".join(
+                f"{host(h.view.address)} ({h.span})" for h in new
             )
+            metrics.note_event("reroute", news)
+            self.client.on_event(news)
             return
         raise LayerswarmError(f"could not rebuild layers {old.span}: too many failures")
 
@@ -353,7 +386,7 @@ class RemoteSession:
 
     async def aclose(self) -> None:
         hops, self.hops = self.hops, []
-        await self._close_hops(hops)
+        await asyncio.gather(self._close_hops(hops), self.verifier.aclose())
 
 
 def merge_inputs(
