@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from prometheus_client import REGISTRY
 
 from layerswarm import metrics
 from layerswarm.errors import NoRouteError
@@ -96,6 +97,11 @@ def session_on(client: SwarmClient, bad: PeerProcess, swarm: Swarm) -> RemoteSes
     return session
 
 
+def mismatch_count() -> float:
+    value = REGISTRY.get_sample_value("layerswarm_verifications_total", {"result": "mismatch"})
+    return value or 0.0
+
+
 def test_a_peer_returning_perturbed_activations_is_caught_banned_and_its_steps_redone(
     tiny_llama_dir: Path, swarm: Swarm
 ) -> None:
@@ -103,6 +109,7 @@ def test_a_peer_returning_perturbed_activations_is_caught_banned_and_its_steps_r
     expected = honest_outputs(tiny_llama_dir, swarm, inputs)
     liar = swarm.bad["liar"]
     events: list[str] = []
+    mismatches = mismatch_count()
     config = ClientConfig(verify_fraction=1.0)  # every step checked: no wrong output gets out
     client = SwarmClient(tiny_llama_dir, [liar.address], config, on_event=events.append)
     try:
@@ -124,8 +131,10 @@ def test_a_peer_returning_perturbed_activations_is_caught_banned_and_its_steps_r
         assert any("banned peer" in e and "lying" in e for e in events)
         shown = [e.text for e in metrics.EVENTS.recent() if e.kind == "ban"]  # the dashboard's
         assert any(liar.peer_id in text and "for lying" in text for text in shown)
-        assert metrics.VERIFICATIONS.labels("mismatch")._value.get() >= 1
         assert client.verify_counts["mismatch"] >= 1 and client.verify_counts["match"] >= 1
+        # The same, for /metrics and the dashboard: counted, and the ban shown with its reason.
+        assert mismatch_count() > mismatches
+        assert any(e.kind == "ban" and liar.peer_id in e.text for e in metrics.EVENTS.recent())
         # Banned for good: a new session never uses it, even with every other peer banned.
         for peer in swarm.honest:
             client.bans.ban(peer.peer_id)
