@@ -19,6 +19,7 @@ from layerswarm.routing.loop import BackgroundLoop
 from layerswarm.routing.text import ChatTokenizer
 from layerswarm.shards.blocks import SpanModel
 from layerswarm.shards.config import ModelConfig, Span, parse_dtype
+from layerswarm.shards.cuda_graphs import enable_cuda_graphs
 from layerswarm.shards.kv_cache import PagedKVCache, SessionCache
 from layerswarm.shards.scheduler import SchedulerConfig, StepScheduler
 from layerswarm.shards.weights import Progress, load_client_head, load_span
@@ -84,18 +85,24 @@ def open_local_generator(
     dtype: torch.dtype = torch.float32,
     progress: Progress | None = None,
     cache_bytes: int = DEFAULT_CACHE_BYTES,
+    device: torch.device | str = "cpu",
 ) -> Generator:
     """Load a whole model (a folder in Hugging Face layout) for generation in this process.
 
     Args:
         cache_bytes: the KV cache of every session together.
+        device: where the layers, the KV cache, the embedding and the head live; on CUDA the
+            layers run the Triton kernels and decode steps replay CUDA graphs.
     """
+    device = torch.device(device)
     config = ModelConfig.from_file(model_dir)
     tokenizer = ChatTokenizer(model_dir)
-    head = pack_linears(load_client_head(model_dir, dtype, config))
-    model = pack_linears(
-        load_span(model_dir, Span(0, config.num_layers), dtype, config, progress=progress)
-    )
+    head = load_client_head(model_dir, dtype, config).to(device)
+    model = load_span(model_dir, Span(0, config.num_layers), dtype, config, progress=progress)
+    model.to_device(device)
+    pack_linears(head)  # CPU layouts; a no-op on a GPU
+    pack_linears(model)
+    enable_cuda_graphs(model)  # a no-op off CUDA
     # The head and the layers share one compute thread: two OpenMP teams only fight.
     compute = ThreadPoolExecutor(1, thread_name_prefix="layerswarm-compute")
     net = BackgroundLoop()

@@ -86,7 +86,25 @@ def test_swarm_peer_start_refuses_a_missing_device_in_one_line(
     tiny_llama_dir: Path, args: list[str], expected: str
 ) -> None:
     cmd = [sys.executable, "-m", "layerswarm.cli.peer", "start", "--model", str(tiny_llama_dir)]
-    out = subprocess.run([*cmd, *args], capture_output=True, text=True, timeout=120)
+    one_line_error([*cmd, *args], expected)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_swarm_chat_refuses_a_missing_device_in_one_line(tiny_llama_dir: Path) -> None:
+    cmd = [sys.executable, "-m", "layerswarm.cli.chat", "--local", "--device", "cuda:0"]
+    one_line_error([*cmd, "--prompt", "hi"], "error: --device: device cuda:0 asked for, but ")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_client_connect_refuses_a_missing_device(tiny_llama_dir: Path) -> None:
+    from layerswarm import Client
+
+    with pytest.raises(DeviceUnavailable, match="device cuda asked for"):
+        Client.connect(str(tiny_llama_dir), local=True, device="cuda")
+
+
+def one_line_error(cmd: list[str], expected: str) -> None:
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert out.returncode != 0
     err = out.stderr.strip()
     assert err.startswith(expected), err[-2000:]
