@@ -8,6 +8,7 @@ batched on its compute thread as a peer batches its clients' sessions.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -55,6 +56,17 @@ class LocalEngine:
 
     async def _start(self) -> asyncio.Task[None]:
         return asyncio.get_running_loop().create_task(self.scheduler.serve())
+
+    def close(self) -> None:
+        """Stop the compute loop; steps asked for later fail."""
+
+        async def stop() -> None:
+            self._serving.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._serving
+            self.scheduler.close()
+
+        self.net.run(stop())
 
     async def run(self, seq: SessionCache, hidden: torch.Tensor, start: int) -> torch.Tensor:
         return await self.net.call(self.scheduler.run(seq, hidden, start))
