@@ -159,7 +159,7 @@ def transformers_rate(
         return time.perf_counter() - t0
 
     timed(4)  # warm-up
-    decode_s = min(timed(tokens + 1) - timed(1) for _ in range(2))
+    decode_s = min(timed(tokens + 1) for _ in range(2)) - min(timed(1) for _ in range(3))
     return batch * tokens / decode_s
 
 

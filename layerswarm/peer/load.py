@@ -52,6 +52,8 @@ def load_peer_model(
     span.check_within(model_config.num_layers)
     dtype = DTYPES[config.dtype]
     device = torch.device(config.device)
+    if device.type == "cuda":  # this (the compute) thread's device, where Triton launches
+        torch.cuda.set_device(device)
     model = load_span(config.model_dir, span, dtype, model_config, None, progress)
     model.kernel_backend = kernel_backend(config)
     if device.type != "cpu":

@@ -6,6 +6,7 @@ reads and writes the KV cache of its own layers only.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -367,6 +368,9 @@ class ClientHead(nn.Module):
         `(batch, tokens, vocab)` on the head's device."""
         hidden = hidden.to(self.norm.device)
         ops = ops_for(hidden.device)
-        h = ops.rms_norm(hidden, self.norm, self.config.rms_norm_eps)
+        # Triton launches on the calling thread's current device: make it the head's
+        where = torch.cuda.device(hidden.device) if hidden.is_cuda else contextlib.nullcontext()
+        with where:
+            h = ops.rms_norm(hidden, self.norm, self.config.rms_norm_eps)
         logits: torch.Tensor = self.head(h)
         return logits.float()

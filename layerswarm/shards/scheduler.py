@@ -424,7 +424,10 @@ class StepScheduler:
         if torch.get_num_threads() != threads:  # this thread's own setting (OpenMP)
             torch.set_num_threads(threads)
         # (tokens, hidden), to the model's device in one copy (a peer's inputs come off the wire)
-        x = _to_device([job.hidden[job.ran : job.ran + n] for job, n in batch], cache.k.device)
+        device = cache.k.device
+        x = _to_device([job.hidden[job.ran : job.ran + n] for job, n in batch], device)
+        if device.type == "cuda":  # Triton launches on this thread's device: make it the model's
+            torch.cuda.set_device(device)
         step = StepBatch(
             [job.start + job.ran for job, _ in batch],
             [n for _, n in batch],
