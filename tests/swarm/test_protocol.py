@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from layerswarm.errors import ProtocolError
 from layerswarm.swarm import protocol
+from layerswarm.swarm import schema as schema_module
 from layerswarm.swarm.protocol import (
     DTYPES,
     MAX_REQUEST_ID,
@@ -125,7 +126,7 @@ def test_tensor_payload_starts_aligned_and_is_not_copied_from_a_bytearray() -> N
 
 
 def test_schema_table_matches_the_message_dataclasses() -> None:
-    for cls, schema in protocol._SCHEMAS.items():
+    for cls, schema in schema_module.SCHEMAS.items():
         names = {f.name for f in dataclasses.fields(cls)}
         carried = {name for name, _ in schema.fields} | ({schema.tensor} - {None})
         assert names == carried, cls
@@ -396,7 +397,7 @@ header_keys = (
 
 @FUZZ
 @given(
-    kind=st.sampled_from([s.name for s in protocol._SCHEMAS.values()]),
+    kind=st.sampled_from([s.name for s in schema_module.SCHEMAS.values()]),
     header=st.dictionaries(header_keys, header_values, max_size=12),
     payload=st.binary(max_size=64),
 )

@@ -1,0 +1,148 @@
+"""The messages of the wire protocol, and the limits every frame keeps.
+
+`protocol` encodes and decodes them as frames; `schema` holds the rules each field is checked
+against.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TypeAlias
+
+import torch
+
+PROTOCOL_VERSION = 1
+MAX_FRAME_BYTES = 64 * 2**20  # bytes: default largest frame, after the length field
+MAX_HEADER_BYTES = 64 * 2**10  # bytes: largest msgpack header
+MAX_REQUEST_ID = 2**63 - 1  # ids run from 0 (connection-level messages) up to this
+MAX_LAYERS = 2**20  # layers: bound on span and layer-count fields
+MAX_TOKENS = 2**31 - 1  # tokens: bound on positions, lengths and cache sizes
+MAX_DIM = 2**31 - 1  # elements: bound on one tensor dimension
+TENSOR_ALIGN = 8  # bytes: tensor payloads start at a multiple of this into the frame
+PSK_PROOF_BYTES = 32  # bytes: a Hello's proof of the swarm key (HMAC-SHA256)
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "int64": torch.int64,
+    "int32": torch.int32,
+}
+DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
+
+JsonValue: TypeAlias = bool | int | float | str | list["JsonValue"] | dict[str, "JsonValue"] | None
+
+
+class ErrorCode:
+    """The codes an `ErrorReply` carries (the wire accepts any short code, for newer peers)."""
+
+    PROTOCOL = "protocol"  # malformed frame, or a message not allowed here
+    CACHE_FULL = "cache_full"  # no KV-cache room for a new session, even after waiting
+    SESSION_FULL = "session_full"  # a running session cannot grow here: move it elsewhere
+    BUSY = "busy"  # a limit of this client (sessions, pages) or a full queue: try later
+    UNKNOWN_SESSION = "unknown_session"  # no such session, or it expired
+    BAD_SPAN = "bad_span"  # the peer does not serve the asked span
+    BAD_SHAPE = "bad_shape"  # tensor shape does not fit the model
+    BAD_POSITION = "bad_position"  # positions do not continue the session
+    TIMEOUT = "timeout"  # the peer gave up waiting for something
+    SHUTTING_DOWN = "shutting_down"  # the peer is stopping
+    SWARM_KEY = "swarm_key"  # the two sides are not in the same private swarm
+    INTERNAL = "internal"  # anything else
+
+
+@dataclass(frozen=True)
+class Hello:
+    """Sent by both sides when a connection opens, with request id 0."""
+
+    version: int = PROTOCOL_VERSION
+    peer_id: str | None = None  # the sender's peer ID (TLS proves it; plaintext only claims it)
+    max_frame_bytes: int = MAX_FRAME_BYTES  # bytes: the largest frame the sender accepts
+    # bytes: HMAC-SHA256 proof that the sender holds the private swarm's key (`transport`
+    # computes it); None, and then absent from the header, outside private swarms
+    psk_proof: bytes | None = None
+
+
+@dataclass(frozen=True)
+class InfoRequest:
+    """Ask a peer what it serves and how loaded it is."""
+
+
+@dataclass(frozen=True)
+class InfoReply:
+    peer_id: str
+    model: str  # model name, e.g. "HuggingFaceTB/SmolLM2-135M"
+    span_start: int  # first layer served
+    span_end: int  # one past the last layer served
+    num_layers: int  # layers in the whole model
+    dtype: str  # compute dtype, e.g. "bfloat16"
+    cache_tokens_free: int  # tokens: KV-cache room left
+    cache_tokens_total: int  # tokens: KV-cache room in all
+    active_sessions: int
+    extra: dict[str, JsonValue] = field(default_factory=dict)  # small, free-form
+
+
+@dataclass(frozen=True)
+class OpenSession:
+    session_id: str
+    span_start: int
+    span_end: int
+    max_length: int  # tokens: the KV cache to reserve
+
+
+@dataclass(frozen=True)
+class SessionOpened:
+    session_id: str
+
+
+@dataclass(frozen=True, eq=False)
+class Step:
+    """Run the session's span on positions [start_position, start_position + T)."""
+
+    session_id: str
+    hidden: torch.Tensor  # (1, T, hidden)
+    start_position: int
+
+
+@dataclass(frozen=True, eq=False)
+class StepResult:
+    session_id: str
+    hidden: torch.Tensor  # (1, T, hidden)
+
+
+@dataclass(frozen=True)
+class CloseSession:
+    session_id: str
+
+
+@dataclass(frozen=True)
+class Closed:
+    session_id: str
+
+
+@dataclass(frozen=True)
+class ErrorReply:
+    code: str  # one of ErrorCode, or a newer peer's code
+    message: str
+
+
+@dataclass(frozen=True)
+class Goodbye:
+    """A peer about to stop tells its clients, with request id 0."""
+
+    reason: str
+
+
+Message: TypeAlias = (
+    Hello
+    | InfoRequest
+    | InfoReply
+    | OpenSession
+    | SessionOpened
+    | Step
+    | StepResult
+    | CloseSession
+    | Closed
+    | ErrorReply
+    | Goodbye
+)
+REQUEST_TYPES: tuple[type[Message], ...] = (InfoRequest, OpenSession, Step, CloseSession)

@@ -1,0 +1,217 @@
+"""The rules every message's fields are checked against, on encode and on decode.
+
+Everything read off the wire is checked with `if ...: raise ProtocolError(...)`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from layerswarm.errors import ProtocolError
+from layerswarm.swarm.messages import (
+    MAX_DIM,
+    MAX_LAYERS,
+    MAX_REQUEST_ID,
+    MAX_TOKENS,
+    PSK_PROOF_BYTES,
+    Closed,
+    CloseSession,
+    ErrorReply,
+    Goodbye,
+    Hello,
+    InfoReply,
+    InfoRequest,
+    Message,
+    OpenSession,
+    SessionOpened,
+    Step,
+    StepResult,
+)
+
+_Check = Callable[[object, str], None]
+
+
+def _int(lo: int, hi: int) -> _Check:
+    def check(value: object, name: str) -> None:
+        if type(value) is not int:
+            raise ProtocolError(f"{name} must be an int, got {type(value).__name__}")
+        if not lo <= value <= hi:
+            raise ProtocolError(f"{name}={value} is outside [{lo}, {hi}]")
+
+    return check
+
+
+def _str(max_len: int, min_len: int = 0) -> _Check:
+    def check(value: object, name: str) -> None:
+        if type(value) is not str:
+            raise ProtocolError(f"{name} must be a str, got {type(value).__name__}")
+        if not min_len <= len(value) <= max_len:
+            raise ProtocolError(f"{name} has {len(value)} characters, allowed {min_len}..{max_len}")
+
+    return check
+
+
+def _bytes(length: int) -> _Check:
+    def check(value: object, name: str) -> None:
+        if type(value) is not bytes:
+            raise ProtocolError(f"{name} must be bytes, got {type(value).__name__}")
+        if len(value) != length:
+            raise ProtocolError(f"{name} has {len(value)} bytes, expected {length}")
+
+    return check
+
+
+def _optional(inner: _Check) -> _Check:
+    def check(value: object, name: str) -> None:
+        if value is not None:
+            inner(value, name)
+
+    return check
+
+
+_EXTRA_INT = _int(-(2**63), 2**64 - 1)  # what msgpack can carry
+_EXTRA_STR = _str(4096)
+_EXTRA_KEY = _str(64)
+
+
+def _check_extra(value: object, name: str) -> None:
+    budget = [1024]  # nodes left in the whole tree
+
+    def walk(node: object, path: str, depth: int) -> None:
+        budget[0] -= 1
+        if budget[0] < 0 or depth > 4:
+            raise ProtocolError(f"{name} is too large or too deeply nested")
+        if node is None or type(node) in (bool, float):
+            return
+        if type(node) is int:
+            _EXTRA_INT(node, path)
+        elif type(node) is str:
+            _EXTRA_STR(node, path)
+        elif type(node) is list:
+            for i, item in enumerate(node):
+                walk(item, f"{path}[{i}]", depth + 1)
+        elif type(node) is dict:
+            for key, item in node.items():
+                _EXTRA_KEY(key, f"{path} key")
+                walk(item, f"{path}.{key}", depth + 1)
+        else:
+            raise ProtocolError(f"{path} has unsupported type {type(node).__name__}")
+
+    if type(value) is not dict:
+        raise ProtocolError(f"{name} must be a map, got {type(value).__name__}")
+    walk(value, name, 0)
+
+
+_SESSION_ID = _str(128, min_len=1)
+_LAYER = _int(0, MAX_LAYERS)
+_TOKENS = _int(0, MAX_TOKENS)
+
+
+@dataclass(frozen=True)
+class Schema:
+    name: str  # the header's "type"
+    fields: tuple[tuple[str, _Check], ...]  # header fields, checked in this order
+    tensor: str | None = None  # the one tensor field, carried as payload
+    check: Callable[[Message], None] | None = None  # cross-field rules, on the built message
+    # fields left out of the header when None, so that a peer that predates them still
+    # understands every message that does not use them
+    omitted_if_none: frozenset[str] = frozenset()
+
+    @property
+    def keys(self) -> frozenset[str]:
+        """Every key its header has."""
+        return frozenset(["type", "id", *(name for name, _ in self.fields)]) | (
+            {self.tensor} if self.tensor else set()
+        )
+
+
+def _check_open_session(msg: Message) -> None:
+    if isinstance(msg, OpenSession) and msg.span_start >= msg.span_end:
+        raise ProtocolError(f"empty span [{msg.span_start}, {msg.span_end})")
+
+
+def _check_info_reply(msg: Message) -> None:
+    if not isinstance(msg, InfoReply):
+        return
+    if not msg.span_start <= msg.span_end <= msg.num_layers:
+        raise ProtocolError(
+            f"span [{msg.span_start}, {msg.span_end}) does not fit {msg.num_layers} layers"
+        )
+    if msg.cache_tokens_free > msg.cache_tokens_total:
+        raise ProtocolError("cache_tokens_free exceeds cache_tokens_total")
+
+
+SCHEMAS: dict[type[Message], Schema] = {
+    Hello: Schema(
+        "hello",
+        (
+            ("version", _int(0, 2**31 - 1)),
+            ("peer_id", _optional(_str(128, min_len=1))),
+            ("max_frame_bytes", _int(1024, 2**32 - 1)),
+            ("psk_proof", _optional(_bytes(PSK_PROOF_BYTES))),
+        ),
+        omitted_if_none=frozenset({"psk_proof"}),
+    ),
+    InfoRequest: Schema("info_request", ()),
+    InfoReply: Schema(
+        "info_reply",
+        (
+            ("peer_id", _str(128, min_len=1)),
+            ("model", _str(256)),
+            ("span_start", _LAYER),
+            ("span_end", _LAYER),
+            ("num_layers", _int(1, MAX_LAYERS)),
+            ("dtype", _str(32)),
+            ("cache_tokens_free", _TOKENS),
+            ("cache_tokens_total", _TOKENS),
+            ("active_sessions", _int(0, 2**31 - 1)),
+            ("extra", _check_extra),
+        ),
+        check=_check_info_reply,
+    ),
+    OpenSession: Schema(
+        "open_session",
+        (
+            ("session_id", _SESSION_ID),
+            ("span_start", _LAYER),
+            ("span_end", _LAYER),
+            ("max_length", _int(1, MAX_TOKENS)),
+        ),
+        check=_check_open_session,
+    ),
+    SessionOpened: Schema("session_opened", (("session_id", _SESSION_ID),)),
+    Step: Schema(
+        "step", (("session_id", _SESSION_ID), ("start_position", _TOKENS)), tensor="hidden"
+    ),
+    StepResult: Schema("step_result", (("session_id", _SESSION_ID),), tensor="hidden"),
+    CloseSession: Schema("close_session", (("session_id", _SESSION_ID),)),
+    Closed: Schema("closed", (("session_id", _SESSION_ID),)),
+    ErrorReply: Schema("error", (("code", _str(64, min_len=1)), ("message", _str(4096)))),
+    Goodbye: Schema("goodbye", (("reason", _str(1024)),)),
+}
+SCHEMA_BY_NAME = {schema.name: (cls, schema, schema.keys) for cls, schema in SCHEMAS.items()}
+# The hidden-state tensors are (batch=1, T, hidden): one session is one sequence.
+_TENSOR_NDIM = 3
+
+
+_DIM = _int(1, MAX_DIM)
+REQUEST_ID = _int(0, MAX_REQUEST_ID)
+
+
+def check_shape(shape: object, name: str) -> list[int]:
+    if type(shape) is not list or len(shape) != _TENSOR_NDIM:
+        raise ProtocolError(f"{name} shape must be a list of {_TENSOR_NDIM} ints")
+    for dim in shape:
+        _DIM(dim, f"{name} dimension")
+    if shape[0] != 1:
+        raise ProtocolError(f"{name} batch must be 1, got {shape[0]}")
+    return shape
+
+
+def check_length(length: int, max_frame_bytes: int) -> None:
+    """Check a frame's length field (the bytes after it) before reading the frame."""
+    if length > max_frame_bytes:
+        raise ProtocolError(f"frame of {length} bytes exceeds the limit of {max_frame_bytes}")
+    if length < 4 + 1:
+        raise ProtocolError(f"frame of {length} bytes cannot hold a header")
