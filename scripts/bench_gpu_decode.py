@@ -164,9 +164,15 @@ def transformers_rate(
 
 
 def swarm_tokens(
-    model_dir: Path, device: torch.device, dtype: str, tokens: int, workdir: Path
+    model_dir: Path,
+    device: torch.device,
+    dtype: str,
+    tokens: int,
+    workdir: Path,
+    peer_devices: tuple[str, str] | None = None,
 ) -> list[int]:
-    """Greedy tokens through two `swarm-peer start --device ...` processes on `device`."""
+    """Greedy tokens through two `swarm-peer start --device ...` processes, on `device` or on
+    `peer_devices` (a mixed swarm: a CPU peer in fp32 and a GPU peer), the head on `device`."""
     from layerswarm.peer.launch import even_spans, start_peers
     from layerswarm.routing.session import RemoteSession
     from layerswarm.routing.swarm_client import SwarmClient
@@ -179,7 +185,11 @@ def swarm_tokens(
         args += ["--kernels", "triton"]  # the dry run: the Triton path in the interpreter
     head = load_client_head(model_dir, parse_dtype(dtype), config).to(device)
     spans = even_spans(config.num_layers, 2)
-    with start_peers(model_dir, spans, workdir, args) as swarm:
+    own: list[list[str]] = []
+    if peer_devices is not None:
+        args = []
+        own = [["--device", d] for d in peer_devices]  # each its device's default dtype
+    with start_peers(model_dir, spans, workdir, args, peer_args=own) as swarm:
         client = SwarmClient(model_dir, swarm.addresses)
         try:
             remote = RemoteSession(client, PROMPT + tokens + 1)
@@ -226,6 +236,14 @@ def run_checks(args: argparse.Namespace, device: torch.device, workdir: Path) ->
         got = swarm_tokens(model_dir, device, dtype_name, args.swarm_tokens, workdir / "peers")
         emit(check="swarm", model=name, dtype=dtype_name, tokens=len(got),
              same_tokens=got == local_ids[0][: len(got)],
+             first_difference=first_difference(got, local_ids[0]))  # fmt: skip
+    if "mixed" in checks:  # the dry run: two CPU peers, the code path all the same
+        _, local_ids, _ = bench(model_dir, device, dtype, "none", True, 1, args.swarm_tokens)
+        devices = ("cpu", "cuda") if device.type == "cuda" else ("cpu", "cpu")
+        wire = str(dtype).removeprefix("torch.")
+        got = swarm_tokens(model_dir, device, wire, args.swarm_tokens, workdir / "mixed", devices)
+        agree = sum(a == b for a, b in zip(got, local_ids[0], strict=False))
+        emit(check="mixed", model=name, tokens=len(got), agree=agree,
              first_difference=first_difference(got, local_ids[0]))  # fmt: skip
 
 

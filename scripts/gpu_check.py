@@ -14,6 +14,7 @@ starting past the budget, is a row that says so):
 3. `bench_gpu_decode.py` on SmolLM2 (real weights if cached, else random ones of its shape):
    2 peers on the GPU (two processes) against the local engine's greedy tokens; CUDA graphs
    against eager steps; local decode tok/s against transformers, batch 1 and 8, bf16/int8/int4;
+   a mixed swarm (a CPU peer, then a GPU peer) against the local engine's tokens (info);
 4. `gpu_check_scheduler.py`: mixed batches through Triton against the CPU twins;
 5. `bench_gpu_decode.py` decode at Llama-3.2-1B shapes, if time is left.
 
@@ -168,6 +169,12 @@ def check_decode(r: Runner, dry: bool, model: str, checks: str, cap: float) -> N
                 f"{x['tokens']} greedy tokens {same}", "identical",
                 "pass" if x["same_tokens"] else "FAIL",
             )  # fmt: skip
+        elif x["check"] == "mixed":
+            r.table.add(
+                f"mixed swarm: a CPU peer (fp32) then a GPU peer, bf16 wire, {x['model']}",
+                f"{x['agree']} of {x['tokens']} greedy tokens as the local engine's on the GPU "
+                f"(first difference: {x['first_difference']})",
+            )
         elif x["check"] == "graphs":
             speed = x["graphs_tok_s"] / x["eager_tok_s"]
             same = "same tokens" if x["same_tokens"] else "DIFFERENT tokens"
@@ -228,7 +235,7 @@ def gpu_check(dry: bool, budget: float, logs: Path) -> int:
     steps: list[Callable[[], None]] = [
         lambda: check_kernel_tests(runner, dry),
         lambda: check_bench_kernels(runner, dry),
-        lambda: check_decode(runner, dry, "smollm2", "swarm,graphs,decode", 170),
+        lambda: check_decode(runner, dry, "smollm2", "swarm,graphs,decode,mixed", 200),
         lambda: check_scheduler(runner, dry),
     ]
     if not dry:  # the dry run's model is the same tiny one either way
