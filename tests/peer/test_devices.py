@@ -149,9 +149,10 @@ def test_a_peer_on_the_triton_path_gives_the_reference_greedy_tokens(
             remote = RemoteSession(client, 64)
             client.net.run(remote.open())
             got, got_first = greedy(remote.forward, tiny_llama_dir, prompt, 6)
-            extra = {link.info.extra["kernels"] for link in client.links}  # type: ignore[union-attr]
+            infos = [link.info.extra for link in client.links]  # type: ignore[union-attr]
         finally:
             client.close()
-    assert extra == {"triton_ops", "reference"}
+    assert {i["kernels"] for i in infos} == {"triton_ops", "reference"}
+    assert all(i["device"] == "cpu" and i["cuda_graphs"] is False for i in infos)
     torch.testing.assert_close(got_first, want_first, atol=1e-4, rtol=1e-4)
     assert got == want
