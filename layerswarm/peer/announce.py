@@ -14,7 +14,7 @@ from typing import Protocol
 
 import layerswarm
 from layerswarm.peer.config import PeerConfig
-from layerswarm.peer.measure import SpeedSample, free_memory_bytes, total_memory_bytes
+from layerswarm.peer.measure import SpeedSample, free_memory_bytes, memory_total_bytes
 from layerswarm.peer.placement import device_share
 from layerswarm.peer.sessions import SessionTable
 from layerswarm.swarm.protocol import PROTOCOL_VERSION
@@ -54,7 +54,7 @@ def current_record(config: PeerConfig, facts: PeerFacts, table: SessionTable) ->
     """The peer's record as of now (unsigned, unstamped: announcers do both)."""
     span = table.model.span
     free, total = device_share(
-        free_memory_bytes(facts.device), total_memory_bytes(facts.device), facts.peers_on_device()
+        free_memory_bytes(facts.device), memory_total_bytes(facts.device), facts.peers_on_device()
     )
     return PeerRecord(
         peer_id=facts.peer_id,

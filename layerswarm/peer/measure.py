@@ -98,14 +98,6 @@ def measure_tflops(device: torch.device | str = "cpu", dtype: torch.dtype = torc
     return 2 * n**3 * runs / elapsed / 1e12
 
 
-def total_memory_bytes(device: torch.device | str = "cpu") -> int:
-    """All the memory of the device: VRAM on CUDA, MemTotal elsewhere."""
-    if torch.device(device).type == "cuda":
-        _free, total = torch.cuda.mem_get_info(torch.device(device))
-        return int(total)
-    return _meminfo("MemTotal:")
-
-
 def device_name(device: torch.device | str = "cpu") -> str:
     """What a record calls the device: "cpu", or the GPU's name (at most 64 characters)."""
     if torch.device(device).type == "cuda":
@@ -118,10 +110,19 @@ def free_memory_bytes(device: torch.device | str = "cpu") -> int:
     if torch.device(device).type == "cuda":
         free, _total = torch.cuda.mem_get_info(torch.device(device))
         return int(free)
-    return _meminfo("MemAvailable:")
+    return _meminfo_bytes("MemAvailable:")
 
 
-def _meminfo(field: str) -> int:
+def memory_total_bytes(device: torch.device | str = "cpu") -> int:
+    """All memory of the device: VRAM on CUDA, RAM (MemTotal) elsewhere; 0 if unknown."""
+    if torch.device(device).type == "cuda":
+        _free, total = torch.cuda.mem_get_info(torch.device(device))
+        return int(total)
+    return _meminfo_bytes("MemTotal:")
+
+
+def _meminfo_bytes(field: str) -> int:
+    """A field of /proc/meminfo in bytes; 0 where there is none."""
     try:
         with open("/proc/meminfo") as f:
             for line in f:

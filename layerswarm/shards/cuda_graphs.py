@@ -4,7 +4,8 @@ A decode step of a 30-layer span is ~1,800 small kernel launches; at batch 1 on 
 launch cost (a few microseconds each, on the host) is more than their work. vLLM and gpt-fast
 capture the step once and replay it; so does this module:
 
-- A step whose segments are all one token, on CUDA with the Triton kernels, runs through a graph
+- A step whose segments are all one token, on CUDA with the Triton kernels, of a model with no
+  experts, attention sinks or sliding windows (their steps do host work), runs through a graph
   captured for its exact batch size and its block-table width rounded up to a power of two
   (graphs are captured lazily, the first time a shape is seen, up to `max_graphs`; all share one
   memory pool). Any other step (a prefill chunk, a mixed batch) runs eagerly.
@@ -171,6 +172,18 @@ def enable_cuda_graphs(model: SpanModel, max_graphs: int = 64) -> SpanModel:
     """Serve `model`'s decode steps from CUDA graphs when it runs on CUDA with Triton kernels
     (a no-op elsewhere). Returns the model."""
     param = next(model.parameters())
-    if param.device.type == "cuda" and model.ops is not reference:
+    if param.device.type == "cuda" and model.ops is not reference and capturable(model):
         model.step_runner = DecodeGraphs(model, max_graphs)
     return model
+
+
+def capturable(model: SpanModel) -> bool:
+    """Whether a decode step of `model` runs with no host work: not with experts (tokens are
+    grouped by expert on the host) nor with attention sinks or sliding windows (attention
+    session by session over views of its runs)."""
+    return all(
+        getattr(layer, "moe", None) is None
+        and getattr(layer, "sinks", None) is None
+        and getattr(layer, "window", None) is None
+        for layer in model.layers
+    )

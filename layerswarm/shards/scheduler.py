@@ -19,6 +19,7 @@ import itertools
 import logging
 import time
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -149,6 +150,8 @@ class StepScheduler:
         self._decoded_at: dict[int, float] = {}  # id(seq) -> monotonic s its last decode ran
         self._last_decoders: set[int] = set()  # id(seq) of the last batch's decode steps
         self._closed = False
+        # Told of each batch: (sessions, tokens, seconds); the peer counts them for /metrics.
+        self.on_batch: Callable[[int, int, float], None] | None = None
 
     async def run(
         self,
@@ -278,6 +281,8 @@ class StepScheduler:
             finally:
                 took = time.monotonic() - self._running_since
                 self._batch_s = took if not self._batch_s else 0.8 * self._batch_s + 0.2 * took
+                if self.on_batch is not None:
+                    self.on_batch(len(batch), sum(n for _, n in batch), took)
                 self._running = []
                 for c, seq in self._to_free:
                     c.free(seq)
