@@ -10,9 +10,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from layerswarm.shards.blocks import Rotary, StepBatch
-from layerswarm.shards.config import ModelConfig, RopeScaling
-from layerswarm.shards.cuda_graphs import step_metadata, table_width
+from layerswarm.shards.blocks import Rotary, SpanModel, StepBatch
+from layerswarm.shards.config import ModelConfig, MoEConfig, RopeScaling, Span
+from layerswarm.shards.cuda_graphs import capturable, step_metadata, table_width
 from layerswarm.shards.kv_cache import PagedKVCache
 
 LLAMA3 = RopeScaling(
@@ -106,3 +106,21 @@ def test_a_mixed_step_names_the_rows_of_its_decode_tokens() -> None:
     assert step.table.tolist() == cache.block_tables([a, c]).tolist()
     assert cache.step_slots([b], [9], [4], paged=True).table is None  # no decode token
     assert cache.step_slots([a], [10], [1]).table is None  # not asked (the CPU path)
+
+
+@pytest.mark.parametrize(
+    ("config", "graphs"),
+    [
+        (ModelConfig(hidden_size=64, head_dim=16, num_heads=4, num_kv_heads=2), True),
+        (ModelConfig(hidden_size=64, head_dim=16, num_heads=4, qk_norm=True), True),
+        (ModelConfig(hidden_size=64, head_dim=16, num_heads=4, moe=MoEConfig()), False),
+        (ModelConfig(hidden_size=64, head_dim=16, num_heads=4, attention_sinks=True), False),
+        (ModelConfig(hidden_size=64, head_dim=16, num_heads=4, sliding_window=8), False),
+    ],
+)
+def test_graphs_are_only_for_decode_steps_that_do_no_host_work(
+    config: ModelConfig, graphs: bool
+) -> None:
+    with torch.device("meta"):
+        model = SpanModel(config, Span(0, 2))
+    assert capturable(model) is graphs
