@@ -200,3 +200,15 @@ def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("tiny-llama")
     LlamaForCausalLM(config).save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 4-layer Llama with random weights (hidden 64) and a tokenizer, from a tiny GGUF: for
+    tests that chat through real peers without SmolLM2's load time."""
+    from layerswarm.shards.convert import convert_gguf
+
+    tmp = tmp_path_factory.mktemp("tiny-chat")
+    write_tiny_llama_gguf(tmp / "tiny.gguf", n_layers=4, hidden=64)
+    convert_gguf(tmp / "tiny.gguf", tmp / "model")
+    return tmp / "model"

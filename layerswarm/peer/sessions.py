@@ -14,7 +14,7 @@ import logging
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -45,6 +45,12 @@ class Session:
     cache: SessionCache
     last_used: float  # unit: monotonic s of the last request
     queued_length: int = 0  # unit: tokens the session will hold once its queued steps ran
+    push_key: bytes | None = None  # the client's key for steps pushed here (`swarm/push.py`)
+    # outputs of pushed steps by start position, until the client collects them (`forward`)
+    # (the tensor as sent, and its int8 scales or None)
+    outputs: dict[int, asyncio.Future[tuple[torch.Tensor, bytes | None]]] = field(
+        default_factory=dict
+    )
 
 
 class SessionTable:

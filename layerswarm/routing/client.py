@@ -82,6 +82,7 @@ class Client:
         dtype: str | None = None,
         device: str = "auto",
         cache_dir: Path | None = None,
+        relay: bool = False,
         **defaults: Any,
     ) -> Client:
         """Resolve the model (fetching the default one if missing) and connect.
@@ -93,6 +94,7 @@ class Client:
             dtype: float32, bfloat16 or float16; None: bfloat16 on a GPU, float32 on a CPU.
             device: where the embedding and the head run, and with `local` every layer:
                 auto (the CUDA device with the most free memory, else the CPU), cpu, cuda:N.
+            relay: the client relays every hop's output (instead of peers pushing it on).
             defaults: sampling defaults, e.g. `temperature=0, max_new_tokens=64`.
         """
         model_dir = resolve_model(model, cache_dir or _default_cache())
@@ -105,6 +107,7 @@ class Client:
             bootstrap=tuple(bootstrap),
             swarm_key=swarm_key,
             mdns_interfaces=() if discover else None,
+            push=not relay,
         )
         gen = open_swarm_generator(
             model_dir, list(peers), dtype=torch_dtype, config=config, device=where

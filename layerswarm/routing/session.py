@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import time
 import uuid
 from collections.abc import Collection
@@ -34,11 +35,13 @@ from layerswarm.routing.paths import PathHop, PeerView, choose_path, missing_lay
 from layerswarm.routing.verify import Verifier, reply_fault
 from layerswarm.shards.config import Span
 from layerswarm.swarm.dial import Connection
+from layerswarm.swarm.messages import PUSH_KEY_BYTES
 from layerswarm.swarm.protocol import (
     CloseSession,
     ErrorCode,
     InfoReply,
     InfoRequest,
+    Message,
     OpenSession,
     Step,
     StepResult,
@@ -91,6 +94,8 @@ class ActiveHop:
     conn: Connection
     # This hop's own session ID: a retried open never reuses one that another hop holds.
     session_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    # The key of the tokens that let steps pushed by the hop before into this session.
+    push_key: bytes = field(default_factory=lambda: secrets.token_bytes(PUSH_KEY_BYTES))
 
 
 class RemoteSession:
@@ -138,8 +143,9 @@ class RemoteSession:
             opened: list[ActiveHop] = []
             try:
                 for hop in hops:
+                    key = hop.push_key if self.config.push else None
                     opening = OpenSession(
-                        hop.session_id, hop.span.start, hop.span.end, self.max_length
+                        hop.session_id, hop.span.start, hop.span.end, self.max_length, key
                     )
                     await self._request(hop, opening, self.config.request_timeout)
                     opened.append(hop)
@@ -208,6 +214,15 @@ class RemoteSession:
         return self.client.net.run(self.aforward(hidden, start))
 
     async def aforward(self, hidden: torch.Tensor, start: int) -> torch.Tensor:
+        from layerswarm.routing.push import push_forward, wire_dtype  # they build on this
+
+        wanted, hidden = hidden.dtype, hidden.to(wire_dtype(self.config.wire_dtype, self.hops))
+        if self.config.push and len(self.hops) > 1:
+            return (await push_forward(self, hidden, start)).to(wanted)
+        return (await self._relay(hidden, start)).to(wanted)
+
+    async def _relay(self, hidden: torch.Tensor, start: int) -> torch.Tensor:
+        """Run every hop on `hidden`, the client sending each hop's output to the next."""
         i = 0
         while i < len(self.hops):
             self.history.setdefault(self.hops[i].span.start, []).append((start, hidden))
@@ -256,6 +271,12 @@ class RemoteSession:
         request = asyncio.ensure_future(
             hop.conn.request(msg, self.config.max_step_wait if probe else patience)  # type: ignore[arg-type]
         )
+        return await self._await_reply(hop, request, patience, probe)
+
+    async def _await_reply(
+        self, hop: ActiveHop, request: asyncio.Future[Message], patience: float, probe: bool
+    ) -> object:
+        """`_request`'s wait for a request already sent; cancels it if it fails."""
         try:
             wait, last = (patience, False) if probe else (patience + 1.0, True)
             while True:
