@@ -210,8 +210,11 @@ def close_generator(gen: Generator) -> None:
     client = getattr(gen, "client", None)
     if client is not None:
         client.close()
-    else:
-        gen.net.stop()
+        return
+    engine = getattr(gen, "engine", None)
+    if engine is not None:
+        engine.close()  # its compute loop, not left pending on the loop
+    gen.net.stop()
 
 
 def show(pieces: Iterable[str], events: Events | None = None) -> str:

@@ -123,4 +123,6 @@ def open_local_generator(
     async def open_pipeline(max_length: int) -> Pipeline:
         return LocalPipeline(engine, max_length)
 
-    return Generator(head, tokenizer, open_pipeline, net, compute)
+    gen = Generator(head, tokenizer, open_pipeline, net, compute)
+    gen.engine = engine  # type: ignore[attr-defined]  # for close_generator
+    return gen
