@@ -62,6 +62,7 @@ SWARM_FLAGS = (
     "local",
     "peer",
     "dtype",
+    "device",
     "mdns_interface",
     "bootstrap",
     "swarm_key",
