@@ -63,7 +63,11 @@ class RequestHandler:
         if isinstance(msg, Step):
             session = self.table.get(owner(conn), msg.session_id)
             out = await self.table.step(
-                session, msg.hidden, msg.start_position, self.config.step_timeout
+                session,
+                msg.hidden,
+                msg.start_position,
+                self.config.step_timeout,
+                truncate_to=msg.truncate_to,
             )
             return StepResult(msg.session_id, out)
         if isinstance(msg, CloseSession):

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from layerswarm.errors import LayerswarmError, NoRouteError, PeerUnavailable, RemoteError
+from layerswarm.routing.kept_inputs import merge_inputs, truncate_inputs
 from layerswarm.routing.paths import PathHop, PeerView, choose_path, missing_layers
 from layerswarm.shards.config import Span
 from layerswarm.swarm.dial import Connection
@@ -101,6 +102,7 @@ class RemoteSession:
         self.hops: list[ActiveHop] = []
         # Inputs sent into the layer boundary `b`: every (start, hidden) in order.
         self.history: dict[int, list[tuple[int, torch.Tensor]]] = {}
+        self.length = 0  # unit: tokens the hops hold (sent so far, less what was rolled back)
         self.reroute_seconds: list[float] = []  # unit: s each reroute took, replay included
 
     @property
@@ -205,6 +207,19 @@ class RemoteSession:
         return self.client.net.run(self.aforward(hidden, start))
 
     async def aforward(self, hidden: torch.Tensor, start: int) -> torch.Tensor:
+        """Run `hidden (1, T, hidden)` at positions `start ..` through every hop.
+
+        A step that starts before the session's end first rolls every hop back to `start`
+        (`Step.truncate_to`: a speculative step's rejected drafts), and the inputs kept for
+        failover are cut there too: a replay rebuilds only the accepted positions.
+        """
+        if not 0 <= start <= self.length:
+            raise ValueError(f"start {start} is outside the session's {self.length} tokens")
+        truncate = start if start < self.length else None
+        if truncate is not None:
+            for boundary, inputs in self.history.items():
+                self.history[boundary] = truncate_inputs(inputs, start)
+        self.length = start + hidden.shape[1]
         i = 0
         while i < len(self.hops):
             self.history.setdefault(self.hops[i].span.start, []).append((start, hidden))
@@ -213,7 +228,7 @@ class RemoteSession:
                 try:
                     if self.client.is_leaving(hop.view.peer_id):
                         raise HopFailed(hop.view.peer_id, "the peer is leaving", fault=False)
-                    hidden = await self._step(hop, hidden, start)
+                    hidden = await self._step(hop, hidden, start, truncate)
                     self.client.bans.succeeded(hop.view.peer_id)
                     break
                 except HopFailed as e:
@@ -225,11 +240,14 @@ class RemoteSession:
             i += 1
         return hidden
 
-    async def _step(self, hop: ActiveHop, hidden: torch.Tensor, start: int) -> torch.Tensor:
+    async def _step(
+        self, hop: ActiveHop, hidden: torch.Tensor, start: int, truncate: int | None = None
+    ) -> torch.Tensor:
         tokens = hidden.shape[1]
         expected = len(hop.span) * hop.view.seconds_per_layer * tokens + hop.view.rtt
         patience = self.config.step_timeout_floor + self.config.step_timeout_factor * expected
-        reply = await self._request(hop, Step(hop.session_id, hidden, start), patience, probe=True)
+        step = Step(hop.session_id, hidden, start, truncate)
+        reply = await self._request(hop, step, patience, probe=True)
         if not isinstance(reply, StepResult) or reply.hidden.shape != hidden.shape:
             raise HopFailed(hop.view.peer_id, f"peer {hop.view.address} sent a malformed result")
         return reply.hidden
@@ -354,21 +372,3 @@ class RemoteSession:
     async def aclose(self) -> None:
         hops, self.hops = self.hops, []
         await self._close_hops(hops)
-
-
-def merge_inputs(
-    inputs: list[tuple[int, torch.Tensor]], max_tokens: int
-) -> list[tuple[int, torch.Tensor]]:
-    """Join consecutive inputs `(start, (1, tokens, hidden))` into steps of up to `max_tokens`.
-
-    Inputs join only where one starts where the previous one ends; order is kept.
-    """
-    out: list[tuple[int, list[torch.Tensor], int]] = []  # (start, parts, tokens)
-    for start, hidden in inputs:
-        t = hidden.shape[1]
-        if out and out[-1][0] + out[-1][2] == start and out[-1][2] + t <= max_tokens:
-            first, parts, tokens = out[-1]
-            out[-1] = (first, [*parts, hidden], tokens + t)
-        else:
-            out.append((start, [hidden], t))
-    return [(start, torch.cat(parts, dim=1)) for start, parts, _ in out]

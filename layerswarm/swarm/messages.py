@@ -96,11 +96,18 @@ class SessionOpened:
 
 @dataclass(frozen=True, eq=False)
 class Step:
-    """Run the session's span on positions [start_position, start_position + T)."""
+    """Run the session's span on positions [start_position, start_position + T).
+
+    With `truncate_to`, the session first forgets every position from there on (a speculative
+    step's rejected drafts) and gives back the KV pages that held only those; the step then
+    starts at `truncate_to`. A peer answers `bad_position` to a value that is negative, past
+    what the session holds, or not the step's start.
+    """
 
     session_id: str
     hidden: torch.Tensor  # (1, T, hidden)
     start_position: int
+    truncate_to: int | None = None  # unit: tokens the session keeps; None: keep them all
 
 
 @dataclass(frozen=True, eq=False)

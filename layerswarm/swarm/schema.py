@@ -182,7 +182,15 @@ SCHEMAS: dict[type[Message], Schema] = {
     ),
     SessionOpened: Schema("session_opened", (("session_id", _SESSION_ID),)),
     Step: Schema(
-        "step", (("session_id", _SESSION_ID), ("start_position", _TOKENS)), tensor="hidden"
+        "step",
+        (
+            ("session_id", _SESSION_ID),
+            ("start_position", _TOKENS),
+            # any int the wire carries: the peer checks it against the session (bad_position)
+            ("truncate_to", _optional(_int(-MAX_TOKENS, MAX_TOKENS))),
+        ),
+        tensor="hidden",
+        omitted_if_none=frozenset({"truncate_to"}),
     ),
     StepResult: Schema("step_result", (("session_id", _SESSION_ID),), tensor="hidden"),
     CloseSession: Schema("close_session", (("session_id", _SESSION_ID),)),
