@@ -200,3 +200,21 @@ def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("tiny-llama")
     LlamaForCausalLM(config).save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_dir(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`tiny_llama_dir` with a tokenizer of its own: 256 word-level tokens `t0` .. `t255`
+    (`t2` is EOS), so that the client's whole path (`Client`, `swarm-chat`) runs on it."""
+    import shutil
+
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import WhitespaceSplit
+
+    out = tmp_path_factory.mktemp("tiny-chat") / "model"
+    shutil.copytree(tiny_llama_dir, out)
+    tokenizer = Tokenizer(WordLevel({f"t{i}": i for i in range(256)}, unk_token="t0"))
+    tokenizer.pre_tokenizer = WhitespaceSplit()
+    tokenizer.save(str(out / "tokenizer.json"))
+    return out

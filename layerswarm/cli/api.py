@@ -49,6 +49,9 @@ SWARM_FLAGS = (
     "bootstrap",
     "swarm_key",
     "insecure_plaintext",
+    "speculate",
+    "draft_model",
+    "draft_quant",
     "verbose",
 )
 

@@ -103,6 +103,7 @@ class RemoteSession:
         # Inputs sent into the layer boundary `b`: every (start, hidden) in order.
         self.history: dict[int, list[tuple[int, torch.Tensor]]] = {}
         self.length = 0  # unit: tokens the hops hold (sent so far, less what was rolled back)
+        self.rolled_back = 0  # unit: tokens every hop was asked to drop, all steps together
         self.reroute_seconds: list[float] = []  # unit: s each reroute took, replay included
 
     @property
@@ -217,6 +218,7 @@ class RemoteSession:
             raise ValueError(f"start {start} is outside the session's {self.length} tokens")
         truncate = start if start < self.length else None
         if truncate is not None:
+            self.rolled_back += self.length - start
             for boundary, inputs in self.history.items():
                 self.history[boundary] = truncate_inputs(inputs, start)
         self.length = start + hidden.shape[1]
