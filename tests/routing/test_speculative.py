@@ -213,5 +213,5 @@ def test_a_speculative_conversation_reuses_its_session_and_equals_a_plain_one(
 def test_a_draft_model_with_another_tokenizer_is_refused(
     local: Generator, smollm2_dir: Path
 ) -> None:
-    with pytest.raises(ModelFormatError, match="same tokenizer"):
+    with pytest.raises(ModelFormatError, match="another tokenizer"):
         open_speculator(local, "draft", smollm2_dir, smollm2_dir)
