@@ -7,9 +7,9 @@ a chain of peers (the swarm client) looks the same to it.
 from __future__ import annotations
 
 import time
-from contextlib import aclosing
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
+from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -208,7 +208,9 @@ class Generator:
         try:
             steps = max_length - len(prompt)
             config = self.speculator.config
-            reply = speculative_tokens(self, drafter, config, forward, prompt, steps, sampling, stats)
+            reply = speculative_tokens(
+                self, drafter, config, forward, prompt, steps, sampling, stats
+            )
             async with aclosing(reply) as tokens:
                 async for token in tokens:
                     yield token

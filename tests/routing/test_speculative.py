@@ -13,13 +13,13 @@ import pytest
 import torch
 
 from layerswarm.errors import ModelFormatError
+from layerswarm.routing import speculative
 from layerswarm.routing.conversation import ChatSession
 from layerswarm.routing.drafters import lookup, open_speculator
 from layerswarm.routing.generate import Generator
 from layerswarm.routing.kept_inputs import truncate_inputs
 from layerswarm.routing.local import open_local_generator
 from layerswarm.routing.sampling import Sampler, SamplingConfig
-from layerswarm.routing import speculative
 from layerswarm.routing.speculative import Draft, DraftLength, SpeculationConfig, verify
 
 GREEDY = SamplingConfig(max_new_tokens=40, temperature=0.0)
@@ -74,7 +74,7 @@ def test_kept_inputs_are_cut_at_a_rollback() -> None:
     assert truncate_inputs([(0, a), (5, b)], 5)[-1][0] == 0
 
 
-# --- speculative sampling keeps the target distribution -------------------------------------------
+# --- speculative sampling keeps the target distribution ---------------------------------------
 
 VOCAB = 3
 # The target's and the draft's next-token distributions, given the previous token (a Markov
@@ -150,7 +150,7 @@ def test_the_distribution_test_catches_a_rejection_that_resamples_from_the_targe
     assert stat > critical
 
 
-# --- replies through the local engine --------------------------------------------------------------
+# --- replies through the local engine ---------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
