@@ -37,9 +37,9 @@ from layerswarm.shards.quantize import MODES as QUANT_MODES
 from layerswarm.shards.quantize import quantize
 from layerswarm.shards.weights import Progress, load_client_head, load_span
 
-# The draft model's KV cache, every reply together: 128 MiB holds 2,800 tokens of SmolLM2-135M
-# in fp32 (46 KiB a token).
-DRAFT_CACHE_BYTES = 128 * 2**20
+# The draft model's KV cache, every reply together: 256 MiB holds 5,600 tokens of SmolLM2-135M
+# in fp32 (46 KiB a token). A reply that outgrows it goes on without guesses.
+DRAFT_CACHE_BYTES = 256 * 2**20
 
 
 class PromptLookup:

@@ -16,6 +16,7 @@ session's end: `Step.truncate_to` on every peer). k adapts to how many guesses s
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -23,10 +24,13 @@ from typing import TYPE_CHECKING, Literal, NamedTuple, Protocol
 
 import torch
 
+from layerswarm.errors import LayerswarmError
 from layerswarm.routing.sampling import Sampler, SamplingConfig
 
 if TYPE_CHECKING:
     from layerswarm.routing.generate import GenerationStats, Generator, Pipeline
+
+log = logging.getLogger(__name__)
 
 Mode = Literal["lookup", "draft"]
 MODES: tuple[Mode, ...] = ("lookup", "draft")
@@ -81,6 +85,8 @@ class Speculator:
 
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     """How many leading tokens `a` and `b` share."""
+    if len(a) <= len(b) and list(a) == list(b[: len(a)]):  # the common case, at C speed
+        return len(a)
     n = 0
     for x, y in zip(a, b, strict=False):
         if x != y:
@@ -188,11 +194,18 @@ async def speculative_tokens(
     context = list(prompt)
     end = len(context) + steps
     draft_length = DraftLength(config)
+    drafting = True
     loop = asyncio.get_running_loop()
     t0 = time.perf_counter()
     while len(context) < end:
         k = min(draft_length.k, end - len(context) - 1)  # a pass yields up to k + 1 tokens
-        draft = await drafter.draft(context, k, sampler) if k > 0 else Draft([])
+        draft = Draft([])
+        if k > 0 and drafting:
+            try:
+                draft = await drafter.draft(context, k, sampler)
+            except LayerswarmError as e:  # the draft model's cache is full, say: go on without
+                log.warning("speculation stops for this reply: the drafter failed (%s)", e)
+                drafting = False
         n = len(draft.tokens) + 1
         hidden = await forward([*context, *draft.tokens], n)  # (1, n, hidden)
         tokens = await loop.run_in_executor(

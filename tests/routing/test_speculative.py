@@ -6,13 +6,13 @@ import itertools
 import math
 import random
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
 import torch
 
-from layerswarm.errors import ModelFormatError
+from layerswarm.errors import CacheFull, ModelFormatError
 from layerswarm.routing import speculative
 from layerswarm.routing.conversation import ChatSession
 from layerswarm.routing.drafters import lookup, open_speculator
@@ -20,7 +20,14 @@ from layerswarm.routing.generate import Generator
 from layerswarm.routing.kept_inputs import truncate_inputs
 from layerswarm.routing.local import open_local_generator
 from layerswarm.routing.sampling import Sampler, SamplingConfig
-from layerswarm.routing.speculative import Draft, DraftLength, SpeculationConfig, verify
+from layerswarm.routing.speculative import (
+    Draft,
+    Drafter,
+    DraftLength,
+    SpeculationConfig,
+    Speculator,
+    verify,
+)
 
 GREEDY = SamplingConfig(max_new_tokens=40, temperature=0.0)
 
@@ -215,3 +222,35 @@ def test_a_draft_model_with_another_tokenizer_is_refused(
 ) -> None:
     with pytest.raises(ModelFormatError, match="another tokenizer"):
         open_speculator(local, "draft", smollm2_dir, smollm2_dir)
+
+
+class DrafterThatFillsUp:
+    """Test double: prompt lookup whose cache is full from its second call on."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    async def draft(self, context: Sequence[int], k: int, sampler: Sampler) -> Draft:
+        self.calls += 1
+        if self.calls > 1:
+            raise CacheFull("cache full: the draft model has no room")
+        return Draft(lookup(context, k, 3))
+
+    async def aclose(self) -> None:
+        return None
+
+
+def test_a_reply_goes_on_without_guesses_when_the_drafter_fails(local: Generator) -> None:
+    drafter = DrafterThatFillsUp()
+
+    async def open_drafter(max_length: int) -> Drafter:
+        return drafter
+
+    local.speculator = None
+    expected = list(local.tokens(prompts(1)[0], GREEDY))
+    local.speculator = Speculator(SpeculationConfig(), open_drafter)
+    try:
+        assert list(local.tokens(prompts(1)[0], GREEDY)) == expected
+        assert drafter.calls == 2 and local.last_stats.passes > len(expected) / 2
+    finally:
+        local.speculator = None
