@@ -254,3 +254,18 @@ def test_a_reply_goes_on_without_guesses_when_the_drafter_fails(local: Generator
         assert drafter.calls == 2 and local.last_stats.passes > len(expected) / 2
     finally:
         local.speculator = None
+
+
+@pytest.mark.parametrize(("mode", "quant"), [("lookup", None), ("draft", "int8")])
+def test_speculative_sampling_through_the_local_engine_is_reproducible_with_a_seed(
+    local: Generator, tiny_chat_dir: Path, mode: str, quant: str | None
+) -> None:
+    sampling = SamplingConfig(max_new_tokens=24, temperature=0.9, top_p=0.95, seed=5)
+    local.speculator = open_speculator(local, mode, tiny_chat_dir, None, quant)
+    try:
+        first = list(local.tokens(prompts(1)[0], sampling))
+        assert local.last_stats.drafted_tokens > 0
+        assert list(local.tokens(prompts(1)[0], sampling)) == first
+        assert len(first) == 24 or first[-1] in local.tokenizer.eos_ids
+    finally:
+        local.speculator = None
