@@ -324,13 +324,16 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _main(argv: list[str] | None) -> None:
-    from layerswarm.cli.chat import open_generator
+    from layerswarm.cli.chat import close_generator, open_generator
 
     args = parse_args(argv)
     setup_logging(args.verbose)
     config = api_config(args)
     gen = open_generator(args)
-    asyncio.run(serve(gen, config, args.host, args.port))
+    try:
+        asyncio.run(serve(gen, config, args.host, args.port))
+    finally:
+        close_generator(gen)
 
 
 if __name__ == "__main__":

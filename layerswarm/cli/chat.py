@@ -182,6 +182,20 @@ def _open_layers(
         ) from None
 
 
+def close_generator(gen: Generator) -> None:
+    """Close what `open_generator` opened: the swarm's connections and the network thread.
+
+    A process must not exit with them running: a daemon thread inside uvloop, zeroconf or
+    py-libp2p while the interpreter finalizes can crash it (the `swarm-chat` SIGSEGV, exit -11
+    with an empty stderr, once seen in test_mdns_swarm.py under load).
+    """
+    client = getattr(gen, "client", None)
+    if client is not None:
+        client.close()
+    else:
+        gen.net.stop()
+
+
 def show(pieces: Iterable[str]) -> str:
     """Print pieces as they come; return the whole reply."""
     reply = []
@@ -206,13 +220,16 @@ def _main(argv: list[str] | None) -> None:
         raise SystemExit("error: --max-context must be at least 2 tokens")
     events = Events()
     gen = open_generator(args, on_event=events)
-    if args.prompt is not None:
-        messages: list[Message] = (
-            [{"role": "system", "content": args.system}] if args.system else []
-        )
-        show(gen.chat([*messages, {"role": "user", "content": args.prompt}], sampling))
-        return
-    Chat(gen, sampling, args.system, args.max_context, events).run()
+    try:
+        if args.prompt is not None:
+            messages: list[Message] = (
+                [{"role": "system", "content": args.system}] if args.system else []
+            )
+            show(gen.chat([*messages, {"role": "user", "content": args.prompt}], sampling))
+            return
+        Chat(gen, sampling, args.system, args.max_context, events).run()
+    finally:
+        close_generator(gen)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from layerswarm.cli.chat import show
+from layerswarm.cli.chat import close_generator, show
 from layerswarm.cli.common import default_cache_dir, resolve_model_cli, run_main, setup_logging
 from layerswarm.peer.launch import LocalSwarm, even_spans, start_peer, start_peers
 from layerswarm.routing.sampling import SamplingConfig
@@ -69,7 +69,7 @@ def _main(argv: list[str] | None) -> None:
                 f"{s.prefill_seconds * 1e3:.0f} ms, decode {s.decode_tokens_per_second:.1f} tok/s"
             )
             say("stopping the peers")
-            gen.client.close()  # type: ignore[attr-defined]
+            close_generator(gen)
 
 
 def say(text: str) -> None:

@@ -32,7 +32,8 @@ from layerswarm.cli.common import (
     setup_logging,
 )
 from layerswarm.swarm.discovery import DhtLookup, RecordSource, dht_key, merged
-from layerswarm.swarm.mdns import MdnsBrowser, MdnsConfig
+from layerswarm.swarm.mdns import MdnsConfig
+from layerswarm.swarm.mdns_browse import MdnsBrowser
 from layerswarm.swarm.records import PeerRecord
 
 MODEL_HASH = re.compile(r"[0-9a-f]{16}")

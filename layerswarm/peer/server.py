@@ -40,7 +40,9 @@ from layerswarm.swarm.discovery import DhtLookup, RecordSource, dht_key, wait_fo
 from layerswarm.swarm.identity import Identity
 from layerswarm.swarm.listen import Server as TransportServer
 from layerswarm.swarm.listen import serve_connections
-from layerswarm.swarm.mdns import MdnsAnnouncer, MdnsBrowser, MdnsConfig
+from layerswarm.swarm.mdns import MdnsConfig
+from layerswarm.swarm.mdns_announce import MdnsAnnouncer
+from layerswarm.swarm.mdns_browse import MdnsBrowser
 from layerswarm.swarm.records import PeerRecord
 from layerswarm.swarm.transport import TransportConfig
 

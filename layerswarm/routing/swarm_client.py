@@ -40,7 +40,8 @@ from layerswarm.swarm.discovery import (
     wait_for_coverage,
 )
 from layerswarm.swarm.identity import Identity, generate_identity
-from layerswarm.swarm.mdns import MdnsBrowser, MdnsConfig
+from layerswarm.swarm.mdns import MdnsConfig
+from layerswarm.swarm.mdns_browse import MdnsBrowser
 from layerswarm.swarm.protocol import InfoReply, InfoRequest
 from layerswarm.swarm.transport import Address, TransportConfig, parse_address
 

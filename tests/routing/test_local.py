@@ -95,12 +95,26 @@ def test_bad_sampling_settings_are_refused(bad: dict[str, float]) -> None:
         SamplingConfig(**bad)  # type: ignore[arg-type]
 
 
-def test_cli_one_shot_prints_the_reply(smollm2_dir: Path) -> None:
+# Runs swarm-chat and reports, as the interpreter exits, the threads still alive.
+THREADS_AT_EXIT = """
+import atexit, runpy, sys, threading
+def report():
+    names = sorted(t.name for t in threading.enumerate() if t is not threading.main_thread())
+    print("threads at exit:", names, file=sys.stderr)
+atexit.register(report)
+sys.argv = ["swarm-chat", *sys.argv[1:]]
+runpy.run_module("layerswarm.cli.chat", run_name="__main__", alter_sys=True)
+"""
+
+
+def test_cli_one_shot_prints_the_reply_and_stops_its_network_thread(smollm2_dir: Path) -> None:
+    # A process that exits with its network thread inside uvloop can crash as the interpreter
+    # finalizes (a swarm-chat SIGSEGV was seen under load): swarm-chat closes it first.
     out = subprocess.run(
         [
             sys.executable,
-            "-m",
-            "layerswarm.cli.chat",
+            "-c",
+            THREADS_AT_EXIT,
             "--local",
             "--model",
             str(smollm2_dir),
@@ -117,6 +131,8 @@ def test_cli_one_shot_prints_the_reply(smollm2_dir: Path) -> None:
         check=True,
     )
     assert "Paris" in out.stdout
+    at_exit = [line for line in out.stderr.splitlines() if line.startswith("threads at exit:")]
+    assert at_exit and "layerswarm-net" not in at_exit[0], out.stderr[-2000:]
 
 
 def test_cli_names_a_missing_model_clearly(tmp_path: Path) -> None:

@@ -36,12 +36,12 @@ from zeroconf.asyncio import AsyncServiceInfo, AsyncZeroconf
 from layerswarm.swarm.identity import Identity, generate_identity
 from layerswarm.swarm.mdns import (
     SERVICE_TYPE,
-    MdnsAnnouncer,
-    MdnsBrowser,
     MdnsConfig,
     encode_txt,
     service_name,
 )
+from layerswarm.swarm.mdns_announce import MdnsAnnouncer
+from layerswarm.swarm.mdns_browse import MdnsBrowser
 from layerswarm.swarm.records import SIGNATURE_DOMAIN, PeerRecord, sign_record, stamped
 
 

@@ -28,12 +28,12 @@ from layerswarm.swarm.identity import generate_identity
 from layerswarm.swarm.mdns import (
     MAX_CHUNKS,
     SERVICE_TYPE,
-    MdnsBrowser,
     decode_txt,
     encode_txt,
     resolve_interfaces,
     service_name,
 )
+from layerswarm.swarm.mdns_browse import MdnsBrowser
 from layerswarm.swarm.records import (
     MAX_RECORD_BYTES,
     PeerRecord,
