@@ -17,6 +17,7 @@ from pathlib import Path
 
 from layerswarm.cli.common import (
     default_cache_dir,
+    quiet_logging,
     resolve_model_cli,
     route_libp2p_logs,
     run_main,
@@ -36,7 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument(
         "--model",
         default="smollm2-135m",
-        help="model name, a Hugging Face style folder, or a .gguf file",
+        help="model name, Hugging Face name ORG/NAME[@REVISION], a Hugging Face style folder, "
+        "or a .gguf file",
     )
     where = ap.add_mutually_exclusive_group()
     where.add_argument("--local", action="store_true", help="run every layer in this process")
@@ -111,6 +113,20 @@ def build_parser() -> argparse.ArgumentParser:
         default="none",
         help="weight-only quantization of the draft model's layers (default: none)",
     )
+    ap.add_argument(
+        "--verify-fraction",
+        type=float,
+        default=0.02,
+        metavar="F",
+        help="share of steps re-run on another replica and compared; a peer caught lying is "
+        "banned (default: 0.02; each peer's first steps are always checked)",
+    )
+    ap.add_argument(
+        "--verify-locally",
+        action="store_true",
+        help="where no other replica can check a peer, compute its layers here to check it "
+        "(loads those layers' weights in this process)",
+    )
     ap.add_argument("--verbose", action="store_true")
     return ap
 
@@ -164,11 +180,15 @@ def _open_layers(
     mdns = tuple(args.mdns_interface or ()) if lan_only or args.mdns_interface else None
     if args.bootstrap:
         route_libp2p_logs(args.verbose)
+    if not 0.0 <= args.verify_fraction <= 1.0:
+        raise SystemExit("error: --verify-fraction must be between 0 and 1")
     config = ClientConfig(
         insecure_plaintext=args.insecure_plaintext,
         mdns_interfaces=mdns,
         bootstrap=tuple(args.bootstrap),
         swarm_key=swarm_key,
+        verify_fraction=args.verify_fraction,
+        verify_locally=args.verify_locally,
     )
     try:
         return open_swarm_generator(
@@ -196,13 +216,18 @@ def close_generator(gen: Generator) -> None:
         gen.net.stop()
 
 
-def show(pieces: Iterable[str]) -> str:
-    """Print pieces as they come; return the whole reply."""
+def show(pieces: Iterable[str], events: Events | None = None) -> str:
+    """Print pieces as they come; return the whole reply. `events` learns whether a line is
+    unfinished, so that a log line or an event printed meanwhile starts a line of its own."""
     reply = []
     for piece in pieces:
         sys.stdout.write(piece)
         sys.stdout.flush()
         reply.append(piece)
+        if events is not None:
+            events.mid_line = not piece.endswith("\n")
+    if events is not None:
+        events.mid_line = False
     sys.stdout.write("\n")
     sys.stdout.flush()
     return "".join(reply)
@@ -219,13 +244,15 @@ def _main(argv: list[str] | None) -> None:
     if args.max_context is not None and args.max_context < 2:
         raise SystemExit("error: --max-context must be at least 2 tokens")
     events = Events()
+    if not args.verbose:
+        quiet_logging(events)
     gen = open_generator(args, on_event=events)
     try:
         if args.prompt is not None:
             messages: list[Message] = (
                 [{"role": "system", "content": args.system}] if args.system else []
             )
-            show(gen.chat([*messages, {"role": "user", "content": args.prompt}], sampling))
+            show(gen.chat([*messages, {"role": "user", "content": args.prompt}], sampling), events)
             return
         Chat(gen, sampling, args.system, args.max_context, events).run()
     finally:

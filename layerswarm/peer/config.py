@@ -11,6 +11,7 @@ from layerswarm.shards.scheduler import (
     DEFAULT_TOKEN_BUDGET,
     SchedulerConfig,
 )
+from layerswarm.swarm.limits import ListenLimits
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,9 @@ class PeerConfig:
     record_ttl: float = 60.0  # unit: s each signed DHT record is valid; re-put every third of it
     # 32 bytes: a private swarm's key, for the DHT and the data plane; None: an open swarm
     swarm_key: bytes | None = field(default=None, repr=False)
+    limits: ListenLimits = field(default_factory=ListenLimits)  # caps on strangers' connections
+    handshake_timeout: float = 5.0  # unit: s for a new connection's TLS handshake, then its Hello
+    test_faults: str = ""  # tests only: `fault_injection.FaultInjector`'s SPEC; "": behave
 
     @property
     def uses_dht(self) -> bool:

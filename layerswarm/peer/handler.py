@@ -6,6 +6,7 @@ import logging
 
 from layerswarm.errors import RemoteError
 from layerswarm.peer.config import PeerConfig
+from layerswarm.peer.fault_injection import FaultInjector
 from layerswarm.peer.sessions import SessionTable
 from layerswarm.shards.config import Span
 from layerswarm.swarm.listen import ConnectionInfo
@@ -52,12 +53,14 @@ class RequestHandler:
         self.peer_id = peer_id
         self.stopping = False
         self.extra: dict[str, JsonValue] = {}  # measured speed, memory, quantization
+        # tests only (`--test-fault-injector`): a peer that lies on purpose
+        self.faults = FaultInjector(config.test_faults) if config.test_faults else None
 
     async def __call__(self, conn: ConnectionInfo, msg: Message) -> Message:
         if self.stopping and not isinstance(msg, (InfoRequest, CloseSession)):
             raise RemoteError(ErrorCode.SHUTTING_DOWN, "this peer is shutting down")
         if isinstance(msg, InfoRequest):
-            return self.info()
+            return self.faults.info(self.info()) if self.faults else self.info()
         if isinstance(msg, OpenSession):
             return await self._open(conn, msg)
         if isinstance(msg, Step):
@@ -69,7 +72,7 @@ class RequestHandler:
                 self.config.step_timeout,
                 truncate_to=msg.truncate_to,
             )
-            return StepResult(msg.session_id, out)
+            return StepResult(msg.session_id, self.faults.step(out) if self.faults else out)
         if isinstance(msg, CloseSession):
             self.table.close(owner(conn), msg.session_id)
             return Closed(msg.session_id)

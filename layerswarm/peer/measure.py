@@ -90,10 +90,23 @@ def free_memory_bytes(device: torch.device | str = "cpu") -> int:
     if torch.device(device).type == "cuda":
         free, _total = torch.cuda.mem_get_info(torch.device(device))
         return int(free)
+    return _meminfo_bytes("MemAvailable:")
+
+
+def memory_total_bytes(device: torch.device | str = "cpu") -> int:
+    """All memory of the device: VRAM on CUDA, RAM (MemTotal) elsewhere; 0 if unknown."""
+    if torch.device(device).type == "cuda":
+        _free, total = torch.cuda.mem_get_info(torch.device(device))
+        return int(total)
+    return _meminfo_bytes("MemTotal:")
+
+
+def _meminfo_bytes(field: str) -> int:
+    """A field of /proc/meminfo in bytes; 0 where there is none."""
     try:
         with open("/proc/meminfo") as f:
             for line in f:
-                if line.startswith("MemAvailable:"):
+                if line.startswith(field):
                     return int(line.split()[1]) * 1024
     except OSError:
         pass

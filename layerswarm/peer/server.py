@@ -27,7 +27,13 @@ from layerswarm.peer.announce import (
 from layerswarm.peer.config import PeerConfig
 from layerswarm.peer.dht_announce import DhtAnnouncer, open_peer_dht
 from layerswarm.peer.handler import RequestHandler
-from layerswarm.peer.measure import SpeedSample, free_memory_bytes, measure_speed, measure_tflops
+from layerswarm.peer.measure import (
+    SpeedSample,
+    free_memory_bytes,
+    measure_speed,
+    measure_tflops,
+    memory_total_bytes,
+)
 from layerswarm.peer.placement import Server, choose_span, layers_that_fit
 from layerswarm.peer.rebalance import serve_rebalancing
 from layerswarm.peer.sessions import SessionTable, open_compute_thread
@@ -35,6 +41,7 @@ from layerswarm.shards.blocks import SpanModel
 from layerswarm.shards.config import DTYPES, ModelConfig, Span
 from layerswarm.shards.kv_cache import PagedKVCache
 from layerswarm.shards.quantize import memory_bytes, quantize
+from layerswarm.shards.sizes import layer_weight_bytes
 from layerswarm.shards.weights import Progress, load_span, model_fingerprint
 from layerswarm.swarm.discovery import DhtLookup, RecordSource, dht_key, wait_for_coverage
 from layerswarm.swarm.identity import Identity
@@ -119,14 +126,20 @@ async def serve_peer(
         handler = RequestHandler(
             config, table, identity.peer_id, f"{config.model_name}@{fingerprint}"
         )
+        device = next(model.parameters()).device
         handler.extra = {
+            "device": str(device),  # shown by dashboards
+            "free_memory_bytes": free_memory_bytes(device),  # at start
+            "memory_total_bytes": memory_total_bytes(device),
             "quant": config.quant,
             "weights_bytes": memory_bytes(model),
             "decode_s_per_layer": speed.decode_s_per_layer,
             "prefill_tokens_per_s_per_layer": speed.prefill_tokens_per_s_per_layer,
         }
         transport = TransportConfig(
-            insecure_plaintext=config.insecure_plaintext, swarm_key=config.swarm_key
+            handshake_timeout=config.handshake_timeout,
+            insecure_plaintext=config.insecure_plaintext,
+            swarm_key=config.swarm_key,
         )
         server = await serve_connections(
             handler,
@@ -135,6 +148,7 @@ async def serve_peer(
             identity,
             transport,
             on_disconnect=handler.disconnected,
+            limits=config.limits,
         )
         stack.push_async_callback(_close_server, server, table)
         facts = PeerFacts(
@@ -225,7 +239,8 @@ async def _auto_span(
         for r in records
     ]
     budget = config.memory_budget_bytes or free_memory_bytes() // 2
-    per_layer = int(model_config.layer_parameters() * BYTES_PER_WEIGHT[config.quant][config.dtype])
+    # Every expert of a MoE layer counts in memory (shards.sizes), not only the active ones.
+    per_layer = layer_weight_bytes(model_config, BYTES_PER_WEIGHT[config.quant][config.dtype])
     n = layers_that_fit(budget, per_layer, config.cache_memory_bytes, model_config.num_layers)
     span = choose_span(servers, model_config.num_layers, n)
     log.info(

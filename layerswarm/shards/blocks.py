@@ -1,4 +1,6 @@
-"""The math of a span of Llama-family decoder layers, and of the client's embedding and head.
+"""The math of a span of decoder layers (any supported family), and of the client's embedding
+and head. What varies by family is switched by `ModelConfig` fields: q/k norms, biases, sinks
+and sliding windows (`shards.attention`), and a dense or mixture-of-experts MLP (`shards.moe`).
 
 Hidden states travel between spans as the residual stream `(batch, tokens, hidden)`; each span
 reads and writes the KV cache of its own layers only.
@@ -16,63 +18,46 @@ from torch import nn
 
 from layerswarm.errors import StepCancelled
 from layerswarm.kernels import ops_for, reference
+from layerswarm.shards.attention import sink_window_attention
 from layerswarm.shards.config import ModelConfig, Span
 from layerswarm.shards.kv_cache import PagedKVCache, SessionCache, StepSlots
-
-
-class Rotary:
-    """RoPE angles for any positions (with Llama 3 frequency scaling when configured)."""
-
-    def __init__(self, config: ModelConfig, device: torch.device | str = "cpu") -> None:
-        dim = config.head_dim
-        inv_freq = 1.0 / (
-            config.rope_theta
-            ** (torch.arange(0, dim, 2, dtype=torch.int64, device=device).float() / dim)
-        )
-        if config.rope_scaling is not None:
-            inv_freq = _llama3_scale(inv_freq, config)
-        self.inv_freq = inv_freq  # (head_dim / 2,)
-
-    def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """`positions (tokens,)` -> cos, sin `(tokens, head_dim)` in fp32."""
-        freqs = positions.float()[:, None] * self.inv_freq[None, :]
-        emb = torch.cat((freqs, freqs), dim=-1)
-        return emb.cos(), emb.sin()
-
-
-def _llama3_scale(inv_freq: torch.Tensor, config: ModelConfig) -> torch.Tensor:
-    s = config.rope_scaling
-    assert s is not None  # checked by the caller; not wire input
-    low_wavelen = s.original_max_position_embeddings / s.low_freq_factor
-    high_wavelen = s.original_max_position_embeddings / s.high_freq_factor
-    wavelen = 2 * math.pi / inv_freq
-    scaled = torch.where(wavelen > low_wavelen, inv_freq / s.factor, inv_freq)
-    smooth = (s.original_max_position_embeddings / wavelen - s.low_freq_factor) / (
-        s.high_freq_factor - s.low_freq_factor
-    )
-    smoothed = (1 - smooth) * scaled / s.factor + smooth * scaled
-    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
-    return torch.where(medium, smoothed, scaled)
+from layerswarm.shards.moe import MoEBlock
+from layerswarm.shards.rope import Rotary
 
 
 class DecoderLayer(nn.Module):
-    """One block: attention and SwiGLU MLP, each behind an RMSNorm, with residual adds.
+    """One block: attention and an MLP (SwiGLU, or experts), each behind an RMSNorm, with
+    residual adds.
 
     q/k/v are one fused projection and gate/up another: one matmul each instead of three and
     two, which matters on a CPU where decode is a chain of small GEMVs.
     """
 
-    def __init__(self, config: ModelConfig) -> None:
+    q_norm: torch.Tensor | None
+    k_norm: torch.Tensor | None
+    sinks: torch.Tensor | None
+
+    def __init__(self, config: ModelConfig, index: int = 0) -> None:
         super().__init__()
         c = config
         self.q_size = c.num_heads * c.head_dim
         self.kv_size = c.num_kv_heads * c.head_dim
+        self.window = c.sliding_window if c.sliding(index) else None
         self.input_norm = nn.Parameter(torch.ones(c.hidden_size), requires_grad=False)
         self.qkv = nn.Linear(c.hidden_size, self.q_size + 2 * self.kv_size, bias=c.attention_bias)
-        self.o_proj = nn.Linear(self.q_size, c.hidden_size, bias=False)
+        self.o_proj = nn.Linear(self.q_size, c.hidden_size, bias=c.attention_out_bias)
+        self.q_norm = _maybe(c.qk_norm, c.head_dim)
+        self.k_norm = _maybe(c.qk_norm, c.head_dim)
+        self.sinks = _maybe(c.attention_sinks, c.num_heads)
         self.post_norm = nn.Parameter(torch.ones(c.hidden_size), requires_grad=False)
-        self.gate_up = nn.Linear(c.hidden_size, 2 * c.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(c.intermediate_size, c.hidden_size, bias=False)
+        self.moe = MoEBlock(c.moe, c.hidden_size) if c.moe and c.sparse(index) else None
+        if self.moe is None:
+            self.gate_up = nn.Linear(c.hidden_size, 2 * c.intermediate_size, bias=False)
+            self.down_proj = nn.Linear(c.intermediate_size, c.hidden_size, bias=False)
+
+
+def _maybe(present: bool, size: int) -> nn.Parameter | None:
+    return nn.Parameter(torch.ones(size), requires_grad=False) if present else None
 
 
 class SpanModel(nn.Module):
@@ -83,7 +68,7 @@ class SpanModel(nn.Module):
         span.check_within(config.num_layers)
         self.config = config
         self.span = span
-        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(len(span)))
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(span.start, span.end))
         self.kernel_backend = kernel_backend
         self.rotary = Rotary(config, "cpu")
         self.ops = ops_for("cpu", kernel_backend)
@@ -185,8 +170,11 @@ class SpanModel(nn.Module):
                 )
             attn = self._attention(i, layer, normed, cos, sin, batch, cache, slots)
             normed, x = self.ops.add_rms_norm(attn, x, layer.post_norm, self.config.rms_norm_eps)
-            gate, up = layer.gate_up(normed).chunk(2, dim=-1)
-            delta = layer.down_proj(self.ops.swiglu(gate, up))
+            if layer.moe is not None:
+                delta = layer.moe(normed, self.ops.swiglu)
+            else:
+                gate, up = layer.gate_up(normed).chunk(2, dim=-1)
+                delta = layer.down_proj(self.ops.swiglu(gate, up))
         assert delta is not None  # a span has at least one layer
         for s, start, n in zip(batch.sessions, batch.starts, batch.counts, strict=True):
             s.length = start + n
@@ -212,10 +200,25 @@ class SpanModel(nn.Module):
             n, c.num_kv_heads, c.head_dim
         )
         v = qkv[:, layer.q_size + layer.kv_size :].reshape(n, c.num_kv_heads, c.head_dim)
+        if layer.q_norm is not None and layer.k_norm is not None:  # Qwen3: per head, pre-RoPE
+            q = self.ops.rms_norm(q, layer.q_norm, c.rms_norm_eps)
+            k = self.ops.rms_norm(k, layer.k_norm, c.rms_norm_eps)
         q, k = q.contiguous(), k.contiguous()
         self.ops.apply_rope(q, k, cos, sin)
         cache.write_step(i, slots, k, v)
-        if self.ops is not reference:  # Triton: one launch for the decode tokens of all sessions
+        if layer.sinks is not None or layer.window is not None:
+            out = torch.empty_like(q)
+            segments = zip(batch.starts, batch.offsets, batch.counts, strict=True)
+            for j, (start, at, t) in enumerate(segments):
+                out[at : at + t] = sink_window_attention(
+                    q[at : at + t],
+                    cache.step_views(i, slots, j),
+                    start,
+                    self.scale,
+                    layer.window,
+                    layer.sinks,
+                )
+        elif self.ops is not reference:  # Triton: one launch for the decode tokens of all sessions
             out = self._paged_attention(i, q, batch, cache)
         else:
             # Session by session over views of its runs (one run: a plain view), so no step

@@ -19,6 +19,7 @@ import itertools
 import logging
 import time
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -150,6 +151,8 @@ class StepScheduler:
         self._last_decoders: set[int] = set()  # id(seq) of the last batch's decode steps
         self.rolled_back_tokens = 0  # unit: tokens dropped by steps that began before the end
         self._closed = False
+        # Told of each batch: (sessions, tokens, seconds); the peer counts them for /metrics.
+        self.on_batch: Callable[[int, int, float], None] | None = None
 
     async def run(
         self,
@@ -283,6 +286,8 @@ class StepScheduler:
             finally:
                 took = time.monotonic() - self._running_since
                 self._batch_s = took if not self._batch_s else 0.8 * self._batch_s + 0.2 * took
+                if self.on_batch is not None:
+                    self.on_batch(len(batch), sum(n for _, n in batch), took)
                 self._running = []
                 for c, seq in self._to_free:
                     c.free(seq)
