@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -104,7 +105,7 @@ def test_every_peer_holds_what_a_speculative_conversation_holds(
     gen.client.close()  # type: ignore[attr-defined]
 
 
-def test_a_speculative_reply_survives_kill_9_of_a_peer_mid_speculation(
+def test_speculation_with_every_step_checked_then_kill_9_of_a_peer_mid_speculation(
     tiny_chat_dir: Path, tmp_path: Path
 ) -> None:
     spans = [Span(0, 2), Span(0, 2), Span(2, 4), Span(2, 4)]
@@ -117,16 +118,25 @@ def test_a_speculative_reply_survives_kill_9_of_a_peer_mid_speculation(
         assert len(reference) == 64
         gen.speculator = open_speculator(gen, "lookup", tiny_chat_dir)
         sessions = recording(gen)
+
+        # Every step re-run on the other replica: its shadow session rolls back as the hop's.
+        swarm = gen.client  # type: ignore[attr-defined]
+        swarm.config = replace(swarm.config, verify_fraction=1.0)
+        assert list(gen.tokens(prompt, cfg)) == reference
+        assert sessions[0].rolled_back > 0
+        assert swarm.verify_counts["mismatch"] == 0 and swarm.verify_counts["match"] > 0
+        swarm.config = replace(swarm.config, verify_fraction=0.0)
+
         tokens: list[int] = []
         for token in gen.tokens(prompt, cfg):
             tokens.append(token)
             if len(tokens) == 24:
-                assert sessions[0].rolled_back > 0  # the kept inputs were cut already
-                victim = sessions[0].hops[1].view.peer_id
+                assert sessions[1].rolled_back > 0  # the kept inputs were cut already
+                victim = sessions[1].hops[1].view.peer_id
                 next(p for p in four.peers if p.peer_id == victim).stop(signal.SIGKILL)
         assert tokens == reference
         assert any("rerouted" in e for e in events)
-        gen.client.close()  # type: ignore[attr-defined]
+        swarm.close()
 
 
 def test_the_client_and_swarm_chat_speculate_when_asked(
