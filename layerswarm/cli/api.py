@@ -69,6 +69,7 @@ SWARM_FLAGS = (
     "speculate",
     "draft_model",
     "draft_quant",
+    "relay",
     "verbose",
 )
 

@@ -127,6 +127,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="where no other replica can check a peer, compute its layers here to check it "
         "(loads those layers' weights in this process)",
     )
+    ap.add_argument(
+        "--relay",
+        action="store_true",
+        help="relay every hop's output through this client instead of letting peers hand it "
+        "to the next hop (push, the default: fewer link crossings a token)",
+    )
     ap.add_argument("--verbose", action="store_true")
     return ap
 
@@ -189,6 +195,7 @@ def _open_layers(
         swarm_key=swarm_key,
         verify_fraction=args.verify_fraction,
         verify_locally=args.verify_locally,
+        push=not args.relay,
     )
     try:
         return open_swarm_generator(

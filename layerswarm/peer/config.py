@@ -32,6 +32,9 @@ class PeerConfig:
     # s: a step still running this long after its first chunk ran is cancelled (waiting behind
     # other sessions' work does not count: a busy peer is not a dead one)
     step_timeout: float = 30.0
+    # s: a pushed step may take this long to go down the rest of its route, and a client's
+    # collect waits this long for its step to arrive
+    push_timeout: float = 600.0
     max_batch: int = 16  # sessions: steps of this many sessions run as one batch
     token_budget: int = DEFAULT_TOKEN_BUDGET  # tokens a batch: decode steps + prefill chunks
     prefill_chunk: int = DEFAULT_PREFILL_CHUNK  # tokens a batch when no session decodes

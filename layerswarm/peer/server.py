@@ -26,6 +26,7 @@ from layerswarm.peer.announce import (
 )
 from layerswarm.peer.config import PeerConfig
 from layerswarm.peer.dht_announce import DhtAnnouncer, open_peer_dht
+from layerswarm.peer.forward import Forwarder, PushSteps
 from layerswarm.peer.handler import RequestHandler
 from layerswarm.peer.measure import (
     SpeedSample,
@@ -141,6 +142,9 @@ async def serve_peer(
             insecure_plaintext=config.insecure_plaintext,
             swarm_key=config.swarm_key,
         )
+        forwarder = Forwarder(identity, transport, config.push_timeout)
+        stack.push_async_callback(forwarder.aclose)
+        handler.push = PushSteps(forwarder, config.push_timeout)
         server = await serve_connections(
             handler,
             config.host,

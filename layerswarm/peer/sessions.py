@@ -14,7 +14,7 @@ import logging
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -45,6 +45,12 @@ class Session:
     cache: SessionCache
     last_used: float  # unit: monotonic s of the last request
     queued_length: int = 0  # unit: tokens the session will hold once its queued steps ran
+    push_key: bytes | None = None  # the client's key for steps pushed here (`swarm/push.py`)
+    # outputs of pushed steps by start position, until the client collects them (`forward`)
+    # (the tensor as sent, and its int8 scales or None)
+    outputs: dict[int, asyncio.Future[tuple[torch.Tensor, bytes | None]]] = field(
+        default_factory=dict
+    )
 
 
 class SessionTable:
@@ -70,6 +76,7 @@ class SessionTable:
         self.scheduler = StepScheduler(model, self.cache, scheduling, self._executor)
         self._waiters: deque[asyncio.Future[None]] = deque()  # opens waiting for memory
         self._promised = 0  # sessions: waiters woken and not yet opened
+        self.truncating_steps = 0  # steps that came with `truncate_to` (pushed ones too)
         metrics.watch_peer(self.scheduler, lambda: self.cache, lambda: len(self.sessions))
 
     @property
@@ -239,6 +246,7 @@ class SessionTable:
         """
         if truncate_to is not None:
             self._check_truncate(session, start, truncate_to)
+            self.truncating_steps += 1
         self._check_step(session, hidden, start)
         end = start + hidden.shape[1]
         grow = self.cache.pages_for(end) - self._pages_held(session)
@@ -303,6 +311,7 @@ class SessionTable:
             "queued_tokens": self.scheduler.queued_tokens,
             "queue_seconds": round(self.scheduler.queue_seconds(), 4),
             "rolled_back_tokens": self.scheduler.rolled_back_tokens,
+            "truncating_steps": self.truncating_steps,
             "session_tokens": sum(s.cache.length for s in self.sessions.values()),
             "kv_pages_used": self.cache.num_pages - self.cache.pages_free,
         }

@@ -85,6 +85,7 @@ class Client:
         speculate: str | None = None,
         draft_model: str | None = None,
         draft_quant: str | None = None,
+        relay: bool = False,
         **defaults: Any,
     ) -> Client:
         """Resolve the model (fetching the default one if missing) and connect.
@@ -93,6 +94,7 @@ class Client:
             peers: explicit peer addresses `host:port[/PEERID]`.
             bootstrap: DHT multiaddrs of a swarm elsewhere.
             local: run every layer in this process instead.
+            relay: the client relays every hop's output (instead of peers pushing it on).
             speculate: guess several tokens a pass through the layers: "lookup" (n-grams of
                 the context) or "draft" (a local draft model); None: one token a pass.
             draft_model: with "draft", a model name or folder with the same tokenizer (a
@@ -110,6 +112,7 @@ class Client:
                 bootstrap=tuple(bootstrap),
                 swarm_key=swarm_key,
                 mdns_interfaces=() if discover else None,
+                push=not relay,
             )
             gen = open_swarm_generator(
                 model_dir, list(peers), dtype=parse_dtype(dtype), config=config

@@ -20,6 +20,18 @@ class ClientConfig:
     max_step_wait: float = 600.0  # unit: s a busy peer may take for one step, probes answered
     busy_wait_timeout: float = 30.0  # unit: s to wait for room when every replica is full
     replay_chunk_tokens: int = 4096  # unit: tokens per step when replaying into a new hop
+    # Peers hand each step's activations straight to the next hop (N+1 link crossings a token
+    # through N hops instead of 2N); False: the client relays every hop's output itself
+    push: bool = True
+    # Activations travel in this dtype; None: the hops' compute dtype (the widest of them, so
+    # an fp32 swarm stays exact and a bf16 one sends half the bytes)
+    wire_dtype: str | None = None
+    # "int8": a prefill's activations travel as int8 with a scale per token (4x fewer bytes
+    # than fp32; not exact: see docs/design.md for its quality), with push only. None: as is
+    prefill_compression: str | None = None
+    # unit: tokens; with push, a longer prompt goes down the hops in steps of this many, so
+    # the second hop computes one while the first computes the next. 0: in one step
+    prefill_chunk_tokens: int = 256
     insecure_plaintext: bool = False  # no TLS; trusted LANs and measurements only
     mdns_interfaces: tuple[str, ...] | None = None  # browse mDNS here (() = every one); None: off
     refresh_interval: float = 5.0  # unit: s; a new session first re-reads the swarm if older

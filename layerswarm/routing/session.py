@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import time
 import uuid
 from collections.abc import Collection
@@ -35,11 +36,13 @@ from layerswarm.routing.paths import PathHop, PeerView, choose_path, missing_lay
 from layerswarm.routing.verify import Verifier, reply_fault
 from layerswarm.shards.config import Span
 from layerswarm.swarm.dial import Connection
+from layerswarm.swarm.messages import PUSH_KEY_BYTES
 from layerswarm.swarm.protocol import (
     CloseSession,
     ErrorCode,
     InfoReply,
     InfoRequest,
+    Message,
     OpenSession,
     Step,
     StepResult,
@@ -92,6 +95,8 @@ class ActiveHop:
     conn: Connection
     # This hop's own session ID: a retried open never reuses one that another hop holds.
     session_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    # The key of the tokens that let steps pushed by the hop before into this session.
+    push_key: bytes = field(default_factory=lambda: secrets.token_bytes(PUSH_KEY_BYTES))
 
 
 class RemoteSession:
@@ -106,6 +111,7 @@ class RemoteSession:
         self.history: dict[int, list[tuple[int, torch.Tensor]]] = {}
         self.length = 0  # unit: tokens the hops hold (sent so far, less what was rolled back)
         self.rolled_back = 0  # unit: tokens every hop was asked to drop, all steps together
+        self.truncations = 0  # steps that asked every hop to roll back
         self.reroute_seconds: list[float] = []  # unit: s each reroute took, replay included
         self.verifier = Verifier(self)  # checks some steps on replicas
 
@@ -141,8 +147,9 @@ class RemoteSession:
             opened: list[ActiveHop] = []
             try:
                 for hop in hops:
+                    key = hop.push_key if self.config.push else None
                     opening = OpenSession(
-                        hop.session_id, hop.span.start, hop.span.end, self.max_length
+                        hop.session_id, hop.span.start, hop.span.end, self.max_length, key
                     )
                     await self._request(hop, opening, self.config.request_timeout)
                     opened.append(hop)
@@ -217,14 +224,26 @@ class RemoteSession:
         (`Step.truncate_to`: a speculative step's rejected drafts), and the inputs kept for
         failover are cut there too: a replay rebuilds only the accepted positions.
         """
+        from layerswarm.routing.push import push_forward, wire_dtype  # they build on this
+
         if not 0 <= start <= self.length:
             raise ValueError(f"start {start} is outside the session's {self.length} tokens")
         truncate = start if start < self.length else None
         if truncate is not None:
             self.rolled_back += self.length - start
+            self.truncations += 1
             for boundary, inputs in self.history.items():
                 self.history[boundary] = truncate_inputs(inputs, start)
         self.length = start + hidden.shape[1]
+        wanted, hidden = hidden.dtype, hidden.to(wire_dtype(self.config.wire_dtype, self.hops))
+        if self.config.push and len(self.hops) > 1:
+            return (await push_forward(self, hidden, start, truncate)).to(wanted)
+        return (await self._relay(hidden, start, truncate)).to(wanted)
+
+    async def _relay(
+        self, hidden: torch.Tensor, start: int, truncate: int | None = None
+    ) -> torch.Tensor:
+        """Run every hop on `hidden`, the client sending each hop's output to the next."""
         i = 0
         while i < len(self.hops):
             self.history.setdefault(self.hops[i].span.start, []).append((start, hidden))
@@ -254,7 +273,7 @@ class RemoteSession:
         expected = len(hop.span) * (per_layer or hop.view.seconds_per_layer) * tokens + hop.view.rtt
         patience = self.config.step_timeout_floor + self.config.step_timeout_factor * expected
         t0 = time.perf_counter()
-        step = Step(hop.session_id, hidden, start, truncate)
+        step = Step(hop.session_id, hidden, start, truncate_to=truncate)
         reply = await self._request(hop, step, patience, probe=True)
         if not isinstance(reply, StepResult):
             raise HopFailed(hop.view.peer_id, f"peer {hop.view.address} sent a malformed result")
@@ -276,6 +295,12 @@ class RemoteSession:
         request = asyncio.ensure_future(
             hop.conn.request(msg, self.config.max_step_wait if probe else patience)  # type: ignore[arg-type]
         )
+        return await self._await_reply(hop, request, patience, probe)
+
+    async def _await_reply(
+        self, hop: ActiveHop, request: asyncio.Future[Message], patience: float, probe: bool
+    ) -> object:
+        """`_request`'s wait for a request already sent; cancels it if it fails."""
         try:
             wait, last = (patience, False) if probe else (patience + 1.0, True)
             while True:

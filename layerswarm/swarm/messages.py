@@ -7,7 +7,7 @@ against.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TypeAlias
+from typing import NamedTuple, TypeAlias
 
 import torch
 
@@ -20,6 +20,10 @@ MAX_TOKENS = 2**31 - 1  # tokens: bound on positions, lengths and cache sizes
 MAX_DIM = 2**31 - 1  # elements: bound on one tensor dimension
 TENSOR_ALIGN = 8  # bytes: tensor payloads start at a multiple of this into the frame
 PSK_PROOF_BYTES = 32  # bytes: a Hello's proof of the swarm key (HMAC-SHA256)
+PUSH_KEY_BYTES = 32  # bytes: a session's push key, shared by its client and its peer only
+PUSH_TOKEN_BYTES = 32  # bytes: a pushed step's token (HMAC-SHA256, see `swarm/push.py`)
+MAX_ROUTE_HOPS = 64  # hops: the longest route a step may carry
+MAX_SCALES = 8192  # scales a compressed step may carry (4 bytes each, in the header)
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -27,6 +31,7 @@ DTYPES: dict[str, torch.dtype] = {
     "bfloat16": torch.bfloat16,
     "int64": torch.int64,
     "int32": torch.int32,
+    "int8": torch.int8,  # compressed activations, with `scales` (`swarm/compress.py`)
 }
 DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
 
@@ -47,6 +52,10 @@ class ErrorCode:
     TIMEOUT = "timeout"  # the peer gave up waiting for something
     SHUTTING_DOWN = "shutting_down"  # the peer is stopping
     SWARM_KEY = "swarm_key"  # the two sides are not in the same private swarm
+    FORBIDDEN = "forbidden"  # a pushed step's token does not match its session and route
+    # a peer could not hand a pushed step to the next hop; the message starts with that hop's
+    # peer ID, then the code and message of what went wrong there (`swarm/push.py`)
+    FORWARD_FAILED = "forward_failed"
     INTERNAL = "internal"  # anything else
 
 
@@ -87,6 +96,9 @@ class OpenSession:
     span_start: int
     span_end: int
     max_length: int  # tokens: the KV cache to reserve
+    # PUSH_KEY_BYTES: the secret that tokens of steps pushed into this session are made with
+    # (by the client, which gives each token to the hop before this one); None: no pushes
+    push_key: bytes | None = None
 
 
 @dataclass(frozen=True)
@@ -94,9 +106,20 @@ class SessionOpened:
     session_id: str
 
 
+class PushHop(NamedTuple):
+    """A later hop of a pushed step (on the wire, a list of its three fields)."""
+
+    address: str  # host:port/PEERID: the pushing peer dials it and checks the peer ID
+    session_id: str  # the session the client opened there
+    token: bytes  # PUSH_TOKEN_BYTES: lets this step into that session, on this route only
+
+
 @dataclass(frozen=True, eq=False)
 class Step:
     """Run the session's span on positions [start_position, start_position + T).
+
+    With `route`, the peer then hands its output to `route[0]` as the same step (every field
+    kept but the session, the route and the token), and so on down the route (push).
 
     With `truncate_to`, the session first forgets every position from there on (a speculative
     step's rejected drafts) and gives back the KV pages that held only those; the step then
@@ -107,6 +130,13 @@ class Step:
     session_id: str
     hidden: torch.Tensor  # (1, T, hidden)
     start_position: int
+    route: tuple[PushHop, ...] | None = None  # the hops after this one; None: reply with it
+    # PUSH_TOKEN_BYTES: set on a step pushed by the hop before (it then comes from another
+    # peer's connection, not the client's); None: the session's own client sends it
+    token: bytes | None = None
+    # `hidden` is int8 with these fp32 scales, one a token and group of channels
+    # (`swarm/compress.py`); the peer then sends its output so too. None: plain floats
+    scales: bytes | None = None
     truncate_to: int | None = None  # unit: tokens the session keeps; None: keep them all
 
 
@@ -114,6 +144,22 @@ class Step:
 class StepResult:
     session_id: str
     hidden: torch.Tensor  # (1, T, hidden)
+    scales: bytes | None = None  # as `Step.scales`
+
+
+@dataclass(frozen=True)
+class Collect:
+    """Ask for this hop's output of the pushed step at `start_position` (a `StepResult`)."""
+
+    session_id: str
+    start_position: int
+
+
+@dataclass(frozen=True)
+class Pushed:
+    """A pushed step ran here and every hop after this one took it."""
+
+    session_id: str
 
 
 @dataclass(frozen=True)
@@ -147,9 +193,11 @@ Message: TypeAlias = (
     | SessionOpened
     | Step
     | StepResult
+    | Collect
+    | Pushed
     | CloseSession
     | Closed
     | ErrorReply
     | Goodbye
 )
-REQUEST_TYPES: tuple[type[Message], ...] = (InfoRequest, OpenSession, Step, CloseSession)
+REQUEST_TYPES: tuple[type[Message], ...] = (InfoRequest, OpenSession, Step, Collect, CloseSession)

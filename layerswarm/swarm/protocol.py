@@ -40,6 +40,7 @@ from layerswarm.swarm.messages import (
     TENSOR_ALIGN,
     Closed,
     CloseSession,
+    Collect,
     ErrorCode,
     ErrorReply,
     Goodbye,
@@ -49,6 +50,8 @@ from layerswarm.swarm.messages import (
     JsonValue,
     Message,
     OpenSession,
+    Pushed,
+    PushHop,
     SessionOpened,
     Step,
     StepResult,
@@ -76,6 +79,7 @@ __all__ = [  # the messages are defined in `messages`; importing them from here 
     "TENSOR_ALIGN",
     "CloseSession",
     "Closed",
+    "Collect",
     "ErrorCode",
     "ErrorReply",
     "FrameReader",
@@ -86,6 +90,8 @@ __all__ = [  # the messages are defined in `messages`; importing them from here 
     "JsonValue",
     "Message",
     "OpenSession",
+    "PushHop",
+    "Pushed",
     "SessionOpened",
     "Step",
     "StepResult",
@@ -189,6 +195,9 @@ def decode_frame(
         if name in header:  # else an omitted field: its default, None
             check(header[name], name)
             values[name] = header[name]
+    for name, convert in schema.from_wire:
+        if values.get(name) is not None:
+            values[name] = convert(values[name])
     if schema.tensor is None:
         if len(view) != header_end:
             raise ProtocolError(f"{schema.name} frame has bytes after its header")

@@ -8,16 +8,25 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
+
+import torch
 
 from layerswarm.errors import ProtocolError
+from layerswarm.swarm.compress import groups
 from layerswarm.swarm.messages import (
     MAX_DIM,
     MAX_LAYERS,
     MAX_REQUEST_ID,
+    MAX_ROUTE_HOPS,
+    MAX_SCALES,
     MAX_TOKENS,
     PSK_PROOF_BYTES,
+    PUSH_KEY_BYTES,
+    PUSH_TOKEN_BYTES,
     Closed,
     CloseSession,
+    Collect,
     ErrorReply,
     Goodbye,
     Hello,
@@ -25,6 +34,8 @@ from layerswarm.swarm.messages import (
     InfoRequest,
     Message,
     OpenSession,
+    Pushed,
+    PushHop,
     SessionOpened,
     Step,
     StepResult,
@@ -111,6 +122,32 @@ def _check_extra(value: object, name: str) -> None:
 _SESSION_ID = _str(128, min_len=1)
 _LAYER = _int(0, MAX_LAYERS)
 _TOKENS = _int(0, MAX_TOKENS)
+_ADDRESS = _str(300, min_len=3)
+_PUSH_TOKEN = _bytes(PUSH_TOKEN_BYTES)
+
+
+def _SCALES(value: object, name: str) -> None:
+    if type(value) is not bytes or len(value) > 4 * MAX_SCALES:
+        raise ProtocolError(f"{name} must be at most {4 * MAX_SCALES} bytes")
+
+
+def _check_route(value: object, name: str) -> None:
+    if not isinstance(value, (list, tuple)):
+        raise ProtocolError(f"{name} must be a list, got {type(value).__name__}")
+    if len(value) > MAX_ROUTE_HOPS:
+        raise ProtocolError(f"{name} has {len(value)} hops, at most {MAX_ROUTE_HOPS}")
+    for i, hop in enumerate(value):
+        if not isinstance(hop, (list, tuple)) or len(hop) != 3:
+            raise ProtocolError(f"{name}[{i}] must be [address, session_id, token]")
+        _ADDRESS(hop[0], f"{name}[{i}].address")
+        if "/" not in hop[0]:
+            raise ProtocolError(f"{name}[{i}].address must name the peer ID (host:port/ID)")
+        _SESSION_ID(hop[1], f"{name}[{i}].session_id")
+        _PUSH_TOKEN(hop[2], f"{name}[{i}].token")
+
+
+def _route_from_wire(value: Any) -> tuple[PushHop, ...]:
+    return tuple(PushHop(*hop) for hop in value)
 
 
 @dataclass(frozen=True)
@@ -122,6 +159,8 @@ class Schema:
     # fields left out of the header when None, so that a peer that predates them still
     # understands every message that does not use them
     omitted_if_none: frozenset[str] = frozenset()
+    # a field's value as decoded (lists, maps) turned into its type, after its check passed
+    from_wire: tuple[tuple[str, Callable[[Any], Any]], ...] = ()
 
     @property
     def keys(self) -> frozenset[str]:
@@ -134,6 +173,24 @@ class Schema:
 def _check_open_session(msg: Message) -> None:
     if isinstance(msg, OpenSession) and msg.span_start >= msg.span_end:
         raise ProtocolError(f"empty span [{msg.span_start}, {msg.span_end})")
+
+
+def _check_scales(msg: Message) -> None:
+    """int8 activations come with scales (`swarm/compress.py`), and only they have scales."""
+    if not isinstance(msg, (Step, StepResult)):
+        return
+    int8 = msg.hidden.dtype == torch.int8
+    if msg.scales is None and int8:
+        raise ProtocolError("int8 hidden states need scales")
+    if msg.scales is not None:
+        if not int8:
+            raise ProtocolError(f"scales come only with int8 hidden states, not {msg.hidden.dtype}")
+        _, t, h = msg.hidden.shape
+        if len(msg.scales) != 4 * t * groups(h):
+            raise ProtocolError(
+                f"scales have {len(msg.scales)} bytes for {t} tokens of {groups(h)} groups "
+                "(4 bytes each)"
+            )
 
 
 def _check_info_reply(msg: Message) -> None:
@@ -182,8 +239,10 @@ SCHEMAS: dict[type[Message], Schema] = {
             ("span_start", _LAYER),
             ("span_end", _LAYER),
             ("max_length", _int(1, MAX_TOKENS)),
+            ("push_key", _optional(_bytes(PUSH_KEY_BYTES))),
         ),
         check=_check_open_session,
+        omitted_if_none=frozenset({"push_key"}),
     ),
     SessionOpened: Schema("session_opened", (("session_id", _SESSION_ID),)),
     Step: Schema(
@@ -191,13 +250,26 @@ SCHEMAS: dict[type[Message], Schema] = {
         (
             ("session_id", _SESSION_ID),
             ("start_position", _TOKENS),
+            ("route", _optional(_check_route)),
+            ("token", _optional(_PUSH_TOKEN)),
+            ("scales", _optional(_SCALES)),
             # any int the wire carries: the peer checks it against the session (bad_position)
             ("truncate_to", _optional(_int(-MAX_TOKENS, MAX_TOKENS))),
         ),
         tensor="hidden",
-        omitted_if_none=frozenset({"truncate_to"}),
+        check=_check_scales,
+        omitted_if_none=frozenset({"route", "token", "scales", "truncate_to"}),
+        from_wire=(("route", _route_from_wire),),
     ),
-    StepResult: Schema("step_result", (("session_id", _SESSION_ID),), tensor="hidden"),
+    StepResult: Schema(
+        "step_result",
+        (("session_id", _SESSION_ID), ("scales", _optional(_SCALES))),
+        tensor="hidden",
+        check=_check_scales,
+        omitted_if_none=frozenset({"scales"}),
+    ),
+    Collect: Schema("collect", (("session_id", _SESSION_ID), ("start_position", _TOKENS))),
+    Pushed: Schema("pushed", (("session_id", _SESSION_ID),)),
     CloseSession: Schema("close_session", (("session_id", _SESSION_ID),)),
     Closed: Schema("closed", (("session_id", _SESSION_ID),)),
     ErrorReply: Schema("error", (("code", _str(64, min_len=1)), ("message", _str(4096)))),

@@ -193,7 +193,9 @@ def test_bad_truncations_get_bad_position_and_the_session_serves_on(
             await conn.request(OpenSession("s", 0, 2, 16))
             await conn.request(Step("s", torch.randn(1, 5, HIDDEN), 0))
             with pytest.raises(RemoteError, match=says) as e:
-                await conn.request(Step("s", torch.randn(1, 1, HIDDEN), start, truncate_to))
+                await conn.request(
+                    Step("s", torch.randn(1, 1, HIDDEN), start, truncate_to=truncate_to)
+                )
             assert e.value.code == "bad_position"
             reply = await conn.request(Step("s", torch.randn(1, 2, HIDDEN), 5))
             assert isinstance(reply, StepResult)
@@ -221,7 +223,7 @@ def test_a_step_that_truncates_rolls_back_and_gives_the_pages_back(peer: PeerPro
             await conn.request(Step("s", prompt, 0))
             await conn.request(Step("s", guesses, 10))  # 22 tokens: 2 pages of 16
             assert (await extra(conn))["kv_pages_used"] == before["kv_pages_used"] + 2  # type: ignore[operator]
-            rolled = await conn.request(Step("s", other, 12, 12))  # 10 guesses fall
+            rolled = await conn.request(Step("s", other, 12, truncate_to=12))  # 10 guesses fall
             now = await extra(conn)
             assert now["kv_pages_used"] == before["kv_pages_used"] + 1  # type: ignore[operator]
             assert now["session_tokens"] == before["session_tokens"] + 15  # type: ignore[operator]

@@ -161,8 +161,8 @@ def test_the_distribution_test_catches_a_rejection_that_resamples_from_the_targe
 
 
 @pytest.fixture(scope="module")
-def local(tiny_chat_dir: Path) -> Iterator[Generator]:
-    yield open_local_generator(tiny_chat_dir)
+def local(tiny_words_dir: Path) -> Iterator[Generator]:
+    yield open_local_generator(tiny_words_dir)
 
 
 SPECULATORS = [("lookup", None), ("draft", None), ("draft", "int8")]
@@ -170,11 +170,11 @@ SPECULATORS = [("lookup", None), ("draft", None), ("draft", "int8")]
 
 @pytest.mark.parametrize(("mode", "quant"), SPECULATORS)
 def test_speculative_greedy_equals_plain_greedy_on_the_local_engine(
-    local: Generator, tiny_chat_dir: Path, mode: str, quant: str | None
+    local: Generator, tiny_words_dir: Path, mode: str, quant: str | None
 ) -> None:
     local.speculator = None
     plain = [list(local.tokens(p, GREEDY)) for p in prompts()]
-    local.speculator = open_speculator(local, mode, tiny_chat_dir, None, quant)
+    local.speculator = open_speculator(local, mode, tiny_words_dir, None, quant)
     try:
         passes = drafted = 0
         for p, expected in zip(prompts(), plain, strict=True):
@@ -189,7 +189,7 @@ def test_speculative_greedy_equals_plain_greedy_on_the_local_engine(
 
 
 def test_a_speculative_conversation_reuses_its_session_and_equals_a_plain_one(
-    local: Generator, tiny_chat_dir: Path
+    local: Generator, tiny_words_dir: Path
 ) -> None:
     turns = [p[:10] for p in prompts(2)]
 
@@ -205,7 +205,7 @@ def test_a_speculative_conversation_reuses_its_session_and_equals_a_plain_one(
     local.speculator = None
     plain, chat = converse()
     chat.close()
-    local.speculator = open_speculator(local, "lookup", tiny_chat_dir)
+    local.speculator = open_speculator(local, "lookup", tiny_words_dir)
     try:
         speculative, chat = converse()
         assert speculative == plain
@@ -258,10 +258,10 @@ def test_a_reply_goes_on_without_guesses_when_the_drafter_fails(local: Generator
 
 @pytest.mark.parametrize(("mode", "quant"), [("lookup", None), ("draft", "int8")])
 def test_speculative_sampling_through_the_local_engine_is_reproducible_with_a_seed(
-    local: Generator, tiny_chat_dir: Path, mode: str, quant: str | None
+    local: Generator, tiny_words_dir: Path, mode: str, quant: str | None
 ) -> None:
     sampling = SamplingConfig(max_new_tokens=24, temperature=0.9, top_p=0.95, seed=5)
-    local.speculator = open_speculator(local, mode, tiny_chat_dir, None, quant)
+    local.speculator = open_speculator(local, mode, tiny_words_dir, None, quant)
     try:
         first = list(local.tokens(prompts(1)[0], sampling))
         assert local.last_stats.drafted_tokens > 0

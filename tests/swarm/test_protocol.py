@@ -15,12 +15,14 @@ from hypothesis import strategies as st
 from layerswarm.errors import ProtocolError
 from layerswarm.swarm import protocol
 from layerswarm.swarm import schema as schema_module
+from layerswarm.swarm.compress import compress_int8, decompress_int8
 from layerswarm.swarm.protocol import (
     DTYPES,
     MAX_REQUEST_ID,
     PROTOCOL_VERSION,
     Closed,
     CloseSession,
+    Collect,
     ErrorReply,
     FrameReader,
     Goodbye,
@@ -30,6 +32,8 @@ from layerswarm.swarm.protocol import (
     JsonValue,
     Message,
     OpenSession,
+    Pushed,
+    PushHop,
     SessionOpened,
     Step,
     StepResult,
@@ -75,6 +79,7 @@ def tensor(dtype: torch.dtype, tokens: int = 3, hidden: int = 5, seed: int = 0) 
     return torch.randint(-(2**31), 2**31 - 1, (1, tokens, hidden), generator=g, dtype=dtype)
 
 
+FLOATS_AND_INTS = [d for d in DTYPES.values() if d != torch.int8]  # int8 comes with scales
 EXAMPLES: list[Message] = [
     Hello(),
     Hello(PROTOCOL_VERSION, "12D3KooWabc", 2**20),
@@ -82,15 +87,24 @@ EXAMPLES: list[Message] = [
     InfoReply("12D3KooWabc", "smollm2-135m", 0, 15, 30, "bfloat16", 100, 4096, 3, {"tflops": 1.5}),
     InfoReply("p", "", 0, 0, 1, "", 0, 0, 0, {"a": [1, "x", None, True, {"b": -(2**63)}]}),
     OpenSession("s" * 128, 3, 7, 2048),
+    OpenSession("s", 3, 7, 2048, push_key=bytes(range(32))),
+    Step("s", tensor(torch.bfloat16), 4, route=(), token=b"t" * 32),
+    Step(
+        "s", tensor(torch.float32), 4, route=(PushHop("127.0.0.1:9/12D3KooWabc", "x", b"k" * 32),)
+    ),
+    Collect("s", 12),
+    Pushed("s"),
     SessionOpened("s"),
     CloseSession("s"),
     Closed("s"),
     ErrorReply("cache_full", "no room for 2048 tokens"),
     ErrorReply("newer_code", ""),
     Goodbye("restarting"),
-    *(Step("s", tensor(dtype), 12) for dtype in DTYPES.values()),
-    Step("s", tensor(torch.float32), 7, 7),
-    *(StepResult("s", tensor(dtype, tokens=1)) for dtype in DTYPES.values()),
+    *(Step("s", tensor(dtype), 12) for dtype in FLOATS_AND_INTS),
+    *(StepResult("s", tensor(dtype, tokens=1)) for dtype in FLOATS_AND_INTS),
+    Step("s", torch.ones(1, 3, 5, dtype=torch.int8), 12, scales=b"\0" * 12),
+    StepResult("s", torch.ones(1, 2, 5, dtype=torch.int8), scales=b"\1" * 8),
+    Step("s", tensor(torch.float32), 7, truncate_to=7),
 ]
 
 
@@ -287,7 +301,7 @@ extras: st.SearchStrategy[dict[str, JsonValue]] = st.dictionaries(
 
 @st.composite
 def tensors(draw: st.DrawFn) -> torch.Tensor:
-    dtype = draw(st.sampled_from(list(DTYPES.values())))
+    dtype = draw(st.sampled_from(FLOATS_AND_INTS))
     return tensor(dtype, draw(st.integers(1, 6)), draw(st.integers(1, 9)), draw(ints63))
 
 
@@ -457,7 +471,57 @@ def test_a_proof_of_the_wrong_size_or_type_is_refused(proof: object) -> None:
 def test_a_step_without_truncation_leaves_the_field_out_so_older_peers_still_read_it() -> None:
     x = torch.ones(1, 1, 4)
     assert b"truncate_to" not in frame(Step("s", x, 3))
-    assert b"truncate_to" in frame(Step("s", x, 3, 3))
+    assert b"truncate_to" in frame(Step("s", x, 3, truncate_to=3))
     for bad in ("3", 1.5, 2**40):
         with pytest.raises(ProtocolError, match="truncate_to"):
-            encode(Step("s", x, 3, bad), 0)  # type: ignore[arg-type]
+            encode(Step("s", x, 3, truncate_to=bad), 0)  # type: ignore[arg-type]
+
+
+BAD_ROUTES = {
+    "not a list": 5,
+    "a hop of two fields": [["127.0.0.1:9/ID", "s"]],
+    "an address without the peer ID": [["127.0.0.1:9", "s", b"k" * 32]],
+    "a short token": [["127.0.0.1:9/ID", "s", b"k" * 31]],
+    "too many hops": [["127.0.0.1:9/ID", "s", b"k" * 32]] * 65,
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_ROUTES))
+def test_a_bad_route_is_a_protocol_error(case: str) -> None:
+    header = {"type": "step", "id": 1, "session_id": "s", "start_position": 0}
+    header |= {"route": BAD_ROUTES[case], "hidden": {"dtype": "float32", "shape": [1, 1, 1]}}
+    with pytest.raises(ProtocolError, match="route"):
+        decode_frame(raw_frame(header, b"\0" * 4))
+
+
+BAD_SCALES = {
+    "int8 without scales": (torch.int8, None),
+    "scales with floats": (torch.float32, b"\0" * 8),
+    "one scale short": (torch.int8, b"\0" * 4),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_SCALES))
+def test_int8_hidden_states_come_with_one_scale_a_token(case: str) -> None:
+    dtype, scales = BAD_SCALES[case]
+    header = {"type": "step", "id": 1, "session_id": "s", "start_position": 0}
+    header["hidden"] = {
+        "dtype": {torch.int8: "int8", torch.float32: "float32"}[dtype],
+        "shape": [1, 2, 4],
+    }
+    if scales is not None:
+        header["scales"] = scales
+    with pytest.raises(ProtocolError, match="scales"):
+        decode_frame(raw_frame(header, b"\0" * (8 * dtype.itemsize)))
+
+
+def test_int8_compression_keeps_each_group_within_half_a_step() -> None:
+    x = torch.randn(1, 5, 128) * torch.tensor([1.0, 10.0, 0.1, 100.0, 1e-3])[None, :, None]
+    x[0, 0, 3] = 1000.0  # an outlier costs precision to its own group only
+    q, scales = compress_int8(x)
+    back = decompress_int8(q, scales, torch.float32)
+    groups = x.reshape(1, 5, 2, 64)
+    step = (groups.abs().amax(dim=-1, keepdim=True) / 127).expand_as(groups).reshape(1, 5, 128)
+    assert q.dtype == torch.int8 and len(scales) == 5 * 2 * 4
+    assert ((back - x).abs() <= step / 2 + 1e-6).all()
+    assert (back[0, 0, 64:] - x[0, 0, 64:]).abs().max() < 0.05
