@@ -9,7 +9,6 @@ import signal
 import subprocess
 import sys
 from collections.abc import Iterator
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -120,31 +119,35 @@ def test_speculation_with_every_step_checked_then_kill_9_of_a_peer_mid_speculati
     cfg = SamplingConfig(max_new_tokens=64, temperature=0.0)
     prompt = prompts(1)[0]
     with start_peers(tiny_words_dir, spans, tmp_path) as four:
-        events: list[str] = []
-        gen = open_swarm_generator(tiny_words_dir, four.addresses, on_event=events.append)
+        # The client relaying, every step re-run on the other replica: its shadow session
+        # rolls back as the hop's session does.
+        checked = ClientConfig(push=False, verify_fraction=1.0)
+        gen = open_swarm_generator(tiny_words_dir, four.addresses, config=checked)
         reference = list(gen.tokens(prompt, cfg))
         assert len(reference) == 64
         gen.speculator = open_speculator(gen, "lookup", tiny_words_dir)
         sessions = recording(gen)
-
-        # Every step re-run on the other replica: its shadow session rolls back as the hop's.
-        swarm = gen.client  # type: ignore[attr-defined]
-        swarm.config = replace(swarm.config, verify_fraction=1.0)
         assert list(gen.tokens(prompt, cfg)) == reference
         assert sessions[0].rolled_back > 0
+        swarm = gen.client  # type: ignore[attr-defined]
         assert swarm.verify_counts["mismatch"] == 0 and swarm.verify_counts["match"] > 0
-        swarm.config = replace(swarm.config, verify_fraction=0.0)
+        swarm.close()
 
+        # Push (the default), and the second hop's peer killed mid-speculation.
+        events: list[str] = []
+        gen = open_swarm_generator(tiny_words_dir, four.addresses, on_event=events.append)
+        gen.speculator = open_speculator(gen, "lookup", tiny_words_dir)
+        sessions = recording(gen)
         tokens: list[int] = []
         for token in gen.tokens(prompt, cfg):
             tokens.append(token)
             if len(tokens) == 24:
-                assert sessions[1].rolled_back > 0  # the kept inputs were cut already
-                victim = sessions[1].hops[1].view.peer_id
+                assert sessions[0].rolled_back > 0  # the kept inputs were cut already
+                victim = sessions[0].hops[1].view.peer_id
                 next(p for p in four.peers if p.peer_id == victim).stop(signal.SIGKILL)
         assert tokens == reference
         assert any("rerouted" in e for e in events)
-        swarm.close()
+        gen.client.close()  # type: ignore[attr-defined]
 
 
 def test_the_client_and_swarm_chat_speculate_when_asked(
