@@ -42,8 +42,7 @@ PARAGRAPH = (
     "when the fishing boats came home safely."
 )
 PROMPTS = {
-    "edit": "Fix the spelling mistakes in this paragraph and write it out in full:\n\n"
-    + PARAGRAPH,
+    "edit": "Fix the spelling mistakes in this paragraph and write it out in full:\n\n" + PARAGRAPH,
     "chat": "What should I pack for a weekend of hiking in the mountains?",
 }
 
