@@ -36,7 +36,9 @@ if [[ $extra == dev ]] && ! command -v chromium >/dev/null; then
     # The dashboard's browser test drives Debian's chromium with Playwright (no browser download).
     if [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null; then
         echo "setup: installing chromium (apt)" >&2
-        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+        # Not fatal: without it the browser test skips, and says why.
+        { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } ||
+            echo "setup: could not install chromium; the dashboard's browser test will skip" >&2
     else
         echo "setup: no chromium; install it (apt-get install chromium) for the dashboard's test" >&2
     fi

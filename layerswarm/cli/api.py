@@ -62,6 +62,7 @@ SWARM_FLAGS = (
     "local",
     "peer",
     "dtype",
+    "device",
     "mdns_interface",
     "bootstrap",
     "swarm_key",
@@ -326,7 +327,7 @@ async def serve(gen: Generator, config: ApiConfig, host: str, port: int) -> None
 def on_swarm_event(text: str) -> None:
     """The client's news (reroutes, peers leaving): to the log and to the dashboard."""
     log.info("%s", text)
-    if not text.startswith("rerouted"):  # the session noted its reroutes already
+    if not text.startswith(("rerouted", "banned")):  # the routing noted those already
         note_event("leave" if "leaving" in text else "info", text)
 
 

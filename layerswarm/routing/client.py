@@ -31,6 +31,7 @@ from layerswarm.routing.sampling import SamplingConfig
 from layerswarm.routing.swarm_client import ClientConfig, open_swarm_generator
 from layerswarm.routing.text import Message
 from layerswarm.shards.config import parse_dtype
+from layerswarm.shards.device import default_dtype, resolve_device
 from layerswarm.shards.registry import resolve_model
 
 
@@ -80,7 +81,8 @@ class Client:
         bootstrap: Sequence[str] = (),
         local: bool = False,
         swarm_key: bytes | None = None,
-        dtype: str = "float32",
+        dtype: str | None = None,
+        device: str = "auto",
         cache_dir: Path | None = None,
         speculate: str | None = None,
         draft_model: str | None = None,
@@ -94,6 +96,9 @@ class Client:
             peers: explicit peer addresses `host:port[/PEERID]`.
             bootstrap: DHT multiaddrs of a swarm elsewhere.
             local: run every layer in this process instead.
+            dtype: float32, bfloat16 or float16; None: bfloat16 on a GPU, float32 on a CPU.
+            device: where the embedding and the head run, and with `local` every layer:
+                auto (the CUDA device with the most free memory, else the CPU), cpu, cuda:N.
             relay: the client relays every hop's output (instead of peers pushing it on).
             speculate: guess several tokens a pass through the layers: "lookup" (n-grams of
                 the context) or "draft" (a local draft model); None: one token a pass.
@@ -104,8 +109,10 @@ class Client:
         """
         cache = cache_dir or _default_cache()
         model_dir = resolve_model(model, cache)
+        where = resolve_device(device)
+        torch_dtype = parse_dtype(dtype or default_dtype(where))
         if local:
-            gen = open_local_generator(model_dir, parse_dtype(dtype))
+            gen = open_local_generator(model_dir, torch_dtype, device=where)
         else:
             discover = not peers and not bootstrap
             config = ClientConfig(
@@ -115,12 +122,12 @@ class Client:
                 push=not relay,
             )
             gen = open_swarm_generator(
-                model_dir, list(peers), dtype=parse_dtype(dtype), config=config
+                model_dir, list(peers), dtype=torch_dtype, config=config, device=where
             )
         if speculate is not None:
             draft_dir = resolve_model(draft_model, cache) if draft_model is not None else None
             gen.speculator = open_speculator(
-                gen, speculate, model_dir, draft_dir, draft_quant, parse_dtype(dtype)
+                gen, speculate, model_dir, draft_dir, draft_quant, torch_dtype
             )
         return cls(gen, defaults)
 

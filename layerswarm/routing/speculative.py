@@ -167,7 +167,7 @@ def _residual(p: torch.Tensor, draft: Draft, i: int, guess: int) -> torch.Tensor
         rest = p.clone()
         rest[guess] = 0.0
     else:
-        rest = (p - draft.probs[i].to(p.dtype)).clamp_(min=0.0)
+        rest = (p - draft.probs[i].to(p.device, p.dtype)).clamp_(min=0.0)
     return rest if float(rest.sum()) > 0 else p  # only rounding empties it
 
 

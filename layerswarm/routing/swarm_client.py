@@ -335,12 +335,14 @@ def open_swarm_generator(
     dtype: torch.dtype = torch.float32,
     config: ClientConfig | None = None,
     on_event: Callable[[str], None] | None = None,
+    device: torch.device | str = "cpu",
 ) -> Generator:
     """A generator whose layers run on `peers` (addresses `host:port[/PEERID]`), and on the
-    peers that `config` discovers (mDNS, DHT through `config.bootstrap`)."""
+    peers that `config` discovers (mDNS, DHT through `config.bootstrap`); the embedding and
+    the head run on `device`."""
     config = config or ClientConfig(insecure_plaintext=insecure_plaintext)
     client = SwarmClient(model_dir, peers, config, on_event=on_event)
-    head = pack_linears(load_client_head(model_dir, dtype))
+    head = pack_linears(load_client_head(model_dir, dtype).to(device))
     gen = Generator(head, ChatTokenizer(model_dir), client.open_pipeline, client.net)
     gen.client = client  # type: ignore[attr-defined]  # keeps it alive; for /route
     return gen

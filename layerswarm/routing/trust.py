@@ -14,6 +14,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from layerswarm import metrics
+
 log = logging.getLogger(__name__)
 
 
@@ -76,6 +78,7 @@ class TrustLedger:
             self._liars.add(peer_id)
             self._records.append(record)
         log.warning("banned peer %s at %s: %s (%s)", peer_id, address, reason, evidence)
+        metrics.note_event("ban", f"banned {peer_id} at {address} for good: {reason}")
         if self._on_ban is not None:
             self._on_ban(record)
         return True

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from layerswarm import metrics
 from layerswarm.errors import LayerswarmError
 from layerswarm.routing.paths import PeerView
 from layerswarm.routing.verify_local import LOCAL
@@ -213,6 +214,7 @@ class Verifier:
         ledger, stats = self._client.trust, self._client.verify_counts
         if not isinstance(theirs, torch.Tensor):
             stats["error"] += 1
+            metrics.VERIFICATIONS.labels(result="error").inc()
             log.debug("checking on %s failed: %s", verifier.address, theirs)
             return out
         ledger.checks(hop.view.peer_id).checked += 1
@@ -221,9 +223,11 @@ class Verifier:
         err = relative_error(out, theirs)
         if err <= tol:
             stats["match"] += 1
+            metrics.VERIFICATIONS.labels(result="match").inc()
             self._client.norms.learn(hop.span.end, token_rms(out))
             return out
         stats["mismatch"] += 1
+        metrics.VERIFICATIONS.labels(result="mismatch").inc()
         evidence: dict[str, object] = {
             "layers": str(hop.span),
             "positions": f"{start}:{start + hidden.shape[1]}",

@@ -15,7 +15,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from prometheus_client import REGISTRY
 
+from layerswarm import metrics
 from layerswarm.errors import NoRouteError
 from layerswarm.peer.launch import PeerProcess, start_peer
 from layerswarm.routing.session import RemoteSession
@@ -91,6 +93,11 @@ def session_on(client: SwarmClient, bad: PeerProcess, swarm: Swarm) -> RemoteSes
     return session
 
 
+def mismatch_count() -> float:
+    value = REGISTRY.get_sample_value("layerswarm_verifications_total", {"result": "mismatch"})
+    return value or 0.0
+
+
 def test_a_peer_returning_perturbed_activations_is_caught_banned_and_its_steps_redone(
     tiny_llama_dir: Path, swarm: Swarm
 ) -> None:
@@ -98,6 +105,7 @@ def test_a_peer_returning_perturbed_activations_is_caught_banned_and_its_steps_r
     expected = honest_outputs(tiny_llama_dir, swarm, inputs)
     liar = swarm.bad["liar"]
     events: list[str] = []
+    mismatches = mismatch_count()
     config = ClientConfig(verify_fraction=1.0)  # every step checked: no wrong output gets out
     client = SwarmClient(tiny_llama_dir, [liar.address], config, on_event=events.append)
     try:
@@ -118,6 +126,9 @@ def test_a_peer_returning_perturbed_activations_is_caught_banned_and_its_steps_r
         assert record.evidence["relative_error"] > record.evidence["tolerance"]  # type: ignore[operator]
         assert any("banned peer" in e and "lying" in e for e in events)
         assert client.verify_counts["mismatch"] >= 1 and client.verify_counts["match"] >= 1
+        # The same, for /metrics and the dashboard: counted, and the ban shown with its reason.
+        assert mismatch_count() > mismatches
+        assert any(e.kind == "ban" and liar.peer_id in e.text for e in metrics.EVENTS.recent())
         # Banned for good: a new session never uses it, even with every other peer banned.
         for peer in swarm.honest:
             client.bans.ban(peer.peer_id)
