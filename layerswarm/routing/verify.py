@@ -33,7 +33,7 @@ import torch
 
 from layerswarm import metrics
 from layerswarm.errors import LayerswarmError
-from layerswarm.routing.history import context_slice, merge_inputs
+from layerswarm.routing.kept_inputs import context_slice, merge_inputs
 from layerswarm.routing.paths import PeerView
 from layerswarm.routing.verify_local import LOCAL
 from layerswarm.shards.config import Span
@@ -145,8 +145,12 @@ class Verifier:
         forced = self._client.trust.checks(peer_id).served < config.verify_first_steps
         return forced or self.rng.random() < config.verify_fraction
 
-    async def step(self, hop: ActiveHop, hidden: torch.Tensor, start: int) -> torch.Tensor:
+    async def step(
+        self, hop: ActiveHop, hidden: torch.Tensor, start: int, truncate: int | None = None
+    ) -> torch.Tensor:
         """The hop's output for this step, checked on a replica when chosen so.
+
+        `truncate`: the step rolls the hop's session back first (`Step.truncate_to`).
 
         Raises:
             HopFailed: the hop failed, sent a malformed reply, or was caught lying.
@@ -157,7 +161,7 @@ class Verifier:
         chosen = primary in planned if planned is not None else self._chosen(primary)
         verifier = self._pick(hop, ()) if chosen else None
         if verifier is None:
-            out = await self.session._step(hop, hidden, start)
+            out = await self.session._step(hop, hidden, start, truncate)
             checks.served += 1
             if not self._client.norms.suspicious(hop.span.end, out):
                 return out
@@ -168,7 +172,7 @@ class Verifier:
             theirs = await self._opinion(hop, verifier, hidden, start)
         else:
             ours, theirs = await asyncio.gather(
-                self.session._step(hop, hidden, start),
+                self.session._step(hop, hidden, start, truncate),
                 self._opinion(hop, verifier, hidden, start),
                 return_exceptions=True,
             )
@@ -321,12 +325,12 @@ class Verifier:
             last = shadow.last if shadow is not None else None
             if last is not None and last[:2] == (start, tokens):
                 return last[2]  # asked again (the step is redone): the same answer
-            if shadow is None or start < shadow.fed:
-                if shadow is not None:
-                    del self.shadows[key]
-                    await shadow.close()
+            if shadow is None:
                 shadow = await self._open_shadow(hop, peer)
                 self.shadows[key] = shadow
+            # A session that went back (speculation's rollback): what the shadow holds before
+            # `start` still stands; its run at `start` drops the rest.
+            shadow.fed = min(shadow.fed, start)
             context = context_slice(session.history.get(hop.span.start, []), shadow.fed, start)
             for at, chunk in merge_inputs(context, session.config.replay_chunk_tokens):
                 await shadow.run(chunk, at)
@@ -354,7 +358,8 @@ class Verifier:
         await session._request(twin, opening, session.config.request_timeout)
 
         async def run(hidden: torch.Tensor, start: int) -> torch.Tensor:
-            return await session._step(twin, hidden, start)
+            # Runs start where the shadow was fed to, or before it when the session went back.
+            return await session._step(twin, hidden, start, truncate=start)
 
         return Shadow(run, lambda: session._close_hops([twin]))
 

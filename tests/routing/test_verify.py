@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from layerswarm.errors import LayerswarmError, ProtocolError
-from layerswarm.routing.history import context_slice
+from layerswarm.routing.kept_inputs import context_slice
 from layerswarm.routing.peer_link import PeerLink
 from layerswarm.routing.peer_stats import (
     MAX_SECONDS_PER_LAYER,

@@ -1,5 +1,8 @@
-"""The inputs a session keeps at each layer boundary: replayed into a new hop after a failure,
-and fed to a verifier's shadow session before a check."""
+"""The inputs a session keeps per layer boundary for failover: cut on rollback, merged on replay,
+sliced for a verifier's shadow session.
+
+Each kept input is `(start, hidden (1, tokens, hidden))`, in the order it was sent.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +11,29 @@ from collections.abc import Sequence
 import torch
 
 from layerswarm.errors import LayerswarmError
+
+KeptInputs = list[tuple[int, torch.Tensor]]
+
+
+def truncate_inputs(inputs: KeptInputs, length: int) -> KeptInputs:
+    """The kept inputs cut to the positions before `length` (a rollback: the rest was rejected)."""
+    return [(start, hidden[:, : length - start]) for start, hidden in inputs if start < length]
+
+
+def merge_inputs(inputs: KeptInputs, max_tokens: int) -> KeptInputs:
+    """Join consecutive inputs into steps of up to `max_tokens` tokens (a replay's steps).
+
+    Inputs join only where one starts where the previous one ends; order is kept.
+    """
+    out: list[tuple[int, list[torch.Tensor], int]] = []  # (start, parts, tokens)
+    for start, hidden in inputs:
+        t = hidden.shape[1]
+        if out and out[-1][0] + out[-1][2] == start and out[-1][2] + t <= max_tokens:
+            first, parts, tokens = out[-1]
+            out[-1] = (first, [*parts, hidden], tokens + t)
+        else:
+            out.append((start, [hidden], t))
+    return [(start, torch.cat(parts, dim=1)) for start, parts, _ in out]
 
 
 def context_slice(
@@ -41,21 +67,3 @@ def context_slice(
     if at != hi:
         raise LayerswarmError(f"the kept inputs do not cover positions {lo}..{hi}")
     return out
-
-
-def merge_inputs(
-    inputs: list[tuple[int, torch.Tensor]], max_tokens: int
-) -> list[tuple[int, torch.Tensor]]:
-    """Join consecutive inputs `(start, (1, tokens, hidden))` into steps of up to `max_tokens`.
-
-    Inputs join only where one starts where the previous one ends; order is kept.
-    """
-    out: list[tuple[int, list[torch.Tensor], int]] = []  # (start, parts, tokens)
-    for start, hidden in inputs:
-        t = hidden.shape[1]
-        if out and out[-1][0] + out[-1][2] == start and out[-1][2] + t <= max_tokens:
-            first, parts, tokens = out[-1]
-            out[-1] = (first, [*parts, hidden], tokens + t)
-        else:
-            out.append((start, [hidden], t))
-    return [(start, torch.cat(parts, dim=1)) for start, parts, _ in out]
