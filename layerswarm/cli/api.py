@@ -71,6 +71,8 @@ SWARM_FLAGS = (
     "draft_model",
     "draft_quant",
     "relay",
+    "verify_fraction",
+    "verify_locally",
     "verbose",
 )
 
