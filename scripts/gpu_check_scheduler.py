@@ -21,7 +21,8 @@ import torch
 from layerswarm.shards.blocks import SpanModel
 from layerswarm.shards.config import ModelConfig, Span
 from layerswarm.shards.cuda_graphs import enable_cuda_graphs
-from layerswarm.shards.scheduler import SchedulerConfig, StepScheduler
+from layerswarm.shards.scheduler import StepScheduler
+from layerswarm.shards.scheduler_config import SchedulerConfig
 
 CONFIG = ModelConfig(
     hidden_size=512,

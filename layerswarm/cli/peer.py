@@ -53,7 +53,7 @@ from layerswarm.shards.device import (
     default_dtype,
     resolve_device,
 )
-from layerswarm.shards.scheduler import DEFAULT_PREFILL_CHUNK, DEFAULT_TOKEN_BUDGET
+from layerswarm.shards.scheduler_config import DEFAULT_PREFILL_CHUNK, DEFAULT_TOKEN_BUDGET
 from layerswarm.swarm.identity import load_or_create_identity
 from layerswarm.swarm.limits import ListenLimits
 from layerswarm.swarm.transport import new_event_loop

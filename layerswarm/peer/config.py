@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from layerswarm.shards.config import Span
-from layerswarm.shards.scheduler import (
+from layerswarm.shards.scheduler_config import (
     DEFAULT_PREFILL_CHUNK,
     DEFAULT_TOKEN_BUDGET,
     SchedulerConfig,

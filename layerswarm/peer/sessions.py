@@ -31,7 +31,8 @@ from layerswarm.peer.config import ServingConfig
 from layerswarm.shards.blocks import SpanModel
 from layerswarm.shards.config import Span
 from layerswarm.shards.kv_cache import PagedKVCache, SessionCache
-from layerswarm.shards.scheduler import PositionGap, StepScheduler
+from layerswarm.shards.scheduler import StepScheduler
+from layerswarm.shards.scheduler_config import PositionGap
 from layerswarm.swarm.protocol import ErrorCode
 
 log = logging.getLogger(__name__)

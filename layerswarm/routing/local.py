@@ -22,7 +22,8 @@ from layerswarm.shards.blocks import SpanModel
 from layerswarm.shards.config import ModelConfig, Span, parse_dtype
 from layerswarm.shards.cuda_graphs import enable_cuda_graphs
 from layerswarm.shards.kv_cache import PagedKVCache, SessionCache
-from layerswarm.shards.scheduler import SchedulerConfig, StepScheduler
+from layerswarm.shards.scheduler import StepScheduler
+from layerswarm.shards.scheduler_config import SchedulerConfig
 from layerswarm.shards.weights import Progress, load_client_head, load_span
 
 __all__ = ["LocalEngine", "LocalPipeline", "open_local_generator", "parse_dtype"]

@@ -21,7 +21,6 @@ import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 
 import torch
 
@@ -35,90 +34,9 @@ from layerswarm.errors import (
 from layerswarm.shards.blocks import SpanModel, StepBatch
 from layerswarm.shards.config import Span
 from layerswarm.shards.kv_cache import PagedKVCache, SessionCache
+from layerswarm.shards.scheduler_config import Job, PositionGap, SchedulerConfig
 
 log = logging.getLogger(__name__)
-
-# Measured with scripts/bench_scheduler.py on this project's 2-core CPU machine (shared with other
-# work: sizes interleaved, 3 rounds, median [min..max]), SmolLM2-135M fp32, all 30 layers.
-# Token budget, while sessions decode: 4 sessions decoding beside a chunk of a 2,000-token prompt,
-# 1,000 tokens in; a decode-only step took 84 ms (an earlier run: 83 ms; 64: 3.5x, 128: 5.8x).
-#   budget 16: step 162 [115..] ms (1.9x), prefill  74 tok/s
-#   budget 32: step 197 [137..] ms (2.3x), prefill 142 tok/s
-#   budget 64: step 289 [192..] ms (3.4x), prefill 208 tok/s
-# 32 is the largest budget that keeps a decoding session's gap under 3x while a prompt prefills.
-# Prefill chunk, when no session decodes: the same prompt alone, and the longest pause of a decoder
-# whose step arrives as the last (slowest) chunk starts: that chunk, then a budget-32 step.
-#   chunk   32: 234 [ 12..249] tok/s, pause  325 ms ( 1.7x the 197 ms budget-32 gap)
-#   chunk  128: 363 [304..373] tok/s, pause  542 [473..581] ms ( 2.8x)
-#   chunk  256: 361 [336..373] tok/s, pause 1027 [1023..1085] ms ( 5.2x)
-#   chunk  512: 334 [300..365] tok/s, pause 2032 ms (10.3x)
-#   chunk 1024: 241 [229..279] tok/s, pause 5328 ms (27.1x): attention over a long chunk costs more
-# Prefill speed flattens at 128-256 tokens and falls past 256; 128 is where it flattens and the
-# largest size measured whose pause stays under 3x the gap, so a lone prompt prefills 1.55x faster
-# than in budget-sized chunks. A peer that serves prompts more than chats can raise both
-# (`token_budget`, `prefill_chunk`).
-DEFAULT_TOKEN_BUDGET = 32
-DEFAULT_PREFILL_CHUNK = 128
-# A session counts as decoding for this long after its last decode step, so that the small budget
-# holds between its steps (its next one arrives after the client samples and other hops run): with
-# only queued steps counting, each turn would start while the decoders' next steps are on their
-# way, and every gap would hold a big chunk.
-DEFAULT_DECODE_LINGER = 1.0
-
-
-@dataclass(frozen=True)
-class SchedulerConfig:
-    """How much work one turn of the compute loop takes on."""
-
-    token_budget: int = DEFAULT_TOKEN_BUDGET  # unit: tokens per iteration while sessions decode
-    max_batch: int = 16  # unit: sessions per iteration
-    decode_threads: int = 0  # unit: threads for a one-session one-token step; 0: all of torch's
-    # unit: tokens per iteration when no session decodes (token_budget if that is larger)
-    prefill_chunk: int = DEFAULT_PREFILL_CHUNK
-    # unit: s after its last decode step that a session still counts as decoding (its next
-    # step is on its way: the client samples, other hops run); 0: only a queued step counts
-    decode_linger: float = DEFAULT_DECODE_LINGER
-    # unit: s to wait, before a batch, for sessions that decoded in the last one and come back
-    # at once (`_regroup`); 0: never wait. The local engine sets it: there the next steps come
-    # after the head samples on this same compute thread. A peer leaves it 0: its sessions'
-    # next steps come after other hops, and taking turns with them is the pipelining.
-    regroup_wait: float = 0.0
-
-    def __post_init__(self) -> None:
-        if self.max_batch < 1 or self.token_budget <= self.max_batch:
-            raise ValueError(
-                f"need max_batch >= 1 and token_budget > max_batch (so that prefills advance "
-                f"beside a full batch of decode steps), got {self.max_batch}, {self.token_budget}"
-            )
-        if self.decode_linger < 0:
-            raise ValueError(f"need decode_linger >= 0, got {self.decode_linger}")
-
-
-class PositionGap(LayerswarmError):
-    """A step starts past the end of what its session holds (an earlier step of it failed)."""
-
-
-@dataclass(eq=False)
-class _Job:
-    seq: SessionCache
-    hidden: torch.Tensor  # (tokens, hidden) in the model's dtype
-    start: int
-    layers: Span
-    out_dtype: torch.dtype
-    timeout: float | None  # unit: s from the first chunk's start; None: no limit
-    order: int  # arrival number: older work goes first
-    done: asyncio.Future[torch.Tensor] = field(repr=False)
-    ran: int = 0  # unit: tokens computed so far
-    deadline: float | None = None  # unit: monotonic s; set when the first chunk runs
-    parts: list[torch.Tensor] = field(default_factory=list)
-
-    @property
-    def total(self) -> int:
-        return int(self.hidden.shape[0])
-
-    @property
-    def remaining(self) -> int:
-        return self.total - self.ran
 
 
 class StepScheduler:
@@ -140,10 +58,10 @@ class StepScheduler:
         self._executor = compute or ThreadPoolExecutor(1, thread_name_prefix="layerswarm-compute")
         self._all_threads = torch.get_num_threads()
         self._dtype = next(model.parameters()).dtype
-        self._queues: dict[int, deque[_Job]] = {}  # id(seq) -> its steps, in order
+        self._queues: dict[int, deque[Job]] = {}  # id(seq) -> its steps, in order
         self._order = itertools.count()
         self._wake = asyncio.Event()
-        self._running: list[tuple[_Job, int]] = []
+        self._running: list[tuple[Job, int]] = []
         self._running_since = 0.0  # unit: monotonic s the running batch started
         self._batch_s = 0.0  # unit: s, moving average of one batch's time
         self._to_free: list[tuple[PagedKVCache, SessionCache]] = []  # after the running batch
@@ -195,7 +113,7 @@ class StepScheduler:
         held = max(seq.length, live[-1].start + live[-1].total) if live else seq.length
         if start < 0 or start > held:
             raise PositionGap(f"start {start} leaves a gap: the session holds {held} tokens")
-        job = _Job(
+        job = Job(
             seq,
             hidden[0].to(self._dtype),
             start,
@@ -319,7 +237,7 @@ class StepScheduler:
             except asyncio.TimeoutError:  # not the builtin before Python 3.11
                 return
 
-    def _finish_chunk(self, job: _Job, out: torch.Tensor) -> None:
+    def _finish_chunk(self, job: Job, out: torch.Tensor) -> None:
         job.parts.append(out)
         job.ran += out.shape[0]
         if job.total == 1:
@@ -333,11 +251,11 @@ class StepScheduler:
                 del self._queues[id(job.seq)]
         job.done.set_result(torch.cat(job.parts))
 
-    def _next_batch(self) -> list[tuple[_Job, int]]:
+    def _next_batch(self) -> list[tuple[Job, int]]:
         """Decode steps first (oldest first, `max_batch` sessions), then prefill chunks within
         the token budget; only sessions on the same layers as the oldest ready step."""
         now = time.monotonic()
-        heads: list[_Job] = []
+        heads: list[Job] = []
         for key in list(self._queues):
             queue = self._queues[key]
             while queue and not self._ready(queue[0], now):
@@ -353,7 +271,7 @@ class StepScheduler:
         heads = [j for j in heads if j.layers == layers]
         decode = [j for j in heads if j.total == 1]
         prefill = [j for j in heads if j.total > 1]
-        batch: list[tuple[_Job, int]] = []
+        batch: list[tuple[Job, int]] = []
         budget = self._budget(decode, now)
         for job in decode + prefill:
             n = min(job.remaining, budget)
@@ -366,7 +284,7 @@ class StepScheduler:
                     job.deadline = now + job.timeout
         return batch
 
-    def _budget(self, decode: list[_Job], now: float) -> int:
+    def _budget(self, decode: list[Job], now: float) -> int:
         """The small budget while any session decodes (a step queued, or one that ran within
         `decode_linger`: its next is on its way), else the big prefill chunk."""
         if decode:
@@ -378,7 +296,7 @@ class StepScheduler:
             del self._decoded_at[key]
         return max(self.config.prefill_chunk, self.config.token_budget)
 
-    def _ready(self, job: _Job, now: float) -> bool:
+    def _ready(self, job: Job, now: float) -> bool:
         """Whether a session's next step can run now; answers (and drops) the ones that cannot."""
         if job.done.done():  # its caller gave up
             self._rollback(job)
@@ -394,7 +312,7 @@ class StepScheduler:
             return False
         return True
 
-    def _grow(self, job: _Job, n: int) -> bool:
+    def _grow(self, job: Job, n: int) -> bool:
         end = job.start + job.ran + n
         if job.ran == 0 and job.start < job.seq.length:
             # A step that begins before the session's end replaces what follows (a speculative
@@ -408,7 +326,7 @@ class StepScheduler:
             return False
         return True
 
-    def _drop(self, job: _Job, error: Exception, pop: bool = True) -> None:
+    def _drop(self, job: Job, error: Exception, pop: bool = True) -> None:
         """Fail a job; with `pop`, take it off its session's queue too."""
         queue = self._queues.get(id(job.seq))
         if pop and queue and queue[0] is job:
@@ -417,19 +335,19 @@ class StepScheduler:
         self._rollback(job)
 
     @staticmethod
-    def _fail(job: _Job, error: Exception) -> None:
+    def _fail(job: Job, error: Exception) -> None:
         if not job.done.done():
             job.done.set_exception(error)
             job.done.exception()  # retrieved: a caller that left must not log "never retrieved"
 
     @staticmethod
-    def _rollback(job: _Job) -> None:
+    def _rollback(job: Job) -> None:
         """A step that stopped part-way leaves its session where it started."""
         if job.ran > 0 and job.seq.length > job.start:
             job.seq.length = job.start
 
     def _compute(
-        self, batch: list[tuple[_Job, int]], model: SpanModel, cache: PagedKVCache
+        self, batch: list[tuple[Job, int]], model: SpanModel, cache: PagedKVCache
     ) -> list[torch.Tensor]:
         """One forward pass over the batch's chunks (on the compute thread)."""
         one_token_one_session = len(batch) == 1 and batch[0][1] == 1

@@ -15,7 +15,7 @@ from layerswarm.peer.measure import measure_speed
 from layerswarm.peer.sessions import SessionTable
 from layerswarm.shards.blocks import SpanModel
 from layerswarm.shards.config import ModelConfig, Span
-from layerswarm.shards.scheduler import SchedulerConfig
+from layerswarm.shards.scheduler_config import SchedulerConfig
 from layerswarm.swarm.protocol import ErrorCode
 
 CONFIG = ModelConfig(

@@ -14,7 +14,8 @@ from layerswarm.errors import CacheFull, SessionExpired, StepCancelled
 from layerswarm.shards.blocks import ClientHead, SpanModel, StepBatch
 from layerswarm.shards.config import ModelConfig, Span
 from layerswarm.shards.kv_cache import PagedKVCache, SessionCache
-from layerswarm.shards.scheduler import PositionGap, SchedulerConfig, StepScheduler
+from layerswarm.shards.scheduler import StepScheduler
+from layerswarm.shards.scheduler_config import PositionGap, SchedulerConfig
 
 CONFIG = ModelConfig(
     hidden_size=64, intermediate_size=128, num_heads=4, num_kv_heads=2, head_dim=16
