@@ -1,10 +1,13 @@
 """Benchmark the local engine against transformers on the same weights, in the same run.
 
-Prefill of a 128-token prompt and greedy decode of 64 tokens at batch 1, fp32 and bf16.
-Prints a table with the ratios (ours / transformers). transformers is a dev dependency:
-`pip install -e .[dev]`.
+Prefill of a 128-token prompt and greedy decode of 64 tokens at batch 1, fp32 and bf16, for a
+model of any supported family (a name, a folder, a .gguf file or ORG/NAME). The two engines
+take turns (A B A B ...), so a noisy machine slows both alike; the table shows medians and the
+decode spread (min-max). transformers is a dev dependency: `pip install -e .[dev]`.
 
     python scripts/bench_local.py [--model smollm2-135m] [--repeats 3]
+    python scripts/make_synthetic_moe.py && \
+        python scripts/bench_local.py --model ~/.cache/layerswarm/models/synthetic-moe
 """
 
 from __future__ import annotations
@@ -18,7 +21,6 @@ import torch
 
 from layerswarm.cli.common import default_cache_dir, resolve_model_cli
 from layerswarm.kernels.cpu_linear import pack_linears
-from layerswarm.routing.local import LocalPipeline
 from layerswarm.shards.config import ModelConfig, Span
 from layerswarm.shards.weights import load_client_head, load_span
 
@@ -30,16 +32,17 @@ def bench_ours(model_dir: Path, dtype: torch.dtype, ids: torch.Tensor) -> tuple[
     config = ModelConfig.from_file(model_dir)
     head = pack_linears(load_client_head(model_dir, dtype, config))
     span = pack_linears(load_span(model_dir, Span(0, config.num_layers), dtype, config))
-    pipe = LocalPipeline(span, PROMPT_TOKENS + NEW_TOKENS)
+    # The span's math as a peer runs it (one session; the scheduler's thread hops left out).
+    cache = span.new_cache(PROMPT_TOKENS + NEW_TOKENS)
+    seq = cache.open_session(PROMPT_TOKENS + NEW_TOKENS)
     t0 = time.perf_counter()
-    logits = head.logits(pipe.forward(head.embed_tokens(ids), 0)[:, -1:])
+    logits = head.logits(span(head.embed_tokens(ids), [0], cache, [seq])[:, -1:])
     t1 = time.perf_counter()
     token = logits[0, 0].argmax()
     for i in range(NEW_TOKENS):
-        h = pipe.forward(head.embed_tokens(token.view(1, 1)), PROMPT_TOKENS + i)
+        h = span(head.embed_tokens(token.view(1, 1)), [PROMPT_TOKENS + i], cache, [seq])
         token = head.logits(h)[0, 0].argmax()
     t2 = time.perf_counter()
-    pipe.close()
     return t1 - t0, NEW_TOKENS / (t2 - t1)
 
 
@@ -77,19 +80,22 @@ def main() -> None:
         100, config.vocab_size, (1, PROMPT_TOKENS), generator=torch.Generator().manual_seed(0)
     )
     rows = []
+    engines = (("layerswarm", bench_ours), ("transformers", bench_transformers))
     for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
-        cells = {}
-        for engine, fn in (("layerswarm", bench_ours), ("transformers", bench_transformers)):
-            runs = [fn(model_dir, dtype, ids) for _ in range(args.repeats)]
-            cells[engine] = (
-                statistics.median(r[0] for r in runs),
-                statistics.median(r[1] for r in runs),
-            )
-        ours, ref = cells["layerswarm"], cells["transformers"]
-        rows.append((name, ours, ref))
+        runs: dict[str, list[tuple[float, float]]] = {engine: [] for engine, _ in engines}
+        for _ in range(args.repeats):  # interleaved: A B A B
+            for engine, fn in engines:
+                runs[engine].append(fn(model_dir, dtype, ids))
+        rows.append((name, runs["layerswarm"], runs["transformers"]))
+    experts = (
+        f", {config.moe.num_experts} experts top-{config.moe.experts_per_token}"
+        if config.moe
+        else ""
+    )
     print(
-        f"\nSmolLM2 local engine vs transformers, {torch.get_num_threads()} threads, "
-        f"prompt {PROMPT_TOKENS} tokens, decode {NEW_TOKENS} tokens, median of {args.repeats}\n"
+        f"\n{model_dir.name} ({config.architecture}, {config.num_layers} layers{experts}): local "
+        f"engine vs transformers, {torch.get_num_threads()} threads, prompt {PROMPT_TOKENS} "
+        f"tokens, decode {NEW_TOKENS} tokens, median of {args.repeats} (decode min-max)\n"
     )
     print(
         "| dtype | prefill ms (ours) | prefill ms (transformers) | prefill speed-up "
@@ -97,10 +103,18 @@ def main() -> None:
     )
     print("|---|---|---|---|---|---|---|")
     for name, ours, ref in rows:
+        p_ours, p_ref = (statistics.median(r[0] for r in x) for x in (ours, ref))
+        d_ours, d_ref = (statistics.median(r[1] for r in x) for x in (ours, ref))
         print(
-            f"| {name} | {ours[0] * 1e3:.0f} | {ref[0] * 1e3:.0f} | {ref[0] / ours[0]:.2f}x "
-            f"| {ours[1]:.1f} | {ref[1]:.1f} | {ours[1] / ref[1]:.2f}x |"
+            f"| {name} | {p_ours * 1e3:.0f} | {p_ref * 1e3:.0f} | {p_ref / p_ours:.2f}x "
+            f"| {d_ours:.1f} ({_spread(ours)}) | {d_ref:.1f} ({_spread(ref)}) "
+            f"| {d_ours / d_ref:.2f}x |"
         )
+
+
+def _spread(runs: list[tuple[float, float]]) -> str:
+    rates = [r[1] for r in runs]
+    return f"{min(rates):.1f}-{max(rates):.1f}"
 
 
 if __name__ == "__main__":

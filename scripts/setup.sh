@@ -7,7 +7,8 @@
 # it keeps a torch that is already installed.
 #
 #   scripts/setup.sh          # runtime dependencies
-#   scripts/setup.sh dev      # plus test tools (pytest, ruff, mypy, hypothesis, transformers, triton)
+#   scripts/setup.sh dev      # plus test tools (pytest, ruff, mypy, hypothesis, transformers,
+#                             # triton, playwright) and Debian's chromium for the browser test
 set -euo pipefail
 cd "$(dirname "$0")/.."
 TORCH_VERSION="${LAYERSWARM_TORCH_VERSION:-2.13.0}"
@@ -31,4 +32,15 @@ target="."
 [[ $extra == dev ]] && target=".[dev]"
 echo "setup: installing layerswarm${extra:+ with [$extra]}" >&2
 "$VPY" -m pip install --disable-pip-version-check -q -e "$target"
+if [[ $extra == dev ]] && ! command -v chromium >/dev/null; then
+    # The dashboard's browser test drives Debian's chromium with Playwright (no browser download).
+    if [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null; then
+        echo "setup: installing chromium (apt)" >&2
+        # Not fatal: without it the browser test skips, and says why.
+        { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } ||
+            echo "setup: could not install chromium; the dashboard's browser test will skip" >&2
+    else
+        echo "setup: no chromium; install it (apt-get install chromium) for the dashboard's test" >&2
+    fi
+fi
 touch "$stamp"

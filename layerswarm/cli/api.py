@@ -4,9 +4,11 @@ swarm-api --model M --peer HOST:PORT --peer ... --port 8000           # these pe
 swarm-api --model M --local --api-key SECRET                          # every layer here
 
 Routes: GET /v1/models, POST /v1/chat/completions and /v1/completions (with "stream": true as
-server-sent events). Once listening it prints `LAYERSWARM-API-READY {"host", "port", "url",
-"model"}` on stdout. Each reply runs in a worker thread over its own pipeline, so requests run
-concurrently; the HTTP side is in `api_server`, the checks of a request in `api_params`.
+server-sent events); the dashboard at `/` and `/chat`, Prometheus metrics at `/metrics`. Once
+listening it prints `LAYERSWARM-API-READY {"host", "port", "url", "model"}` on stdout. Every
+reply runs on the client's one event loop over its own pipeline, so requests run concurrently;
+the HTTP server and its limits are in `api_server`, the request schema in `api_params`, the
+replies in `api_replies`, the dashboard in `dashboard`.
 """
 
 from __future__ import annotations
@@ -17,25 +19,40 @@ import json
 import logging
 import signal
 import time
-import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from layerswarm.cli.api_params import parse_prompt, parse_sampling
-from layerswarm.cli.api_replies import Admission, Finished, admitted, generate
-from layerswarm.cli.api_server import ApiConfig, ApiError, Reply, Request, serve_api
-from layerswarm.cli.common import run_main, setup_logging
-from layerswarm.errors import (
-    ContextOverflow,
-    LayerswarmError,
-    ModelFormatError,
-    NoRouteError,
-    PeerUnavailable,
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from layerswarm.cli.api_params import (
+    ChatRequest,
+    CompletionRequest,
+    SamplingFields,
+    parse_prompt,
+    parse_sampling,
+    validate,
 )
+from layerswarm.cli.api_replies import (
+    Admission,
+    EventStream,
+    Finished,
+    ReplyShape,
+    admitted,
+    as_api_error,
+    generate,
+    stream_events,
+)
+from layerswarm.cli.api_server import ApiConfig, ApiError, read_json, serve_app
+from layerswarm.cli.common import run_main, setup_logging
+from layerswarm.cli.dashboard import ClientSource, InFlight, dashboard_routes
+from layerswarm.errors import LayerswarmError
+from layerswarm.metrics import note_event
 from layerswarm.routing.generate import Generator
-from layerswarm.routing.session import SwarmBusy
 
 log = logging.getLogger(__name__)
 READY_PREFIX = "LAYERSWARM-API-READY "  # then one line of JSON
@@ -45,6 +62,7 @@ SWARM_FLAGS = (
     "local",
     "peer",
     "dtype",
+    "device",
     "mdns_interface",
     "bootstrap",
     "swarm_key",
@@ -86,6 +104,33 @@ def build_parser() -> argparse.ArgumentParser:
         default=64,
         help="replies queued beyond those; past that, 429 with Retry-After (default 64)",
     )
+    ap.add_argument(
+        "--max-connections",
+        type=int,
+        default=ApiConfig.max_connections,
+        help="open connections at most; more are refused with a 503 (default %(default)s)",
+    )
+    ap.add_argument(
+        "--max-connections-per-ip",
+        type=int,
+        default=ApiConfig.max_connections_per_ip,
+        help="open connections from one address at most (default %(default)s)",
+    )
+    ap.add_argument(
+        "--max-headers",
+        type=int,
+        default=ApiConfig.max_headers,
+        help="headers of a request at most; more: 431 (default %(default)s)",
+    )
+    ap.add_argument(
+        "--head-timeout",
+        type=float,
+        default=ApiConfig.head_timeout,
+        metavar="S",
+        help="a request's headers must arrive within this; else 408 (default %(default)s)",
+    )
+    ap.add_argument("--tls-cert", metavar="PEM", help="serve HTTPS with this certificate (chain)")
+    ap.add_argument("--tls-key", metavar="PEM", help="the certificate's private key")
     return ap
 
 
@@ -96,23 +141,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
     defaults = vars(chat_parser().parse_args([]))
     return argparse.Namespace(**(defaults | vars(build_parser().parse_args(argv))))
-
-
-def as_api_error(e: Exception) -> ApiError:
-    """Our errors as the HTTP status and OpenAI error body a client understands."""
-    if isinstance(e, ApiError):
-        return e
-    if isinstance(e, ContextOverflow):
-        return ApiError(400, str(e), code="context_length_exceeded")
-    if isinstance(e, SwarmBusy):
-        return ApiError(429, str(e), code="rate_limit_exceeded", headers={"Retry-After": "5"})
-    if isinstance(e, NoRouteError | PeerUnavailable):
-        return ApiError(503, f"the swarm cannot serve this now: {e}", code="no_route")
-    if isinstance(e, ModelFormatError | ValueError):
-        return ApiError(400, str(e))
-    if isinstance(e, LayerswarmError):
-        return ApiError(502, f"the swarm failed: {e}", code="swarm_error")
-    raise e
 
 
 # --- the routes ---------------------------------------------------------------------------------
@@ -127,18 +155,28 @@ class OpenAiRoutes:
         self.created = int(time.time())
         self.admission = Admission(config.max_active, config.max_waiting)
 
-    async def __call__(self, request: Request) -> Reply:
-        route = (request.method, request.path.rstrip("/"))
-        if route == ("GET", "/v1/models"):
-            return Reply(body={"object": "list", "data": [self.model_card()]})
-        if route[0] == "GET" and route[1].startswith("/v1/models/"):
-            self.check_model(route[1].removeprefix("/v1/models/"))
-            return Reply(body=self.model_card())
-        if route == ("POST", "/v1/chat/completions"):
-            return await self.complete(request.json(), chat=True)
-        if route == ("POST", "/v1/completions"):
-            return await self.complete(request.json(), chat=False)
-        raise ApiError(404, f"no route {request.method} {request.path}", code="unknown_url")
+    def routes(self) -> list[Route]:
+        return [
+            Route("/v1/models", self.models, methods=["GET"]),
+            Route("/v1/models/{name:path}", self.model, methods=["GET"]),
+            Route("/v1/chat/completions", self.chat, methods=["POST"]),
+            Route("/v1/completions", self.completion, methods=["POST"]),
+        ]
+
+    async def models(self, request: Request) -> Response:
+        return JSONResponse({"object": "list", "data": [self.model_card()]})
+
+    async def model(self, request: Request) -> Response:
+        self.check_model(request.path_params["name"])
+        return JSONResponse(self.model_card())
+
+    async def chat(self, request: Request) -> Response:
+        body = validate(ChatRequest, await read_json(request, self.config))
+        return await self.complete(body)
+
+    async def completion(self, request: Request) -> Response:
+        body = validate(CompletionRequest, await read_json(request, self.config))
+        return await self.complete(body)
 
     def model_card(self) -> dict[str, Any]:
         return {
@@ -160,11 +198,13 @@ class OpenAiRoutes:
                 code="model_not_found",
             )
 
-    async def complete(self, body: dict[str, Any], chat: bool) -> Reply:
-        self.check_model(body.get("model"))
+    async def complete(self, body: SamplingFields) -> Response:
+        self.check_model(body.model)
+        chat = isinstance(body, ChatRequest)
         limit = self.gen.head.config.max_position_embeddings
         try:
-            prompt = parse_prompt(self.gen.tokenizer, body, chat)
+            # Templates and tokenizers take milliseconds per kilobyte: off the event loop.
+            prompt = await asyncio.to_thread(parse_prompt, self.gen.tokenizer, body)
             sampling = parse_sampling(body, len(prompt), limit, self.config.default_max_tokens)
         except (ValueError, LayerswarmError) as e:
             raise as_api_error(e) from None
@@ -175,18 +215,21 @@ class OpenAiRoutes:
                 param="messages" if chat else "prompt",
                 code="context_length_exceeded",
             )
+        if any(not 0 <= t < self.gen.head.config.vocab_size for t in prompt):
+            raise ApiError(400, "the prompt has token ids outside the vocabulary", param="prompt")
         shape = ReplyShape(chat, self.config.model_id, len(prompt))
         await self.admission.enter()
         pieces = admitted(self.admission, generate(self.gen, prompt, sampling))
-        if not body.get("stream"):
-            return Reply(body=await self.collect(pieces, shape))
+        if not body.stream:
+            return JSONResponse(await self.collect(pieces, shape))
         try:  # wait for the first piece, so that a failure to start gets its own status
             first = await anext(pieces)
         except Exception as e:
             await pieces.aclose()  # type: ignore[attr-defined]
             raise as_api_error(e) from None
-        include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-        return Reply(events=stream_events(first, pieces, shape, include_usage))
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        events = stream_events(first, pieces, shape, include_usage)
+        return EventStream(events)
 
     async def collect(
         self, pieces: AsyncIterator[str | Finished], shape: ReplyShape
@@ -204,80 +247,6 @@ class OpenAiRoutes:
         raise ApiError(500, "the reply ended without finishing")
 
 
-@dataclass(frozen=True)
-class ReplyShape:
-    """The JSON of replies and chunks, chat or plain completion."""
-
-    chat: bool
-    model: str
-    prompt_tokens: int
-    id: str = ""
-    created: int = 0
-
-    def __post_init__(self) -> None:
-        prefix = "chatcmpl-" if self.chat else "cmpl-"
-        object.__setattr__(self, "id", prefix + uuid.uuid4().hex)
-        object.__setattr__(self, "created", int(time.time()))
-
-    def envelope(self, obj: str) -> dict[str, Any]:
-        return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
-
-    def usage(self, done: Finished) -> dict[str, int]:
-        return {
-            "prompt_tokens": self.prompt_tokens,
-            "completion_tokens": done.completion_tokens,
-            "total_tokens": self.prompt_tokens + done.completion_tokens,
-        }
-
-    def whole(self, text: str, done: Finished) -> dict[str, Any]:
-        choice: dict[str, Any] = {"index": 0, "finish_reason": done.reason, "logprobs": None}
-        if self.chat:
-            choice["message"] = {"role": "assistant", "content": text}
-        else:
-            choice["text"] = text
-        obj = "chat.completion" if self.chat else "text_completion"
-        return self.envelope(obj) | {"choices": [choice], "usage": self.usage(done)}
-
-    def chunk(self, text: str | None, reason: str | None = None) -> dict[str, Any]:
-        choice: dict[str, Any] = {"index": 0, "finish_reason": reason, "logprobs": None}
-        if self.chat:
-            choice["delta"] = {} if text is None else {"content": text}
-        else:
-            choice["text"] = text or ""
-        obj = "chat.completion.chunk" if self.chat else "text_completion"
-        return self.envelope(obj) | {"choices": [choice]}
-
-
-async def stream_events(
-    first: str | Finished,
-    pieces: AsyncIterator[str | Finished],
-    shape: ReplyShape,
-    include_usage: bool,
-) -> AsyncIterator[dict[str, Any]]:
-    """The chunks of a streamed reply; a failure mid-reply becomes an error event."""
-    if shape.chat:
-        yield shape.chunk("") | {
-            "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]
-        }
-    item = first
-    try:
-        while True:
-            if isinstance(item, Finished):
-                yield shape.chunk(None, item.reason)
-                if include_usage:
-                    yield shape.envelope(shape.chunk(None)["object"]) | {
-                        "choices": [],
-                        "usage": shape.usage(item),
-                    }
-                return
-            yield shape.chunk(item)
-            item = await anext(pieces)
-    except Exception as e:
-        yield as_api_error(e).body()
-    finally:
-        await pieces.aclose()  # type: ignore[attr-defined]
-
-
 # --- the command --------------------------------------------------------------------------------
 
 
@@ -291,6 +260,10 @@ def api_config(args: argparse.Namespace) -> ApiConfig:
         raise SystemExit("error: --max-tokens must be >= 1")
     if args.max_active < 1 or args.max_waiting < 0:
         raise SystemExit("error: --max-active must be >= 1 and --max-waiting >= 0")
+    if min(args.max_connections, args.max_connections_per_ip, args.max_headers) < 1:
+        raise SystemExit("error: connection and header limits must be >= 1")
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise SystemExit("error: --tls-cert and --tls-key go together")
     return ApiConfig(
         model_id=name,
         aliases=(model,),
@@ -298,23 +271,61 @@ def api_config(args: argparse.Namespace) -> ApiConfig:
         default_max_tokens=args.max_tokens,
         max_active=args.max_active,
         max_waiting=args.max_waiting,
+        max_connections=args.max_connections,
+        max_connections_per_ip=args.max_connections_per_ip,
+        max_headers=args.max_headers,
+        head_timeout=args.head_timeout,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
     )
 
 
-def ready_line(host: str, port: int, model: str) -> str:
-    url = f"http://{host}:{port}/v1"
+def ready_line(host: str, port: int, model: str, tls: bool = False) -> str:
+    url = f"{'https' if tls else 'http'}://{host}:{port}/v1"
     return READY_PREFIX + json.dumps({"host": host, "port": port, "url": url, "model": model})
+
+
+def build_app(gen: Generator, config: ApiConfig) -> Starlette:
+    """The OpenAI routes, the dashboard and `/metrics`, with errors in the OpenAI format."""
+    source = ClientSource(gen, config.model_id)  # before InFlight wraps the generator
+    flights = InFlight(gen)
+    routes = [*OpenAiRoutes(gen, config).routes(), *dashboard_routes(source, flights)]
+
+    async def api_error(request: Request, e: Exception) -> Response:
+        assert isinstance(e, ApiError)
+        return e.response()
+
+    async def http_error(request: Request, e: Exception) -> Response:
+        assert isinstance(e, HTTPException)
+        what = f"no route {request.method} {request.url.path}"
+        return ApiError(e.status_code, what, code="unknown_url").response()
+
+    async def internal(request: Request, e: Exception) -> Response:
+        log.error("answering %s %s", request.method, request.url.path, exc_info=e)
+        return ApiError(500, f"internal error: {e}").response()
+
+    handlers = {ApiError: api_error, HTTPException: http_error, Exception: internal}
+    return Starlette(routes=routes, exception_handlers=handlers)
 
 
 async def serve(gen: Generator, config: ApiConfig, host: str, port: int) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
 
     def on_ready(bound_host: str, bound_port: int) -> None:
-        print(ready_line(bound_host, bound_port, config.model_id), flush=True)
+        tls = config.tls_cert is not None
+        print(ready_line(bound_host, bound_port, config.model_id, tls), flush=True)
 
-    await serve_api(OpenAiRoutes(gen, config), config, host, port, on_ready, stop)
+    await serve_app(build_app(gen, config), config, host, port, on_ready, stop)
+
+
+def on_swarm_event(text: str) -> None:
+    """The client's news (reroutes, peers leaving): to the log and to the dashboard."""
+    log.info("%s", text)
+    if not text.startswith(("rerouted", "banned")):  # the routing noted those already
+        note_event("leave" if "leaving" in text else "info", text)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -327,7 +338,7 @@ def _main(argv: list[str] | None) -> None:
     args = parse_args(argv)
     setup_logging(args.verbose)
     config = api_config(args)
-    gen = open_generator(args)
+    gen = open_generator(args, on_event=on_swarm_event)
     try:
         asyncio.run(serve(gen, config, args.host, args.port))
     finally:

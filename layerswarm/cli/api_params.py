@@ -1,136 +1,162 @@
-"""Check an OpenAI request body and turn it into a prompt's token ids and a `SamplingConfig`.
+"""Check an OpenAI request body against its schema, and turn it into token ids and sampling.
 
-Pure functions of the body: every bad field raises `ApiError(400, ..., param=field)`. Fields the
-swarm cannot honour (n > 1, logprobs, tools) are refused rather than ignored; presence and
-frequency penalties are checked and ignored (use the `repetition_penalty` extension instead).
+The schema is pydantic models of OpenAI's request fields (strict types: `true` is no number and
+`"0.5"` no float); every bad field raises `ApiError(400, ..., param=field)`. Unknown fields are
+allowed, as OpenAI's own server allows them. Fields the swarm cannot honour (n > 1, logprobs,
+tools) are refused rather than ignored; presence and frequency penalties are checked and ignored
+(use the `repetition_penalty` extension instead).
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError
 
 from layerswarm.cli.api_server import ApiError
 from layerswarm.routing.sampling import SamplingConfig
 from layerswarm.routing.text import ChatTokenizer, Message
 
-ROLES = {"system", "user", "assistant", "developer"}  # developer: OpenAI's newer "system"
 MAX_STOPS = 4  # OpenAI's limit on stop strings
+Number = Annotated[float, Field(strict=True)]  # an int or a float, never a bool or a string
 
 
-def parse_prompt(tokenizer: ChatTokenizer, body: dict[str, Any], chat: bool) -> list[int]:
-    """The prompt's token ids: chat messages through the model's template, or plain text."""
-    if chat:
-        return tokenizer.encode_chat(parse_messages(body.get("messages")))
-    prompt = body.get("prompt")
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+class StreamOptions(_Body):
+    include_usage: StrictBool = False
+
+
+class SamplingFields(_Body):
+    """The fields every completion request shares."""
+
+    model: StrictStr | None = None
+    max_tokens: Annotated[StrictInt, Field(ge=1)] | None = None
+    max_completion_tokens: Annotated[StrictInt, Field(ge=1)] | None = None
+    temperature: Annotated[Number, Field(ge=0.0, le=2.0)] | None = None
+    top_p: Annotated[Number, Field(ge=0.0, le=1.0)] | None = None
+    top_k: Annotated[StrictInt, Field(ge=0)] | None = None
+    presence_penalty: Annotated[Number, Field(ge=-2.0, le=2.0)] | None = None
+    frequency_penalty: Annotated[Number, Field(ge=-2.0, le=2.0)] | None = None
+    repetition_penalty: Annotated[Number, Field(ge=1e-6, le=100.0)] | None = None
+    seed: StrictInt | None = None
+    stop: StrictStr | Annotated[list[StrictStr], Field(max_length=MAX_STOPS)] | None = None
+    n: Literal[1] | None = None
+    stream: StrictBool = False
+    stream_options: StreamOptions | None = None
+    logprobs: StrictBool | StrictInt | None = None
+    top_logprobs: StrictInt | None = None
+    tools: list[Any] | None = None
+    functions: list[Any] | None = None
+    user: StrictStr | None = None
+
+
+class TextPart(_Body):
+    type: Literal["text"]
+    text: StrictStr = ""
+
+
+class ChatMessage(_Body):
+    # developer: OpenAI's newer "system"
+    role: Literal["system", "user", "assistant", "developer"]
+    content: StrictStr | list[TextPart] | None = None
+    name: StrictStr | None = None
+
+
+class ChatRequest(SamplingFields):
+    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+
+
+class CompletionRequest(SamplingFields):
+    prompt: (
+        StrictStr
+        | Annotated[list[StrictStr], Field(min_length=1, max_length=1)]
+        | Annotated[list[StrictInt], Field(min_length=1)]
+    )
+    echo: StrictBool | None = None
+    suffix: StrictStr | None = None
+    best_of: Literal[1] | None = None
+
+
+Model = TypeVar("Model", bound=BaseModel)
+
+
+def validate(kind: type[Model], body: dict[str, Any]) -> Model:
+    """`body` as the request model `kind`; the first bad field becomes a 400 naming it."""
+    try:
+        return kind.model_validate(body)
+    except ValidationError as e:
+        first = e.errors()[0]
+        param = str(first["loc"][0]) if first["loc"] else None
+        where = ".".join(str(part) for part in first["loc"])
+        raise ApiError(400, f"{where}: {first['msg']}", param=param) from None
+
+
+def parse_prompt(tokenizer: ChatTokenizer, request: SamplingFields) -> list[int]:
+    """The prompt's token ids: chat messages through the model's template, or plain text.
+
+    Renders templates and tokenizes: run it off the event loop.
+    """
+    if isinstance(request, ChatRequest):
+        messages: list[Message] = [
+            {"role": "system" if m.role == "developer" else m.role, "content": _text(m)}
+            for m in request.messages
+        ]
+        return tokenizer.encode_chat(messages)
+    if not isinstance(request, CompletionRequest):
+        raise TypeError(f"not a completion request: {type(request).__name__}")
+    for name in ("echo", "suffix"):
+        if getattr(request, name):
+            raise ApiError(400, f"{name} is not supported", param=name)
+    prompt = request.prompt
+    if isinstance(prompt, list) and isinstance(prompt[0], str):
         prompt = prompt[0]
-    if isinstance(prompt, str):
-        ids = tokenizer.encode(prompt)
-    elif isinstance(prompt, list) and prompt and all(_is_int(t) for t in prompt):
-        ids = [int(t) for t in prompt]
-    else:
-        raise ApiError(400, "prompt must be a string or a list of token ids", param="prompt")
+    ids = tokenizer.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
     if not ids:
         raise ApiError(400, "the prompt is empty", param="prompt")
-    for name in ("echo", "suffix"):
-        if body.get(name):
-            raise ApiError(400, f"{name} is not supported", param=name)
-    if body.get("best_of") not in (None, 1):
-        raise ApiError(400, "best_of must be 1", param="best_of")
     return ids
 
 
-def parse_messages(messages: object) -> list[Message]:
-    if not isinstance(messages, list) or not messages:
-        raise ApiError(400, "messages must be a non-empty list", param="messages")
-    out: list[Message] = []
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict) or m.get("role") not in ROLES:
-            raise ApiError(
-                400, f"messages[{i}] needs a role among {sorted(ROLES)}", param="messages"
-            )
-        role = "system" if m["role"] == "developer" else m["role"]
-        out.append({"role": role, "content": _content(m.get("content"), i)})
-    return out
-
-
-def _content(content: object, i: int) -> str:
-    """A message's text: a string, or a list of `{"type": "text", "text": ...}` parts."""
+def _text(message: ChatMessage) -> str:
+    """A message's text: a string, or the concatenation of its text parts."""
+    content = message.content
     if content is None or isinstance(content, str):
         return content or ""
-    if isinstance(content, list):
-        texts = []
-        for part in content:
-            if not isinstance(part, dict) or part.get("type") != "text":
-                raise ApiError(400, f"messages[{i}]: only text parts", param="messages")
-            texts.append(str(part.get("text", "")))
-        return "".join(texts)
-    raise ApiError(400, f"messages[{i}].content must be text", param="messages")
+    return "".join(part.text for part in content)
 
 
 def parse_sampling(
-    body: dict[str, Any], prompt_tokens: int, context: int, default_max: int | None
+    body: dict[str, Any] | SamplingFields,
+    prompt_tokens: int,
+    context: int,
+    default_max: int | None,
 ) -> SamplingConfig:
     """The body's sampling fields; `max_tokens` defaults to `default_max` or the context left."""
-    _refuse_unsupported(body)
-    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+    fields = validate(SamplingFields, body) if isinstance(body, dict) else body
+    _refuse_unsupported(fields)
+    max_tokens = fields.max_completion_tokens or fields.max_tokens
     if max_tokens is None:
         max_tokens = default_max or max(context - prompt_tokens, 1)
-    temperature = _number(body, "temperature", 1.0, 0.0, 2.0)
-    top_p = _number(body, "top_p", 1.0, 0.0, 1.0)
-    _number(body, "presence_penalty", 0.0, -2.0, 2.0)
-    _number(body, "frequency_penalty", 0.0, -2.0, 2.0)
-    repetition_penalty = _number(body, "repetition_penalty", 1.0, 1e-6, 100.0)
-    if not _is_int(max_tokens) or max_tokens < 1:
-        raise ApiError(400, "max_tokens must be an integer >= 1", param="max_tokens")
-    top_k = body.get("top_k", 0) or 0
-    if not _is_int(top_k) or top_k < 0:
-        raise ApiError(400, "top_k must be an integer >= 0", param="top_k")
-    seed = body.get("seed")
-    if seed is not None and not _is_int(seed):
-        raise ApiError(400, "seed must be an integer", param="seed")
+    temperature = 1.0 if fields.temperature is None else fields.temperature
+    top_p = 1.0 if fields.top_p is None else fields.top_p
     if top_p == 0.0:  # the most probable token only
         temperature, top_p = 0.0, 1.0
+    stop = fields.stop
     return SamplingConfig(
-        max_new_tokens=int(max_tokens),
+        max_new_tokens=max_tokens,
         temperature=temperature,
-        top_k=int(top_k),
+        top_k=fields.top_k or 0,
         top_p=top_p,
-        repetition_penalty=repetition_penalty,
-        seed=seed,
-        stop=_stops(body.get("stop")),
+        repetition_penalty=fields.repetition_penalty or 1.0,
+        seed=fields.seed,
+        stop=() if stop is None else (stop,) if isinstance(stop, str) else tuple(stop),
     )
 
 
-def _refuse_unsupported(body: dict[str, Any]) -> None:
-    if body.get("n") not in (None, 1):
-        raise ApiError(400, "only n=1 is supported", param="n")
-    if body.get("logprobs") or body.get("top_logprobs"):
+def _refuse_unsupported(fields: SamplingFields) -> None:
+    if fields.logprobs or fields.top_logprobs:
         raise ApiError(400, "logprobs are not supported", param="logprobs")
-    if body.get("tools") or body.get("functions"):
+    if fields.tools or fields.functions:
         raise ApiError(400, "tools are not supported", param="tools")
-    if not isinstance(body.get("stream", False), bool):
-        raise ApiError(400, "stream must be true or false", param="stream")
-
-
-def _stops(stop: object) -> tuple[str, ...]:
-    if stop is None:
-        return ()
-    if isinstance(stop, str):
-        return (stop,)
-    if isinstance(stop, list) and len(stop) <= MAX_STOPS and all(isinstance(s, str) for s in stop):
-        return tuple(stop)
-    raise ApiError(400, f"stop must be a string or up to {MAX_STOPS} strings", param="stop")
-
-
-def _number(body: dict[str, Any], name: str, default: float, low: float, high: float) -> float:
-    value = body.get(name)
-    if value is None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, int | float) or not low <= value <= high:
-        raise ApiError(400, f"{name} must be a number in [{low:g}, {high:g}]", param=name)
-    return float(value)
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)

@@ -14,8 +14,11 @@ import sys
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
+import torch
+
 from layerswarm.cli.common import (
     default_cache_dir,
+    quiet_logging,
     resolve_model_cli,
     route_libp2p_logs,
     run_main,
@@ -26,6 +29,7 @@ from layerswarm.routing.generate import Generator
 from layerswarm.routing.local import open_local_generator, parse_dtype
 from layerswarm.routing.sampling import SamplingConfig
 from layerswarm.routing.text import Message
+from layerswarm.shards.device import DeviceUnavailable, default_dtype, resolve_device
 
 HELP = "commands: /route, /stats, /system TEXT, /reset, /save FILE, /help, /quit"
 
@@ -35,7 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument(
         "--model",
         default="smollm2-135m",
-        help="model name, a Hugging Face style folder, or a .gguf file",
+        help="model name, Hugging Face name ORG/NAME[@REVISION], a Hugging Face style folder, "
+        "or a .gguf file",
     )
     where = ap.add_mutually_exclusive_group()
     where.add_argument("--local", action="store_true", help="run every layer in this process")
@@ -63,7 +68,18 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--repetition-penalty", type=float, default=1.0)
     ap.add_argument("--seed", type=int, default=None)
     ap.add_argument("--stop", action="append", default=[], help="a string that ends the reply")
-    ap.add_argument("--dtype", default="float32", help="float32 or bfloat16 (local engine)")
+    ap.add_argument(
+        "--dtype",
+        default=None,
+        help="float32, bfloat16 or float16 (default: bfloat16 on a GPU, float32 on a CPU)",
+    )
+    ap.add_argument(
+        "--device",
+        default="auto",
+        metavar="auto|cpu|cuda|cuda:N",
+        help="where the embedding and the head run, and with --local every layer (auto: the "
+        "CUDA device with the most free memory, else the CPU)",
+    )
     ap.add_argument(
         "--mdns-interface",
         action="append",
@@ -90,6 +106,20 @@ def build_parser() -> argparse.ArgumentParser:
         "--insecure-plaintext",
         action="store_true",
         help="talk to peers without encryption (trusted LANs and measurements only)",
+    )
+    ap.add_argument(
+        "--verify-fraction",
+        type=float,
+        default=0.02,
+        metavar="F",
+        help="share of steps re-run on another replica and compared; a peer caught lying is "
+        "banned (default: 0.02; each peer's first steps are always checked)",
+    )
+    ap.add_argument(
+        "--verify-locally",
+        action="store_true",
+        help="where no other replica can check a peer, compute its layers here to check it "
+        "(loads those layers' weights in this process)",
     )
     ap.add_argument(
         "--relay",
@@ -120,9 +150,10 @@ def open_generator(
     args: argparse.Namespace, on_event: Callable[[str], None] | None = None
 ) -> Generator:
     """The generator `args` ask for; `on_event(text)` hears of reroutes and peers leaving."""
+    device, dtype = client_device(args)
     model_dir = resolve_model_cli(args.model, default_cache_dir())
     if args.local:
-        return open_local_generator(model_dir, parse_dtype(args.dtype))
+        return open_local_generator(model_dir, dtype, device=device)
     from layerswarm.cli.common import read_swarm_key
     from layerswarm.errors import PeerUnavailable
     from layerswarm.routing.swarm_client import ClientConfig, open_swarm_generator
@@ -134,16 +165,20 @@ def open_generator(
     mdns = tuple(args.mdns_interface or ()) if lan_only or args.mdns_interface else None
     if args.bootstrap:
         route_libp2p_logs(args.verbose)
+    if not 0.0 <= args.verify_fraction <= 1.0:
+        raise SystemExit("error: --verify-fraction must be between 0 and 1")
     config = ClientConfig(
         insecure_plaintext=args.insecure_plaintext,
         mdns_interfaces=mdns,
         bootstrap=tuple(args.bootstrap),
         swarm_key=swarm_key,
+        verify_fraction=args.verify_fraction,
+        verify_locally=args.verify_locally,
         push=not args.relay,
     )
     try:
         return open_swarm_generator(
-            model_dir, args.peer, dtype=parse_dtype(args.dtype), config=config, on_event=on_event
+            model_dir, args.peer, dtype=dtype, config=config, on_event=on_event, device=device
         )
     except PeerUnavailable as e:
         if not lan_only:
@@ -151,6 +186,18 @@ def open_generator(
         raise SystemExit(
             f"error: no swarm found on the LAN: {e}; use --peer or --bootstrap (or --local)"
         ) from None
+
+
+def client_device(args: argparse.Namespace) -> tuple[torch.device, torch.dtype]:
+    """`--device` and `--dtype`, checked: the device and the dtype (bf16 by default on a GPU)."""
+    try:
+        device = resolve_device(args.device)
+    except DeviceUnavailable as e:
+        raise SystemExit(f"error: --device: {e}") from None
+    try:
+        return device, parse_dtype(args.dtype or default_dtype(device))
+    except ValueError as e:
+        raise SystemExit(f"error: --dtype: {e}") from None
 
 
 def close_generator(gen: Generator) -> None:
@@ -163,17 +210,25 @@ def close_generator(gen: Generator) -> None:
     client = getattr(gen, "client", None)
     if client is not None:
         client.close()
-    else:
-        gen.net.stop()
+        return
+    engine = getattr(gen, "engine", None)
+    if engine is not None:
+        engine.close()  # its compute loop, not left pending on the loop
+    gen.net.stop()
 
 
-def show(pieces: Iterable[str]) -> str:
-    """Print pieces as they come; return the whole reply."""
+def show(pieces: Iterable[str], events: Events | None = None) -> str:
+    """Print pieces as they come; return the whole reply. `events` learns whether a line is
+    unfinished, so that a log line or an event printed meanwhile starts a line of its own."""
     reply = []
     for piece in pieces:
         sys.stdout.write(piece)
         sys.stdout.flush()
         reply.append(piece)
+        if events is not None:
+            events.mid_line = not piece.endswith("\n")
+    if events is not None:
+        events.mid_line = False
     sys.stdout.write("\n")
     sys.stdout.flush()
     return "".join(reply)
@@ -190,13 +245,15 @@ def _main(argv: list[str] | None) -> None:
     if args.max_context is not None and args.max_context < 2:
         raise SystemExit("error: --max-context must be at least 2 tokens")
     events = Events()
+    if not args.verbose:
+        quiet_logging(events)
     gen = open_generator(args, on_event=events)
     try:
         if args.prompt is not None:
             messages: list[Message] = (
                 [{"role": "system", "content": args.system}] if args.system else []
             )
-            show(gen.chat([*messages, {"role": "user", "content": args.prompt}], sampling))
+            show(gen.chat([*messages, {"role": "user", "content": args.prompt}], sampling), events)
             return
         Chat(gen, sampling, args.system, args.max_context, events).run()
     finally:

@@ -5,7 +5,9 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from layerswarm.errors import LayerswarmError
 
@@ -26,25 +28,60 @@ def default_config_dir() -> Path:
     return Path(base) / "layerswarm"
 
 
+def runtime_dir() -> Path:
+    """Where processes of this user meet while they run: `$XDG_RUNTIME_DIR/layerswarm`, else a
+    folder of the user's in the temp dir (peers sharing a GPU register there)."""
+    if env := os.environ.get("XDG_RUNTIME_DIR"):
+        return Path(env) / "layerswarm"
+    import tempfile
+
+    return Path(tempfile.gettempdir()) / f"layerswarm-{os.getuid()}"
+
+
 class ProgressLine:
-    """Shows long work (download, conversion, loading) on stderr, one line rewritten in place."""
+    """Shows long work (download, conversion, loading) on stderr: a progress bar on a terminal
+    (tqdm's, already here through gguf), plain lines in a log (one each 10%)."""
 
     def __init__(self, stream=sys.stderr) -> None:  # type: ignore[no-untyped-def]
         self.stream = stream
         self.tty = stream.isatty()
         self.decile = -1  # the last tenth of the work reported (no terminal)
+        self.bar: Any = None  # the tqdm bar of the work in progress (terminal)
+        self.task = ""  # its name: the message's first word ("loading", "converting", ...)
 
     def __call__(self, message: str, fraction: float | None = None) -> None:
-        text = message if fraction is None else f"{message} ({fraction:.0%})"
         if self.tty:
-            self.stream.write("\r\x1b[2K" + text)
-            if fraction is not None and fraction >= 1.0:
-                self.stream.write("\n")
-        elif fraction is None or fraction >= 1.0 or int(fraction * 10) > self.decile:
-            # Without a terminal, a line each 10% keeps logs short.
+            self._draw(message, fraction)
+            return
+        if fraction is None or fraction >= 1.0 or int(fraction * 10) > self.decile:
+            text = message if fraction is None else f"{message} ({fraction:.0%})"
             self.stream.write(text + "\n")
             self.decile = -1 if fraction is None or fraction >= 1.0 else int(fraction * 10)
-        self.stream.flush()
+            self.stream.flush()
+
+    def _draw(self, message: str, fraction: float | None) -> None:
+        from tqdm import tqdm
+
+        task = message.split(" ", 1)[0]
+        if self.bar is not None and (fraction is None or task != self.task):
+            self._close()
+        if fraction is None:
+            self.stream.write(message + "\n")
+            self.stream.flush()
+            return
+        if self.bar is None:
+            self.task = task
+            fmt = "{desc} {bar} {percentage:3.0f}% {elapsed}"
+            self.bar = tqdm(desc=message, total=1000, file=self.stream, bar_format=fmt)
+        self.bar.set_description_str(message, refresh=False)
+        self.bar.update(max(0, round(fraction * 1000) - self.bar.n))
+        if fraction >= 1.0:
+            self._close()
+
+    def _close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
 
 
 def resolve_model_cli(name_or_path: str, cache_dir: Path) -> Path:
@@ -60,6 +97,25 @@ def setup_logging(verbose: bool) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+
+
+def quiet_logging(say: Callable[[str], None]) -> None:
+    """For commands a person reads (swarm-chat, swarm-demo): warnings and errors only, each as
+    one quiet line through `say`, which puts it on a line of its own even mid-reply (no
+    library's INFO line lands in the middle of the chat)."""
+
+    class Quiet(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            try:
+                say(f"{record.levelname.lower()}: {record.getMessage()}")
+            except Exception:
+                self.handleError(record)
+
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    root.addHandler(Quiet())
+    root.setLevel(logging.WARNING)
 
 
 def route_libp2p_logs(verbose: bool) -> None:

@@ -18,7 +18,15 @@ import time
 from pathlib import Path
 
 from layerswarm.cli.chat import close_generator, show
-from layerswarm.cli.common import default_cache_dir, resolve_model_cli, run_main, setup_logging
+from layerswarm.cli.common import (
+    default_cache_dir,
+    quiet_logging,
+    resolve_model_cli,
+    route_libp2p_logs,
+    run_main,
+    setup_logging,
+)
+from layerswarm.cli.repl import Events
 from layerswarm.peer.launch import LocalSwarm, even_spans, start_peer, start_peers
 from layerswarm.routing.sampling import SamplingConfig
 from layerswarm.routing.swarm_client import ClientConfig, open_swarm_generator
@@ -38,6 +46,9 @@ def _main(argv: list[str] | None) -> None:
     ap.add_argument("--verbose", action="store_true")
     args = ap.parse_args(argv)
     setup_logging(args.verbose)
+    events = Events()
+    if not args.verbose:
+        quiet_logging(events)
     model_dir = resolve_model_cli(args.model, default_cache_dir())
     spans = even_spans(ModelConfig.from_file(model_dir).num_layers, args.peers)
     say(
@@ -55,13 +66,15 @@ def _main(argv: list[str] | None) -> None:
             for p in swarm.peers:
                 say(f"  layers {p.span}  at {p.address}")
             config = ClientConfig(bootstrap=(first.multiaddr or "",))
-            gen = open_swarm_generator(model_dir, [], config=config)
+            route_libp2p_logs(args.verbose)  # else its warnings print raw, mid-reply
+            gen = open_swarm_generator(model_dir, [], config=config, on_event=events)
             say(f"\n> {args.prompt}")
             show(
                 gen.chat(
                     [{"role": "user", "content": args.prompt}],
                     SamplingConfig(max_new_tokens=args.max_new_tokens),
-                )
+                ),
+                events,
             )
             s = gen.last_stats
             say(

@@ -24,8 +24,11 @@ os.environ.setdefault("GOMP_SPINCOUNT", "20000")
 
 import argparse
 import asyncio
+import logging
 import sys
 from pathlib import Path
+
+import torch
 
 from layerswarm.cli.common import (
     ProgressLine,
@@ -36,14 +39,23 @@ from layerswarm.cli.common import (
     resolve_model_cli,
     route_libp2p_logs,
     run_main,
+    runtime_dir,
     setup_logging,
 )
 from layerswarm.cli.status import add_status_parser, run_status
 from layerswarm.peer.config import PeerConfig
+from layerswarm.peer.fault_injection import FaultInjector
 from layerswarm.peer.server import serve_peer
 from layerswarm.shards.config import DTYPES, Span
+from layerswarm.shards.device import (
+    DeviceUnavailable,
+    check_kernels,
+    default_dtype,
+    resolve_device,
+)
 from layerswarm.shards.scheduler import DEFAULT_PREFILL_CHUNK, DEFAULT_TOKEN_BUDGET
 from layerswarm.swarm.identity import load_or_create_identity
+from layerswarm.swarm.limits import ListenLimits
 from layerswarm.swarm.transport import new_event_loop
 
 
@@ -54,7 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     start.add_argument(
         "--model",
         default="smollm2-135m",
-        help="model name, a Hugging Face style folder, or a .gguf file",
+        help="model name, Hugging Face name ORG/NAME[@REVISION], a Hugging Face style folder, "
+        "or a .gguf file",
     )
     start.add_argument(
         "--layers",
@@ -92,7 +105,32 @@ def build_parser() -> argparse.ArgumentParser:
         help="address to listen on (default: every interface, so LAN clients can reach it)",
     )
     start.add_argument("--port", type=int, default=0, help="TCP port (0: pick a free one)")
-    start.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    start.add_argument(
+        "--device",
+        default="auto",
+        metavar="auto|cpu|cuda|cuda:N",
+        help="where the span's weights, KV cache and compute live (auto, the default: the CUDA "
+        "device with the most free memory, else the CPU)",
+    )
+    start.add_argument(
+        "--dtype",
+        default=None,
+        choices=sorted(DTYPES),
+        help="compute dtype (default: bfloat16 on a GPU, float16 on one without bf16, float32 "
+        "on a CPU)",
+    )
+    start.add_argument(
+        "--kernels",
+        default="auto",
+        choices=["auto", "torch", "triton"],
+        help="auto: Triton on CUDA, torch on a CPU; triton on a CPU runs Triton's interpreter "
+        "(slow: for checking the Triton path end to end)",
+    )
+    start.add_argument(
+        "--no-cuda-graphs",
+        action="store_true",
+        help="run decode steps eagerly on a GPU instead of replaying captured CUDA graphs",
+    )
     start.add_argument(
         "--quant",
         default="none",
@@ -153,6 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="sessions one client may hold open here; more are refused with 'busy'",
     )
+    add_limit_arguments(start)
     start.add_argument(
         "--key",
         type=Path,
@@ -164,10 +203,58 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="serve without encryption (trusted LANs and measurements only)",
     )
+    start.add_argument(
+        "--metrics-port",
+        type=int,
+        default=None,
+        metavar="PORT",
+        help="serve Prometheus metrics at http://HOST:PORT/metrics (steps, tokens, batches, "
+        "queue, KV pages, latency; 0: any free port)",
+    )
+    start.add_argument(
+        "--metrics-host", default="127.0.0.1", help="address for --metrics-port (default: loopback)"
+    )
     add_dht_arguments(start)
     start.add_argument("--verbose", action="store_true")
     add_status_parser(sub)
     return ap
+
+
+def add_limit_arguments(start: argparse.ArgumentParser) -> None:
+    limits = start.add_argument_group("limits on strangers (each refusal tells the client why)")
+    limits.add_argument(
+        "--max-client-cache-fraction",
+        type=float,
+        default=0.5,
+        metavar="F",
+        help="share of the KV cache one client's sessions may hold while others want room",
+    )
+    limits.add_argument(
+        "--max-connections", type=int, default=1024, metavar="N", help="connections at once"
+    )
+    limits.add_argument(
+        "--max-connections-per-ip",
+        type=int,
+        default=64,
+        metavar="N",
+        help="connections at once from one IP address",
+    )
+    limits.add_argument(
+        "--handshake-timeout",
+        type=float,
+        default=5.0,
+        metavar="S",
+        help="a new connection's TLS handshake, then its Hello, must each finish within this",
+    )
+    limits.add_argument(
+        "--connection-idle-timeout",
+        type=float,
+        default=600.0,
+        metavar="S",
+        help="close a connection with no request in flight for this long",
+    )
+    # Tests only: make this peer lie on purpose (layerswarm.peer.fault_injection).
+    limits.add_argument("--test-fault-injector", default="", help=argparse.SUPPRESS)
 
 
 def add_dht_arguments(start: argparse.ArgumentParser) -> None:
@@ -207,6 +294,25 @@ def add_dht_arguments(start: argparse.ArgumentParser) -> None:
     )
 
 
+def peer_device(spec: str, dtype: str | None, kernels: str) -> tuple[torch.device, str]:
+    """`--device`, `--dtype` and `--kernels` checked together: the device and the dtype.
+
+    `--kernels triton` on a CPU turns Triton's interpreter on (TRITON_INTERPRET=1) before any
+    kernel module is imported, so the whole Triton path runs on CPU tensors.
+    """
+    try:
+        device = resolve_device(spec)
+    except DeviceUnavailable as e:
+        raise SystemExit(f"error: --device: {e}") from None
+    if kernels == "triton" and device.type == "cpu":
+        os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        check_kernels(kernels, device, os.environ.get("TRITON_INTERPRET") == "1")
+    except DeviceUnavailable as e:
+        raise SystemExit(f"error: --kernels: {e}") from None
+    return device, dtype or default_dtype(device)
+
+
 def main(argv: list[str] | None = None) -> None:
     run_main(_main, argv)
 
@@ -232,6 +338,21 @@ def _main(argv: list[str] | None) -> None:
             check_bootstrap(args.bootstrap)
         except ValueError as e:
             raise SystemExit(f"error: --bootstrap: {e}") from None
+    device, dtype = peer_device(args.device, args.dtype, args.kernels)
+    try:
+        limits = ListenLimits(
+            max_connections=args.max_connections,
+            max_connections_per_ip=args.max_connections_per_ip,
+            idle_timeout=args.connection_idle_timeout,
+        )
+        if not args.handshake_timeout > 0 or not 0 < args.max_client_cache_fraction <= 1:
+            raise ValueError(
+                "--handshake-timeout must be positive, --max-client-cache-fraction in (0, 1]"
+            )
+        if args.test_fault_injector:
+            FaultInjector(args.test_fault_injector)  # a bad SPEC fails here, not at the first step
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
     model_dir = resolve_model_cli(args.model, default_cache_dir())
     key_path = args.key or default_config_dir() / "peer.key"
     identity = load_or_create_identity(key_path)
@@ -241,7 +362,11 @@ def _main(argv: list[str] | None) -> None:
         span=span,
         host=args.host,
         port=args.port,
-        dtype=args.dtype,
+        dtype=dtype,
+        device=str(device),
+        kernels=args.kernels,
+        cuda_graphs=not args.no_cuda_graphs,
+        gpu_share_dir=runtime_dir() / "gpus",
         quant=args.quant,
         quant_group_size=args.quant_group_size,
         cache_memory_bytes=int(args.cache_memory * 2**20),
@@ -253,6 +378,10 @@ def _main(argv: list[str] | None) -> None:
         prefill_chunk=args.prefill_chunk,
         admission_timeout=args.admission_timeout,
         max_sessions_per_client=args.max_sessions_per_client,
+        max_client_cache_fraction=args.max_client_cache_fraction,
+        limits=limits,
+        handshake_timeout=args.handshake_timeout,
+        test_faults=args.test_fault_injector,
         memory_budget_bytes=int(args.memory_budget * 2**20),
         rebalance_interval=args.rebalance_interval,
         mdns_interfaces=mdns_interfaces(args.mdns_interface, private=swarm_key is not None),
@@ -267,6 +396,14 @@ def _main(argv: list[str] | None) -> None:
 
     if config.uses_dht:
         route_libp2p_logs(args.verbose)
+    if args.metrics_port is not None:
+        from layerswarm.metrics import serve_metrics
+
+        try:
+            port = serve_metrics(args.metrics_host, args.metrics_port)
+        except OSError as e:
+            raise SystemExit(f"error: --metrics-port {args.metrics_port}: {e}") from None
+        logging.getLogger(__name__).info("metrics at http://%s:%d/metrics", args.metrics_host, port)
 
     def on_ready(line: str) -> None:
         print(line, flush=True)

@@ -228,6 +228,17 @@ def add_status_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentPa
         help="listen this long for announcements (default: 2; mDNS answers take ~0.1 s)",
     )
     p.add_argument("--json", action="store_true", help="print the records as JSON, for scripts")
+    p.add_argument(
+        "--serve",
+        type=int,
+        metavar="PORT",
+        help="serve the web dashboard on this port (0: any free one) until stopped, instead of "
+        "printing once",
+    )
+    p.add_argument("--host", default="127.0.0.1", help="address for --serve (default: loopback)")
+    p.add_argument(
+        "--api-key", help="with --serve: require `Authorization: Bearer KEY` for the data"
+    )
     p.add_argument("--verbose", action="store_true")
 
 
@@ -244,6 +255,13 @@ def run_status(args: argparse.Namespace) -> None:
         raise SystemExit("error: with --mdns-interface none, say where to look with --bootstrap")
     model_hash, num_layers = _model_identity(args.model)
     swarm_key = read_swarm_key(args.swarm_key) if args.swarm_key else None
+    if args.serve is not None:
+        from layerswarm.cli.status_serve import serve_dashboard
+
+        setup_logging(args.verbose)
+        where = RecordPlaces(interfaces, tuple(args.bootstrap), swarm_key, model_hash)
+        asyncio.run(serve_dashboard(args, where, args.model or "", num_layers or 0))
+        return
     try:
         records = asyncio.run(
             collect_records(interfaces, args.bootstrap, swarm_key, model_hash, args.wait)
@@ -267,6 +285,36 @@ def run_status(args: argparse.Namespace) -> None:
         print(("\n" if i else "") + render_status(group, _most_layers(group), now), end="")
 
 
+@dataclasses.dataclass(frozen=True)
+class RecordPlaces:
+    """Where to read records: mDNS on `interfaces` (`()` every one, None none) and, with
+    `bootstrap`, the DHT under `model_hash`'s key."""
+
+    interfaces: tuple[str, ...] | None
+    bootstrap: tuple[str, ...]
+    swarm_key: bytes | None
+    model_hash: str | None
+
+
+async def open_record_sources(
+    stack: AsyncExitStack, where: RecordPlaces
+) -> tuple[list[RecordSource], list[DhtLookup]]:
+    """Started sources of records (closed with `stack`), and those of them to refresh."""
+    sources: list[RecordSource] = []
+    lookups: list[DhtLookup] = []
+    if where.interfaces is not None:
+        browser = MdnsBrowser(MdnsConfig(interfaces=where.interfaces or InterfaceChoice.All))
+        await browser.start()
+        stack.push_async_callback(browser.close)
+        sources.append(browser)
+    if where.bootstrap and where.model_hash is not None:
+        key = dht_key(where.model_hash)
+        lookup = await _open_dht_lookup(stack, where.bootstrap, where.swarm_key, key)
+        sources.append(lookup)
+        lookups.append(lookup)
+    return sources, lookups
+
+
 async def collect_records(
     interfaces: tuple[str, ...] | None,
     bootstrap: Sequence[str],
@@ -277,20 +325,11 @@ async def collect_records(
     """The verified records seen within `wait` s: mDNS on `interfaces` (`()` every one, None
     none) and, with `bootstrap`, the DHT under `model_hash`'s key; the newest per peer.
     """
-    sources: list[RecordSource] = []
+    where = RecordPlaces(interfaces, tuple(bootstrap), swarm_key, model_hash)
     async with AsyncExitStack() as stack:
-        if interfaces is not None:
-            browser = MdnsBrowser(MdnsConfig(interfaces=interfaces or InterfaceChoice.All))
-            await browser.start()
-            stack.push_async_callback(browser.close)
-            sources.append(browser)
-        lookups = []
-        if bootstrap and model_hash is not None:
-            lookup = await _open_dht_lookup(stack, bootstrap, swarm_key, dht_key(model_hash))
-            sources.append(lookup)
-            lookups.append(lookup.refresh())
+        sources, lookups = await open_record_sources(stack, where)
         # The DHT read is bounded by its own timeouts (DhtConfig); mDNS answers while we wait.
-        await asyncio.gather(asyncio.sleep(wait), *lookups)
+        await asyncio.gather(asyncio.sleep(wait), *(lookup.refresh() for lookup in lookups))
         return merged(sources, model_hash)
 
 

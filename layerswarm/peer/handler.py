@@ -6,6 +6,7 @@ import logging
 
 from layerswarm.errors import RemoteError
 from layerswarm.peer.config import PeerConfig
+from layerswarm.peer.fault_injection import FaultInjector
 from layerswarm.peer.forward import Activations, PushSteps
 from layerswarm.peer.sessions import Session, SessionTable
 from layerswarm.shards.config import DTYPES, Span
@@ -55,13 +56,15 @@ class RequestHandler:
         self.peer_id = peer_id
         self.stopping = False
         self.extra: dict[str, JsonValue] = {}  # measured speed, memory, quantization
+        # tests only (`--test-fault-injector`): a peer that lies on purpose
+        self.faults = FaultInjector(config.test_faults) if config.test_faults else None
         self.push: PushSteps | None = None  # steps handed on to the next hop; None: refused
 
     async def __call__(self, conn: ConnectionInfo, msg: Message) -> Message:
         if self.stopping and not isinstance(msg, (InfoRequest, CloseSession)):
             raise RemoteError(ErrorCode.SHUTTING_DOWN, "this peer is shutting down")
         if isinstance(msg, InfoRequest):
-            return self.info()
+            return self.faults.info(self.info()) if self.faults else self.info()
         if isinstance(msg, OpenSession):
             return await self._open(conn, msg)
         if isinstance(msg, Step):
@@ -90,6 +93,8 @@ class RequestHandler:
         if msg.scales is not None:
             hidden = decompress_int8(hidden, msg.scales, DTYPES[self.config.dtype])
         out = await self.table.step(session, hidden, msg.start_position, self.config.step_timeout)
+        if self.faults is not None:
+            out = self.faults.step(out)
         return compress_int8(out) if msg.scales is not None else (out, None)
 
     def _push_load(self) -> dict[str, JsonValue]:

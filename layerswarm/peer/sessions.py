@@ -18,6 +18,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
+from layerswarm import metrics
 from layerswarm.errors import (
     CacheFull,
     ContextOverflow,
@@ -76,6 +77,7 @@ class SessionTable:
         self.scheduler = StepScheduler(model, self.cache, scheduling, self._executor)
         self._waiters: deque[asyncio.Future[None]] = deque()  # opens waiting for memory
         self._promised = 0  # sessions: waiters woken and not yet opened
+        metrics.watch_peer(self.scheduler, lambda: self.cache, lambda: len(self.sessions))
 
     @property
     def reserve_pages(self) -> int:
@@ -241,13 +243,17 @@ class SessionTable:
         if grow > 0:
             self._check_client_pages(session.client, grow)
         session.queued_length = end
+        t0 = time.perf_counter()
         try:
-            return await self.scheduler.run(
+            out = await self.scheduler.run(
                 session.cache, hidden, start, session.layers, timeout=timeout
             )
         except LayerswarmError as e:
             session.queued_length = session.cache.length  # what it holds: steps after fail too
+            metrics.PEER_STEP_ERRORS.inc()
             raise _as_remote(e, session) from None
+        metrics.step_done(hidden.shape[1], time.perf_counter() - t0)
+        return out
 
     def _check_step(self, session: Session, hidden: torch.Tensor, start: int) -> None:
         d = self.model.config.hidden_size

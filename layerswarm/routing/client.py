@@ -29,6 +29,7 @@ from layerswarm.routing.sampling import SamplingConfig
 from layerswarm.routing.swarm_client import ClientConfig, open_swarm_generator
 from layerswarm.routing.text import Message
 from layerswarm.shards.config import parse_dtype
+from layerswarm.shards.device import default_dtype, resolve_device
 from layerswarm.shards.registry import resolve_model
 
 
@@ -78,7 +79,8 @@ class Client:
         bootstrap: Sequence[str] = (),
         local: bool = False,
         swarm_key: bytes | None = None,
-        dtype: str = "float32",
+        dtype: str | None = None,
+        device: str = "auto",
         cache_dir: Path | None = None,
         relay: bool = False,
         **defaults: Any,
@@ -89,12 +91,17 @@ class Client:
             peers: explicit peer addresses `host:port[/PEERID]`.
             bootstrap: DHT multiaddrs of a swarm elsewhere.
             local: run every layer in this process instead.
+            dtype: float32, bfloat16 or float16; None: bfloat16 on a GPU, float32 on a CPU.
+            device: where the embedding and the head run, and with `local` every layer:
+                auto (the CUDA device with the most free memory, else the CPU), cpu, cuda:N.
             relay: the client relays every hop's output (instead of peers pushing it on).
             defaults: sampling defaults, e.g. `temperature=0, max_new_tokens=64`.
         """
         model_dir = resolve_model(model, cache_dir or _default_cache())
+        where = resolve_device(device)
+        torch_dtype = parse_dtype(dtype or default_dtype(where))
         if local:
-            return cls(open_local_generator(model_dir, parse_dtype(dtype)), defaults)
+            return cls(open_local_generator(model_dir, torch_dtype, device=where), defaults)
         discover = not peers and not bootstrap
         config = ClientConfig(
             bootstrap=tuple(bootstrap),
@@ -102,7 +109,9 @@ class Client:
             mdns_interfaces=() if discover else None,
             push=not relay,
         )
-        gen = open_swarm_generator(model_dir, list(peers), dtype=parse_dtype(dtype), config=config)
+        gen = open_swarm_generator(
+            model_dir, list(peers), dtype=torch_dtype, config=config, device=where
+        )
         return cls(gen, defaults)
 
     def _sampling(self, overrides: dict[str, Any]) -> SamplingConfig:

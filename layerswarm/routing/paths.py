@@ -34,7 +34,9 @@ class PeerView:
     seconds_per_layer: float = 0.01  # unit: s one layer takes per step (from its measured speed)
     load: float = 0.0  # unit: sessions waiting beside ours; each one slows a step down
     rtt: float = 0.001  # unit: s, the round trip this client measured
-    dtype: str = "float32"  # the peer's compute dtype (activations travel in it)
+    dtype: str = "float32"  # the compute dtype it claims: activations travel in it, checks take
+    # its tolerance
+    quant: str = "none"  # the weight quantization it claims (checked only against its like)
 
 
 @dataclass(frozen=True)

@@ -29,8 +29,10 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from layerswarm import metrics
 from layerswarm.errors import LayerswarmError, NoRouteError, PeerUnavailable, RemoteError
 from layerswarm.routing.paths import PathHop, PeerView, choose_path, missing_layers
+from layerswarm.routing.verify import Verifier, reply_fault
 from layerswarm.shards.config import Span
 from layerswarm.swarm.dial import Connection
 from layerswarm.swarm.messages import PUSH_KEY_BYTES
@@ -107,6 +109,7 @@ class RemoteSession:
         # Inputs sent into the layer boundary `b`: every (start, hidden) in order.
         self.history: dict[int, list[tuple[int, torch.Tensor]]] = {}
         self.reroute_seconds: list[float] = []  # unit: s each reroute took, replay included
+        self.verifier = Verifier(self)  # checks some steps on replicas
 
     @property
     def route(self) -> list[tuple[str, Span]]:
@@ -228,7 +231,7 @@ class RemoteSession:
                 try:
                     if self.client.is_leaving(hop.view.peer_id):
                         raise HopFailed(hop.view.peer_id, "the peer is leaving", fault=False)
-                    hidden = await self._step(hop, hidden, start)
+                    hidden = await self.verifier.step(hop, hidden, start)
                     self.client.bans.succeeded(hop.view.peer_id)
                     break
                 except HopFailed as e:
@@ -242,11 +245,18 @@ class RemoteSession:
 
     async def _step(self, hop: ActiveHop, hidden: torch.Tensor, start: int) -> torch.Tensor:
         tokens = hidden.shape[1]
-        expected = len(hop.span) * hop.view.seconds_per_layer * tokens + hop.view.rtt
+        # the deadline follows what this client measured of the peer, once it has
+        per_layer = self.client.stats.seconds_per_layer(hop.view.peer_id)
+        expected = len(hop.span) * (per_layer or hop.view.seconds_per_layer) * tokens + hop.view.rtt
         patience = self.config.step_timeout_floor + self.config.step_timeout_factor * expected
+        t0 = time.perf_counter()
         reply = await self._request(hop, Step(hop.session_id, hidden, start), patience, probe=True)
-        if not isinstance(reply, StepResult) or reply.hidden.shape != hidden.shape:
+        if not isinstance(reply, StepResult):
             raise HopFailed(hop.view.peer_id, f"peer {hop.view.address} sent a malformed result")
+        if fault := reply_fault(hidden, reply.hidden):  # blamed on the sender, not the next hop
+            raise HopFailed(hop.view.peer_id, f"peer {hop.view.address} sent {fault}")
+        seconds = time.perf_counter() - t0
+        self.client.stats.observe(hop.view.peer_id, seconds, len(hop.span), tokens, hop.view.rtt)
         return reply.hidden
 
     async def _request(
@@ -308,6 +318,7 @@ class RemoteSession:
         if failure.fault:
             seconds = self.client.bans.ban(failure.peer_id)
             log.debug("banned %s for %.0f s: %s", failure.peer_id, seconds, failure)
+            metrics.note_event("ban", f"banned {failure.peer_id} for {seconds:.0f} s: {failure}")
         else:
             log.debug("moving away from %s: %s", failure.peer_id, failure)
         avoid.add(failure.peer_id)
@@ -332,10 +343,11 @@ class RemoteSession:
                 continue
             self.hops[index : index + 1] = new
             self.reroute_seconds.append(time.perf_counter() - t0)
-            self.client.on_event(
-                f"rerouted layers {old.span} from {host(old.view.address)} to "
-                + ", ".join(f"{host(h.view.address)} ({h.span})" for h in new)
+            news = f"rerouted layers {old.span} from {host(old.view.address)} to " + ", ".join(
+                f"{host(h.view.address)} ({h.span})" for h in new
             )
+            metrics.note_event("reroute", news)
+            self.client.on_event(news)
             return
         raise LayerswarmError(f"could not rebuild layers {old.span}: too many failures")
 
@@ -374,7 +386,7 @@ class RemoteSession:
 
     async def aclose(self) -> None:
         hops, self.hops = self.hops, []
-        await self._close_hops(hops)
+        await asyncio.gather(self._close_hops(hops), self.verifier.aclose())
 
 
 def merge_inputs(

@@ -16,7 +16,6 @@ import logging
 import random
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
@@ -25,11 +24,17 @@ from zeroconf import InterfaceChoice
 
 from layerswarm.errors import LayerswarmError, PeerUnavailable, ProtocolError
 from layerswarm.kernels.cpu_linear import pack_linears
+from layerswarm.routing.client_config import ClientConfig as ClientConfig
 from layerswarm.routing.generate import Generator, Pipeline
 from layerswarm.routing.loop import BackgroundLoop
 from layerswarm.routing.paths import BanList, PeerView
+from layerswarm.routing.peer_link import PeerLink
+from layerswarm.routing.peer_stats import PeerStats
 from layerswarm.routing.text import ChatTokenizer
-from layerswarm.shards.config import ModelConfig, Span
+from layerswarm.routing.trust import TrustLedger
+from layerswarm.routing.verify import NormBounds
+from layerswarm.routing.verify_local import LocalSpans
+from layerswarm.shards.config import ModelConfig
 from layerswarm.shards.weights import load_client_head, model_fingerprint
 from layerswarm.swarm.dial import Connection, open_connection
 from layerswarm.swarm.discovery import (
@@ -43,76 +48,10 @@ from layerswarm.swarm.identity import Identity, generate_identity
 from layerswarm.swarm.mdns import MdnsConfig
 from layerswarm.swarm.mdns_browse import MdnsBrowser
 from layerswarm.swarm.protocol import InfoReply, InfoRequest
-from layerswarm.swarm.transport import Address, TransportConfig, parse_address
+from layerswarm.swarm.transport import TransportConfig, parse_address
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-
-
-@dataclass(frozen=True)
-class ClientConfig:
-    """How a client talks to peers and reacts when they fail."""
-
-    connect_timeout: float = 3.0  # unit: s to reach a peer and prove who it is
-    request_timeout: float = 10.0  # unit: s for small requests (info, open, close)
-    step_timeout_floor: float = 1.0  # unit: s every step may take, whatever the peer's speed
-    step_timeout_factor: float = 20.0  # unit: times a step's expected duration before giving up
-    max_reroutes: int = 8  # unit: reroutes per step before the step fails
-    ban_seconds: float = 5.0  # unit: s of a failed peer's first ban; doubles on each new failure
-    max_ban_seconds: float = 60.0  # unit: s, the longest ban (a peer may come back)
-    probe_timeout: float = 3.0  # unit: s for a slow step's peer to say it is still busy
-    max_step_wait: float = 600.0  # unit: s a busy peer may take for one step, probes answered
-    busy_wait_timeout: float = 30.0  # unit: s to wait for room when every replica is full
-    replay_chunk_tokens: int = 4096  # unit: tokens per step when replaying into a new hop
-    # Peers hand each step's activations straight to the next hop (N+1 link crossings a token
-    # through N hops instead of 2N); False: the client relays every hop's output itself
-    push: bool = True
-    # Activations travel in this dtype; None: the hops' compute dtype (the widest of them, so
-    # an fp32 swarm stays exact and a bf16 one sends half the bytes)
-    wire_dtype: str | None = None
-    # "int8": a prefill's activations travel as int8 with a scale per token (4x fewer bytes
-    # than fp32; not exact: see docs/design.md for its quality), with push only. None: as is
-    prefill_compression: str | None = None
-    # unit: tokens; with push, a longer prompt goes down the hops in steps of this many, so
-    # the second hop computes one while the first computes the next. 0: in one step
-    prefill_chunk_tokens: int = 256
-    insecure_plaintext: bool = False  # no TLS; trusted LANs and measurements only
-    mdns_interfaces: tuple[str, ...] | None = None  # browse mDNS here (() = every one); None: off
-    refresh_interval: float = 5.0  # unit: s; a new session first re-reads the swarm if older
-    discovery_timeout: float = 5.0  # unit: s to wait for discovered peers to cover every layer
-    bootstrap: tuple[str, ...] = ()  # DHT members' multiaddrs to find peers through; (): no DHT
-    # 32 bytes: a private swarm's key (its DHT and its peers admit only holders); None: open
-    swarm_key: bytes | None = field(default=None, repr=False)
-
-
-@dataclass
-class PeerLink:
-    """One peer the client was told about, and what it learned of it."""
-
-    address: Address
-    conn: Connection | None = None
-    info: InfoReply | None = None
-    rtt: float = 0.0  # unit: s, the info round trip measured here
-    leaving: bool = False  # the peer said Goodbye
-    discovered: bool = False  # from a record (mDNS, DHT), not from the caller
-
-    @property
-    def live(self) -> bool:
-        return self.conn is not None and not self.conn.closed and not self.leaving
-
-    def view(self) -> PeerView:
-        assert self.info is not None and self.conn is not None  # only called on live links
-        extra = self.info.extra
-        spl = extra.get("decode_s_per_layer")
-        return PeerView(
-            peer_id=self.conn.peer_id,
-            address=str(self.address),
-            span=Span(self.info.span_start, self.info.span_end),
-            seconds_per_layer=float(spl) if isinstance(spl, (int, float)) and spl > 0 else 0.01,
-            load=float(self.info.active_sessions),
-            rtt=self.rtt,
-            dtype=self.info.dtype,
-        )
 
 
 class SwarmClient:
@@ -132,6 +71,10 @@ class SwarmClient:
         self.identity = identity or generate_identity()
         self.links = [PeerLink(parse_address(a)) for a in addresses]
         self.bans = BanList(self.config.ban_seconds, self.config.max_ban_seconds)
+        self.trust = TrustLedger()  # liars, banned for good with their evidence
+        self.stats = PeerStats()  # measured step times: routing and deadlines use these
+        self.norms = NormBounds()  # per layer boundary, the output norms seen
+        self.verify_counts = {"match": 0, "mismatch": 0, "error": 0}  # checks, by result
         self.rng = random.Random()
         self.on_event = on_event or (lambda text: log.info("%s", text))
         self.transport = TransportConfig(
@@ -147,6 +90,9 @@ class SwarmClient:
         self.last_refresh = 0.0  # unit: monotonic s of the last refresh
         self._refreshing: asyncio.Lock | None = None  # one refresh at a time (made on `net`)
         self.net = BackgroundLoop()
+        self.model_dir = model_dir
+        # this client's own computation of spans, to check peers on (verify_locally)
+        self.local = LocalSpans(model_dir, self.net) if self.config.verify_locally else None
         try:
             self.net.run(self._start_discovery())
             self.net.run(self.refresh())
@@ -262,12 +208,23 @@ class SwarmClient:
                 f"within {self.config.discovery_timeout:g} s"
             )
         await asyncio.gather(*(self._refresh(link) for link in self.links))
-        if not any(link.live for link in self.links):
+        skipped = [link.skipped for link in self.links if link.skipped]
+        if any(link.live for link in self.links):
+            for link in self.links:  # the others serve: say which peers are left out, and why
+                if link.skipped and link.skipped != link.told:
+                    log.warning("skipping %s", link.skipped)
+                link.told = link.skipped
+        else:
+            if skipped:  # say why the peers that answered cannot be used
+                more = f" (and {len(skipped) - 1} more peers skipped)" if len(skipped) > 1 else ""
+                raise LayerswarmError(skipped[0] + more)
             raise PeerUnavailable(
                 "none of the peers answered: " + ", ".join(str(link.address) for link in self.links)
             )
 
     async def _refresh(self, link: PeerLink) -> None:
+        """Dial a link if needed and read what it serves; a bad peer is skipped, never raised:
+        one peer that lies or breaks the protocol must not break discovery for the others."""
         try:
             if not link.live:
                 if link.conn is not None:  # a leaving peer's connection: replaced, so closed
@@ -277,21 +234,33 @@ class SwarmClient:
                     link.address, self.identity, self.transport, on_goodbye=self._goodbye
                 )
                 self.bans.lift(link.conn.peer_id)  # it is back: usable again
-            assert link.conn is not None
+            conn = link.conn
+            if conn is None:
+                return
             t0 = time.perf_counter()
-            info = await link.conn.request(InfoRequest())
+            info = await conn.request(InfoRequest())
             link.rtt = time.perf_counter() - t0
-            assert isinstance(info, InfoReply)
-            self._check_model(link.conn, info)
-            link.info = info
+            if not isinstance(info, InfoReply):
+                raise ProtocolError(f"it answered Info with {type(info).__name__}")
+            self._check_model(conn, info)
+            link.info, link.skipped = info, None
         except (PeerUnavailable, OSError) as e:
             log.debug("peer at %s is unreachable: %s", link.address, e)
             link.conn = None
-        except ProtocolError as e:
-            if not link.discovered:
-                raise  # a peer the caller named: say why it cannot be used
-            log.warning("skipping discovered peer at %s: %s", link.address, e)
+        except LayerswarmError as e:  # a protocol breach, an error reply, another model
+            link.skipped = str(e) if str(e).startswith("peer ") else f"peer at {link.address}: {e}"
+            log.debug("skipping peer at %s: %s", link.address, e)
+            if link.conn is not None:
+                link.conn.close()
             link.conn = None
+
+    async def add_peers(self, addresses: Sequence[str]) -> None:
+        """Add peers by address (`host:port[/PEERID]`) and read what they serve."""
+        known = {str(link.address) for link in self.links}
+        for text in addresses:
+            if text not in known:
+                self.links.append(PeerLink(parse_address(text)))
+        await asyncio.gather(*(self._refresh(link) for link in self.links if not link.live))
 
     def _goodbye(self, conn: Connection, reason: str) -> None:
         for link in self.links:
@@ -309,8 +278,12 @@ class SwarmClient:
             )
 
     def views(self) -> list[PeerView]:
-        """The live peers, as the path chooser sees them."""
-        return [link.view() for link in self.links if link.live and link.info is not None]
+        """The live peers, as the path chooser sees them; liars are left out for good."""
+        liars = self.trust.liars
+        live = [link for link in self.links if link.live and link.info is not None]
+        return [
+            link.view(self.stats) for link in live if link.conn and link.conn.peer_id not in liars
+        ]
 
     def connection(self, peer_id: str) -> Connection:
         for link in self.links:
@@ -342,6 +315,8 @@ class SwarmClient:
     async def _close_all(self) -> None:
         for close in self.closers:
             await close()
+        if self.local is not None:
+            await self.local.aclose()
         conns = [link.conn for link in self.links if link.conn is not None]
         for conn in conns:
             conn.close()
@@ -360,12 +335,14 @@ def open_swarm_generator(
     dtype: torch.dtype = torch.float32,
     config: ClientConfig | None = None,
     on_event: Callable[[str], None] | None = None,
+    device: torch.device | str = "cpu",
 ) -> Generator:
     """A generator whose layers run on `peers` (addresses `host:port[/PEERID]`), and on the
-    peers that `config` discovers (mDNS, DHT through `config.bootstrap`)."""
+    peers that `config` discovers (mDNS, DHT through `config.bootstrap`); the embedding and
+    the head run on `device`."""
     config = config or ClientConfig(insecure_plaintext=insecure_plaintext)
     client = SwarmClient(model_dir, peers, config, on_event=on_event)
-    head = pack_linears(load_client_head(model_dir, dtype))
+    head = pack_linears(load_client_head(model_dir, dtype).to(device))
     gen = Generator(head, ChatTokenizer(model_dir), client.open_pipeline, client.net)
     gen.client = client  # type: ignore[attr-defined]  # keeps it alive; for /route
     return gen

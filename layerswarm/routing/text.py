@@ -10,6 +10,7 @@ from typing import Any
 import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer
+from tokenizers.decoders import DecodeStream
 
 from layerswarm.errors import ModelFormatError
 
@@ -87,29 +88,33 @@ def _token_text(v: object) -> str | None:
 class TextStream:
     """Turns token ids into text pieces as they arrive, never splitting a multi-byte character.
 
-    A token can end inside a UTF-8 sequence (byte-level BPE); its text then ends in U+FFFD until
-    the next token completes it, so text is released only when it does not end that way. Stop
-    strings are held back while the text could still be the start of one.
+    Each token is decoded once, incrementally, by `tokenizers`' `DecodeStream` (it holds back a
+    token that ends inside a UTF-8 sequence until the next completes it), rather than the whole
+    reply re-decoded at every token. Stop strings are held back while the text could still be
+    the start of one.
     """
 
     def __init__(self, tokenizer: ChatTokenizer, stop: Sequence[str] = ()) -> None:
         self.tokenizer = tokenizer
         self.stop = [s for s in stop if s]
         self.ids: list[int] = []
+        self.text = ""  # every piece decoded so far
         self.sent = ""  # text already released
         self.stopped = False
+        self._decoder = DecodeStream(skip_special_tokens=True)
 
     def push(self, token: int) -> str:
         """Add a token; return the text now safe to show (maybe "")."""
         self.ids.append(token)
-        text = self.tokenizer.decode(self.ids)
-        if text.endswith("\ufffd"):
+        piece = self._decoder.step(self.tokenizer.tokenizer, token)
+        if not piece:
             return ""
-        return self._release(text, final=False)
+        self.text += piece
+        return self._release(self.text, final=False)
 
     def flush(self) -> str:
         """The text still held back, at the end of generation."""
-        return self._release(self.tokenizer.decode(self.ids), final=True)
+        return self._release(self.text, final=True)
 
     def _release(self, text: str, final: bool) -> str:
         if self.stopped:

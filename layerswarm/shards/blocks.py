@@ -1,4 +1,6 @@
-"""The math of a span of Llama-family decoder layers, and of the client's embedding and head.
+"""The math of a span of decoder layers (any supported family), and of the client's embedding
+and head. What varies by family is switched by `ModelConfig` fields: q/k norms, biases, sinks
+and sliding windows (`shards.attention`), and a dense or mixture-of-experts MLP (`shards.moe`).
 
 Hidden states travel between spans as the residual stream `(batch, tokens, hidden)`; each span
 reads and writes the KV cache of its own layers only.
@@ -6,73 +8,57 @@ reads and writes the KV cache of its own layers only.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import cast
+from typing import Protocol, cast
 
 import torch
 from torch import nn
 
 from layerswarm.errors import StepCancelled
 from layerswarm.kernels import ops_for, reference
+from layerswarm.shards.attention import sink_window_attention
 from layerswarm.shards.config import ModelConfig, Span
 from layerswarm.shards.kv_cache import PagedKVCache, SessionCache, StepSlots
-
-
-class Rotary:
-    """RoPE angles for any positions (with Llama 3 frequency scaling when configured)."""
-
-    def __init__(self, config: ModelConfig, device: torch.device | str = "cpu") -> None:
-        dim = config.head_dim
-        inv_freq = 1.0 / (
-            config.rope_theta
-            ** (torch.arange(0, dim, 2, dtype=torch.int64, device=device).float() / dim)
-        )
-        if config.rope_scaling is not None:
-            inv_freq = _llama3_scale(inv_freq, config)
-        self.inv_freq = inv_freq  # (head_dim / 2,)
-
-    def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """`positions (tokens,)` -> cos, sin `(tokens, head_dim)` in fp32."""
-        freqs = positions.float()[:, None] * self.inv_freq[None, :]
-        emb = torch.cat((freqs, freqs), dim=-1)
-        return emb.cos(), emb.sin()
-
-
-def _llama3_scale(inv_freq: torch.Tensor, config: ModelConfig) -> torch.Tensor:
-    s = config.rope_scaling
-    assert s is not None  # checked by the caller; not wire input
-    low_wavelen = s.original_max_position_embeddings / s.low_freq_factor
-    high_wavelen = s.original_max_position_embeddings / s.high_freq_factor
-    wavelen = 2 * math.pi / inv_freq
-    scaled = torch.where(wavelen > low_wavelen, inv_freq / s.factor, inv_freq)
-    smooth = (s.original_max_position_embeddings / wavelen - s.low_freq_factor) / (
-        s.high_freq_factor - s.low_freq_factor
-    )
-    smoothed = (1 - smooth) * scaled / s.factor + smooth * scaled
-    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
-    return torch.where(medium, smoothed, scaled)
+from layerswarm.shards.moe import MoEBlock
+from layerswarm.shards.rope import Rotary
 
 
 class DecoderLayer(nn.Module):
-    """One block: attention and SwiGLU MLP, each behind an RMSNorm, with residual adds.
+    """One block: attention and an MLP (SwiGLU, or experts), each behind an RMSNorm, with
+    residual adds.
 
     q/k/v are one fused projection and gate/up another: one matmul each instead of three and
     two, which matters on a CPU where decode is a chain of small GEMVs.
     """
 
-    def __init__(self, config: ModelConfig) -> None:
+    q_norm: torch.Tensor | None
+    k_norm: torch.Tensor | None
+    sinks: torch.Tensor | None
+
+    def __init__(self, config: ModelConfig, index: int = 0) -> None:
         super().__init__()
         c = config
         self.q_size = c.num_heads * c.head_dim
         self.kv_size = c.num_kv_heads * c.head_dim
+        self.window = c.sliding_window if c.sliding(index) else None
         self.input_norm = nn.Parameter(torch.ones(c.hidden_size), requires_grad=False)
         self.qkv = nn.Linear(c.hidden_size, self.q_size + 2 * self.kv_size, bias=c.attention_bias)
-        self.o_proj = nn.Linear(self.q_size, c.hidden_size, bias=False)
+        self.o_proj = nn.Linear(self.q_size, c.hidden_size, bias=c.attention_out_bias)
+        self.q_norm = _maybe(c.qk_norm, c.head_dim)
+        self.k_norm = _maybe(c.qk_norm, c.head_dim)
+        self.sinks = _maybe(c.attention_sinks, c.num_heads)
         self.post_norm = nn.Parameter(torch.ones(c.hidden_size), requires_grad=False)
-        self.gate_up = nn.Linear(c.hidden_size, 2 * c.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(c.intermediate_size, c.hidden_size, bias=False)
+        self.moe = MoEBlock(c.moe, c.hidden_size) if c.moe and c.sparse(index) else None
+        if self.moe is None:
+            self.gate_up = nn.Linear(c.hidden_size, 2 * c.intermediate_size, bias=False)
+            self.down_proj = nn.Linear(c.intermediate_size, c.hidden_size, bias=False)
+
+
+def _maybe(present: bool, size: int) -> nn.Parameter | None:
+    return nn.Parameter(torch.ones(size), requires_grad=False) if present else None
 
 
 class SpanModel(nn.Module):
@@ -83,14 +69,20 @@ class SpanModel(nn.Module):
         span.check_within(config.num_layers)
         self.config = config
         self.span = span
-        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(len(span)))
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(span.start, span.end))
         self.kernel_backend = kernel_backend
         self.rotary = Rotary(config, "cpu")
         self.ops = ops_for("cpu", kernel_backend)
         self.scale = 1.0 / math.sqrt(config.head_dim)
+        # Runs a whole step instead of `run_layers` when it can (CUDA graphs of decode steps,
+        # `shards.cuda_graphs`); returns None for a step it does not take.
+        self.step_runner: StepRunner | None = None
 
-    def to_device(self, device: torch.device | str) -> SpanModel:
+    def to_device(self, device: torch.device | str, kernel_backend: str | None = None) -> SpanModel:
+        """Move the weights to `device` and pick the kernels for it (`kernel_backend` forces
+        "torch" or "triton"; None keeps the one given at construction, or picks by device)."""
         self.to(device)
+        self.kernel_backend = kernel_backend or self.kernel_backend
         self.rotary = Rotary(self.config, device)
         self.ops = ops_for(device, self.kernel_backend)
         return self
@@ -162,16 +154,45 @@ class SpanModel(nn.Module):
             raise ValueError(f"{x.shape[0]} tokens for segments of {batch.counts}")
         for s, start, n in zip(batch.sessions, batch.starts, batch.counts, strict=True):
             cache.grow(s, start + n)
-        # Slots to write and runs to read, built once for all layers (a SmolLM2 decode step of
-        # 8 sessions spent ~a third of its time on this bookkeeping when each layer redid it).
-        slots = cache.step_slots(batch.sessions, batch.starts, batch.counts)
-        pos = torch.cat(
-            [torch.arange(s, s + n) for s, n in zip(batch.starts, batch.counts, strict=True)]
-        )
-        cos, sin = self.rotary.cos_sin(pos.to(x.device))
         layers = layers or self.span
         if layers.start < self.span.start or layers.end > self.span.end:
             raise ValueError(f"layers {layers} are not within the span {self.span}")
+        out = None
+        if self.step_runner is not None:
+            if should_stop is not None and should_stop():
+                raise StepCancelled("step stopped before it ran")
+            out = self.step_runner(x, batch, cache, layers)
+        if out is None:
+            # The step's metadata (slots to write, runs or block tables to read, positions and
+            # their RoPE angles), built once for all layers: a SmolLM2 decode step of 8 sessions
+            # spent ~a third of its time on this bookkeeping when each layer redid it.
+            slots = cache.step_slots(
+                batch.sessions, batch.starts, batch.counts, paged=self.ops is not reference
+            )
+            pos = torch.cat(
+                [torch.arange(s, s + n) for s, n in zip(batch.starts, batch.counts, strict=True)]
+            )
+            end = max(s + n for s, n in zip(batch.starts, batch.counts, strict=True))
+            cos, sin = self.rotary.cos_sin(pos.to(x.device), end)
+            out = self.run_layers(x, cos, sin, batch, cache, slots, layers, should_stop)
+        for s, start, n in zip(batch.sessions, batch.starts, batch.counts, strict=True):
+            s.length = start + n
+        return out
+
+    def run_layers(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        batch: StepBatch,
+        cache: PagedKVCache,
+        slots: StepSlots,
+        layers: Span,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> torch.Tensor:
+        """The layers of one step, from its metadata: `x (tokens, hidden)`, cos/sin
+        `(tokens, head_dim)`. With Triton kernels and only one-token segments it does no host
+        work and reads nothing back, so a CUDA graph can capture it."""
         delta: torch.Tensor | None = None
         for i in range(layers.start - self.span.start, layers.end - self.span.start):
             if should_stop is not None and should_stop():
@@ -185,11 +206,12 @@ class SpanModel(nn.Module):
                 )
             attn = self._attention(i, layer, normed, cos, sin, batch, cache, slots)
             normed, x = self.ops.add_rms_norm(attn, x, layer.post_norm, self.config.rms_norm_eps)
-            gate, up = layer.gate_up(normed).chunk(2, dim=-1)
-            delta = layer.down_proj(self.ops.swiglu(gate, up))
+            if layer.moe is not None:
+                delta = layer.moe(normed, self.ops.swiglu)
+            else:
+                gate, up = layer.gate_up(normed).chunk(2, dim=-1)
+                delta = layer.down_proj(self.ops.swiglu(gate, up))
         assert delta is not None  # a span has at least one layer
-        for s, start, n in zip(batch.sessions, batch.starts, batch.counts, strict=True):
-            s.length = start + n
         out: torch.Tensor = x + delta
         return out
 
@@ -212,11 +234,26 @@ class SpanModel(nn.Module):
             n, c.num_kv_heads, c.head_dim
         )
         v = qkv[:, layer.q_size + layer.kv_size :].reshape(n, c.num_kv_heads, c.head_dim)
+        if layer.q_norm is not None and layer.k_norm is not None:  # Qwen3: per head, pre-RoPE
+            q = self.ops.rms_norm(q, layer.q_norm, c.rms_norm_eps)
+            k = self.ops.rms_norm(k, layer.k_norm, c.rms_norm_eps)
         q, k = q.contiguous(), k.contiguous()
         self.ops.apply_rope(q, k, cos, sin)
         cache.write_step(i, slots, k, v)
-        if self.ops is not reference:  # Triton: one launch for the decode tokens of all sessions
-            out = self._paged_attention(i, q, batch, cache)
+        if layer.sinks is not None or layer.window is not None:
+            out = torch.empty_like(q)
+            segments = zip(batch.starts, batch.offsets, batch.counts, strict=True)
+            for j, (start, at, t) in enumerate(segments):
+                out[at : at + t] = sink_window_attention(
+                    q[at : at + t],
+                    cache.step_views(i, slots, j),
+                    start,
+                    self.scale,
+                    layer.window,
+                    layer.sinks,
+                )
+        elif self.ops is not reference:  # Triton: one launch for the decode tokens of all sessions
+            out = self._paged_attention(i, q, batch, cache, slots)
         else:
             # Session by session over views of its runs (one run: a plain view), so no step
             # copies a session's keys; a session gets the same bits in a batch as alone.
@@ -229,24 +266,23 @@ class SpanModel(nn.Module):
         return projected
 
     def _paged_attention(
-        self, i: int, q: torch.Tensor, batch: StepBatch, cache: PagedKVCache
+        self, i: int, q: torch.Tensor, batch: StepBatch, cache: PagedKVCache, slots: StepSlots
     ) -> torch.Tensor:
-        """Attention through block tables: the decode kernel for every one-token segment, the
-        prefill kernel (over a gathered context) for each longer one."""
+        """Attention through block tables: the decode kernel for every one-token segment (their
+        table and lengths built once a step, in `slots`), the prefill kernel (over a gathered
+        context) for each longer one."""
+        if slots.decode_rows is None and slots.table is not None:  # every segment is one token
+            return self.ops.decode_attention(  # type: ignore[no-any-return]
+                q, cache.k[i], cache.v[i], slots.table, slots.lengths, self.scale
+            )
         out = torch.empty_like(q)
-        offsets = batch.offsets
-        one = [j for j, t in enumerate(batch.counts) if t == 1]
-        if one:
-            sessions = [batch.sessions[j] for j in one]
-            rows = torch.tensor([offsets[j] for j in one], device=q.device)
-            lengths = [batch.starts[j] + 1 for j in one]
-            table = cache.block_tables(sessions)
-            lens = torch.tensor(lengths, dtype=torch.int32, device=q.device)
+        if slots.table is not None:
+            rows = slots.decode_rows
             out[rows] = self.ops.decode_attention(
-                q[rows], cache.k[i], cache.v[i], table, lens, self.scale
+                q[rows], cache.k[i], cache.v[i], slots.table, slots.lengths, self.scale
             )
         for s, start, at, t in zip(
-            batch.sessions, batch.starts, offsets, batch.counts, strict=True
+            batch.sessions, batch.starts, batch.offsets, batch.counts, strict=True
         ):
             if t > 1:
                 kk, vv = cache.read(i, s, start + t)
@@ -254,6 +290,14 @@ class SpanModel(nn.Module):
                     q[at : at + t], kk, vv, start, self.scale
                 )
         return out
+
+
+class StepRunner(Protocol):
+    """Something that runs a whole step of a span in its own way, or declines (None)."""
+
+    def __call__(
+        self, x: torch.Tensor, batch: StepBatch, cache: PagedKVCache, layers: Span
+    ) -> torch.Tensor | None: ...
 
 
 @dataclass(frozen=True)
@@ -288,14 +332,19 @@ class ClientHead(nn.Module):
 
     @torch.inference_mode()
     def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
-        """`ids (batch, tokens)` -> `(batch, tokens, hidden)`."""
-        embedded: torch.Tensor = self.embed(ids)
+        """`ids (batch, tokens)` -> `(batch, tokens, hidden)`, on the head's device."""
+        embedded: torch.Tensor = self.embed(ids.to(self.norm.device))
         return embedded
 
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """`hidden (batch, tokens, hidden)` -> fp32 logits `(batch, tokens, vocab)`."""
+        """`hidden (batch, tokens, hidden)`, from any device -> fp32 logits
+        `(batch, tokens, vocab)` on the head's device."""
+        hidden = hidden.to(self.norm.device)
         ops = ops_for(hidden.device)
-        h = ops.rms_norm(hidden, self.norm, self.config.rms_norm_eps)
+        # Triton launches on the calling thread's current device: make it the head's
+        where = torch.cuda.device(hidden.device) if hidden.is_cuda else contextlib.nullcontext()
+        with where:
+            h = ops.rms_norm(hidden, self.norm, self.config.rms_norm_eps)
         logits: torch.Tensor = self.head(h)
         return logits.float()

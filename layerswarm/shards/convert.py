@@ -1,8 +1,10 @@
-"""Convert a Llama-family GGUF file into a Hugging Face style model folder, weights in float32.
+"""Convert a GGUF file into a Hugging Face style model folder, weights in float32.
 
-The folder holds `model.safetensors` (Hugging Face Llama tensor names, written layer by layer so a
-span's tensors lie together on disk), `config.json`, `tokenizer.json`, `tokenizer_config.json`
-(with the chat template) and `generation_config.json`.
+Architectures (`general.architecture`): `llama` (Llama, Mistral, and Mixtral when it has
+experts), `qwen3` and `qwen3moe`. The folder holds `model.safetensors` (the family's Hugging
+Face tensor names, written layer by layer so a span's tensors lie together on disk; stacked
+experts are written one by one), `config.json`, `tokenizer.json`, `tokenizer_config.json` (with
+the chat template) and `generation_config.json`.
 """
 
 from __future__ import annotations
@@ -11,23 +13,33 @@ import json
 import logging
 import math
 import struct
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from gguf import GGMLQuantizationType, GGUFReader, ReaderTensor, TokenType, quants
-from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+from gguf import GGUFReader, ReaderTensor
 
 from layerswarm.errors import ModelFormatError
+from layerswarm.shards.gguf_tensors import (
+    Entry,
+    Progress,
+    check_types,
+    dequantize,
+    write_safetensors,
+)
+from layerswarm.shards.gguf_tokenizer import gguf_tokenizer, tokenizer_config
 
 log = logging.getLogger(__name__)
 
-Progress = Callable[[str, float | None], None]
-"""Called with a message and the fraction done (None when unknown)."""
 
-GGUF_ARCHITECTURES = ("llama",)  # values of `general.architecture` this module converts
+# `general.architecture` values this module converts -> whether llama.cpp interleaved q/k rows
+# (its LlamaModel.permute, which Mixtral inherits; Qwen models are stored as they are).
+GGUF_ARCHITECTURES = {"llama": True, "qwen3": False, "qwen3moe": False}
+_QK_NORMS = (
+    ("attn_q_norm.weight", "self_attn.q_norm.weight"),
+    ("attn_k_norm.weight", "self_attn.k_norm.weight"),
+)
+_EXPERT_STACKS = ("ffn_gate_exps.weight", "ffn_up_exps.weight", "ffn_down_exps.weight")
 
 # (gguf name inside `blk.{i}.`, Hugging Face name inside `model.layers.{i}.`), in the order
 # written to disk. Biases are optional (Qwen2-style q/k/v biases).
@@ -50,31 +62,9 @@ _OPTIONAL = {"attn_q.bias", "attn_k.bias", "attn_v.bias"}
 # `rope_scaling` in config.json; `attn_rot_embd` is a cache of RoPE sines that old files carry.
 _CONSUMED = ("rope_freqs.weight", ".attn_rot_embd")
 
-# Byte-level pre-tokenizers by `tokenizer.ggml.pre`, matched to each model's own tokenizer.json.
-_LLAMA3_SPLIT = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
-    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-_GPT2_PRE = ("default", "gpt2", "gpt-2")
-_LLAMA3_PRE = ("llama-bpe", "llama3", "llama-v3")
-
-
-@dataclass(frozen=True)
-class _Entry:
-    """One tensor to write: its Hugging Face name, its GGUF source, and how to undo llama.cpp."""
-
-    name: str
-    source: ReaderTensor
-    unpermute_heads: int | None = None  # unit: heads of the Q/K row interleave to undo
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        # GGUF lists dimensions fastest first, the reverse of torch: [576, 49152] is (49152, 576).
-        return tuple(int(d) for d in reversed(self.source.shape.tolist()))
-
 
 def convert_gguf(gguf_path: Path, out_dir: Path, progress: Progress | None = None) -> None:
-    """Convert a Llama-family GGUF file into a Hugging Face style folder.
+    """Convert a GGUF file (llama, qwen3, qwen3moe) into a Hugging Face style folder.
 
     Args:
         gguf_path: the `.gguf` file.
@@ -82,7 +72,7 @@ def convert_gguf(gguf_path: Path, out_dir: Path, progress: Progress | None = Non
         progress: told `("converting 120/272 tensors", 0.44)` as each tensor is written.
 
     Raises:
-        ModelFormatError: the file is not GGUF, not a Llama-family model, lacks metadata or
+        ModelFormatError: the file is not GGUF, not a supported architecture, lacks metadata or
             tensors, or stores a tensor type or tokenizer this converter cannot read.
     """
     gguf_path = Path(gguf_path)
@@ -95,15 +85,15 @@ def convert_gguf(gguf_path: Path, out_dir: Path, progress: Progress | None = Non
             f"{', '.join(GGUF_ARCHITECTURES)} GGUF files"
         )
     tensors = {t.name: t for t in reader.tensors}
-    config = _config(meta, tensors, gguf_path)
-    entries = _plan(tensors, config, gguf_path)
-    tokenizer = _tokenizer(meta, gguf_path)
+    config = _config(meta, tensors, gguf_path, arch)
+    entries = _plan(tensors, config, gguf_path, GGUF_ARCHITECTURES[arch])
+    tokenizer = gguf_tokenizer(meta, gguf_path)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    _write_safetensors(out_dir / "model.safetensors", entries, progress)
+    write_safetensors(out_dir / "model.safetensors", entries, progress)
     _write_json(out_dir / "config.json", config)
     tokenizer.save(str(out_dir / "tokenizer.json"))
-    _write_json(out_dir / "tokenizer_config.json", _tokenizer_config(meta, config))
+    _write_json(out_dir / "tokenizer_config.json", tokenizer_config(meta, config))
     generation: dict[str, Any] = {
         k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in config
     }
@@ -133,10 +123,12 @@ def _float32(value: float) -> float:
     return float(str(np.float32(value)))
 
 
-def _config(meta: dict[str, Any], tensors: dict[str, ReaderTensor], path: Path) -> dict[str, Any]:
-    """A Hugging Face `config.json` for a Llama model, from `llama.*` metadata."""
-    if meta.get("llama.expert_count", 0):
-        raise ModelFormatError(f"{path} is a mixture-of-experts model, which layerswarm cannot run")
+def _config(
+    meta: dict[str, Any], tensors: dict[str, ReaderTensor], path: Path, arch: str
+) -> dict[str, Any]:
+    """A Hugging Face `config.json` from `<arch>.*` metadata."""
+    if arch != "llama":  # the keys below are read under the file's own architecture
+        meta = {k.replace(f"{arch}.", "llama.", 1): v for k, v in meta.items()}
     if "token_embd.weight" not in tensors:
         raise ModelFormatError(f"{path} lacks the tensor 'token_embd.weight'")
     hidden = _int(meta, "llama.embedding_length", path)
@@ -153,7 +145,9 @@ def _config(meta: dict[str, Any], tensors: dict[str, ReaderTensor], path: Path) 
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
         "hidden_size": hidden,
-        "intermediate_size": _int(meta, "llama.feed_forward_length", path),
+        "intermediate_size": _int(
+            meta, "llama.feed_forward_length", path, meta.get("llama.expert_feed_forward_length")
+        ),
         "num_hidden_layers": _int(meta, "llama.block_count", path),
         "num_attention_heads": heads,
         "num_key_value_heads": _int(meta, "llama.attention.head_count_kv", path, heads),
@@ -169,6 +163,12 @@ def _config(meta: dict[str, Any], tensors: dict[str, ReaderTensor], path: Path) 
         "hidden_act": "silu",
         "torch_dtype": "float32",
     }
+    config |= _family_fields(meta, path, arch)
+    if arch == "qwen3moe":  # layers stored with a plain MLP
+        layers = range(config["num_hidden_layers"])
+        config["mlp_only_layers"] = [
+            i for i in layers if f"blk.{i}.ffn_gate_inp.weight" not in tensors
+        ]
     eos = [
         meta[k] for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id") if k in meta
     ]
@@ -181,6 +181,28 @@ def _config(meta: dict[str, Any], tensors: dict[str, ReaderTensor], path: Path) 
     return config
 
 
+def _family_fields(meta: dict[str, Any], path: Path, arch: str) -> dict[str, Any]:
+    """What the architecture adds to config.json: its class, and its experts."""
+    experts = int(meta.get("llama.expert_count") or 0)
+    moe: dict[str, Any] = {}
+    if experts or arch == "qwen3moe":
+        moe["num_experts_per_tok"] = _int(meta, "llama.expert_used_count", path)
+        moe["norm_topk_prob"] = True  # llama.cpp renormalizes the top k for both
+    if arch == "qwen3moe":
+        moe["num_experts"] = experts
+        moe["moe_intermediate_size"] = _int(meta, "llama.expert_feed_forward_length", path)
+        return {"architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe"} | moe
+    if arch == "qwen3":
+        return {"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3"}
+    if experts:
+        return (
+            {"architectures": ["MixtralForCausalLM"], "model_type": "mixtral"}
+            | moe
+            | {"num_local_experts": experts}
+        )
+    return {}
+
+
 def _rope_scaling(
     meta: dict[str, Any], tensors: dict[str, ReaderTensor], head_dim: int, theta: float, path: Path
 ) -> dict[str, Any] | None:
@@ -189,7 +211,7 @@ def _rope_scaling(
     if "rope_freqs.weight" in tensors:
         # llama.cpp turns Llama 3's `rope_scaling` into per-frequency factors and drops the
         # parameters; the largest factor is `factor`, the others are Meta's published defaults.
-        factors = _dequantize(tensors["rope_freqs.weight"])
+        factors = dequantize(tensors["rope_freqs.weight"])
         factor, context = float(factors.max()), int(original or 8192)
         if not np.allclose(factors, _llama3_factors(head_dim, theta, factor, 1.0, 4.0, context)):
             raise ModelFormatError(f"{path}: rope_freqs.weight matches no llama3 rope_scaling")
@@ -228,178 +250,60 @@ def _llama3_factors(
     return np.where(wavelen > original_max_position_embeddings / low_freq_factor, factor, out)
 
 
-def _plan(tensors: dict[str, ReaderTensor], config: dict[str, Any], path: Path) -> list[_Entry]:
+def _plan(
+    tensors: dict[str, ReaderTensor], config: dict[str, Any], path: Path, permuted: bool
+) -> list[Entry]:
     """Every tensor to write, in disk order: embedding, layer 0, layer 1, ..., norm, head."""
-    entries = [_Entry("model.embed_tokens.weight", tensors["token_embd.weight"])]
+    entries = [Entry("model.embed_tokens.weight", tensors["token_embd.weight"])]
     heads = {"attn_q": config["num_attention_heads"], "attn_k": config["num_key_value_heads"]}
     for i in range(config["num_hidden_layers"]):
-        for gguf_name, hf_name in _LAYER_TENSORS:
-            source = tensors.get(f"blk.{i}.{gguf_name}")
-            if source is None and gguf_name in _OPTIONAL:
+        blk = _layer(tensors, i)
+        sparse = "ffn_gate_inp.weight" in blk  # experts instead of ffn_gate/up/down
+        own = _LAYER_TENSORS[:9] if sparse else _LAYER_TENSORS  # [:9]: up to ffn_norm
+        for gguf_name, hf_name in own + _QK_NORMS:
+            source = blk.get(gguf_name)
+            if source is None and (gguf_name in _OPTIONAL or (gguf_name, hf_name) in _QK_NORMS):
                 continue
             if source is None:
                 raise ModelFormatError(f"{path} lacks the tensor 'blk.{i}.{gguf_name}'")
-            n_heads = heads.get(gguf_name.split(".")[0])
-            entries.append(_Entry(f"model.layers.{i}.{hf_name}", source, n_heads))
+            n_heads = heads.get(gguf_name.split(".")[0]) if permuted else None
+            entries.append(Entry(f"model.layers.{i}.{hf_name}", source, n_heads))
+        if sparse:
+            entries += _experts(blk, i, config, path)
     if "output_norm.weight" not in tensors:
         raise ModelFormatError(f"{path} lacks the tensor 'output_norm.weight'")
-    entries.append(_Entry("model.norm.weight", tensors["output_norm.weight"]))
+    entries.append(Entry("model.norm.weight", tensors["output_norm.weight"]))
     if "output.weight" in tensors:
-        entries.append(_Entry("lm_head.weight", tensors["output.weight"]))
+        entries.append(Entry("lm_head.weight", tensors["output.weight"]))
     used = {e.source.name for e in entries}
     extra = [n for n in tensors if n not in used and not any(c in n for c in _CONSUMED)]
     if extra:
-        raise ModelFormatError(f"{path} holds tensors a Llama model does not have: {extra[:5]}")
-    _check_types(entries)
+        raise ModelFormatError(f"{path} holds tensors this architecture does not have: {extra[:5]}")
+    check_types(entries)
     return entries
 
 
-def _check_types(entries: list[_Entry]) -> None:
-    """Fail before writing anything if a tensor type cannot be dequantized (one row is tried)."""
-    seen = set()
-    for e in entries:
-        if e.source.tensor_type not in seen:
-            seen.add(e.source.tensor_type)
-            _dequantize_rows(e.source, e.source.data[:1])
+def _layer(tensors: dict[str, ReaderTensor], i: int) -> dict[str, ReaderTensor]:
+    pre = f"blk.{i}."
+    return {n[len(pre) :]: t for n, t in tensors.items() if n.startswith(pre)}
 
 
-def _dequantize(tensor: ReaderTensor) -> np.ndarray:
-    """The tensor as float32 in torch's dimension order."""
-    shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))
-    return _dequantize_rows(tensor, tensor.data).reshape(shape)
-
-
-def _dequantize_rows(tensor: ReaderTensor, data: np.ndarray) -> np.ndarray:
-    try:
-        values = quants.dequantize(data, GGMLQuantizationType(tensor.tensor_type))
-    except NotImplementedError:
-        raise ModelFormatError(
-            f"tensor {tensor.name!r} is stored as {tensor.tensor_type.name}, which the gguf "
-            "package cannot dequantize"
-        ) from None
-    return np.asarray(values, dtype=np.float32)
-
-
-def _unpermute(w: np.ndarray, n_heads: int) -> np.ndarray:
-    """Undo the Q/K row interleave of llama.cpp's convert_hf_to_gguf (its `LlamaModel.permute`).
-
-    llama.cpp's RoPE rotates adjacent pairs, Hugging Face's rotates the two halves of each head, so
-    the converter reorders each head's rows `w.reshape(n_heads, 2, d, ...).swapaxes(1, 2)`.
-    """
-    rows = w.shape[0]
-    if rows % (2 * n_heads):
-        raise ModelFormatError(f"{rows} rows do not split into {n_heads} heads of pairs")
-    # (n_heads, head_dim // 2, 2, ...) -> (n_heads, 2, head_dim // 2, ...)
-    return w.reshape(n_heads, rows // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
-def _write_safetensors(path: Path, entries: list[_Entry], progress: Progress | None) -> None:
-    """Write float32 tensors in the given order, dequantizing one at a time to bound memory.
-
-    `safetensors.save_file` sorts tensors by name (layer 10 before layer 2); the format itself
-    allows any order, so the header is written by hand.
-    """
-    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
-    offset = 0
-    for e in entries:
-        size = 4 * math.prod(e.shape)
-        header[e.name] = {
-            "dtype": "F32",
-            "shape": list(e.shape),
-            "data_offsets": [offset, offset + size],
-        }
-        offset += size
-    blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)  # the data starts 8-byte aligned
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(blob)) + blob)
-        for n, e in enumerate(entries, 1):
-            w = _dequantize(e.source)
-            if w.shape != e.shape:
-                raise ModelFormatError(
-                    f"tensor {e.source.name!r} has shape {w.shape}, expected {e.shape}"
-                )
-            if e.unpermute_heads is not None:
-                w = _unpermute(w, e.unpermute_heads)
-            f.write(np.ascontiguousarray(w, dtype="<f4").tobytes())
-            if progress is not None:
-                progress(f"converting {n}/{len(entries)} tensors", n / len(entries))
-
-
-def _pre_tokenizer(pre: str) -> pre_tokenizers.PreTokenizer:
-    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True)
-    if pre == "smollm":  # SmolLM2's tokenizer.json splits every digit apart first
-        return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
-    if pre in _LLAMA3_PRE:
-        split = pre_tokenizers.Split(Regex(_LLAMA3_SPLIT), behavior="isolated", invert=False)
-        no_regex = pre_tokenizers.ByteLevel(
-            add_prefix_space=False, trim_offsets=True, use_regex=False
-        )
-        return pre_tokenizers.Sequence([split, no_regex])
-    if pre not in _GPT2_PRE:
-        log.warning("unknown GGUF pre-tokenizer %r: splitting text as GPT-2 does", pre)
-    return byte_level
-
-
-def _tokenizer(meta: dict[str, Any], path: Path) -> Tokenizer:
-    """A byte-level BPE `tokenizers.Tokenizer` from `tokenizer.ggml.*` metadata."""
-    kind = meta.get("tokenizer.ggml.model")
-    if kind != "gpt2":
-        raise ModelFormatError(
-            f"{path} has a {kind!r} tokenizer; layerswarm converts byte-level BPE ('gpt2') only"
-        )
-    tokens: list[str] = meta.get("tokenizer.ggml.tokens") or []
-    merges: list[str] = meta.get("tokenizer.ggml.merges") or []
-    if not tokens or not merges:
-        raise ModelFormatError(f"{path} lacks tokenizer.ggml.tokens or tokenizer.ggml.merges")
-    vocab: dict[str, int] = {}
-    for i, token in enumerate(tokens):
-        vocab.setdefault(token, i)
-    pairs = [_merge_pair(m, path) for m in merges]
-    tokenizer = Tokenizer(models.BPE(vocab, pairs, fuse_unk=False, byte_fallback=False))
-    tokenizer.pre_tokenizer = _pre_tokenizer(meta.get("tokenizer.ggml.pre", "default"))
-    tokenizer.decoder = decoders.ByteLevel()
-    tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
-    types = meta.get("tokenizer.ggml.token_type") or [TokenType.NORMAL] * len(tokens)
-    if len(types) != len(tokens):
-        raise ModelFormatError(f"{path} has {len(tokens)} tokens but {len(types)} token types")
-    kinds = {TokenType.CONTROL: True, TokenType.USER_DEFINED: False}  # value: special or not
-    added = [
-        AddedToken(token, special=kinds[t], normalized=False)
-        for token, t in zip(tokens, types, strict=True)
-        if t in kinds
-    ]
-    tokenizer.add_special_tokens([a for a in added if a.special])
-    tokenizer.add_tokens([a for a in added if not a.special])
-    return tokenizer
-
-
-def _merge_pair(merge: str, path: Path) -> tuple[str, str]:
-    left, space, right = merge.partition(" ")
-    if not space:
-        raise ModelFormatError(f"{path}: the merge {merge!r} is not two tokens")
-    return left, right
-
-
-def _tokenizer_config(meta: dict[str, Any], config: dict[str, Any]) -> dict[str, Any]:
-    tokens: list[str] = meta["tokenizer.ggml.tokens"]
-    out: dict[str, Any] = {
-        # Not "GPT2Tokenizer": transformers 5 then swaps in GPT-2's own pre-tokenizer and drops
-        # SmolLM2's Digits step; the generic class keeps tokenizer.json as written.
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        "add_bos_token": bool(meta.get("tokenizer.ggml.add_bos_token", False)),
-        "add_prefix_space": False,
-        "clean_up_tokenization_spaces": False,
-        "model_max_length": config["max_position_embeddings"],
-    }
-    for name in ("bos", "eos", "unknown", "padding"):
-        token_id = meta.get(f"tokenizer.ggml.{name}_token_id")
-        if token_id is not None and 0 <= token_id < len(tokens):
-            key = {"unknown": "unk", "padding": "pad"}.get(name, name)
-            out[f"{key}_token"] = tokens[token_id]
-    if "tokenizer.chat_template" in meta:
-        out["chat_template"] = meta["tokenizer.chat_template"]
-    return out
+def _experts(
+    blk: dict[str, ReaderTensor], i: int, config: dict[str, Any], path: Path
+) -> list[Entry]:
+    """The router and every expert of layer `i`, from llama.cpp's stacked `ffn_*_exps`."""
+    mixtral = config["architectures"] == ["MixtralForCausalLM"]
+    pre = f"model.layers.{i}." + ("block_sparse_moe." if mixtral else "mlp.")
+    names = ("w1", "w3", "w2") if mixtral else ("gate_proj", "up_proj", "down_proj")
+    missing = [n for n in _EXPERT_STACKS if n not in blk]
+    if missing:
+        raise ModelFormatError(f"{path} lacks the tensor 'blk.{i}.{missing[0]}' (stored experts)")
+    entries = [Entry(pre + "gate.weight", blk["ffn_gate_inp.weight"])]
+    n = int(blk["ffn_gate_exps.weight"].shape[-1])
+    for e in range(n):
+        for stack, name in zip(_EXPERT_STACKS, names, strict=True):
+            entries.append(Entry(f"{pre}experts.{e}.{name}.weight", blk[stack], expert=e))
+    return entries
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:

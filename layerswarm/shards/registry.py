@@ -28,7 +28,10 @@ from safetensors import safe_open
 
 from layerswarm.errors import LayerswarmError, ModelFormatError
 from layerswarm.shards.config import ModelConfig
-from layerswarm.shards.convert import Progress, convert_gguf
+from layerswarm.shards.convert import convert_gguf
+from layerswarm.shards.families import client_tensor_names, layer_tensor_names
+from layerswarm.shards.gguf_tensors import Progress
+from layerswarm.shards.hub import INDEX, parse_hub_name, resolve_hub_model, snapshot_origin
 
 MARKER = ".layerswarm-complete"  # written last into a finished conversion
 CONVERTER_VERSION = 1  # raise when convert.py's output changes, to redo cached conversions
@@ -54,13 +57,20 @@ KNOWN_MODELS: dict[str, KnownModel] = {
 }
 
 
-def resolve_model(name_or_path: str, cache_dir: Path, progress: Progress | None = None) -> Path:
+def resolve_model(
+    name_or_path: str,
+    cache_dir: Path,
+    progress: Progress | None = None,
+    hf_cache: Path | None = None,
+) -> Path:
     """The local folder of a model, downloading and converting it the first time.
 
     Args:
         name_or_path: a name in `KNOWN_MODELS` (e.g. "smollm2-135m"), a model folder in Hugging
-            Face layout, or a Llama-family `.gguf` file.
+            Face layout, a `.gguf` file, or a Hugging Face name `ORG/NAME[@REVISION]` (from the
+            local HF cache, else downloading its small files; weights come when a span loads).
         cache_dir: where conversions are kept, under `models/`.
+        hf_cache: the Hugging Face hub cache; None: huggingface_hub's (`HF_HUB_CACHE`).
         progress: told `(message, fraction or None)` while downloading and converting.
 
     Returns:
@@ -84,15 +94,19 @@ def resolve_model(name_or_path: str, cache_dir: Path, progress: Progress | None 
     if path.is_file() and path.suffix.lower() == ".gguf":
         folder = models / _gguf_folder_name(path)
         return _converted(folder, str(path.resolve()), partial(convert_gguf, path), progress)
+    if not path.exists() and parse_hub_name(name_or_path) is not None:
+        folder = resolve_hub_model(name_or_path, hf_cache, progress)
+        check_model_dir(folder)
+        return folder
     raise ModelFormatError(
         f"{name_or_path!r} is not a model layerswarm knows: give a model name "
-        f"({', '.join(sorted(KNOWN_MODELS))}), a folder with config.json, *.safetensors and "
-        "tokenizer.json, or a Llama-family .gguf file"
+        f"({', '.join(sorted(KNOWN_MODELS))}), a Hugging Face name (ORG/NAME[@REVISION]), a "
+        "folder with config.json, *.safetensors and tokenizer.json, or a .gguf file"
     )
 
 
 def check_model_dir(path: Path) -> None:
-    """Check that a folder holds the config and weights of a Llama-family model (HF layout).
+    """Check that a folder holds the config and weights of a supported model (HF layout).
 
     Reads config.json and the safetensors headers only, not the weights.
 
@@ -100,7 +114,17 @@ def check_model_dir(path: Path) -> None:
         ModelFormatError: naming the first thing missing or unsupported.
     """
     config = ModelConfig.from_file(path)
+    index = path / INDEX
+    if index.is_file():  # a Hub snapshot may hold only some shards yet: check the index
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (ValueError, KeyError, TypeError):
+            raise ModelFormatError(f"{index} is not a safetensors index") from None
+        _check_names(path, config, set(weight_map))
+        return
     files = sorted(path.glob("*.safetensors"))
+    if not files and snapshot_origin(path) is not None:
+        return  # a one-file Hub model whose weights come when loaded
     if not files:
         raise ModelFormatError(f"no *.safetensors in {path}")
     # No tokenizer check here: a peer needs only config and weights. The client's tokenizer
@@ -112,6 +136,10 @@ def check_model_dir(path: Path) -> None:
                 names.update(f.keys())
         except Exception as e:  # safetensors raises its own SafetensorError, and OSError
             raise ModelFormatError(f"{file} is not a readable safetensors file: {e}") from None
+    _check_names(path, config, names)
+
+
+def _check_names(path: Path, config: ModelConfig, names: set[str]) -> None:
     missing = [n for n in expected_tensor_names(config) if n not in names]
     if missing:
         more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
@@ -119,20 +147,8 @@ def check_model_dir(path: Path) -> None:
 
 
 def expected_tensor_names(config: ModelConfig) -> list[str]:
-    """The Hugging Face tensor names a Llama-family model with this config must have."""
-    layer = [
-        "input_layernorm.weight",
-        "post_attention_layernorm.weight",
-        *(f"self_attn.{p}_proj.weight" for p in "qkvo"),
-        *(f"mlp.{p}_proj.weight" for p in ("gate", "up", "down")),
-    ]
-    if config.attention_bias:
-        layer += [f"self_attn.{p}_proj.bias" for p in "qkv"]
-    names = ["model.embed_tokens.weight", "model.norm.weight"]
-    names += [f"model.layers.{i}.{n}" for i in range(config.num_layers) for n in layer]
-    if not config.tie_word_embeddings:
-        names.append("lm_head.weight")
-    return names
+    """The Hugging Face tensor names a model with this config must have (its family's names)."""
+    return client_tensor_names(config) + layer_tensor_names(config, range(config.num_layers))
 
 
 Builder = Callable[[Path, Progress | None], None]  # builds a model folder into the given one

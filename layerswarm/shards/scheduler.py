@@ -19,6 +19,7 @@ import itertools
 import logging
 import time
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -149,6 +150,8 @@ class StepScheduler:
         self._decoded_at: dict[int, float] = {}  # id(seq) -> monotonic s its last decode ran
         self._last_decoders: set[int] = set()  # id(seq) of the last batch's decode steps
         self._closed = False
+        # Told of each batch: (sessions, tokens, seconds); the peer counts them for /metrics.
+        self.on_batch: Callable[[int, int, float], None] | None = None
 
     async def run(
         self,
@@ -278,6 +281,8 @@ class StepScheduler:
             finally:
                 took = time.monotonic() - self._running_since
                 self._batch_s = took if not self._batch_s else 0.8 * self._batch_s + 0.2 * took
+                if self.on_batch is not None:
+                    self.on_batch(len(batch), sum(n for _, n in batch), took)
                 self._running = []
                 for c, seq in self._to_free:
                     c.free(seq)
@@ -423,7 +428,11 @@ class StepScheduler:
         threads = threads or self._all_threads
         if torch.get_num_threads() != threads:  # this thread's own setting (OpenMP)
             torch.set_num_threads(threads)
-        x = torch.cat([job.hidden[job.ran : job.ran + n] for job, n in batch])  # (tokens, hidden)
+        # (tokens, hidden), to the model's device in one copy (a peer's inputs come off the wire)
+        device = cache.k.device
+        x = _to_device([job.hidden[job.ran : job.ran + n] for job, n in batch], device)
+        if device.type == "cuda":  # Triton launches on this thread's device: make it the model's
+            torch.cuda.set_device(device)
         step = StepBatch(
             [job.start + job.ran for job, _ in batch],
             [n for _, n in batch],
@@ -432,7 +441,20 @@ class StepScheduler:
         out = model.forward_flat(
             x, step, cache, batch[0][0].layers, should_stop=lambda: self._closed
         )
-        return [out[at : at + n] for at, n in zip(step.offsets, step.counts, strict=True)]
+        # Outputs go back where their inputs came from, in the compute dtype (a GPU peer's
+        # bf16 crosses to the host at half fp32's bytes; `run` casts to the caller's dtype).
+        host = out.cpu() if any(job.hidden.device != out.device for job, _ in batch) else out
+        return [
+            (out if job.hidden.device == out.device else host)[at : at + n]
+            for (job, _), at, n in zip(batch, step.offsets, step.counts, strict=True)
+        ]
+
+
+def _to_device(parts: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """`torch.cat(parts)` on `device`: one copy when the parts share a device."""
+    if all(p.device == parts[0].device for p in parts):
+        return torch.cat(parts).to(device)
+    return torch.cat([p.to(device) for p in parts])
 
 
 def _internal(e: Exception) -> LayerswarmError:

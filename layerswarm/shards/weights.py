@@ -14,6 +14,8 @@ from safetensors import safe_open
 from layerswarm.errors import ModelFormatError
 from layerswarm.shards.blocks import ClientHead, DecoderLayer, SpanModel
 from layerswarm.shards.config import ModelConfig, Span
+from layerswarm.shards.families import client_tensor_names, family_of, layer_tensor_names
+from layerswarm.shards.hub import INDEX, fetch_weight_files
 
 Progress = Callable[[str, float | None], None]
 
@@ -86,19 +88,23 @@ def load_span(
 ) -> SpanModel:
     """Build the layers `[span.start, span.end)` of the model in `model_dir`.
 
-    Only those layers' tensors are read, so memory grows with the span, not the model.
+    Only those layers' tensors are read, so memory grows with the span, not the model. In a
+    Hugging Face cache snapshot, the shards holding them are downloaded first if missing.
 
     Raises:
         ModelFormatError: the folder lacks config.json, weights, or one of the span's tensors.
     """
     config = config or ModelConfig.from_file(model_dir)
+    if files is None:
+        names = layer_tensor_names(config, range(span.start, span.end))
+        fetch_weight_files(Path(model_dir), names, progress)
     with ExitStack() as stack:
         if files is None:
             files = stack.enter_context(open_weights(model_dir))
         with torch.device("meta"):
             model = SpanModel(config, span)
         for i, layer in enumerate(model.layers):
-            _fill_layer(cast(DecoderLayer, layer), files, span.start + i, dtype)
+            _fill_layer(cast(DecoderLayer, layer), files, config, span.start + i, dtype)
             if progress:
                 progress(
                     f"loading layer {span.start + i + 1}/{config.num_layers}", (i + 1) / len(span)
@@ -106,29 +112,21 @@ def load_span(
     return model
 
 
-def _fill_layer(layer: DecoderLayer, files: WeightFiles, index: int, dtype: torch.dtype) -> None:
-    pre = f"model.layers.{index}."
-    a = pre + "self_attn."
-    qkv = [files.get(f"{a}{p}_proj.weight", dtype) for p in "qkv"]
-    gate_up = [files.get(f"{pre}mlp.{p}_proj.weight", dtype) for p in ("gate", "up")]
-    params = {
-        "input_norm": files.get(pre + "input_layernorm.weight", dtype),
-        "post_norm": files.get(pre + "post_attention_layernorm.weight", dtype),
-        "qkv.weight": torch.cat(qkv),
-        "o_proj.weight": files.get(a + "o_proj.weight", dtype),
-        "gate_up.weight": torch.cat(gate_up),
-        "down_proj.weight": files.get(pre + "mlp.down_proj.weight", dtype),
-    }
-    if layer.qkv.bias is not None:
-        params["qkv.bias"] = torch.cat([files.get(f"{a}{p}_proj.bias", dtype) for p in "qkv"])
-    layer.load_state_dict(params, strict=True, assign=True)
+def _fill_layer(
+    layer: DecoderLayer, files: WeightFiles, config: ModelConfig, index: int, dtype: torch.dtype
+) -> None:
+    """Read layer `index`'s tensors, in the family's names, into `layer`."""
+    state = family_of(config).layer_state(lambda name: files.get(name, dtype), config, index)
+    layer.load_state_dict(state, strict=True, assign=True)
 
 
 def load_client_head(
     model_dir: str | Path, dtype: torch.dtype = torch.float32, config: ModelConfig | None = None
 ) -> ClientHead:
-    """Build the embedding, final norm and head: the parts a client holds."""
+    """Build the embedding, final norm and head: the parts a client holds (in a Hugging Face
+    cache snapshot, only the shards holding them are downloaded)."""
     config = config or ModelConfig.from_file(model_dir)
+    fetch_weight_files(Path(model_dir), client_tensor_names(config))
     with torch.device("meta"):
         head = ClientHead(config)
     with open_weights(model_dir) as files:
@@ -154,6 +152,10 @@ def model_fingerprint(model_dir: str | Path) -> str:
 
     model_dir = Path(model_dir)
     h = hashlib.sha256((model_dir / "config.json").read_bytes())
+    index = model_dir / INDEX
+    if index.is_file():  # a Hub snapshot holds only its span's shards: the index names all
+        h.update(index.read_bytes())
+        return h.hexdigest()[:16]
     for f in sorted(model_dir.glob("*.safetensors")):
         h.update(f"{f.name}:{f.stat().st_size}".encode())
     return h.hexdigest()[:16]

@@ -244,7 +244,7 @@ async def _client_handshake(
         raise PeerUnavailable(f"handshake with {address} failed{hint}: {exc}") from exc
     if isinstance(reply, ErrorReply):
         refusal = f"{address} refused the handshake: {reply.code}: {reply.message}"
-        if reply.code == ErrorCode.SHUTTING_DOWN:
+        if reply.code in (ErrorCode.SHUTTING_DOWN, ErrorCode.BUSY):  # full, not broken
             raise PeerUnavailable(refusal)
         if reply.code == ErrorCode.SWARM_KEY:
             raise SwarmKeyMismatch(refusal)

@@ -22,6 +22,7 @@ from layerswarm.errors import (
 from layerswarm.swarm.identity import (
     Identity,
 )
+from layerswarm.swarm.limits import ConnectionCounter, ListenLimits
 from layerswarm.swarm.protocol import (
     PROTOCOL_VERSION,
     REQUEST_TYPES,
@@ -93,15 +94,31 @@ class _ServerConnection:
         self._timer: asyncio.TimerHandle | None = None
         self._reading_paused = False  # paused with max_concurrent_requests in flight
         self._backlog: collections.deque[tuple[int, Message]] = collections.deque()
+        self._ip: str | None = None  # counted against the caps under this address, once held
+        self._refusal: str | None = None  # why this connection is refused (told at its Hello)
+        self._last_frame = 0.0  # unit: loop s of the last request, for the idle timeout
+        # Until its Hello, a client may send a Hello's worth of bytes, nothing larger.
+        self.channel.limit_frames(server._limits.max_hello_frame_bytes)
 
     def _start(self) -> None:
         """Called once the transport is up, after the TLS handshake."""
-        transport = self.channel.transport
-        if transport is None or self._server._closing:
+        transport, server = self.channel.transport, self._server
+        if transport is None or server._closing:
             self.channel.close(abort=True)
             return
-        self._server._connections.add(self)  # only now: a failed TLS handshake never gets here
-        if not self._server._config.insecure_plaintext:
+        peername = transport.get_extra_info("peername")
+        ip = str(peername[0]) if peername else "?"
+        self._refusal = server._counter.refusal(ip)
+        if self._refusal is None:
+            self._ip = ip
+            server._counter.add(ip)
+        elif server._counter.refusing >= server._limits.max_refusing:
+            self.channel.close(abort=True)  # refusing too many already: no words to spare
+            return
+        else:
+            server._counter.refusing += 1
+        server._connections.add(self)  # only now: a failed TLS handshake never gets here
+        if not server._config.insecure_plaintext:
             try:
                 self._proven_id = proven_peer_id(transport)
             except ValueError as exc:
@@ -109,10 +126,23 @@ class _ServerConnection:
                 self.channel.close(abort=True)
                 return
         self._timer = asyncio.get_running_loop().call_later(
-            self._server._config.handshake_timeout, self.channel.close, True
+            server._config.handshake_timeout, self.channel.close, True
         )
 
+    def _check_idle(self) -> None:
+        """Close the connection if it had no request in flight for the idle timeout."""
+        loop, idle = asyncio.get_running_loop(), self._server._limits.idle_timeout
+        left = self._last_frame + idle - loop.time()
+        if self._tasks or self._backlog or left > 0:
+            self._timer = loop.call_later(max(left, 1.0), self._check_idle)
+            return
+        log.info("closing a connection of %s idle for %g s", self.info, idle)
+        message = f"closing this connection: idle for {idle:g} s (reconnect to go on)"
+        self._reply(HANDSHAKE_ID, ErrorReply(ErrorCode.TIMEOUT, message))
+        self.channel.close()
+
     def _on_message(self, request_id: int, msg: Message) -> None:
+        self._last_frame = asyncio.get_running_loop().time()
         if self.info is None:
             self._handshake(request_id, msg)
         elif request_id == HANDSHAKE_ID or not isinstance(msg, REQUEST_TYPES):
@@ -136,6 +166,9 @@ class _ServerConnection:
         swarm_key = server._config.swarm_key
         if request_id != HANDSHAKE_ID or not isinstance(msg, Hello) or msg.peer_id is None:
             error = ErrorReply(ErrorCode.PROTOCOL, "expected Hello with a peer ID first")
+        elif self._refusal is not None:
+            log.info("refused client %s: %s", msg.peer_id, self._refusal)
+            error = ErrorReply(ErrorCode.BUSY, self._refusal)
         elif self._proven_id is not None and msg.peer_id != self._proven_id:
             error = ErrorReply(ErrorCode.PROTOCOL, "Hello's peer ID differs from the TLS proof")
         elif server._closing or server._leaving:
@@ -146,6 +179,9 @@ class _ServerConnection:
         else:
             if self._timer is not None:
                 self._timer.cancel()
+            loop = asyncio.get_running_loop()
+            self._timer = loop.call_later(server._limits.idle_timeout, self._check_idle)
+            self.channel.limit_frames(server._config.max_frame_bytes)
             peername = transport.get_extra_info("peername") if transport else None
             host, port = (peername[0], peername[1]) if peername else ("?", 0)
             self.info = ConnectionInfo(msg.peer_id, host, port)
@@ -192,6 +228,8 @@ class _ServerConnection:
 
     def _on_bad_frame(self, exc: ProtocolError) -> None:
         message = f"malformed frame{self.channel.hint()}: {exc}"
+        if self.info is None:
+            message += " (a connection's first frame must be its Hello)"
         log.info("closing a connection from %s: %s", self.info or "a client", message)
         self._reply(HANDSHAKE_ID, ErrorReply(ErrorCode.PROTOCOL, message))
         self.channel.close()
@@ -199,6 +237,13 @@ class _ServerConnection:
     def _on_lost(self, exc: Exception | None) -> None:
         if self._timer is not None:
             self._timer.cancel()
+        counter = self._server._counter
+        if self._ip is not None:
+            counter.remove(self._ip)
+            self._ip = None
+        elif self._refusal is not None:
+            counter.refusing -= 1
+            self._refusal = None
         for task in self._tasks:
             task.cancel()
         self._server._connections.discard(self)
@@ -224,11 +269,14 @@ class Server:
         identity: Identity,
         config: TransportConfig,
         on_disconnect: Callable[[ConnectionInfo], None] | None,
+        limits: ListenLimits | None = None,
     ) -> None:
         self.peer_id = identity.peer_id
         self._handler = handler
         self._on_disconnect = on_disconnect
         self._config = config
+        self._limits = limits or ListenLimits()
+        self._counter = ConnectionCounter(self._limits)
         self._listener: asyncio.Server | None = None
         self._connections: set[_ServerConnection] = set()
         self._closed: list[_ServerConnection] = []  # closed by close(), for wait_closed
@@ -296,6 +344,7 @@ async def serve_connections(
     config: TransportConfig | None = None,
     *,
     on_disconnect: Callable[[ConnectionInfo], None] | None = None,
+    limits: ListenLimits | None = None,
 ) -> Server:
     """Listen for peers and answer their requests with `handler`.
 
@@ -310,12 +359,14 @@ async def serve_connections(
         config: timeouts and limits; TransportConfig() if None.
         on_disconnect: called (from the event loop, must not block) when a client's connection
             closes, after its requests in flight were cancelled; for freeing its sessions.
+        limits: caps on connections (in all, per IP), idle time, bytes before Hello; each
+            refused client is told why; ListenLimits() if None.
 
     Raises:
         OSError: the address cannot be listened on.
     """
     config = config or TransportConfig()
-    server = Server(handler, identity, config, on_disconnect)
+    server = Server(handler, identity, config, on_disconnect, limits)
     context = None if config.insecure_plaintext else tls_context(identity, server=True)
     server._listener = await asyncio.get_running_loop().create_server(
         server._new_connection,

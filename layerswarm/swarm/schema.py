@@ -5,6 +5,7 @@ Everything read off the wire is checked with `if ...: raise ProtocolError(...)`.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -93,7 +94,11 @@ def _check_extra(value: object, name: str) -> None:
         budget[0] -= 1
         if budget[0] < 0 or depth > 4:
             raise ProtocolError(f"{name} is too large or too deeply nested")
-        if node is None or type(node) in (bool, float):
+        if node is None or type(node) is bool:
+            return
+        if type(node) is float:
+            if not math.isfinite(node):  # a claimed speed of inf or NaN would steer routing
+                raise ProtocolError(f"{path}={node} is not a finite number")
             return
         if type(node) is int:
             _EXTRA_INT(node, path)

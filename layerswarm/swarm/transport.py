@@ -166,6 +166,10 @@ class Channel(asyncio.BufferedProtocol):
         self._waiters: list[asyncio.Future[None]] = []
         self._lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
+    def limit_frames(self, max_frame_bytes: int) -> None:
+        """Accept frames of at most this many bytes from now on (before a Hello: a Hello's)."""
+        self._reader.max_frame_bytes = self._max_frame_bytes = max_frame_bytes
+
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's TLS transport is no asyncio.Transport subclass, but has the same methods.
         self.transport = cast(asyncio.Transport, transport)

@@ -2,22 +2,17 @@
 
 from __future__ import annotations
 
-import json
-import os
-import select
 import signal
-import subprocess
-import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from layerswarm.cli.api import READY_PREFIX, parse_args
+from layerswarm.cli.api import parse_args
 from layerswarm.cli.api_params import parse_sampling
 from layerswarm.cli.api_server import ApiError
 from layerswarm.peer.launch import LocalSwarm, PeerProcess, start_peers
@@ -25,6 +20,7 @@ from layerswarm.routing.sampling import SamplingConfig
 from layerswarm.shards.config import Span
 
 openai = pytest.importorskip("openai")
+OpenApi = Callable[..., AbstractContextManager[str]]
 
 KEY = "test-key-123"
 HALVES = [Span(0, 15), Span(0, 15), Span(15, 30), Span(15, 30)]
@@ -98,46 +94,17 @@ def swarm(smollm2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
         yield s
 
 
-@contextmanager
-def open_api(
-    model_dir: Path, peers: list[str], extra: tuple[str, ...] = (), log: Path | None = None
-) -> Iterator[str]:
-    """`swarm-api` in front of `peers`, as a subprocess, its log to `log`; yields its base URL."""
-    cmd = [sys.executable, "-m", "layerswarm.cli.api", "--model", str(model_dir)]
-    cmd += [arg for address in peers for arg in ("--peer", address)]
-    cmd += ["--host", "127.0.0.1", "--port", "0", *extra]
-    with open(log or os.devnull, "w") as err:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True)
-    try:
-        yield wait_ready(proc)
-    finally:
-        proc.terminate()
-        assert proc.wait(30) == 0  # SIGTERM is a clean stop
-        assert proc.stdout is not None
-        proc.stdout.close()
-
-
 @pytest.fixture(scope="module")
 def api_log(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("api-log") / "swarm-api.log"
 
 
 @pytest.fixture(scope="module")
-def api_url(smollm2_dir: Path, swarm: LocalSwarm, api_log: Path) -> Iterator[str]:
+def api_url(
+    smollm2_dir: Path, swarm: LocalSwarm, api_log: Path, open_api: OpenApi
+) -> Iterator[str]:
     with open_api(smollm2_dir, swarm.addresses, ("--api-key", KEY), api_log) as url:
         yield url
-
-
-def wait_ready(proc: subprocess.Popen[str], timeout: float = 120.0) -> str:
-    assert proc.stdout is not None
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and proc.poll() is None:
-        if select.select([proc.stdout], [], [], 0.5)[0]:
-            line = proc.stdout.readline()
-            if line.startswith(READY_PREFIX):
-                return str(json.loads(line[len(READY_PREFIX) :])["url"])
-    proc.kill()
-    raise AssertionError("swarm-api did not get ready")
 
 
 @pytest.fixture(scope="module")
@@ -245,7 +212,9 @@ def test_a_client_that_goes_away_stops_its_reply(client: Any, model: str, api_lo
     assert reply.choices[0].text.startswith(" 4")
 
 
-def test_a_missing_span_is_a_503(smollm2_dir: Path, swarm: LocalSwarm, model: str) -> None:
+def test_a_missing_span_is_a_503(
+    smollm2_dir: Path, swarm: LocalSwarm, model: str, open_api: OpenApi
+) -> None:
     first_half = [p.address for p in swarm.peers if p.span == Span(0, 15)]
     with open_api(smollm2_dir, first_half) as url:
         client = openai.OpenAI(base_url=url, api_key="unused", max_retries=0)
@@ -291,7 +260,7 @@ def two_peers(smollm2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> It
 
 
 def test_eight_concurrent_chat_completions_without_max_tokens_all_answer(
-    smollm2_dir: Path, two_peers: LocalSwarm
+    smollm2_dir: Path, two_peers: LocalSwarm, open_api: OpenApi
 ) -> None:
     """As tools send them: no max_tokens, so each asks for the rest of the 8,192-token context.
     Peers take KV pages as sessions grow, so all eight fit (a reservation each did not)."""
@@ -311,7 +280,7 @@ def test_eight_concurrent_chat_completions_without_max_tokens_all_answer(
 
 
 def test_a_full_queue_answers_429_and_the_openai_client_retries(
-    smollm2_dir: Path, two_peers: LocalSwarm
+    smollm2_dir: Path, two_peers: LocalSwarm, open_api: OpenApi
 ) -> None:
     extra = ("--max-active", "1", "--max-waiting", "0")
     with open_api(smollm2_dir, two_peers.addresses, extra) as url:

@@ -225,3 +225,49 @@ def test_status_reads_verified_records_from_the_dht_of_a_private_swarm() -> None
     records = asyncio.run(asyncio.wait_for(scenario(), 60))
     text = render_status(records, 30, records[0].timestamp)
     assert "peers   " + "1" * 20 + "." * 10 in text
+
+
+def test_status_serves_the_dashboard_of_the_records_it_reads(tmp_path: Path) -> None:
+    """`swarm-peer status --serve`: the page and its data (behind the key), from DHT records."""
+    import subprocess
+    import sys
+
+    import httpx
+
+    from layerswarm.cli.status_serve import READY_PREFIX
+
+    def serve_and_read(multiaddr: str) -> tuple[dict[str, object], int, str]:
+        cmd = [sys.executable, "-m", "layerswarm.cli.peer", "status", "--model", HASH]
+        cmd += ["--mdns-interface", "none", "--bootstrap", multiaddr, "--serve", "0"]
+        cmd += ["--api-key", "k"]
+        with open(tmp_path / "status.log", "w") as log:
+            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True)
+        try:
+            assert proc.stdout is not None
+            line = proc.stdout.readline()
+            assert line.startswith(READY_PREFIX), (tmp_path / "status.log").read_text()
+            url = json.loads(line[len(READY_PREFIX) :])["url"]
+            refused = httpx.get(url + "dashboard/state").status_code
+            page = httpx.get(url).text
+            state = httpx.get(url + "dashboard/state", headers={"Authorization": "Bearer k"})
+            return state.json(), refused, page
+        finally:
+            proc.terminate()
+            assert proc.wait(30) == 0
+            assert proc.stdout is not None
+            proc.stdout.close()
+
+    async def scenario() -> tuple[dict[str, object], int, str]:
+        identity = generate_identity()
+        node = await DhtNode.start(identity, "127.0.0.1", 0)
+        async with node:
+            record = stamped(replace(peer(1, (0, 20)), peer_id=identity.peer_id), 600.0)
+            await node.put_record(dht_key(HASH), sign_record(record, identity))
+            return await asyncio.to_thread(serve_and_read, node.multiaddr)
+
+    state, refused, page = asyncio.run(asyncio.wait_for(scenario(), 120))
+    assert refused == 401 and "<title>layerswarm</title>" in page
+    assert state["num_layers"] == 30
+    assert state["coverage"] == {"counts": [1] * 20 + [0] * 10, "gaps": [[20, 30]]}
+    [row] = state["peers"]  # type: ignore[misc]
+    assert (row["span"], row["state"], row["dtype"]) == ([0, 20], "live", "fp32")

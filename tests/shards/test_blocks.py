@@ -184,7 +184,12 @@ def test_unsupported_architecture_is_a_clear_error(tmp_path: Path) -> None:
     cfg = json.loads((model_dir / "config.json").read_text())
     cfg["architectures"], cfg["model_type"] = ["GPT2LMHeadModel"], "gpt2"
     (model_dir / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ModelFormatError, match=r"unsupported architecture.*Llama-family"):
+    supported = (
+        r"unsupported architecture \['GPT2LMHeadModel'\]: layerswarm runs GptOssForCausalLM, "
+        r"LlamaForCausalLM, MistralForCausalLM, MixtralForCausalLM, Qwen2ForCausalLM, "
+        r"Qwen3ForCausalLM, Qwen3MoeForCausalLM"
+    )
+    with pytest.raises(ModelFormatError, match=supported):
         ModelConfig.from_file(model_dir)
 
 

@@ -205,12 +205,15 @@ def _stray_tensor(w: GGUFWriter) -> None:
 @pytest.mark.parametrize(
     ("options", "message"),
     [
-        ({"arch": "qwen2"}, "holds a 'qwen2' model; layerswarm converts only llama"),
+        (
+            {"arch": "qwen2"},
+            "holds a 'qwen2' model; layerswarm converts only llama, qwen3, qwen3moe",
+        ),
         ({"qtype": GGMLQuantizationType.Q8_1}, "stored as Q8_1, which the gguf package cannot"),
         ({"drop": ("blk.1.ffn_up.weight",)}, "lacks the tensor 'blk.1.ffn_up.weight'"),
         ({"drop": ("output_norm.weight",)}, "lacks the tensor 'output_norm.weight'"),
-        ({"extra": _stray_tensor}, "tensors a Llama model does not have"),
-        ({"extra": _moe}, "mixture-of-experts"),
+        ({"extra": _stray_tensor}, "tensors this architecture does not have"),
+        ({"extra": _moe}, "lacks the GGUF metadata 'llama.expert_used_count'"),
     ],
 )
 def test_refuses_what_it_cannot_convert_before_writing(

@@ -1,0 +1,53 @@
+"""One peer a swarm client was told about: its connection, its answers, and its view."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from layerswarm.routing.paths import PeerView
+from layerswarm.routing.peer_stats import (
+    MAX_LOAD,
+    PeerStats,
+    bounded,
+    claimed_seconds_per_layer,
+)
+from layerswarm.shards.config import Span
+from layerswarm.swarm.dial import Connection
+from layerswarm.swarm.protocol import InfoReply
+from layerswarm.swarm.transport import Address
+
+
+@dataclass
+class PeerLink:
+    """One peer the client was told about, and what it learned of it."""
+
+    address: Address
+    conn: Connection | None = None
+    info: InfoReply | None = None
+    rtt: float = 0.0  # unit: s, the info round trip measured here
+    leaving: bool = False  # the peer said Goodbye
+    discovered: bool = False  # from a record (mDNS, DHT), not from the caller
+    skipped: str | None = None  # why its last answer made it unusable; None: it was fine
+    told: str | None = None  # the `skipped` reason last logged (each new reason once)
+
+    @property
+    def live(self) -> bool:
+        return self.conn is not None and not self.conn.closed and not self.leaving
+
+    def view(self, stats: PeerStats) -> PeerView:
+        """The router's view: measured speed where measured, else the peer's bounded claims."""
+        assert self.info is not None and self.conn is not None  # only called on live links
+        info = self.info
+        measured = stats.seconds_per_layer(self.conn.peer_id)
+        quant = info.extra.get("quant")
+        return PeerView(
+            peer_id=self.conn.peer_id,
+            address=str(self.address),
+            span=Span(info.span_start, info.span_end),
+            seconds_per_layer=measured or claimed_seconds_per_layer(info.extra),
+            # a measured step already includes the wait behind other sessions
+            load=0.0 if measured else bounded(info.active_sessions, 0.0, MAX_LOAD, 0.0),
+            rtt=self.rtt,
+            dtype=info.dtype,
+            quant=quant if isinstance(quant, str) else "none",
+        )

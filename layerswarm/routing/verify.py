@@ -1,0 +1,386 @@
+"""Checking what peers compute: cheap checks on every reply, and steps re-run on replicas.
+
+Every reply is checked for its shape, its dtype (the one sent: peers answer in the caller's
+dtype) and finite values, and its per-token norm against a bound learned from the first outputs
+at that layer boundary. A reply that fails the first three is the sender's fault: the peer is
+banned for a while and the step is redone elsewhere, so a wrong dtype is never blamed on the
+next, honest peer. A norm past the bound is only suspicious: it makes the step checked.
+
+A checked step is also run by another replica of the hop's span (a *shadow session* there), and
+the two outputs are compared within a tolerance derived from the dtypes. On a mismatch, a third
+replica decides; the one that disagrees with the two others is banned for good with its evidence
+(`trust.TrustLedger`), and, when it was the hop's own peer, the step is redone on another one.
+
+KV caches make a decode step impossible to check on a replica that lacks the session's context.
+The shadow session gets that context lazily: before a checked step it is fed the inputs kept
+since it was last fed (`RemoteSession.history`), merged into one chunked step. Between checks it
+costs nothing; each check costs one chunk of the tokens since the previous check (~50 tokens at
+2%, about one decode step's time on a CPU, as decode reads the same weights) plus the step, run
+at the same time as the hop's own step. See docs/design.md for the figures.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import uuid
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+
+from layerswarm import metrics
+from layerswarm.errors import LayerswarmError
+from layerswarm.routing.paths import PeerView
+from layerswarm.routing.verify_local import LOCAL
+from layerswarm.shards.config import Span
+from layerswarm.swarm.protocol import OpenSession
+
+if TYPE_CHECKING:
+    from layerswarm.routing.session import ActiveHop, RemoteSession
+    from layerswarm.routing.swarm_client import SwarmClient
+
+log = logging.getLogger(__name__)
+
+# Relative error allowed between two honest replicas: sqrt(eps) of the looser compute dtype.
+# Measured (scripts/bench_verify.py --tolerance) on SmolLM2-135M, a shadow fed in one chunk
+# against a peer that ran the same tokens one by one: fp32 differs by ~1e-6, bf16 by ~1e-2.
+# sqrt(eps) gives fp32 3.5e-4, fp16 3.1e-2, bf16 8.8e-2: room for rounding, none for a liar
+# who changes an activation by more.
+COMPUTE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+NORM_FACTOR = 32.0  # a reply's per-token RMS past this times the learned bound is suspicious
+NORM_LEARN_STEPS = 4  # outputs at a boundary that set its norm bound before it is enforced
+
+
+def tolerance(*dtypes: str) -> float:
+    """The relative error two honest peers computing in `dtypes` may show (the loosest)."""
+    eps = max(torch.finfo(COMPUTE_DTYPES.get(d, torch.bfloat16)).eps for d in dtypes)
+    return float(eps**0.5)
+
+
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    """The largest per-token `|a - b| / |b|` of two `(1, tokens, hidden)` outputs."""
+    a32, b32 = a.float(), b.float()
+    diff = (a32 - b32).norm(dim=-1)  # (1, tokens)
+    scale = b32.norm(dim=-1).clamp_min(1e-12)
+    return float((diff / scale).max())
+
+
+def reply_fault(sent: torch.Tensor, got: torch.Tensor) -> str | None:
+    """What is wrong with a step's output `got` for the input `sent`; None if nothing."""
+    if got.shape != sent.shape:
+        return f"an output of shape {tuple(got.shape)} for an input of {tuple(sent.shape)}"
+    if got.dtype != sent.dtype:
+        return f"an output in {got.dtype} for an input in {sent.dtype}"
+    if not bool(torch.isfinite(got).all()):
+        return "non-finite values (NaN or inf)"
+    return None
+
+
+def token_rms(hidden: torch.Tensor) -> float:
+    """The largest per-token root mean square of `(1, tokens, hidden)`."""
+    return float(hidden.float().pow(2).mean(dim=-1).sqrt().max())
+
+
+class NormBounds:
+    """Per layer boundary: the largest per-token RMS of outputs seen there (trusted ones)."""
+
+    def __init__(self, factor: float = NORM_FACTOR, learn_steps: int = NORM_LEARN_STEPS) -> None:
+        self.factor = factor
+        self.learn_steps = learn_steps
+        self._max: dict[int, float] = {}
+        self._seen: dict[int, int] = {}
+
+    def suspicious(self, boundary: int, out: torch.Tensor) -> bool:
+        """Whether `out` at `boundary` is past the bound; outputs before it is set teach it."""
+        rms = token_rms(out)
+        seen = self._seen.get(boundary, 0)
+        if seen < self.learn_steps:
+            self.learn(boundary, rms)
+            return False
+        return rms > self.factor * self._max[boundary]
+
+    def learn(self, boundary: int, rms: float) -> None:
+        self._seen[boundary] = self._seen.get(boundary, 0) + 1
+        self._max[boundary] = max(self._max.get(boundary, 0.0), rms)
+
+
+def context_slice(
+    entries: Sequence[tuple[int, torch.Tensor]], lo: int, hi: int
+) -> list[tuple[int, torch.Tensor]]:
+    """The inputs at positions `[lo, hi)` from kept `(start, (1, tokens, hidden))` entries.
+
+    A later entry that starts before an earlier one ends replaces it from there on (a session
+    that went back, as a rollback does).
+
+    Raises:
+        LayerswarmError: the entries do not cover `[lo, hi)`.
+    """
+    kept: list[tuple[int, torch.Tensor]] = []
+    for start, hidden in entries:
+        while kept and kept[-1][0] >= start:
+            kept.pop()
+        if kept and kept[-1][0] + kept[-1][1].shape[1] > start:
+            first, h = kept[-1]
+            kept[-1] = (first, h[:, : start - first])
+        kept.append((start, hidden))
+    out: list[tuple[int, torch.Tensor]] = []
+    at = lo
+    for start, hidden in kept:
+        a, b = max(start, at), min(start + hidden.shape[1], hi)
+        if a < b:
+            if a != at:
+                break
+            out.append((a, hidden[:, a - start : b - start]))
+            at = b
+    if at != hi:
+        raise LayerswarmError(f"the kept inputs do not cover positions {lo}..{hi}")
+    return out
+
+
+@dataclass
+class Shadow:
+    """A verifier's session on a replica (or in this client): fed the hop's inputs when a check
+    needs them."""
+
+    run: Callable[[torch.Tensor, int], Awaitable[torch.Tensor]]  # one step: (hidden, start)
+    close: Callable[[], Awaitable[None]]
+    fed: int = 0  # unit: tokens of context it holds
+    last: tuple[int, int, torch.Tensor] | None = None  # (start, tokens, output) of its last step
+
+
+@dataclass
+class Verifier:
+    """Checks a session's steps on replicas; one per `RemoteSession`."""
+
+    session: RemoteSession
+    rng: random.Random = field(default_factory=random.Random)
+    shadows: dict[tuple[Span, str], Shadow] = field(default_factory=dict)
+
+    @property
+    def _client(self) -> SwarmClient:
+        return self.session.client
+
+    async def step(self, hop: ActiveHop, hidden: torch.Tensor, start: int) -> torch.Tensor:
+        """The hop's output for this step, checked on a replica when chosen so.
+
+        Raises:
+            HopFailed: the hop failed, sent a malformed reply, or was caught lying.
+        """
+        config, ledger = self._client.config, self._client.trust
+        primary = hop.view.peer_id
+        checks = ledger.checks(primary)
+        forced = checks.served < config.verify_first_steps
+        chosen = forced or self.rng.random() < config.verify_fraction
+        verifier = self._pick(hop, ()) if chosen else None
+        if verifier is None:
+            out = await self.session._step(hop, hidden, start)
+            checks.served += 1
+            if not self._client.norms.suspicious(hop.span.end, out):
+                return out
+            log.info("%s sent an output of unusual norm: checking it", hop.view.address)
+            verifier = self._pick(hop, ())
+            if verifier is None:
+                return out
+            theirs = await self._opinion(hop, verifier, hidden, start)
+        else:
+            ours, theirs = await asyncio.gather(
+                self.session._step(hop, hidden, start),
+                self._opinion(hop, verifier, hidden, start),
+                return_exceptions=True,
+            )
+            if isinstance(ours, BaseException):
+                raise ours
+            out = ours
+            checks.served += 1
+        return await self._judge(hop, hidden, start, out, verifier, theirs)
+
+    async def _judge(
+        self,
+        hop: ActiveHop,
+        hidden: torch.Tensor,
+        start: int,
+        out: torch.Tensor,
+        verifier: PeerView,
+        theirs: torch.Tensor | BaseException | None,
+    ) -> torch.Tensor:
+        """Compare the hop's output with a verifier's; ask a third replica if they differ."""
+        ledger, stats = self._client.trust, self._client.verify_counts
+        if not isinstance(theirs, torch.Tensor):
+            stats["error"] += 1
+            metrics.VERIFICATIONS.labels(result="error").inc()
+            log.debug("checking on %s failed: %s", verifier.address, theirs)
+            return out
+        ledger.checks(hop.view.peer_id).checked += 1
+        ledger.checks(verifier.peer_id).checked += 1
+        tol = tolerance(hop.view.dtype, verifier.dtype)
+        err = relative_error(out, theirs)
+        if err <= tol:
+            stats["match"] += 1
+            metrics.VERIFICATIONS.labels(result="match").inc()
+            self._client.norms.learn(hop.span.end, token_rms(out))
+            return out
+        stats["mismatch"] += 1
+        metrics.VERIFICATIONS.labels(result="mismatch").inc()
+        evidence: dict[str, object] = {
+            "layers": str(hop.span),
+            "positions": f"{start}:{start + hidden.shape[1]}",
+            "tolerance": tol,
+        }
+        if verifier.peer_id == LOCAL:  # this client's own computation settles it
+            self._ban(hop.view, [verifier], err, evidence)
+            raise self._caught(hop)
+        third = self._pick(hop, (verifier.peer_id,))
+        referee = await self._opinion(hop, third, hidden, start) if third is not None else None
+        if third is None or not isinstance(referee, torch.Tensor):
+            return self._dispute(hop, verifier, err, evidence, out)
+        tol3 = tolerance(hop.view.dtype, verifier.dtype, third.dtype)
+        ours_ok = relative_error(out, referee) <= tol3
+        theirs_ok = relative_error(theirs, referee) <= tol3
+        evidence["referee"] = third.peer_id
+        if ours_ok and not theirs_ok:
+            self._ban(verifier, [hop.view, third], relative_error(theirs, referee), evidence)
+            return out
+        if theirs_ok and not ours_ok:
+            self._ban(hop.view, [verifier, third], relative_error(out, referee), evidence)
+            raise self._caught(hop)
+        return self._dispute(hop, verifier, err, evidence, out)
+
+    @staticmethod
+    def _caught(hop: ActiveHop) -> Exception:
+        """The failure that reroutes a hop caught lying; the step is redone elsewhere."""
+        from layerswarm.routing.session import HopFailed
+
+        return HopFailed(hop.view.peer_id, f"peer {hop.view.address} computed wrong outputs")
+
+    def _dispute(
+        self,
+        hop: ActiveHop,
+        verifier: PeerView,
+        err: float,
+        evidence: dict[str, object],
+        out: torch.Tensor,
+    ) -> torch.Tensor:
+        """Two opinions differ and nobody settles it: keep the hop's output, watch both."""
+        ledger = self._client.trust
+        for peer in (hop.view.peer_id, verifier.peer_id):
+            ledger.checks(peer).disputes += 1
+            ledger.checks(peer).served = 0  # checked again on its next steps, as a new peer
+        log.warning(
+            "%s and %s disagree on layers %s (relative error %.3g > %.3g) and no third replica "
+            "settles it: both are checked again on their next steps",
+            hop.view.address,
+            verifier.address,
+            hop.span,
+            err,
+            evidence["tolerance"],
+        )
+        return out
+
+    def _ban(
+        self, liar: PeerView, others: list[PeerView], err: float, evidence: dict[str, object]
+    ) -> None:
+        evidence = {
+            **evidence,
+            "relative_error": err,
+            "agreeing": [p.peer_id for p in others],
+        }
+        replicas = sum(p.peer_id != LOCAL for p in others)
+        said = [f"{replicas} replica's" if replicas == 1 else f"{replicas} replicas'"]
+        said = said if replicas else []
+        said += ["this client's own computation"] * (len(others) - replicas)
+        reason = (
+            f"its output on layers {evidence['layers']} differs from {' and '.join(said)} "
+            f"(relative error {err:.3g}, tolerance {evidence['tolerance']:.3g})"
+        )
+        if self._client.trust.ban(liar.peer_id, liar.address, reason, evidence):
+            self._client.on_event(f"banned peer {liar.address} for lying: {reason}")
+        self._drop_shadows(liar.peer_id)
+
+    def _pick(self, hop: ActiveHop, exclude: Sequence[str]) -> PeerView | None:
+        """A replica to check `hop` on: new peers first, then the one already fed, then any."""
+        client = self._client
+        leave_out = {hop.view.peer_id, *exclude} | client.bans.banned()
+        quant = hop.view.quant
+        candidates = [
+            v
+            for v in client.views()
+            if v.peer_id not in leave_out
+            and v.span.start <= hop.span.start
+            and hop.span.end <= v.span.end
+            and v.quant == quant
+        ]
+        if not candidates:  # no replica: this client computes the span itself, if it may
+            local = client.local
+            return local.view(hop.span) if local is not None and LOCAL not in exclude else None
+        same_dtype = [v for v in candidates if v.dtype == hop.view.dtype]
+        candidates = same_dtype or candidates
+        first = client.config.verify_first_steps
+        fresh = [v for v in candidates if client.trust.checks(v.peer_id).checked < first]
+        if fresh:
+            return self.rng.choice(fresh)
+        # Replicas already fed cost a short catch-up; among them, the least checked goes next.
+        fed = [v for v in candidates if (hop.span, v.peer_id) in self.shadows]
+        return min(fed or candidates, key=lambda v: client.trust.checks(v.peer_id).checked)
+
+    async def _opinion(
+        self, hop: ActiveHop, peer: PeerView, hidden: torch.Tensor, start: int
+    ) -> torch.Tensor | BaseException:
+        """What `peer` computes for this step of the hop, through its shadow session."""
+        from layerswarm.routing.session import merge_inputs
+
+        session = self.session
+        key = (hop.span, peer.peer_id)
+        shadow = self.shadows.get(key)
+        tokens = hidden.shape[1]
+        try:
+            last = shadow.last if shadow is not None else None
+            if last is not None and last[:2] == (start, tokens):
+                return last[2]  # asked again (the step is redone): the same answer
+            if shadow is None or start < shadow.fed:
+                if shadow is not None:
+                    del self.shadows[key]
+                    await shadow.close()
+                shadow = await self._open_shadow(hop, peer)
+                self.shadows[key] = shadow
+            context = context_slice(session.history.get(hop.span.start, []), shadow.fed, start)
+            for at, chunk in merge_inputs(context, session.config.replay_chunk_tokens):
+                await shadow.run(chunk, at)
+                shadow.fed = at + chunk.shape[1]
+            out = await shadow.run(hidden, start)
+            shadow.fed, shadow.last = start + tokens, (start, tokens, out)
+            return out
+        except LayerswarmError as e:  # the verifier failed: the check did not happen
+            if shadow is not None and self.shadows.pop(key, None) is not None:
+                await shadow.close()
+            if getattr(e, "fault", False):
+                self._client.bans.ban(peer.peer_id)
+            return e
+
+    async def _open_shadow(self, hop: ActiveHop, peer: PeerView) -> Shadow:
+        """A new shadow session of `hop`'s span on `peer` (or in this client: LOCAL)."""
+        from layerswarm.routing.session import ActiveHop
+
+        session = self.session
+        if peer.peer_id == LOCAL:
+            assert self._client.local is not None  # LOCAL is picked only when it exists
+            return await self._client.local.open_shadow(hop.span, session.max_length)
+        twin = ActiveHop(peer, hop.span, self._client.connection(peer.peer_id), uuid.uuid4().hex)
+        opening = OpenSession(twin.session_id, hop.span.start, hop.span.end, session.max_length)
+        await session._request(twin, opening, session.config.request_timeout)
+
+        async def run(hidden: torch.Tensor, start: int) -> torch.Tensor:
+            return await session._step(twin, hidden, start)
+
+        return Shadow(run, lambda: session._close_hops([twin]))
+
+    def _drop_shadows(self, peer_id: str) -> None:
+        for key in [k for k in self.shadows if k[1] == peer_id]:
+            del self.shadows[key]
+
+    async def aclose(self) -> None:
+        """Close every shadow session (best effort)."""
+        shadows, self.shadows = list(self.shadows.values()), {}
+        await asyncio.gather(*(shadow.close() for shadow in shadows))

@@ -1,0 +1,107 @@
+"""A mixture-of-experts MLP: route each token to its top-k experts, run only those, grouped.
+
+Every expert of a layer lives with that layer, so a layer-range split of the model is exact.
+A step runs only the experts its tokens chose: tokens are sorted by expert and each chosen
+expert runs once over its group (for a decode step of one session, `experts_per_token` small
+matmuls; for a batch, one per distinct expert).
+
+Experts are plain `nn.Linear`s, so `quantize(span, "int8")` and `pack_linears` cover them as
+they cover the dense layers; the router is a parameter, not a linear, so it keeps full
+precision (an int8 router could flip a token's choice of expert).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import cast
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from layerswarm.shards.config import MoEConfig
+
+Activation = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (gate, up) -> hidden
+
+
+class Expert(nn.Module):
+    """One expert: a gated MLP, gate and up fused in one linear (gate first)."""
+
+    def __init__(self, hidden: int, intermediate: int, bias: bool) -> None:
+        super().__init__()
+        self.gate_up = nn.Linear(hidden, 2 * intermediate, bias=bias)
+        self.down = nn.Linear(intermediate, hidden, bias=bias)
+
+
+class MoEBlock(nn.Module):
+    """The router and the experts of one layer."""
+
+    router_bias: torch.Tensor | None
+
+    def __init__(self, config: MoEConfig, hidden: int) -> None:
+        super().__init__()
+        self.config = config
+        self.router_weight = nn.Parameter(
+            torch.empty(config.num_experts, hidden), requires_grad=False
+        )
+        bias = torch.empty(config.num_experts) if config.router_bias else None
+        self.router_bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        self.experts = nn.ModuleList(
+            Expert(hidden, config.intermediate_size, config.expert_bias)
+            for _ in range(config.num_experts)
+        )
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`x (tokens, hidden)` -> each token's expert weights `(tokens, k)` in `x.dtype` and
+        expert indices `(tokens, k)`."""
+        c = self.config
+        logits = F.linear(x, self.router_weight, self.router_bias)  # (tokens, experts)
+        if c.router == "topk_softmax":  # gpt-oss: the top k logits, then a softmax over them
+            top, index = torch.topk(logits, c.experts_per_token, dim=-1)
+            return torch.softmax(top.float(), dim=-1).to(x.dtype), index
+        probs = torch.softmax(logits.float(), dim=-1)
+        weights, index = torch.topk(probs, c.experts_per_token, dim=-1)
+        if c.norm_topk_prob:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        return weights.to(x.dtype), index
+
+    def forward(self, x: torch.Tensor, swiglu: Activation) -> torch.Tensor:
+        """`x (tokens, hidden)` -> `(tokens, hidden)`, the weighted sum of the chosen experts.
+
+        Args:
+            swiglu: the kernel set's `silu(gate) * up`, used by SwiGLU experts.
+        """
+        weights, index = self.route(x)
+        k = index.shape[1]
+        act = swiglu if self.config.activation == "silu" else self._gpt_oss_glu
+        if x.shape[0] == 1:  # one token (a one-session decode step): no sorting needed
+            out = torch.zeros_like(x)
+            for j, e in enumerate(index[0].tolist()):
+                out += self._expert(e, x, act) * weights[0, j]
+            return out
+        flat = index.reshape(-1)
+        order = torch.argsort(flat, stable=True)  # assignments grouped by expert
+        counts = torch.bincount(flat, minlength=self.config.num_experts).tolist()
+        rows = order // k  # (assignments,) the token of each
+        w = weights.reshape(-1)[order]
+        out = torch.zeros_like(x)
+        at = 0
+        for e, n in enumerate(counts):
+            if n:
+                r = rows[at : at + n]
+                out.index_add_(0, r, self._expert(e, x[r], act) * w[at : at + n, None])
+                at += n
+        return out
+
+    def _expert(self, e: int, x: torch.Tensor, act: Activation) -> torch.Tensor:
+        expert = cast(Expert, self.experts[e])
+        gate, up = expert.gate_up(x).chunk(2, dim=-1)
+        down: torch.Tensor = expert.down(act(gate, up))
+        return down
+
+    def _gpt_oss_glu(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        """gpt-oss: `(clamp(up) + 1) * g * sigmoid(alpha * g)`, `g = gate` clamped above."""
+        limit = self.config.swiglu_limit
+        gate = gate.clamp(max=limit)
+        up = up.clamp(min=-limit, max=limit)
+        return (up + 1) * (gate * torch.sigmoid(gate * self.config.swiglu_alpha))
