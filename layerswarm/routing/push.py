@@ -34,6 +34,7 @@ import torch
 
 from layerswarm.errors import LayerswarmError, RemoteError
 from layerswarm.routing.session import FAULTS, NOT_A_FAULT, ActiveHop, HopFailed
+from layerswarm.routing.verify import reply_fault
 from layerswarm.shards.config import DTYPES, Span
 from layerswarm.swarm.compress import compress_int8, decompress_int8, groups
 from layerswarm.swarm.messages import MAX_SCALES
@@ -68,6 +69,18 @@ class _Failed(Exception):
     def __init__(self, index: int, wire: Wire, failure: HopFailed) -> None:
         super().__init__(str(failure))
         self.index, self.wire, self.failure = index, wire, failure
+
+
+def checked_here(session: RemoteSession) -> bool:
+    """Whether this step goes by relay so that the verifier checks it on replicas
+    (`routing/verify.py`): while some hop is new to this client (its first steps are always
+    checked), and for a share `verify_fraction` of the others, every hop at once. A pushed
+    step's outputs are checked for shape, dtype and finite values only; a wrong one has
+    already gone on to the next hop, where relay could still redo the step elsewhere."""
+    config, ledger = session.client.config, session.client.trust
+    if any(ledger.checks(h.view.peer_id).served < config.verify_first_steps for h in session.hops):
+        return True
+    return session.verifier.rng.random() < config.verify_fraction
 
 
 def wire_dtype(wanted: str | None, hops: list[ActiveHop]) -> torch.dtype:
@@ -217,6 +230,7 @@ async def _push_from(session: RemoteSession, first: int, wire: Wire, start: int)
                 waiting.cancel()
             wire = _output(hop, reply, wire, index)
             session.client.bans.succeeded(hop.view.peer_id)
+            session.client.trust.checks(hop.view.peer_id).served += 1
             if index + 1 < len(hops):
                 _keep(session, hops[index + 1].span.start, start, wire.seen)
     finally:
@@ -238,10 +252,13 @@ def _output(hop: ActiveHop, reply: object, wire: Wire, index: int) -> Wire:
     ):
         malformed = f"peer {hop.view.address} sent a malformed result"
         raise _Failed(index, wire, HopFailed(hop.view.peer_id, malformed))
-    if reply.scales is None:
-        return Wire(reply.hidden, None, reply.hidden)
-    seen = decompress_int8(reply.hidden, reply.scales, wire.seen.dtype)
-    return Wire(reply.hidden, reply.scales, seen)
+    out = Wire(reply.hidden, None, reply.hidden)
+    if reply.scales is not None:
+        seen = decompress_int8(reply.hidden, reply.scales, wire.seen.dtype)
+        out = Wire(reply.hidden, reply.scales, seen)
+    if fault := reply_fault(wire.seen, out.seen):  # the checks relay makes on every reply
+        raise _Failed(index, wire, HopFailed(hop.view.peer_id, f"{hop.view.address} sent {fault}"))
+    return out
 
 
 def _blame(

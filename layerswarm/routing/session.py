@@ -214,15 +214,16 @@ class RemoteSession:
         return self.client.net.run(self.aforward(hidden, start))
 
     async def aforward(self, hidden: torch.Tensor, start: int) -> torch.Tensor:
-        from layerswarm.routing.push import push_forward, wire_dtype  # they build on this
+        from layerswarm.routing.push import checked_here, push_forward, wire_dtype
 
         wanted, hidden = hidden.dtype, hidden.to(wire_dtype(self.config.wire_dtype, self.hops))
-        if self.config.push and len(self.hops) > 1:
+        if self.config.push and len(self.hops) > 1 and not checked_here(self):
             return (await push_forward(self, hidden, start)).to(wanted)
-        return (await self._relay(hidden, start)).to(wanted)
+        return (await self._relay(hidden, start, check=self.config.push or None)).to(wanted)
 
-    async def _relay(self, hidden: torch.Tensor, start: int) -> torch.Tensor:
-        """Run every hop on `hidden`, the client sending each hop's output to the next."""
+    async def _relay(self, hidden: torch.Tensor, start: int, check: bool | None) -> torch.Tensor:
+        """Run every hop on `hidden`, the client sending each hop's output to the next;
+        `check`: verify every hop's step on a replica (None: the verifier draws)."""
         i = 0
         while i < len(self.hops):
             self.history.setdefault(self.hops[i].span.start, []).append((start, hidden))
@@ -231,7 +232,7 @@ class RemoteSession:
                 try:
                     if self.client.is_leaving(hop.view.peer_id):
                         raise HopFailed(hop.view.peer_id, "the peer is leaving", fault=False)
-                    hidden = await self.verifier.step(hop, hidden, start)
+                    hidden = await self.verifier.step(hop, hidden, start, check)
                     self.client.bans.succeeded(hop.view.peer_id)
                     break
                 except HopFailed as e:

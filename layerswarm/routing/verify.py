@@ -163,8 +163,11 @@ class Verifier:
     def _client(self) -> SwarmClient:
         return self.session.client
 
-    async def step(self, hop: ActiveHop, hidden: torch.Tensor, start: int) -> torch.Tensor:
-        """The hop's output for this step, checked on a replica when chosen so.
+    async def step(
+        self, hop: ActiveHop, hidden: torch.Tensor, start: int, check: bool | None = None
+    ) -> torch.Tensor:
+        """The hop's output for this step, checked on a replica when chosen so (`check`: the
+        caller chose already, as push does for a whole step; None: drawn here).
 
         Raises:
             HopFailed: the hop failed, sent a malformed reply, or was caught lying.
@@ -173,7 +176,7 @@ class Verifier:
         primary = hop.view.peer_id
         checks = ledger.checks(primary)
         forced = checks.served < config.verify_first_steps
-        chosen = forced or self.rng.random() < config.verify_fraction
+        chosen = forced or (self.rng.random() < config.verify_fraction if check is None else check)
         verifier = self._pick(hop, ()) if chosen else None
         if verifier is None:
             out = await self.session._step(hop, hidden, start)

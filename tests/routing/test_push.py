@@ -6,6 +6,7 @@ import asyncio
 import os
 import signal
 from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -42,6 +43,8 @@ HIDDEN = 64
 # Three hops, with a replica of the middle one to reroute to.
 SPANS = [Span(0, 1), Span(1, 3), Span(1, 3), Span(3, 4)]
 GREEDY = SamplingConfig(max_new_tokens=40, temperature=0.0)
+# Steps the verifier checks on replicas go by relay (`push.checked_here`): none, to count pushes.
+UNCHECKED = ClientConfig(verify_fraction=0.0, verify_first_steps=0)
 PROMPT = [{"role": "user", "content": "hello 12 hello 12 hell"}]
 
 
@@ -87,7 +90,7 @@ def test_push_gives_the_local_engines_greedy_tokens(
 ) -> None:
     assert ClientConfig().push  # the default
     before = pushed_steps(swarm)
-    gen = open_swarm_generator(tiny_chat_dir, swarm.addresses)
+    gen = open_swarm_generator(tiny_chat_dir, swarm.addresses, config=UNCHECKED)
     assert greedy(gen) == reference
     # Every step went through 2 peers that were handed it by the hop before.
     assert pushed_steps(swarm) - before >= 2 * len(reference)
@@ -100,7 +103,7 @@ def test_push_gives_the_local_engines_greedy_tokens(
 def test_a_prompt_flows_down_the_hops_in_chunks_with_the_same_tokens(
     tiny_chat_dir: Path, swarm: LocalSwarm, reference: list[int]
 ) -> None:
-    flowing = ClientConfig(prefill_chunk_tokens=4)
+    flowing = replace(UNCHECKED, prefill_chunk_tokens=4)
     gen = open_swarm_generator(tiny_chat_dir, swarm.addresses, config=flowing)
     prompt = len(gen.tokenizer.encode_chat(PROMPT))
     before = pushed_steps(swarm)
@@ -124,7 +127,7 @@ def test_an_int8_prefill_sends_fewer_bytes_over_every_link(
         sent = {}
         for compression in (None, "int8"):
             before = [x.bytes_up for x in proxies]
-            config = ClientConfig(prefill_compression=compression, prefill_chunk_tokens=64)
+            config = replace(UNCHECKED, prefill_compression=compression, prefill_chunk_tokens=64)
             gen = open_swarm_generator(tiny_chat_dir, addresses, config=config)
             prompt = gen.tokenizer.encode_chat(text)
             assert len(list(gen.tokens(prompt, one_token))) == 1
@@ -317,7 +320,7 @@ def test_a_hop_lost_during_a_flowing_prefill_restarts_it_on_a_new_path(
     try:
         live = [p.address for p in swarm.peers if p.process.poll() is None]
         client = SwarmClient(
-            tiny_chat_dir, [*live, spare.address], ClientConfig(prefill_chunk_tokens=4)
+            tiny_chat_dir, [*live, spare.address], replace(UNCHECKED, prefill_chunk_tokens=4)
         )
         hidden = torch.randn(1, 30, HIDDEN)
         calm = client.net.run(client.open_pipeline(64))
