@@ -67,6 +67,9 @@ SWARM_FLAGS = (
     "bootstrap",
     "swarm_key",
     "insecure_plaintext",
+    "speculate",
+    "draft_model",
+    "draft_quant",
     "relay",
     "verbose",
 )

@@ -5,6 +5,7 @@ swarm-chat --local --model M --prompt TEXT --max-new-tokens N --temperature 0   
 swarm-chat --model M --peer HOST:PORT --peer ...              # these peers
 swarm-chat --model M --bootstrap /ip4/A/tcp/P/p2p/PEERID      # the peers a DHT knows
 swarm-chat --model M                                          # the peers on the LAN (mDNS)
+swarm-chat --model M --peer ... --speculate lookup            # several tokens a round trip
 """
 
 from __future__ import annotations
@@ -108,6 +109,25 @@ def build_parser() -> argparse.ArgumentParser:
         help="talk to peers without encryption (trusted LANs and measurements only)",
     )
     ap.add_argument(
+        "--speculate",
+        choices=("lookup", "draft"),
+        default=None,
+        help="guess several tokens a pass through the layers, checked in one step (the reply "
+        "is the same): lookup (n-grams of the conversation) or draft (a local draft model)",
+    )
+    ap.add_argument(
+        "--draft-model",
+        metavar="NAME|PATH",
+        help="with --speculate draft: a model with the same tokenizer, run whole here "
+        "(default: --model itself)",
+    )
+    ap.add_argument(
+        "--draft-quant",
+        choices=("none", "int8", "int4"),
+        default="none",
+        help="weight-only quantization of the draft model's layers (default: none)",
+    )
+    ap.add_argument(
         "--verify-fraction",
         type=float,
         default=0.02,
@@ -152,6 +172,26 @@ def open_generator(
     """The generator `args` ask for; `on_event(text)` hears of reroutes and peers leaving."""
     device, dtype = client_device(args)
     model_dir = resolve_model_cli(args.model, default_cache_dir())
+    gen = _open_layers(args, model_dir, device, dtype, on_event)
+    if args.speculate is not None:
+        from layerswarm.routing.drafters import open_speculator
+
+        draft_dir = None
+        if args.draft_model is not None:
+            draft_dir = resolve_model_cli(args.draft_model, default_cache_dir())
+        gen.speculator = open_speculator(
+            gen, args.speculate, model_dir, draft_dir, args.draft_quant, dtype
+        )
+    return gen
+
+
+def _open_layers(
+    args: argparse.Namespace,
+    model_dir: Path,
+    device: torch.device,
+    dtype: torch.dtype,
+    on_event: Callable[[str], None] | None,
+) -> Generator:
     if args.local:
         return open_local_generator(model_dir, dtype, device=device)
     from layerswarm.cli.common import read_swarm_key

@@ -164,10 +164,17 @@ class Verifier:
         return self.session.client
 
     async def step(
-        self, hop: ActiveHop, hidden: torch.Tensor, start: int, check: bool | None = None
+        self,
+        hop: ActiveHop,
+        hidden: torch.Tensor,
+        start: int,
+        truncate: int | None = None,
+        check: bool | None = None,
     ) -> torch.Tensor:
         """The hop's output for this step, checked on a replica when chosen so (`check`: the
         caller chose already, as push does for a whole step; None: drawn here).
+
+        `truncate`: the step rolls the hop's session back first (`Step.truncate_to`).
 
         Raises:
             HopFailed: the hop failed, sent a malformed reply, or was caught lying.
@@ -179,7 +186,7 @@ class Verifier:
         chosen = forced or (self.rng.random() < config.verify_fraction if check is None else check)
         verifier = self._pick(hop, ()) if chosen else None
         if verifier is None:
-            out = await self.session._step(hop, hidden, start)
+            out = await self.session._step(hop, hidden, start, truncate)
             checks.served += 1
             if not self._client.norms.suspicious(hop.span.end, out):
                 return out
@@ -190,7 +197,7 @@ class Verifier:
             theirs = await self._opinion(hop, verifier, hidden, start)
         else:
             ours, theirs = await asyncio.gather(
-                self.session._step(hop, hidden, start),
+                self.session._step(hop, hidden, start, truncate),
                 self._opinion(hop, verifier, hidden, start),
                 return_exceptions=True,
             )
@@ -332,7 +339,7 @@ class Verifier:
         self, hop: ActiveHop, peer: PeerView, hidden: torch.Tensor, start: int
     ) -> torch.Tensor | BaseException:
         """What `peer` computes for this step of the hop, through its shadow session."""
-        from layerswarm.routing.session import merge_inputs
+        from layerswarm.routing.kept_inputs import merge_inputs
 
         session = self.session
         key = (hop.span, peer.peer_id)
@@ -342,12 +349,12 @@ class Verifier:
             last = shadow.last if shadow is not None else None
             if last is not None and last[:2] == (start, tokens):
                 return last[2]  # asked again (the step is redone): the same answer
-            if shadow is None or start < shadow.fed:
-                if shadow is not None:
-                    del self.shadows[key]
-                    await shadow.close()
+            if shadow is None:
                 shadow = await self._open_shadow(hop, peer)
                 self.shadows[key] = shadow
+            # A session that went back (speculation's rollback): what the shadow holds before
+            # `start` still stands; its run at `start` drops the rest.
+            shadow.fed = min(shadow.fed, start)
             context = context_slice(session.history.get(hop.span.start, []), shadow.fed, start)
             for at, chunk in merge_inputs(context, session.config.replay_chunk_tokens):
                 await shadow.run(chunk, at)
@@ -375,7 +382,8 @@ class Verifier:
         await session._request(twin, opening, session.config.request_timeout)
 
         async def run(hidden: torch.Tensor, start: int) -> torch.Tensor:
-            return await session._step(twin, hidden, start)
+            # Runs start where the shadow was fed to, or before it when the session went back.
+            return await session._step(twin, hidden, start, truncate=start)
 
         return Shadow(run, lambda: session._close_hops([twin]))
 

@@ -164,6 +164,36 @@ class PagedKVCache:
         assert best_len > 0  # callers check that a page is free
         return best_start if best_start == 0 else best_start + best_len // 2
 
+    def truncate(self, session: SessionCache, length: int) -> int:
+        """Forget every position of `session` from `length` on, and give back the pages that
+        then hold none of its tokens (a speculative step's rejected drafts).
+
+        Returns:
+            How many tokens were dropped (0 when the session held no more than `length`).
+        Raises:
+            ValueError: `length` is negative.
+        """
+        if length < 0:
+            raise ValueError(f"cannot truncate to a negative length ({length})")
+        dropped = max(0, session.length - length)
+        session.length -= dropped
+        keep = self.pages_for(length)
+        if keep >= len(session.pages):
+            return dropped
+        for p in session.pages[keep:]:
+            self._free[p] = True
+        self._n_free += len(session.pages) - keep
+        session.pages = session.pages[:keep]
+        runs, left = [], keep
+        for first, n in session.runs:
+            if left <= 0:
+                break
+            runs.append((first, min(n, left)))
+            left -= n
+        session.runs = runs
+        session.block_table = session.block_table[:keep]
+        return dropped
+
     def free(self, session: SessionCache) -> None:
         for p in session.pages:
             self._free[p] = True

@@ -149,6 +149,7 @@ class StepScheduler:
         self._to_free: list[tuple[PagedKVCache, SessionCache]] = []  # after the running batch
         self._decoded_at: dict[int, float] = {}  # id(seq) -> monotonic s its last decode ran
         self._last_decoders: set[int] = set()  # id(seq) of the last batch's decode steps
+        self.rolled_back_tokens = 0  # unit: tokens dropped by steps that began before the end
         self._closed = False
         # Told of each batch: (sessions, tokens, seconds); the peer counts them for /metrics.
         self.on_batch: Callable[[int, int, float], None] | None = None
@@ -175,6 +176,10 @@ class StepScheduler:
             CacheFull: the session could not grow to hold the step.
             ContextOverflow: the step passes the session's `max_length`.
             PositionGap: `start` leaves a gap after the session's queued steps.
+
+        A step that starts before the end of what the session holds (its queued steps
+        included) rolls the session back to `start` when it runs: the positions after are
+        dropped, and their pages given back (`PagedKVCache.truncate`).
             StepCancelled: past `timeout`, or the scheduler closed.
             SessionExpired: the session was freed (`free`) before the step ran.
         """
@@ -391,6 +396,10 @@ class StepScheduler:
 
     def _grow(self, job: _Job, n: int) -> bool:
         end = job.start + job.ran + n
+        if job.ran == 0 and job.start < job.seq.length:
+            # A step that begins before the session's end replaces what follows (a speculative
+            # step's rejected drafts): those positions go, and pages that hold none come back.
+            self.rolled_back_tokens += self.cache.truncate(job.seq, job.start)
         try:
             self.cache.grow(job.seq, end)
         except (CacheFull, ContextOverflow) as e:
