@@ -53,8 +53,9 @@ class Forwarder:
     async def _dial(self, address: str) -> Connection:
         return await open_connection(parse_address(address), self.identity, self.transport)
 
-    async def push(self, step: Step, out: Activations) -> None:
-        """Hand `out` on to the first hop of `step.route`, as the same step.
+    async def push(self, step: Step, out: Activations, sent: asyncio.Future[None]) -> None:
+        """Hand `out` on to the first hop of `step.route`, as the same step; `sent` is set
+        once the step is queued for sending on the connection (in order: see `PushSteps`).
 
         Raises:
             RemoteError: FORWARD_FAILED, naming the first hop down the route that failed.
@@ -74,7 +75,9 @@ class Forwarder:
         peer_id = nxt.address.partition("/")[2]
         try:
             conn = await self.connection(nxt.address)
-            reply = await conn.request(forwarded, self.timeout)
+            request = asyncio.ensure_future(conn.request(forwarded, self.timeout))
+            sent.set_result(None)  # the next step's task runs after this one has sent
+            reply = await request
         except RemoteError as e:
             if e.code == ErrorCode.FORWARD_FAILED:
                 raise  # it names a hop further down already
@@ -146,17 +149,27 @@ class PushSteps:
         _check_route(step)
         self.handed_steps += step.token is not None
         future = self._slot(session, step.start_position, fresh=True)
+        # Steps of a session are handed on in the order they came (a prompt's chunks must
+        # reach the next hop in order), whatever order their tasks wake up in.
+        before, sent = session.handed_on, asyncio.get_running_loop().create_future()
+        session.handed_on = sent
         try:
-            out = await run(session, step)
-        except Exception as e:
+            try:
+                out = await run(session, step)
+            except Exception as e:
+                if not future.done():
+                    future.set_exception(e)
+                    future.exception()  # retrieved: the client may never collect it
+                raise
             if not future.done():
-                future.set_exception(e)
-                future.exception()  # retrieved: the client may never collect it
-            raise
-        if not future.done():
-            future.set_result(out)
-        if step.route:
-            await self.forwarder.push(step, out)
+                future.set_result(out)
+            if step.route:
+                if before is not None:
+                    await before
+                await self.forwarder.push(step, out, sent)
+        finally:
+            if not sent.done():
+                sent.set_result(None)
         return Pushed(step.session_id)
 
     async def collect(self, session: Session, start: int) -> Activations:

@@ -52,6 +52,7 @@ class Session:
     outputs: dict[int, asyncio.Future[tuple[torch.Tensor, bytes | None]]] = field(
         default_factory=dict
     )
+    handed_on: asyncio.Future[None] | None = None  # set once the last pushed step was sent on
 
 
 class SessionTable:

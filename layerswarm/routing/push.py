@@ -34,6 +34,7 @@ import torch
 
 from layerswarm.errors import LayerswarmError, RemoteError
 from layerswarm.routing.session import FAULTS, NOT_A_FAULT, ActiveHop, HopFailed
+from layerswarm.routing.verify import reply_fault
 from layerswarm.shards.config import DTYPES, Span
 from layerswarm.swarm.compress import compress_int8, decompress_int8, groups
 from layerswarm.swarm.messages import MAX_SCALES
@@ -240,6 +241,7 @@ async def _push_from(
                 waiting.cancel()
             wire = _output(hop, reply, wire, index)
             session.client.bans.succeeded(hop.view.peer_id)
+            session.client.trust.checks(hop.view.peer_id).served += 1
             if index + 1 < len(hops):
                 _keep(session, hops[index + 1].span.start, start, wire.seen)
     finally:
@@ -261,13 +263,13 @@ def _output(hop: ActiveHop, reply: object, wire: Wire, index: int) -> Wire:
     ):
         malformed = f"peer {hop.view.address} sent a malformed result"
         raise _Failed(index, wire, HopFailed(hop.view.peer_id, malformed))
-    seen = reply.hidden
+    out = Wire(reply.hidden, None, reply.hidden)
     if reply.scales is not None:
         seen = decompress_int8(reply.hidden, reply.scales, wire.seen.dtype)
-    if not bool(torch.isfinite(seen).all()):  # blamed on this hop, not on the next one
-        nan = f"peer {hop.view.address} sent non-finite values (NaN or inf)"
-        raise _Failed(index, wire, HopFailed(hop.view.peer_id, nan))
-    return Wire(reply.hidden, reply.scales, seen)
+        out = Wire(reply.hidden, reply.scales, seen)
+    if fault := reply_fault(wire.seen, out.seen):  # the checks relay makes on every reply
+        raise _Failed(index, wire, HopFailed(hop.view.peer_id, f"{hop.view.address} sent {fault}"))
+    return out
 
 
 def _blame(
