@@ -72,8 +72,9 @@ class SessionExpired(LayerswarmError):
 class NoRouteError(LayerswarmError):
     """No set of live peers covers every layer; `missing_layers` names the uncovered ones."""
 
-    def __init__(self, missing_layers: list[int]) -> None:
-        super().__init__(f"no peer serves layers {_ranges(missing_layers)}")
+    def __init__(self, missing_layers: list[int], note: str = "") -> None:
+        text = f"no peer serves layers {_ranges(missing_layers)}"
+        super().__init__(text + (f" ({note})" if note else ""))
         self.missing_layers = missing_layers
 
 

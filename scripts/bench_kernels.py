@@ -15,6 +15,7 @@ GPUs, else measured with a large copy).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -350,55 +351,12 @@ def cpu_quant(threads: int | None) -> None:
             print(f"| {name} ({n} x {k}) | {m} | {cells} | {t[2] / t[1]:.2f} |", flush=True)
 
 
-def compile_check(arch: int) -> int:
-    """Compile every kernel variant the wrappers launch for CUDA sm_<arch>, on a machine with no
-    GPU (Triton ships ptxas): catches what the interpreter cannot, such as a `tl.dot` too small
-    for tensor cores or a global that is not a constexpr. Returns the number of failures."""
-    import inspect
-
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-    from triton.runtime.jit import JITFunction
-
-    from layerswarm.kernels import quant, triton_attention, triton_quant
+def compile_workload() -> None:
+    """Launch every kernel variant the wrappers have, at the benchmark's model shapes, in each
+    dtype: with `triton_variants.compiling_instead`, each compiles instead of running."""
+    from layerswarm.kernels import quant
     from layerswarm.kernels import triton_ops as ops
 
-    types = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
-    types |= {torch.int8: "i8", torch.uint8: "u8", torch.int32: "i32", torch.int64: "i64"}
-    seen: dict[str, str] = {}
-
-    def compile_instead(
-        self: JITFunction, *args: object, grid: object, warmup: bool, **kw: object
-    ) -> None:
-        opts = {k: kw.pop(k) for k in ("num_warps", "num_stages") if k in kw}
-        bound = inspect.signature(self.fn).bind(*args, **kw).arguments
-        sig, consts = {}, {}
-        for p in self.params:
-            v = bound[p.name]
-            if p.is_constexpr:
-                sig[p.name], consts[p.name] = "constexpr", v
-            elif isinstance(v, torch.Tensor):
-                sig[p.name] = "*" + types[v.dtype]
-            else:
-                sig[p.name] = "fp32" if isinstance(v, float) else "i32"
-        key = f"{self.fn.__name__} {sorted(sig.items())} {consts} {opts}"
-        if key in seen:
-            return
-        try:
-            triton.compile(
-                ASTSource(self, sig, consts), target=GPUTarget("cuda", arch, 32), options=opts
-            )
-            seen[key] = f"ok   {self.fn.__name__} {consts}"
-        except Exception as e:  # report every failure, then fail the run
-            seen[key] = f"FAIL {self.fn.__name__} {consts}: {type(e).__name__}: {e}"
-        print(seen[key], flush=True)
-
-    def gpu_flags(t: torch.Tensor) -> tuple[bool, str]:  # the choice made on a GPU, not on CPU
-        return t.dtype == torch.float32, "ieee" if t.dtype == torch.float32 else "tf32"
-
-    JITFunction.run = compile_instead
-    triton_attention.dot_flags = triton_quant.dot_flags = gpu_flags  # type: ignore[attr-defined]
     for dtype in (torch.float16, torch.bfloat16, torch.float32):
         for s in MODELS.values():
             t, hd = 70, s.head_dim
@@ -420,8 +378,19 @@ def compile_check(arch: int) -> int:
                 for group in (32, 64, 128):
                     q4, sz = quant.quantize_int4(wq, group)
                     quant.int4_linear(xq, q4, sz, group, backend="triton")
-    failed = sum(v.startswith("FAIL") for v in seen.values())
-    print(f"\n{len(seen) - failed} kernel variants compiled for sm_{arch}, {failed} failed")
+
+
+def compile_check(arch: int) -> int:
+    """Compile every kernel variant the wrappers launch for CUDA sm_<arch>, on a machine with no
+    GPU (Triton ships ptxas): catches what the interpreter cannot, such as a `tl.dot` too small
+    for tensor cores or a global that is not a constexpr. Returns the number of failures."""
+    from triton_variants import Results, compiling_instead
+
+    results = Results()
+    with compiling_instead([arch], results):
+        compile_workload()
+    ok, failed = len(results.ok.get(arch, ())), len(results.failed.get(arch, {}))
+    print(f"\n{ok} kernel variants compiled for sm_{arch}, {failed} failed")
     return failed
 
 
@@ -448,6 +417,7 @@ def main() -> None:
     p.add_argument("--cpu-quant", action="store_true", help="CPU int8/int4 vs F.linear")
     p.add_argument("--threads", type=int, default=None, help="torch threads for --cpu-quant")
     p.add_argument("--compile-check", type=int, metavar="ARCH", help="compile for sm_ARCH, no GPU")
+    p.add_argument("--json", metavar="FILE", help="also write every row to FILE as JSON")
     args = p.parse_args()
     if args.cpu_quant:
         cpu_quant(args.threads)
@@ -469,11 +439,16 @@ def main() -> None:
     print(f"peak memory bandwidth: {peak or 'n/a'} GB/s ({source}); dtype {dtype_name(dtype)}\n")
     groups = {"elementwise": bench_elementwise, "attention": bench_attention, "quant": bench_quant}
     timer = Timer(dev == "cuda")
+    every: list[dict[str, object]] = []
     for s in models:
         print(f"### {s.name}\n")
         rows = [r for g in args.only.split(",") for r in groups[g](s, dtype, dev, timer)]
         print_table(rows, peak)
         print()
+        every += [{"model": s.name, "peak_gbps": peak, **vars(r)} for r in rows]
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(every, f)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
-"""GPU check of the step scheduler: sessions in mixed batches on CUDA, through the Triton kernels,
-give what the plain-torch twins give on the CPU, each session alone, in fp32.
+"""GPU check of the step scheduler: sessions in mixed batches on CUDA, through the Triton kernels
+(decode-only batches through CUDA graphs), give what the plain-torch twins give on the CPU, each
+session alone, in fp32.
 
 Eight sessions at once, prompts of 1 to 300 tokens (chunked prefill beside decode steps), then
 16 decode steps each; every output is compared with the same session run alone on the CPU.
@@ -19,6 +20,7 @@ import torch
 
 from layerswarm.shards.blocks import SpanModel
 from layerswarm.shards.config import ModelConfig, Span
+from layerswarm.shards.cuda_graphs import enable_cuda_graphs
 from layerswarm.shards.scheduler import SchedulerConfig, StepScheduler
 
 CONFIG = ModelConfig(
@@ -89,6 +91,7 @@ def main() -> int:
         model = SpanModel(CONFIG, reference.span)  # the dispatcher's kernels: Triton on CUDA
         model.load_state_dict(reference.state_dict())
         model.to(dtype).to_device(device)
+        enable_cuda_graphs(model)  # decode-only batches replay graphs, as on a peer
         t0 = time.perf_counter()
         got = asyncio.run(together(model, sessions, device))
         wall = time.perf_counter() - t0

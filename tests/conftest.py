@@ -212,3 +212,21 @@ def tiny_chat_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     write_tiny_llama_gguf(tmp / "tiny.gguf", n_layers=4, hidden=64)
     convert_gguf(tmp / "tiny.gguf", tmp / "model")
     return tmp / "model"
+
+
+@pytest.fixture(scope="session")
+def tiny_words_dir(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`tiny_llama_dir` with a tokenizer of its own: 256 word-level tokens `t0` .. `t255`
+    (`t2` is EOS), so that the client's whole path (`Client`, `swarm-chat`) runs on it."""
+    import shutil
+
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import WhitespaceSplit
+
+    out = tmp_path_factory.mktemp("tiny-words") / "model"
+    shutil.copytree(tiny_llama_dir, out)
+    tokenizer = Tokenizer(WordLevel({f"t{i}": i for i in range(256)}, unk_token="t0"))
+    tokenizer.pre_tokenizer = WhitespaceSplit()
+    tokenizer.save(str(out / "tokenizer.json"))
+    return out

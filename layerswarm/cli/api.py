@@ -62,11 +62,17 @@ SWARM_FLAGS = (
     "local",
     "peer",
     "dtype",
+    "device",
     "mdns_interface",
     "bootstrap",
     "swarm_key",
     "insecure_plaintext",
+    "speculate",
+    "draft_model",
+    "draft_quant",
     "relay",
+    "verify_fraction",
+    "verify_locally",
     "verbose",
 )
 

@@ -5,6 +5,7 @@ swarm-chat --local --model M --prompt TEXT --max-new-tokens N --temperature 0   
 swarm-chat --model M --peer HOST:PORT --peer ...              # these peers
 swarm-chat --model M --bootstrap /ip4/A/tcp/P/p2p/PEERID      # the peers a DHT knows
 swarm-chat --model M                                          # the peers on the LAN (mDNS)
+swarm-chat --model M --peer ... --speculate lookup            # several tokens a round trip
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ import argparse
 import sys
 from collections.abc import Callable, Iterable
 from pathlib import Path
+
+import torch
 
 from layerswarm.cli.common import (
     default_cache_dir,
@@ -27,6 +30,7 @@ from layerswarm.routing.generate import Generator
 from layerswarm.routing.local import open_local_generator, parse_dtype
 from layerswarm.routing.sampling import SamplingConfig
 from layerswarm.routing.text import Message
+from layerswarm.shards.device import DeviceUnavailable, default_dtype, resolve_device
 
 HELP = "commands: /route, /stats, /system TEXT, /reset, /save FILE, /help, /quit"
 
@@ -65,7 +69,18 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--repetition-penalty", type=float, default=1.0)
     ap.add_argument("--seed", type=int, default=None)
     ap.add_argument("--stop", action="append", default=[], help="a string that ends the reply")
-    ap.add_argument("--dtype", default="float32", help="float32 or bfloat16 (local engine)")
+    ap.add_argument(
+        "--dtype",
+        default=None,
+        help="float32, bfloat16 or float16 (default: bfloat16 on a GPU, float32 on a CPU)",
+    )
+    ap.add_argument(
+        "--device",
+        default="auto",
+        metavar="auto|cpu|cuda|cuda:N",
+        help="where the embedding and the head run, and with --local every layer (auto: the "
+        "CUDA device with the most free memory, else the CPU)",
+    )
     ap.add_argument(
         "--mdns-interface",
         action="append",
@@ -92,6 +107,25 @@ def build_parser() -> argparse.ArgumentParser:
         "--insecure-plaintext",
         action="store_true",
         help="talk to peers without encryption (trusted LANs and measurements only)",
+    )
+    ap.add_argument(
+        "--speculate",
+        choices=("lookup", "draft"),
+        default=None,
+        help="guess several tokens a pass through the layers, checked in one step (the reply "
+        "is the same): lookup (n-grams of the conversation) or draft (a local draft model)",
+    )
+    ap.add_argument(
+        "--draft-model",
+        metavar="NAME|PATH",
+        help="with --speculate draft: a model with the same tokenizer, run whole here "
+        "(default: --model itself)",
+    )
+    ap.add_argument(
+        "--draft-quant",
+        choices=("none", "int8", "int4"),
+        default="none",
+        help="weight-only quantization of the draft model's layers (default: none)",
     )
     ap.add_argument(
         "--verify-fraction",
@@ -136,9 +170,30 @@ def open_generator(
     args: argparse.Namespace, on_event: Callable[[str], None] | None = None
 ) -> Generator:
     """The generator `args` ask for; `on_event(text)` hears of reroutes and peers leaving."""
+    device, dtype = client_device(args)
     model_dir = resolve_model_cli(args.model, default_cache_dir())
+    gen = _open_layers(args, model_dir, device, dtype, on_event)
+    if args.speculate is not None:
+        from layerswarm.routing.drafters import open_speculator
+
+        draft_dir = None
+        if args.draft_model is not None:
+            draft_dir = resolve_model_cli(args.draft_model, default_cache_dir())
+        gen.speculator = open_speculator(
+            gen, args.speculate, model_dir, draft_dir, args.draft_quant, dtype
+        )
+    return gen
+
+
+def _open_layers(
+    args: argparse.Namespace,
+    model_dir: Path,
+    device: torch.device,
+    dtype: torch.dtype,
+    on_event: Callable[[str], None] | None,
+) -> Generator:
     if args.local:
-        return open_local_generator(model_dir, parse_dtype(args.dtype))
+        return open_local_generator(model_dir, dtype, device=device)
     from layerswarm.cli.common import read_swarm_key
     from layerswarm.errors import PeerUnavailable
     from layerswarm.routing.swarm_client import ClientConfig, open_swarm_generator
@@ -163,7 +218,7 @@ def open_generator(
     )
     try:
         return open_swarm_generator(
-            model_dir, args.peer, dtype=parse_dtype(args.dtype), config=config, on_event=on_event
+            model_dir, args.peer, dtype=dtype, config=config, on_event=on_event, device=device
         )
     except PeerUnavailable as e:
         if not lan_only:
@@ -171,6 +226,18 @@ def open_generator(
         raise SystemExit(
             f"error: no swarm found on the LAN: {e}; use --peer or --bootstrap (or --local)"
         ) from None
+
+
+def client_device(args: argparse.Namespace) -> tuple[torch.device, torch.dtype]:
+    """`--device` and `--dtype`, checked: the device and the dtype (bf16 by default on a GPU)."""
+    try:
+        device = resolve_device(args.device)
+    except DeviceUnavailable as e:
+        raise SystemExit(f"error: --device: {e}") from None
+    try:
+        return device, parse_dtype(args.dtype or default_dtype(device))
+    except ValueError as e:
+        raise SystemExit(f"error: --dtype: {e}") from None
 
 
 def close_generator(gen: Generator) -> None:
@@ -183,8 +250,11 @@ def close_generator(gen: Generator) -> None:
     client = getattr(gen, "client", None)
     if client is not None:
         client.close()
-    else:
-        gen.net.stop()
+        return
+    engine = getattr(gen, "engine", None)
+    if engine is not None:
+        engine.close()  # its compute loop, not left pending on the loop
+    gen.net.stop()
 
 
 def show(pieces: Iterable[str], events: Events | None = None) -> str:

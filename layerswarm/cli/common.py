@@ -28,6 +28,16 @@ def default_config_dir() -> Path:
     return Path(base) / "layerswarm"
 
 
+def runtime_dir() -> Path:
+    """Where processes of this user meet while they run: `$XDG_RUNTIME_DIR/layerswarm`, else a
+    folder of the user's in the temp dir (peers sharing a GPU register there)."""
+    if env := os.environ.get("XDG_RUNTIME_DIR"):
+        return Path(env) / "layerswarm"
+    import tempfile
+
+    return Path(tempfile.gettempdir()) / f"layerswarm-{os.getuid()}"
+
+
 class ProgressLine:
     """Shows long work (download, conversion, loading) on stderr: a progress bar on a terminal
     (tqdm's, already here through gguf), plain lines in a log (one each 10%)."""

@@ -28,6 +28,8 @@ import logging
 import sys
 from pathlib import Path
 
+import torch
+
 from layerswarm.cli.common import (
     ProgressLine,
     default_cache_dir,
@@ -37,6 +39,7 @@ from layerswarm.cli.common import (
     resolve_model_cli,
     route_libp2p_logs,
     run_main,
+    runtime_dir,
     setup_logging,
 )
 from layerswarm.cli.status import add_status_parser, run_status
@@ -44,6 +47,12 @@ from layerswarm.peer.config import PeerConfig
 from layerswarm.peer.fault_injection import FaultInjector
 from layerswarm.peer.server import serve_peer
 from layerswarm.shards.config import DTYPES, Span
+from layerswarm.shards.device import (
+    DeviceUnavailable,
+    check_kernels,
+    default_dtype,
+    resolve_device,
+)
 from layerswarm.shards.scheduler import DEFAULT_PREFILL_CHUNK, DEFAULT_TOKEN_BUDGET
 from layerswarm.swarm.identity import load_or_create_identity
 from layerswarm.swarm.limits import ListenLimits
@@ -96,7 +105,32 @@ def build_parser() -> argparse.ArgumentParser:
         help="address to listen on (default: every interface, so LAN clients can reach it)",
     )
     start.add_argument("--port", type=int, default=0, help="TCP port (0: pick a free one)")
-    start.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    start.add_argument(
+        "--device",
+        default="auto",
+        metavar="auto|cpu|cuda|cuda:N",
+        help="where the span's weights, KV cache and compute live (auto, the default: the CUDA "
+        "device with the most free memory, else the CPU)",
+    )
+    start.add_argument(
+        "--dtype",
+        default=None,
+        choices=sorted(DTYPES),
+        help="compute dtype (default: bfloat16 on a GPU, float16 on one without bf16, float32 "
+        "on a CPU)",
+    )
+    start.add_argument(
+        "--kernels",
+        default="auto",
+        choices=["auto", "torch", "triton"],
+        help="auto: Triton on CUDA, torch on a CPU; triton on a CPU runs Triton's interpreter "
+        "(slow: for checking the Triton path end to end)",
+    )
+    start.add_argument(
+        "--no-cuda-graphs",
+        action="store_true",
+        help="run decode steps eagerly on a GPU instead of replaying captured CUDA graphs",
+    )
     start.add_argument(
         "--quant",
         default="none",
@@ -260,6 +294,25 @@ def add_dht_arguments(start: argparse.ArgumentParser) -> None:
     )
 
 
+def peer_device(spec: str, dtype: str | None, kernels: str) -> tuple[torch.device, str]:
+    """`--device`, `--dtype` and `--kernels` checked together: the device and the dtype.
+
+    `--kernels triton` on a CPU turns Triton's interpreter on (TRITON_INTERPRET=1) before any
+    kernel module is imported, so the whole Triton path runs on CPU tensors.
+    """
+    try:
+        device = resolve_device(spec)
+    except DeviceUnavailable as e:
+        raise SystemExit(f"error: --device: {e}") from None
+    if kernels == "triton" and device.type == "cpu":
+        os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        check_kernels(kernels, device, os.environ.get("TRITON_INTERPRET") == "1")
+    except DeviceUnavailable as e:
+        raise SystemExit(f"error: --kernels: {e}") from None
+    return device, dtype or default_dtype(device)
+
+
 def main(argv: list[str] | None = None) -> None:
     run_main(_main, argv)
 
@@ -285,6 +338,7 @@ def _main(argv: list[str] | None) -> None:
             check_bootstrap(args.bootstrap)
         except ValueError as e:
             raise SystemExit(f"error: --bootstrap: {e}") from None
+    device, dtype = peer_device(args.device, args.dtype, args.kernels)
     try:
         limits = ListenLimits(
             max_connections=args.max_connections,
@@ -308,7 +362,11 @@ def _main(argv: list[str] | None) -> None:
         span=span,
         host=args.host,
         port=args.port,
-        dtype=args.dtype,
+        dtype=dtype,
+        device=str(device),
+        kernels=args.kernels,
+        cuda_graphs=not args.no_cuda_graphs,
+        gpu_share_dir=runtime_dir() / "gpus",
         quant=args.quant,
         quant_group_size=args.quant_group_size,
         cache_memory_bytes=int(args.cache_memory * 2**20),

@@ -108,7 +108,14 @@ def describe_stats(stats: GenerationStats, route: str) -> str:
     return (
         f"last reply: {stats.new_tokens} tokens, first token after {stats.prefill_seconds:.2f} s, "
         f"{stats.decode_tokens_per_second:.1f} tokens/s; prompt {stats.prompt_tokens} tokens "
-        f"({stats.reused_tokens} already in the session)\nroute:\n{route}"
+        f"({stats.reused_tokens} already in the session)"
+        + (
+            f"; {stats.tokens_per_pass:.2f} tokens a pass through the layers "
+            f"({stats.accepted_tokens} of {stats.drafted_tokens} guesses stood)"
+            if stats.drafted_tokens
+            else ""
+        )
+        + f"\nroute:\n{route}"
     )
 
 

@@ -14,7 +14,8 @@ from typing import Protocol
 
 import layerswarm
 from layerswarm.peer.config import PeerConfig
-from layerswarm.peer.measure import SpeedSample, free_memory_bytes
+from layerswarm.peer.measure import SpeedSample, free_memory_bytes, memory_total_bytes
+from layerswarm.peer.placement import device_share
 from layerswarm.peer.sessions import SessionTable
 from layerswarm.swarm.protocol import PROTOCOL_VERSION
 from layerswarm.swarm.records import PeerRecord
@@ -42,12 +43,19 @@ class PeerFacts:
     model_hash: str
     num_layers: int
     speed: SpeedSample
-    tflops: float
+    tflops: float  # measured on the serving device, in the compute dtype
+    device: str = "cpu"  # the torch device the span runs on ("cuda:0")
+    device_name: str = "cpu"  # what records call it: "cpu" or the GPU's name
+    # how many peers share the device now (this one included): each announces an equal part
+    peers_on_device: Callable[[], int] = lambda: 1
 
 
 def current_record(config: PeerConfig, facts: PeerFacts, table: SessionTable) -> PeerRecord:
     """The peer's record as of now (unsigned, unstamped: announcers do both)."""
     span = table.model.span
+    free, total = device_share(
+        free_memory_bytes(facts.device), memory_total_bytes(facts.device), facts.peers_on_device()
+    )
     return PeerRecord(
         peer_id=facts.peer_id,
         addresses=facts.addresses,
@@ -60,13 +68,15 @@ def current_record(config: PeerConfig, facts: PeerFacts, table: SessionTable) ->
         software_version=layerswarm.__version__,
         protocol_version=PROTOCOL_VERSION,
         quant=config.quant,
-        free_memory_bytes=free_memory_bytes(next(table.model.parameters()).device),
+        free_memory_bytes=free,
         tflops=round(facts.tflops, 4),
         prefill_tokens_per_s_per_layer=round(facts.speed.prefill_tokens_per_s_per_layer, 2),
         decode_steps_per_s_per_layer=round(1.0 / facts.speed.decode_s_per_layer, 2),
         cache_tokens_free=table.tokens_free,
         cache_tokens_total=table.cache.tokens_total,
         load=len(table.sessions),
+        device=facts.device_name,
+        total_memory_bytes=total,
     )
 
 

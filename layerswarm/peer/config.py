@@ -24,6 +24,11 @@ class PeerConfig:
     host: str = "127.0.0.1"  # address to listen on
     port: int = 0  # TCP port; 0 picks a free one (see the ready line)
     dtype: str = "float32"  # compute dtype: float32, bfloat16 or float16
+    device: str = "cpu"  # where the span runs: auto, cpu, cuda or cuda:N (see shards.device)
+    kernels: str = "auto"  # auto (Triton on CUDA, torch elsewhere), torch or triton
+    cuda_graphs: bool = True  # replay decode steps from CUDA graphs (CUDA with Triton only)
+    # the folder where peers sharing a GPU coordinate (`peer.gpu_share`); None: they do not
+    gpu_share_dir: Path | None = None
     quant: str = "none"  # weight-only quantization at load: none, int8 or int4
     quant_group_size: int = 32  # unit: inputs per int4 scale (32 matches a Q4 GGUF's grid)
     cache_memory_bytes: int = 256 * 2**20  # bytes: KV-cache budget for all sessions together

@@ -92,7 +92,13 @@ class RequestHandler:
         hidden = msg.hidden
         if msg.scales is not None:
             hidden = decompress_int8(hidden, msg.scales, DTYPES[self.config.dtype])
-        out = await self.table.step(session, hidden, msg.start_position, self.config.step_timeout)
+        out = await self.table.step(
+            session,
+            hidden,
+            msg.start_position,
+            self.config.step_timeout,
+            truncate_to=msg.truncate_to,  # a speculative step's rollback, pushed steps' too
+        )
         if self.faults is not None:
             out = self.faults.step(out)
         return compress_int8(out) if msg.scales is not None else (out, None)

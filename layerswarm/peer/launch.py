@@ -91,11 +91,19 @@ def start_peers(
     workdir: Path,
     extra_args: Sequence[str] = (),
     ready_timeout: float = 180.0,
+    peer_args: Sequence[Sequence[str]] = (),
 ) -> LocalSwarm:
-    """Start one peer per span, all loading at once, and wait for every one to serve."""
+    """Start one peer per span, all loading at once, and wait for every one to serve.
+
+    `peer_args`: more arguments for each peer in turn (after `extra_args`), if given.
+    """
     swarm = LocalSwarm()
+    own = list(peer_args) or [()] * len(spans)
     try:
-        swarm.peers = [_spawn(model, span, workdir, extra_args) for span in spans]
+        swarm.peers = [
+            _spawn(model, span, workdir, [*extra_args, *more])
+            for span, more in zip(spans, own, strict=True)
+        ]
         deadline = time.monotonic() + ready_timeout
         for peer in swarm.peers:
             _wait_ready(peer, deadline)

@@ -1,8 +1,9 @@
-"""What a peer measures about itself at start: its speed, its TFLOPS, its free memory."""
+"""What a peer measures about itself on the device it serves from: speed, TFLOPS, memory."""
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -44,9 +45,13 @@ def measure_speed(model: SpanModel, prompt: int = 64, steps: int = 8) -> SpeedSa
     session = cache.allocate(prompt + steps * len(candidates) * rounds + 1)
     hidden = torch.randn(1, prompt, c.hidden_size, generator=torch.Generator().manual_seed(0))
     hidden = hidden.to(param.device, param.dtype)
+    sync = _synchronizer(param.device)
     model(hidden[:, :4], [0], cache, [session])  # warm-up
+    model(hidden[:, 4:5], [4], cache, [session])  # and a decode step (a CUDA graph's capture)
+    sync()
     t0 = time.perf_counter()
     model(hidden, [0], cache, [session])
+    sync()
     prefill_s = time.perf_counter() - t0
     best: dict[int, float] = {}
     position = prompt
@@ -58,6 +63,7 @@ def measure_speed(model: SpanModel, prompt: int = 64, steps: int = 8) -> SpeedSa
                 t0 = time.perf_counter()
                 for i in range(steps):
                     model(hidden[:, i : i + 1], [position + i], cache, [session])
+                sync()
                 per_step = (time.perf_counter() - t0) / steps
                 best[threads] = min(best.get(threads, per_step), per_step)
                 position += steps
@@ -68,6 +74,13 @@ def measure_speed(model: SpanModel, prompt: int = 64, steps: int = 8) -> SpeedSa
         chosen = 1
     layers = len(model.span)
     return SpeedSample(best[chosen] / layers, prompt / prefill_s / layers, chosen)
+
+
+def _synchronizer(device: torch.device) -> Callable[[], None]:
+    """What waits for the device's queued work (CUDA runs asynchronously; a CPU does not)."""
+    if device.type == "cuda":
+        return lambda: torch.cuda.synchronize(device)
+    return lambda: None
 
 
 def measure_tflops(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> float:
@@ -83,6 +96,13 @@ def measure_tflops(device: torch.device | str = "cpu", dtype: torch.dtype = torc
         if torch.device(device).type == "cuda":
             torch.cuda.synchronize()
     return 2 * n**3 * runs / elapsed / 1e12
+
+
+def device_name(device: torch.device | str = "cpu") -> str:
+    """What a record calls the device: "cpu", or the GPU's name (at most 64 characters)."""
+    if torch.device(device).type == "cuda":
+        return torch.cuda.get_device_name(torch.device(device))[:64] or "cuda"
+    return "cpu"
 
 
 def free_memory_bytes(device: torch.device | str = "cpu") -> int:

@@ -2,7 +2,12 @@
 
 How many: as many layers as the peer's memory budget holds, weights plus a KV-cache reserve
 (quantization counts: an int4 layer takes about a quarter of an fp16 one). So a peer with twice
-the memory serves about twice the layers.
+the memory serves about twice the layers. The budget is memory of the device the peer serves
+from (`memory_budget`): on a CPU half the available RAM, as before; on a GPU the free VRAM less
+a fixed reserve for the CUDA context and a step's activations, split evenly among the peers on
+that GPU that have not loaded yet. Peers on one GPU load one at a time (`peer.gpu_share`), so
+each measures free VRAM after the ones before it took theirs: two peers started together get
+about half each, and a second peer started later gets what the first left.
 
 Which: the window where the swarm is weakest. Each layer's strength is the throughput the
 swarm has for it, the sum over the peers serving it of their measured decode speed. Layers
@@ -29,6 +34,33 @@ class Server:
     peer_id: str
     span: Span
     speed: float  # unit: decode steps/s of one layer (its measured throughput)
+
+
+# unit: bytes of a GPU's free memory a peer leaves for the CUDA context, the kernels' code, a
+# step's activations and the allocator's slack (torch's CUDA context alone takes ~300-500 MiB)
+GPU_RESERVE_BYTES = 1 << 30
+CPU_BUDGET_FRACTION = 0.5  # of available RAM: the rest is the home PC's
+
+
+def memory_budget(free_bytes: int, on_gpu: bool, peers_loading: int = 1) -> int:
+    """The bytes a peer's weights and KV cache may take by default (no `--memory-budget`).
+
+    Args:
+        free_bytes: free memory of the device now (VRAM on a GPU, available RAM on a CPU).
+        on_gpu: the device is a GPU.
+        peers_loading: peers on this GPU that have not loaded yet, this one included; the free
+            VRAM splits evenly among them (peers already loaded took theirs: it is not free).
+    """
+    if not on_gpu:
+        return int(free_bytes * CPU_BUDGET_FRACTION)
+    return max(0, free_bytes - GPU_RESERVE_BYTES) // max(1, peers_loading)
+
+
+def device_share(free_bytes: int, total_bytes: int, peers: int) -> tuple[int, int]:
+    """`(free, total)` bytes one of `peers` peers on a device announces: an equal part, so
+    that readers summing the swarm's records count a shared GPU once."""
+    n = max(1, peers)
+    return free_bytes // n, total_bytes // n
 
 
 def layers_that_fit(

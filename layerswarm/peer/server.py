@@ -12,11 +12,10 @@ from contextlib import AsyncExitStack
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
+import torch
 from zeroconf import InterfaceChoice
 
 from layerswarm.errors import LayerswarmError
-from layerswarm.kernels.cpu_linear import pack_linears
-from layerswarm.kernels.dispatch import ops_for
 from layerswarm.peer.announce import (
     Announcer,
     PeerFacts,
@@ -27,23 +26,29 @@ from layerswarm.peer.announce import (
 from layerswarm.peer.config import PeerConfig
 from layerswarm.peer.dht_announce import DhtAnnouncer, open_peer_dht
 from layerswarm.peer.forward import Forwarder, PushSteps
+from layerswarm.peer.gpu_share import LOADING, GpuShare, gpu_key
 from layerswarm.peer.handler import RequestHandler
+from layerswarm.peer.load import (
+    BYTES_PER_WEIGHT,
+    cache_tokens_for,
+    load_peer_model,
+)
 from layerswarm.peer.measure import (
     SpeedSample,
+    device_name,
     free_memory_bytes,
-    measure_speed,
     measure_tflops,
     memory_total_bytes,
 )
-from layerswarm.peer.placement import Server, choose_span, layers_that_fit
+from layerswarm.peer.placement import Server, choose_span, layers_that_fit, memory_budget
 from layerswarm.peer.rebalance import serve_rebalancing
 from layerswarm.peer.sessions import SessionTable, open_compute_thread
 from layerswarm.shards.blocks import SpanModel
 from layerswarm.shards.config import DTYPES, ModelConfig, Span
-from layerswarm.shards.kv_cache import PagedKVCache
-from layerswarm.shards.quantize import memory_bytes, quantize
+from layerswarm.shards.device import resolve_device
+from layerswarm.shards.quantize import memory_bytes
 from layerswarm.shards.sizes import layer_weight_bytes
-from layerswarm.shards.weights import Progress, load_span, model_fingerprint
+from layerswarm.shards.weights import Progress, model_fingerprint
 from layerswarm.swarm.discovery import DhtLookup, RecordSource, dht_key, wait_for_coverage
 from layerswarm.swarm.identity import Identity
 from layerswarm.swarm.listen import Server as TransportServer
@@ -90,14 +95,6 @@ class Discovery:
     others: bool = False  # whether others can be heard at all (mDNS on, or a DHT joined)
 
 
-def cache_tokens_for(config: PeerConfig, model_config: ModelConfig, span: Span) -> int:
-    """How many tokens of KV cache the peer's memory budget holds for its span."""
-    per_token = PagedKVCache.bytes_per_token(
-        len(span), model_config.num_kv_heads, model_config.head_dim, DTYPES[config.dtype]
-    )
-    return max(1, config.cache_memory_bytes // per_token)
-
-
 async def serve_peer(
     config: PeerConfig,
     identity: Identity,
@@ -112,16 +109,28 @@ async def serve_peer(
     """
     model_config = ModelConfig.from_file(config.model_dir)
     fingerprint = model_fingerprint(config.model_dir)
+    device = resolve_device(config.device)
+    config = replace(config, device=str(device))
     async with AsyncExitStack() as stack:
         discovery = await _open_discovery(config, identity, fingerprint, stack)
-        auto = config.span is None
-        span = config.span or await _auto_span(config, model_config, discovery, fingerprint)
-        config = replace(config, span=span)
         loop = asyncio.get_running_loop()
         compute = stack.enter_context(open_compute_thread())
-        model, speed = await loop.run_in_executor(
-            compute, load_peer_model, config, model_config, span, progress
-        )
+        share = _join_gpu_share(config, device)
+        if share is not None:
+            stack.callback(share.leave)
+            await loop.run_in_executor(compute, share.__enter__)  # other peers' loading first
+        try:
+            auto = config.span is None
+            span = config.span or await _auto_span(
+                config, model_config, discovery, fingerprint, share
+            )
+            config = replace(config, span=span)
+            model, speed = await loop.run_in_executor(
+                compute, load_peer_model, config, model_config, span, progress
+            )
+        finally:
+            if share is not None:
+                share.__exit__(None, None, None)
         cache_tokens = cache_tokens_for(config, model_config, span)
         table = SessionTable(model, cache_tokens, config.serving(), compute, speed.decode_threads)
         handler = RequestHandler(
@@ -136,6 +145,9 @@ async def serve_peer(
             "weights_bytes": memory_bytes(model),
             "decode_s_per_layer": speed.decode_s_per_layer,
             "prefill_tokens_per_s_per_layer": speed.prefill_tokens_per_s_per_layer,
+            "device_name": device_name(device),
+            "kernels": model.ops.__name__.rsplit(".", 1)[-1],
+            "cuda_graphs": model.step_runner is not None,
         }
         transport = TransportConfig(
             handshake_timeout=config.handshake_timeout,
@@ -162,7 +174,10 @@ async def serve_peer(
             fingerprint,
             model_config.num_layers,
             speed,
-            await loop.run_in_executor(compute, measure_tflops),
+            await loop.run_in_executor(compute, measure_tflops, device, DTYPES[config.dtype]),
+            str(device),
+            device_name(device),
+            share.peers if share is not None else (lambda: 1),
         )
         announcers: list[Announcer] = []
         if discovery.mdns is not None:
@@ -227,8 +242,19 @@ def _logging_failures(refresh: Callable[[], Awaitable[None]]) -> Callable[[], Aw
     return safely
 
 
+def _join_gpu_share(config: PeerConfig, device: torch.device) -> GpuShare | None:
+    """This peer's entry among the peers of its GPU, or None (a CPU, or no folder to meet in)."""
+    if device.type != "cuda" or config.gpu_share_dir is None:
+        return None
+    return GpuShare(config.gpu_share_dir, gpu_key(device.index or 0))
+
+
 async def _auto_span(
-    config: PeerConfig, model_config: ModelConfig, discovery: Discovery, fingerprint: str
+    config: PeerConfig,
+    model_config: ModelConfig,
+    discovery: Discovery,
+    fingerprint: str,
+    share: GpuShare | None,
 ) -> Span:
     """The span this peer's budget holds, where the swarm is weakest."""
     records = await wait_for_coverage(
@@ -242,16 +268,21 @@ async def _auto_span(
         Server(r.peer_id, Span(r.span_start, r.span_end), r.decode_steps_per_s_per_layer or 1.0)
         for r in records
     ]
-    budget = config.memory_budget_bytes or free_memory_bytes() // 2
+    device = torch.device(config.device)
+    loading = share.peers(LOADING) if share is not None else 1
+    budget = config.memory_budget_bytes or memory_budget(
+        free_memory_bytes(device), device.type == "cuda", loading
+    )
     # Every expert of a MoE layer counts in memory (shards.sizes), not only the active ones.
     per_layer = layer_weight_bytes(model_config, BYTES_PER_WEIGHT[config.quant][config.dtype])
     n = layers_that_fit(budget, per_layer, config.cache_memory_bytes, model_config.num_layers)
     span = choose_span(servers, model_config.num_layers, n)
     log.info(
-        "chose layers %s (%d fit in %.0f MiB) from %d peers' records",
+        "chose layers %s (%d fit in %.0f MiB of %s) from %d peers' records",
         span,
         n,
         budget / 2**20,
+        "VRAM" if device.type == "cuda" else "RAM",
         len(records),
     )
     return span
@@ -327,40 +358,6 @@ async def _close_server(server: TransportServer, table: SessionTable) -> None:
     server.close()
     await server.wait_closed()
     table.shutdown()
-
-
-# Bytes one weight takes, by quantization and compute dtype (int4: two a byte, plus scales).
-BYTES_PER_WEIGHT = {
-    "none": {"float32": 4.0, "bfloat16": 2.0, "float16": 2.0},
-    "int8": {"float32": 1.02, "bfloat16": 1.02, "float16": 1.02},
-    "int4": {"float32": 0.6, "bfloat16": 0.6, "float16": 0.6},
-}
-
-
-def load_peer_model(
-    config: PeerConfig, model_config: ModelConfig, span: Span, progress: Progress | None
-) -> tuple[SpanModel, SpeedSample]:
-    """Load the span, quantize it if asked, and measure how fast it runs."""
-    span.check_within(model_config.num_layers)
-    dtype = DTYPES[config.dtype]
-    model = load_span(config.model_dir, span, dtype, model_config, None, progress)
-    if config.quant != "none":
-        quantize(model, config.quant, config.quant_group_size)  # type: ignore[arg-type]
-    pack_linears(model)  # the linears quantization left: oneDNN's fast CPU layout
-    speed = measure_speed(model)
-    log.info(
-        "loaded layers %s of %s (%s, %s weights: %.1f MiB, kernels: %s); one decode step takes "
-        "%.2f ms a layer (threads: %s)",
-        span,
-        config.model_name,
-        config.dtype,
-        config.quant,
-        memory_bytes(model) / 2**20,
-        ops_for(next(model.parameters()).device).__name__.rsplit(".", 1)[-1],
-        speed.decode_s_per_layer * 1e3,
-        speed.decode_threads or "all",
-    )
-    return model, speed
 
 
 async def _expire_sessions(table: SessionTable, idle_timeout: float) -> None:

@@ -76,6 +76,7 @@ class SessionTable:
         self.scheduler = StepScheduler(model, self.cache, scheduling, self._executor)
         self._waiters: deque[asyncio.Future[None]] = deque()  # opens waiting for memory
         self._promised = 0  # sessions: waiters woken and not yet opened
+        self.truncating_steps = 0  # steps that came with `truncate_to` (pushed ones too)
         metrics.watch_peer(self.scheduler, lambda: self.cache, lambda: len(self.sessions))
 
     @property
@@ -229,13 +230,23 @@ class SessionTable:
         return len(stale)
 
     async def step(
-        self, session: Session, hidden: torch.Tensor, start: int, timeout: float
+        self,
+        session: Session,
+        hidden: torch.Tensor,
+        start: int,
+        timeout: float,
+        truncate_to: int | None = None,
     ) -> torch.Tensor:
         """Validate a step, queue it, and wait for its output.
 
         `timeout` counts from when the step first runs: waiting behind other sessions' work
         does not cancel it while its client waits (and reads the queue from `InfoReply`).
+        `truncate_to`: roll the session back to this many tokens first (`Step.truncate_to`);
+        the scheduler drops the positions after, and their pages, when the step runs.
         """
+        if truncate_to is not None:
+            self._check_truncate(session, start, truncate_to)
+            self.truncating_steps += 1
         self._check_step(session, hidden, start)
         end = start + hidden.shape[1]
         grow = self.cache.pages_for(end) - self._pages_held(session)
@@ -279,11 +290,30 @@ class SessionTable:
                 f"positions up to {end} pass the session's max_length {session.cache.max_length}",
             )
 
+    @staticmethod
+    def _check_truncate(session: Session, start: int, truncate_to: int) -> None:
+        held = max(session.cache.length, session.queued_length)
+        if not 0 <= truncate_to <= held:
+            raise RemoteError(
+                ErrorCode.BAD_POSITION,
+                f"cannot truncate to position {truncate_to}: the session holds {held} tokens",
+            )
+        if start != truncate_to:
+            raise RemoteError(
+                ErrorCode.BAD_POSITION,
+                f"a step that truncates to position {truncate_to} must start there, not at {start}",
+            )
+
     def load(self) -> dict[str, float | int]:
-        """What clients read to tell a busy peer from a dead one (`InfoReply.extra`)."""
+        """What clients read to tell a busy peer from a dead one (`InfoReply.extra`), and the
+        tokens that steps starting before their session's end dropped (speculation's drafts)."""
         return {
             "queued_tokens": self.scheduler.queued_tokens,
             "queue_seconds": round(self.scheduler.queue_seconds(), 4),
+            "rolled_back_tokens": self.scheduler.rolled_back_tokens,
+            "truncating_steps": self.truncating_steps,
+            "session_tokens": sum(s.cache.length for s in self.sessions.values()),
+            "kv_pages_used": self.cache.num_pages - self.cache.pages_free,
         }
 
     async def serve_steps(self) -> None:

@@ -12,7 +12,8 @@
     client.close()
 
 `AsyncClient` offers the same with `await` and `async for`. With no `peers`, `bootstrap` or
-`local`, `connect` finds the swarm on the LAN over mDNS.
+`local`, `connect` finds the swarm on the LAN over mDNS. `speculate="lookup"` (or `"draft"`,
+with `draft_model=`) guesses several tokens a pass through the swarm; the reply is the same.
 """
 
 from __future__ import annotations
@@ -23,12 +24,14 @@ from pathlib import Path
 from typing import Any
 
 from layerswarm.routing.conversation import ChatSession
+from layerswarm.routing.drafters import open_speculator
 from layerswarm.routing.generate import Generator
 from layerswarm.routing.local import open_local_generator
 from layerswarm.routing.sampling import SamplingConfig
 from layerswarm.routing.swarm_client import ClientConfig, open_swarm_generator
 from layerswarm.routing.text import Message
 from layerswarm.shards.config import parse_dtype
+from layerswarm.shards.device import default_dtype, resolve_device
 from layerswarm.shards.registry import resolve_model
 
 
@@ -78,8 +81,12 @@ class Client:
         bootstrap: Sequence[str] = (),
         local: bool = False,
         swarm_key: bytes | None = None,
-        dtype: str = "float32",
+        dtype: str | None = None,
+        device: str = "auto",
         cache_dir: Path | None = None,
+        speculate: str | None = None,
+        draft_model: str | None = None,
+        draft_quant: str | None = None,
         relay: bool = False,
         **defaults: Any,
     ) -> Client:
@@ -89,20 +96,39 @@ class Client:
             peers: explicit peer addresses `host:port[/PEERID]`.
             bootstrap: DHT multiaddrs of a swarm elsewhere.
             local: run every layer in this process instead.
+            dtype: float32, bfloat16 or float16; None: bfloat16 on a GPU, float32 on a CPU.
+            device: where the embedding and the head run, and with `local` every layer:
+                auto (the CUDA device with the most free memory, else the CPU), cpu, cuda:N.
             relay: the client relays every hop's output (instead of peers pushing it on).
+            speculate: guess several tokens a pass through the layers: "lookup" (n-grams of
+                the context) or "draft" (a local draft model); None: one token a pass.
+            draft_model: with "draft", a model name or folder with the same tokenizer (a
+                smaller one of the family); None: the model itself.
+            draft_quant: "int8", "int4" or "none" for the draft model's layers.
             defaults: sampling defaults, e.g. `temperature=0, max_new_tokens=64`.
         """
-        model_dir = resolve_model(model, cache_dir or _default_cache())
+        cache = cache_dir or _default_cache()
+        model_dir = resolve_model(model, cache)
+        where = resolve_device(device)
+        torch_dtype = parse_dtype(dtype or default_dtype(where))
         if local:
-            return cls(open_local_generator(model_dir, parse_dtype(dtype)), defaults)
-        discover = not peers and not bootstrap
-        config = ClientConfig(
-            bootstrap=tuple(bootstrap),
-            swarm_key=swarm_key,
-            mdns_interfaces=() if discover else None,
-            push=not relay,
-        )
-        gen = open_swarm_generator(model_dir, list(peers), dtype=parse_dtype(dtype), config=config)
+            gen = open_local_generator(model_dir, torch_dtype, device=where)
+        else:
+            discover = not peers and not bootstrap
+            config = ClientConfig(
+                bootstrap=tuple(bootstrap),
+                swarm_key=swarm_key,
+                mdns_interfaces=() if discover else None,
+                push=not relay,
+            )
+            gen = open_swarm_generator(
+                model_dir, list(peers), dtype=torch_dtype, config=config, device=where
+            )
+        if speculate is not None:
+            draft_dir = resolve_model(draft_model, cache) if draft_model is not None else None
+            gen.speculator = open_speculator(
+                gen, speculate, model_dir, draft_dir, draft_quant, torch_dtype
+            )
         return cls(gen, defaults)
 
     def _sampling(self, overrides: dict[str, Any]) -> SamplingConfig:

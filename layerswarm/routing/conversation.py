@@ -17,6 +17,7 @@ import torch
 from layerswarm.errors import ContextOverflow, LayerswarmError
 from layerswarm.routing.generate import GenerationStats, Generator, Pipeline
 from layerswarm.routing.sampling import SamplingConfig
+from layerswarm.routing.speculative import common_prefix
 from layerswarm.routing.text import Message
 from layerswarm.shards.config import Span
 
@@ -63,10 +64,13 @@ class ChatSession:
         self.gen.last_stats = GenerationStats(prompt_tokens=len(prompt))
         if steps <= 0:
             return
-        self._ensure_room(len(prompt) + steps)
+        self.gen.net.run(self._ensure_room(len(prompt) + steps))
         self.gen.last_stats.reused_tokens = len(self.sent)
         try:
-            yield from self.gen.sample(list(prompt), steps, sampling, self._forward)
+            if self.gen.speculator is not None:
+                yield from self._speculate(prompt, steps, sampling)
+            else:
+                yield from self.gen.sample(list(prompt), steps, sampling, self._forward)
         except GeneratorExit:  # the caller stopped reading: the cache holds what `sent` says
             raise
         except BaseException:
@@ -83,31 +87,53 @@ class ChatSession:
             return None
         return list(getattr(self.pipeline, "route", []))
 
+    def _speculate(
+        self, prompt: Sequence[int], steps: int, sampling: SamplingConfig
+    ) -> Iterator[int]:
+        """The reply with the generator's speculator, through this session's pipeline."""
+        context = list(prompt)
+        stats = self.gen.last_stats
+        replies = self.gen.aspeculate(self._aforward, prompt, len(prompt) + steps, sampling, stats)
+        try:
+            for token in self.gen.net.iterate_sync(replies):
+                context.append(token)
+                yield token
+        finally:
+            # The pipeline may hold guesses that fell after the reply's last token: the next
+            # turn rolls them back, as a token it holds that the conversation lacks.
+            self.sent = self.sent[: common_prefix(self.sent, context)]
+
     def _forward(self, context: Sequence[int]) -> torch.Tensor:
         """Run the tokens of `context` not in the cache; rebuild a broken pipeline once."""
+        return self.gen.net.run(self._aforward(context, 1))
+
+    async def _aforward(self, seq: Sequence[int], n: int) -> torch.Tensor:
+        """Hidden states `(1, n, hidden)` of the last `n` tokens of `seq` after every layer.
+
+        Runs what the pipeline lacks of `seq` (rolling back where it holds other tokens, such
+        as guesses that fell); rebuilds a broken pipeline once, replaying all of `seq`.
+        """
         for attempt in range(2):
-            self._ensure_room(len(context))
+            await self._ensure_room(len(seq))
             assert self.pipeline is not None
-            new = list(context[len(self.sent) :])
-            ids = torch.tensor([new], dtype=torch.long)
+            start = min(common_prefix(self.sent, seq), len(seq) - n)
+            ids = torch.tensor([list(seq[start:])], dtype=torch.long)
             try:
-                hidden = self.gen.net.run(
-                    self.pipeline.aforward(self.gen.head.embed_tokens(ids), len(self.sent))
-                )
+                hidden = await self.pipeline.aforward(self.gen.head.embed_tokens(ids), start)
             except ContextOverflow:
                 raise
             except LayerswarmError as e:
                 if attempt:
                     raise
                 log.debug("the session broke (%s); replaying the conversation", e)
-                self.drop()
+                await self._drop()
                 continue
-            self.sent.extend(new)
-            self.forwarded += len(new)
-            return hidden[:, -1:]  # (1, 1, hidden)
+            self.sent = list(seq)
+            self.forwarded += len(seq) - start
+            return hidden[:, -n:]
         raise AssertionError("unreachable")
 
-    def _ensure_room(self, needed: int) -> None:
+    async def _ensure_room(self, needed: int) -> None:
         """Open a pipeline for up to `max_context` tokens unless one is open.
 
         Peers take KV pages as a session grows, so asking for the whole context costs nothing
@@ -115,20 +141,23 @@ class ChatSession:
         """
         if self.pipeline is not None and needed <= self.length:
             return
-        self.drop()
+        await self._drop()
         self.length = self.max_context
-        self.pipeline = self.gen.active = self.gen.net.run(self.gen.open_pipeline(self.length))
+        self.pipeline = self.gen.active = await self.gen.open_pipeline(self.length)
         self.opened += 1
 
     def drop(self) -> None:
         """Close the pipeline (if open) and forget what it held; the next turn starts over."""
+        self.gen.net.run(self._drop())
+
+    async def _drop(self) -> None:
         pipeline, self.pipeline = self.pipeline, None
         self.sent = []
         if self.gen.active is pipeline:
             self.gen.active = None
         if pipeline is not None:
             try:
-                self.gen.net.run(pipeline.aclose())
+                await pipeline.aclose()
             except LayerswarmError as e:  # the session is gone either way
                 log.debug("closing a chat session: %s", e)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
+from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -18,6 +19,12 @@ from layerswarm.errors import ContextOverflow
 from layerswarm.routing.head_batch import HeadBatcher
 from layerswarm.routing.loop import BackgroundLoop
 from layerswarm.routing.sampling import Sampler, SamplingConfig
+from layerswarm.routing.speculative import (
+    Forward,
+    HeldSequence,
+    Speculator,
+    speculative_tokens,
+)
 from layerswarm.routing.text import ChatTokenizer, Message, TextStream
 from layerswarm.shards.blocks import ClientHead
 
@@ -26,7 +33,11 @@ class Pipeline(Protocol):
     """All of a model's layers for one session, wherever they run; used on the client's loop."""
 
     async def aforward(self, hidden: torch.Tensor, start: int) -> torch.Tensor:
-        """`hidden (1, tokens, hidden)` at positions `start ..` -> same shape, after all layers."""
+        """`hidden (1, tokens, hidden)` at positions `start ..` -> same shape, after all layers.
+
+        `start` is at most the number of tokens the session holds; a step that starts before
+        that end first rolls the session back to `start` (speculation's rejected drafts).
+        """
         ...
 
     async def aclose(self) -> None: ...
@@ -44,11 +55,19 @@ class GenerationStats:
     reused_tokens: int = 0  # unit: tokens of the prompt already in an open session's KV cache
     prefill_seconds: float = 0.0  # unit: s from the start to the first token's logits
     decode_seconds: float = 0.0  # unit: s for every later token
+    passes: int = 0  # unit: steps through the pipeline (one a token without speculation)
+    drafted_tokens: int = 0  # unit: tokens guessed by speculation
+    accepted_tokens: int = 0  # unit: guessed tokens that the model agreed with
 
     @property
     def decode_tokens_per_second(self) -> float:
         steps = self.new_tokens - 1
         return steps / self.decode_seconds if steps > 0 and self.decode_seconds > 0 else 0.0
+
+    @property
+    def tokens_per_pass(self) -> float:
+        """New tokens per pipeline pass: 1 without speculation, more with guesses that stood."""
+        return self.new_tokens / self.passes if self.passes else 0.0
 
 
 class Generator:
@@ -76,6 +95,7 @@ class Generator:
         self.heads = HeadBatcher(head, self.compute)  # next tokens of all replies, batched
         self.last_stats = GenerationStats()
         self.active: Pipeline | None = None  # the pipeline of the reply begun last
+        self.speculator: Speculator | None = None  # drafts several tokens a pass when set
 
     def chat(self, messages: Sequence[Message], sampling: SamplingConfig) -> Iterator[str]:
         """Stream the reply to a conversation, piece by piece."""
@@ -127,16 +147,7 @@ class Generator:
 
     def tokens(self, prompt: Sequence[int], sampling: SamplingConfig) -> Iterator[int]:
         """Yield new token ids one by one (EOS included, then stop); `atokens` for sync code."""
-        replies = self.atokens(prompt, sampling)
-        try:
-            while True:
-                try:
-                    token = self.net.run(anext(replies))
-                except StopAsyncIteration:
-                    return
-                yield token
-        finally:
-            self.net.run(replies.aclose())
+        return self.net.iterate_sync(self.atokens(prompt, sampling))
 
     async def atokens(
         self, prompt: Sequence[int], sampling: SamplingConfig
@@ -158,12 +169,20 @@ class Generator:
         sampler = Sampler(sampling)
         context, sent = list(prompt), 0
         try:
+            if self.speculator is not None:
+                forward = HeldSequence(pipeline, self._embed)
+                reply = self.aspeculate(forward, prompt, max_length, sampling, stats)
+                async with aclosing(reply) as tokens:
+                    async for token in tokens:
+                        yield token
+                return
             t0 = time.perf_counter()
             for step in range(max_length - len(prompt)):
                 # Embedding is a row lookup: on the loop, with no thread hop.
                 hidden = await pipeline.aforward(self._embed(context[sent:]), sent)
                 sent = len(context)
                 token = await self.heads.pick(sampler, hidden[:, -1:], context)
+                stats.passes += 1
                 t0 = _count(stats, step, t0)
                 context.append(token)
                 yield token
@@ -173,6 +192,30 @@ class Generator:
             if self.active is pipeline:
                 self.active = None
             await pipeline.aclose()
+
+    async def aspeculate(
+        self,
+        forward: Forward,
+        prompt: Sequence[int],
+        max_length: int,
+        sampling: SamplingConfig,
+        stats: GenerationStats,
+    ) -> AsyncGenerator[int, None]:
+        """`atokens` with the speculator's drafts: through `forward` (see `HeldSequence`), up
+        to `max_length` tokens with the prompt, with a drafter of its own for the reply."""
+        assert self.speculator is not None
+        drafter = await self.speculator.open_drafter(max_length)
+        try:
+            steps = max_length - len(prompt)
+            config = self.speculator.config
+            reply = speculative_tokens(
+                self, drafter, config, forward, prompt, steps, sampling, stats
+            )
+            async with aclosing(reply) as tokens:
+                async for token in tokens:
+                    yield token
+        finally:
+            await drafter.aclose()
 
     def _embed(self, ids: Sequence[int]) -> torch.Tensor:
         return self.head.embed_tokens(torch.tensor([list(ids)], dtype=torch.long))
@@ -199,6 +242,7 @@ class Generator:
         for step in range(steps):
             hidden = forward(context)
             token = self._pick(sampler, hidden, context)
+            stats.passes += 1
             t0 = _count(stats, step, t0)
             context.append(token)
             yield token

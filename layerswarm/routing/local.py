@@ -8,6 +8,7 @@ batched on its compute thread as a peer batches its clients' sessions.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from layerswarm.routing.loop import BackgroundLoop
 from layerswarm.routing.text import ChatTokenizer
 from layerswarm.shards.blocks import SpanModel
 from layerswarm.shards.config import ModelConfig, Span, parse_dtype
+from layerswarm.shards.cuda_graphs import enable_cuda_graphs
 from layerswarm.shards.kv_cache import PagedKVCache, SessionCache
 from layerswarm.shards.scheduler import SchedulerConfig, StepScheduler
 from layerswarm.shards.weights import Progress, load_client_head, load_span
@@ -55,6 +57,17 @@ class LocalEngine:
     async def _start(self) -> asyncio.Task[None]:
         return asyncio.get_running_loop().create_task(self.scheduler.serve())
 
+    def close(self) -> None:
+        """Stop the compute loop; steps asked for later fail."""
+
+        async def stop() -> None:
+            self._serving.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._serving
+            self.scheduler.close()
+
+        self.net.run(stop())
+
     async def run(self, seq: SessionCache, hidden: torch.Tensor, start: int) -> torch.Tensor:
         return await self.net.call(self.scheduler.run(seq, hidden, start))
 
@@ -84,18 +97,24 @@ def open_local_generator(
     dtype: torch.dtype = torch.float32,
     progress: Progress | None = None,
     cache_bytes: int = DEFAULT_CACHE_BYTES,
+    device: torch.device | str = "cpu",
 ) -> Generator:
     """Load a whole model (a folder in Hugging Face layout) for generation in this process.
 
     Args:
         cache_bytes: the KV cache of every session together.
+        device: where the layers, the KV cache, the embedding and the head live; on CUDA the
+            layers run the Triton kernels and decode steps replay CUDA graphs.
     """
+    device = torch.device(device)
     config = ModelConfig.from_file(model_dir)
     tokenizer = ChatTokenizer(model_dir)
-    head = pack_linears(load_client_head(model_dir, dtype, config))
-    model = pack_linears(
-        load_span(model_dir, Span(0, config.num_layers), dtype, config, progress=progress)
-    )
+    head = load_client_head(model_dir, dtype, config).to(device)
+    model = load_span(model_dir, Span(0, config.num_layers), dtype, config, progress=progress)
+    model.to_device(device)
+    pack_linears(head)  # CPU layouts; a no-op on a GPU
+    pack_linears(model)
+    enable_cuda_graphs(model)  # a no-op off CUDA
     # The head and the layers share one compute thread: two OpenMP teams only fight.
     compute = ThreadPoolExecutor(1, thread_name_prefix="layerswarm-compute")
     net = BackgroundLoop()
@@ -104,4 +123,6 @@ def open_local_generator(
     async def open_pipeline(max_length: int) -> Pipeline:
         return LocalPipeline(engine, max_length)
 
-    return Generator(head, tokenizer, open_pipeline, net, compute)
+    gen = Generator(head, tokenizer, open_pipeline, net, compute)
+    gen.engine = engine  # type: ignore[attr-defined]  # for close_generator
+    return gen

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Iterator
 from concurrent.futures import Future
 from typing import TypeVar
 
@@ -42,6 +42,19 @@ class BackgroundLoop:
             return await work
         future: Future[T] = asyncio.run_coroutine_threadsafe(_awaited(work), self.loop)
         return await asyncio.wrap_future(future)
+
+    def iterate_sync(self, items: AsyncGenerator[T, None]) -> Iterator[T]:
+        """`items` (an async generator that lives on this loop) read by a synchronous caller;
+        closed when the caller stops reading."""
+        try:
+            while True:
+                try:
+                    item = self.run(anext(items))
+                except StopAsyncIteration:
+                    return
+                yield item
+        finally:
+            self.run(items.aclose())
 
     def iterate(self, items: AsyncIterator[T]) -> AsyncIterator[T]:
         """`items` (an async iterator that lives on this loop) read from another loop."""

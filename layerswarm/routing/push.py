@@ -79,8 +79,13 @@ def wire_dtype(wanted: str | None, hops: list[ActiveHop]) -> torch.dtype:
     return dtypes.pop() if len(dtypes) == 1 else torch.float32
 
 
-async def push_forward(session: RemoteSession, hidden: torch.Tensor, start: int) -> torch.Tensor:
+async def push_forward(
+    session: RemoteSession, hidden: torch.Tensor, start: int, truncate: int | None = None
+) -> torch.Tensor:
     """Run every hop of `session` on `hidden` by push; reroute around hops that fail.
+
+    `truncate`: every hop rolls back to it first (`Step.truncate_to`, speculation's rollback;
+    the pushed step carries it down the route). Only a prompt's first chunk carries it.
 
     Raises:
         HopFailed: a hop failed more than `max_reroutes` times over; RemoteError, as relay.
@@ -92,27 +97,31 @@ async def push_forward(session: RemoteSession, hidden: torch.Tensor, start: int)
         fits = MAX_SCALES // groups(hidden.shape[2])
         chunk = min(chunk or fits, fits)
     if not 0 < chunk < hidden.shape[1]:
-        return await _push_one(session, Wire.pack(hidden, compress), start)
+        return await _push_one(session, Wire.pack(hidden, compress), start, truncate)
     pieces = [
         (start + i, Wire.pack(hidden[:, i : i + chunk], compress))
         for i in range(0, hidden.shape[1], chunk)
     ]
     try:
-        outs = await _flow(session, pieces)
+        outs = await _flow(session, pieces, truncate)
     except _Failed as f:
         session.client.on_event(f"a hop failed during a prefill ({f.failure}): starting it again")
         await _restart(session, f.failure, start)
-        outs = [await _push_one(session, wire, s) for s, wire in pieces]
+        outs = [await _push_one(session, wire, s, truncate) for s, wire in pieces]
     return torch.cat(outs, dim=1)
 
 
-async def _push_one(session: RemoteSession, wire: Wire, start: int) -> torch.Tensor:
-    """One pushed step, rerouted around failures (up to `max_reroutes`)."""
+async def _push_one(
+    session: RemoteSession, wire: Wire, start: int, truncate: int | None = None
+) -> torch.Tensor:
+    """One pushed step, rerouted around failures (up to `max_reroutes`). `truncate` applies
+    only to a step that starts there (a prompt's first chunk)."""
+    truncate = truncate if truncate == start else None
     _keep(session, session.hops[0].span.start, start, wire.seen)
     index = 0
     for attempt in range(session.config.max_reroutes + 1):
         try:
-            return await _push_from(session, index, wire, start)
+            return await _push_from(session, index, wire, start, truncate)
         except _Failed as f:
             if attempt == session.config.max_reroutes:
                 raise f.failure from None
@@ -123,7 +132,9 @@ async def _push_one(session: RemoteSession, wire: Wire, start: int) -> torch.Ten
     raise AssertionError("unreachable")
 
 
-async def _flow(session: RemoteSession, pieces: list[tuple[int, Wire]]) -> list[torch.Tensor]:
+async def _flow(
+    session: RemoteSession, pieces: list[tuple[int, Wire]], truncate: int | None = None
+) -> list[torch.Tensor]:
     """Every chunk of a prompt pushed at once; each hop runs them in order as they come.
 
     Raises:
@@ -131,7 +142,10 @@ async def _flow(session: RemoteSession, pieces: list[tuple[int, Wire]]) -> list[
     """
     for start, wire in pieces:
         _keep(session, session.hops[0].span.start, start, wire.seen)
-    steps = [asyncio.ensure_future(_push_from(session, 0, w, s)) for s, w in pieces]
+    steps = [
+        asyncio.ensure_future(_push_from(session, 0, w, s, truncate if s == truncate else None))
+        for s, w in pieces
+    ]
     try:
         return list(await asyncio.gather(*steps))
     finally:
@@ -179,7 +193,9 @@ def push_route(hops: list[ActiveHop]) -> tuple[PushHop, ...]:
     return tuple(route)
 
 
-async def _push_from(session: RemoteSession, first: int, wire: Wire, start: int) -> torch.Tensor:
+async def _push_from(
+    session: RemoteSession, first: int, wire: Wire, start: int, truncate: int | None = None
+) -> torch.Tensor:
     """Push the step through hops `first..` (up to a leaving one); keep their outputs."""
     hops = session.hops
     end = first
@@ -190,7 +206,14 @@ async def _push_from(session: RemoteSession, first: int, wire: Wire, start: int)
     segment = hops[first:end]
     wait = session.config.max_step_wait
     route = push_route(segment)
-    step = Step(segment[0].session_id, wire.sent, start, route=route, scales=wire.scales)
+    step = Step(
+        segment[0].session_id,
+        wire.sent,
+        start,
+        route=route,
+        scales=wire.scales,
+        truncate_to=truncate,
+    )
     ack = asyncio.ensure_future(segment[0].conn.request(step, wait))
     collects = [
         asyncio.ensure_future(hop.conn.request(Collect(hop.session_id, start), wait))
@@ -238,9 +261,12 @@ def _output(hop: ActiveHop, reply: object, wire: Wire, index: int) -> Wire:
     ):
         malformed = f"peer {hop.view.address} sent a malformed result"
         raise _Failed(index, wire, HopFailed(hop.view.peer_id, malformed))
-    if reply.scales is None:
-        return Wire(reply.hidden, None, reply.hidden)
-    seen = decompress_int8(reply.hidden, reply.scales, wire.seen.dtype)
+    seen = reply.hidden
+    if reply.scales is not None:
+        seen = decompress_int8(reply.hidden, reply.scales, wire.seen.dtype)
+    if not bool(torch.isfinite(seen).all()):  # blamed on this hop, not on the next one
+        nan = f"peer {hop.view.address} sent non-finite values (NaN or inf)"
+        raise _Failed(index, wire, HopFailed(hop.view.peer_id, nan))
     return Wire(reply.hidden, reply.scales, seen)
 
 

@@ -46,6 +46,17 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor, context: Sequence[int]) -> int:
         """Pick a token from `logits (vocab,)` given the token ids seen so far."""
+        if self.config.temperature == 0:
+            return self.greedy(logits, context)
+        probs = self.probs(logits, context)
+        return int(torch.multinomial(probs.cpu(), 1, generator=self.generator))
+
+    def greedy(self, logits: torch.Tensor, context: Sequence[int]) -> int:
+        """The most likely token (after the repetition penalty)."""
+        return int(torch.argmax(self.penalized(logits, context)))
+
+    def penalized(self, logits: torch.Tensor, context: Sequence[int]) -> torch.Tensor:
+        """`logits (vocab,)` in fp32, with the repetition penalty on the tokens of `context`."""
         c = self.config
         logits = logits.float()
         if c.repetition_penalty != 1.0 and context:
@@ -55,16 +66,19 @@ class Sampler:
             logits[ids] = torch.where(
                 seen < 0, seen * c.repetition_penalty, seen / c.repetition_penalty
             )
-        if c.temperature == 0:
-            return int(torch.argmax(logits))
-        logits = logits / c.temperature
+        return logits
+
+    def probs(self, logits: torch.Tensor, context: Sequence[int]) -> torch.Tensor:
+        """The distribution a token is sampled from, `(vocab,)` fp32: penalty, temperature,
+        top-k, top-p. Needs a temperature above 0 (greedy has no distribution to sample)."""
+        c = self.config
+        logits = self.penalized(logits, context) / c.temperature
         if c.top_k:
             kth = torch.topk(logits, min(c.top_k, logits.numel())).values[-1]
             logits = logits.masked_fill(logits < kth, float("-inf"))
         if c.top_p < 1.0:
             logits = _top_p(logits, c.top_p)
-        probs = torch.softmax(logits, dim=-1)
-        return int(torch.multinomial(probs.cpu(), 1, generator=self.generator))
+        return torch.softmax(logits, dim=-1)
 
 
 def _top_p(logits: torch.Tensor, top_p: float) -> torch.Tensor:

@@ -31,6 +31,7 @@ import torch
 
 from layerswarm import metrics
 from layerswarm.errors import LayerswarmError, NoRouteError, PeerUnavailable, RemoteError
+from layerswarm.routing.kept_inputs import merge_inputs, truncate_inputs
 from layerswarm.routing.paths import PathHop, PeerView, choose_path, missing_layers
 from layerswarm.routing.verify import Verifier, reply_fault
 from layerswarm.shards.config import Span
@@ -108,6 +109,9 @@ class RemoteSession:
         self.hops: list[ActiveHop] = []
         # Inputs sent into the layer boundary `b`: every (start, hidden) in order.
         self.history: dict[int, list[tuple[int, torch.Tensor]]] = {}
+        self.length = 0  # unit: tokens the hops hold (sent so far, less what was rolled back)
+        self.rolled_back = 0  # unit: tokens every hop was asked to drop, all steps together
+        self.truncations = 0  # steps that asked every hop to roll back
         self.reroute_seconds: list[float] = []  # unit: s each reroute took, replay included
         self.verifier = Verifier(self)  # checks some steps on replicas
 
@@ -185,7 +189,7 @@ class RemoteSession:
             if path is not None:
                 return path
             if missing := missing_layers(self.client.views(), span):
-                raise NoRouteError(missing)
+                raise NoRouteError(missing, self.client.liars_note(missing))
             if time.monotonic() + pause > waited_until:
                 raise SwarmBusy(
                     f"the peers serving layers {span} stayed full or busy for "
@@ -214,14 +218,34 @@ class RemoteSession:
         return self.client.net.run(self.aforward(hidden, start))
 
     async def aforward(self, hidden: torch.Tensor, start: int) -> torch.Tensor:
+        """Run `hidden (1, T, hidden)` at positions `start ..` through every hop.
+
+        A step that starts before the session's end first rolls every hop back to `start`
+        (`Step.truncate_to`: a speculative step's rejected drafts), and the inputs kept for
+        failover are cut there too: a replay rebuilds only the accepted positions.
+        """
         from layerswarm.routing.push import push_forward, wire_dtype  # they build on this
 
+        if not 0 <= start <= self.length:
+            raise ValueError(f"start {start} is outside the session's {self.length} tokens")
+        truncate = start if start < self.length else None
+        if truncate is not None:
+            self.rolled_back += self.length - start
+            self.truncations += 1
+            for boundary, inputs in self.history.items():
+                self.history[boundary] = truncate_inputs(inputs, start)
+        self.length = start + hidden.shape[1]
         wanted, hidden = hidden.dtype, hidden.to(wire_dtype(self.config.wire_dtype, self.hops))
         if self.config.push and len(self.hops) > 1:
-            return (await push_forward(self, hidden, start)).to(wanted)
-        return (await self._relay(hidden, start)).to(wanted)
+            if not self.verifier.plan(self.hops):  # a step to check goes hop by hop instead
+                return (await push_forward(self, hidden, start, truncate)).to(wanted)
+        else:
+            self.verifier.planned = None
+        return (await self._relay(hidden, start, truncate)).to(wanted)
 
-    async def _relay(self, hidden: torch.Tensor, start: int) -> torch.Tensor:
+    async def _relay(
+        self, hidden: torch.Tensor, start: int, truncate: int | None = None
+    ) -> torch.Tensor:
         """Run every hop on `hidden`, the client sending each hop's output to the next."""
         i = 0
         while i < len(self.hops):
@@ -231,7 +255,7 @@ class RemoteSession:
                 try:
                     if self.client.is_leaving(hop.view.peer_id):
                         raise HopFailed(hop.view.peer_id, "the peer is leaving", fault=False)
-                    hidden = await self.verifier.step(hop, hidden, start)
+                    hidden = await self.verifier.step(hop, hidden, start, truncate)
                     self.client.bans.succeeded(hop.view.peer_id)
                     break
                 except HopFailed as e:
@@ -243,14 +267,17 @@ class RemoteSession:
             i += 1
         return hidden
 
-    async def _step(self, hop: ActiveHop, hidden: torch.Tensor, start: int) -> torch.Tensor:
+    async def _step(
+        self, hop: ActiveHop, hidden: torch.Tensor, start: int, truncate: int | None = None
+    ) -> torch.Tensor:
         tokens = hidden.shape[1]
         # the deadline follows what this client measured of the peer, once it has
         per_layer = self.client.stats.seconds_per_layer(hop.view.peer_id)
         expected = len(hop.span) * (per_layer or hop.view.seconds_per_layer) * tokens + hop.view.rtt
         patience = self.config.step_timeout_floor + self.config.step_timeout_factor * expected
         t0 = time.perf_counter()
-        reply = await self._request(hop, Step(hop.session_id, hidden, start), patience, probe=True)
+        step = Step(hop.session_id, hidden, start, truncate_to=truncate)
+        reply = await self._request(hop, step, patience, probe=True)
         if not isinstance(reply, StepResult):
             raise HopFailed(hop.view.peer_id, f"peer {hop.view.address} sent a malformed result")
         if fault := reply_fault(hidden, reply.hidden):  # blamed on the sender, not the next hop
@@ -387,21 +414,3 @@ class RemoteSession:
     async def aclose(self) -> None:
         hops, self.hops = self.hops, []
         await asyncio.gather(self._close_hops(hops), self.verifier.aclose())
-
-
-def merge_inputs(
-    inputs: list[tuple[int, torch.Tensor]], max_tokens: int
-) -> list[tuple[int, torch.Tensor]]:
-    """Join consecutive inputs `(start, (1, tokens, hidden))` into steps of up to `max_tokens`.
-
-    Inputs join only where one starts where the previous one ends; order is kept.
-    """
-    out: list[tuple[int, list[torch.Tensor], int]] = []  # (start, parts, tokens)
-    for start, hidden in inputs:
-        t = hidden.shape[1]
-        if out and out[-1][0] + out[-1][2] == start and out[-1][2] + t <= max_tokens:
-            first, parts, tokens = out[-1]
-            out[-1] = (first, [*parts, hidden], tokens + t)
-        else:
-            out.append((start, [hidden], t))
-    return [(start, torch.cat(parts, dim=1)) for start, parts, _ in out]

@@ -285,6 +285,18 @@ class SwarmClient:
             link.view(self.stats) for link in live if link.conn and link.conn.peer_id not in liars
         ]
 
+    def liars_note(self, layers: list[int]) -> str:
+        """Why some of `layers` lack a peer, when peers that served them were caught lying."""
+        caught = self.trust.liars
+        serving = {
+            link.conn.peer_id
+            for link in self.links
+            if link.info is not None and link.conn is not None and link.conn.peer_id in caught
+            if any(link.info.span_start <= layer < link.info.span_end for layer in layers)
+        }
+        n = len(serving)
+        return f"{n} peer{'s' * (n > 1)} serving them banned for lying" if n else ""
+
     def connection(self, peer_id: str) -> Connection:
         for link in self.links:
             if link.live and link.conn is not None and link.conn.peer_id == peer_id:
@@ -335,12 +347,14 @@ def open_swarm_generator(
     dtype: torch.dtype = torch.float32,
     config: ClientConfig | None = None,
     on_event: Callable[[str], None] | None = None,
+    device: torch.device | str = "cpu",
 ) -> Generator:
     """A generator whose layers run on `peers` (addresses `host:port[/PEERID]`), and on the
-    peers that `config` discovers (mDNS, DHT through `config.bootstrap`)."""
+    peers that `config` discovers (mDNS, DHT through `config.bootstrap`); the embedding and
+    the head run on `device`."""
     config = config or ClientConfig(insecure_plaintext=insecure_plaintext)
     client = SwarmClient(model_dir, peers, config, on_event=on_event)
-    head = pack_linears(load_client_head(model_dir, dtype))
+    head = pack_linears(load_client_head(model_dir, dtype).to(device))
     gen = Generator(head, ChatTokenizer(model_dir), client.open_pipeline, client.net)
     gen.client = client  # type: ignore[attr-defined]  # keeps it alive; for /route
     return gen

@@ -78,7 +78,7 @@ class TrustLedger:
             self._liars.add(peer_id)
             self._records.append(record)
         log.warning("banned peer %s at %s: %s (%s)", peer_id, address, reason, evidence)
-        metrics.note_event("ban", f"banned {peer_id} at {address} for good: {reason}")
+        metrics.note_event("ban", f"banned {peer_id} at {address} for lying: {reason}")  # + BANS
         if self._on_ban is not None:
             self._on_ban(record)
         return True

@@ -33,6 +33,7 @@ import torch
 
 from layerswarm import metrics
 from layerswarm.errors import LayerswarmError
+from layerswarm.routing.kept_inputs import context_slice, merge_inputs
 from layerswarm.routing.paths import PeerView
 from layerswarm.routing.verify_local import LOCAL
 from layerswarm.shards.config import Span
@@ -50,6 +51,7 @@ log = logging.getLogger(__name__)
 # sqrt(eps) gives fp32 3.5e-4, fp16 3.1e-2, bf16 8.8e-2: room for rounding, none for a liar
 # who changes an activation by more.
 COMPUTE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+WIRE_NAMES = {dtype: name for name, dtype in COMPUTE_DTYPES.items()}
 NORM_FACTOR = 32.0  # a reply's per-token RMS past this times the learned bound is suspicious
 NORM_LEARN_STEPS = 4  # outputs at a boundary that set its norm bound before it is enforced
 
@@ -107,39 +109,6 @@ class NormBounds:
         self._max[boundary] = max(self._max.get(boundary, 0.0), rms)
 
 
-def context_slice(
-    entries: Sequence[tuple[int, torch.Tensor]], lo: int, hi: int
-) -> list[tuple[int, torch.Tensor]]:
-    """The inputs at positions `[lo, hi)` from kept `(start, (1, tokens, hidden))` entries.
-
-    A later entry that starts before an earlier one ends replaces it from there on (a session
-    that went back, as a rollback does).
-
-    Raises:
-        LayerswarmError: the entries do not cover `[lo, hi)`.
-    """
-    kept: list[tuple[int, torch.Tensor]] = []
-    for start, hidden in entries:
-        while kept and kept[-1][0] >= start:
-            kept.pop()
-        if kept and kept[-1][0] + kept[-1][1].shape[1] > start:
-            first, h = kept[-1]
-            kept[-1] = (first, h[:, : start - first])
-        kept.append((start, hidden))
-    out: list[tuple[int, torch.Tensor]] = []
-    at = lo
-    for start, hidden in kept:
-        a, b = max(start, at), min(start + hidden.shape[1], hi)
-        if a < b:
-            if a != at:
-                break
-            out.append((a, hidden[:, a - start : b - start]))
-            at = b
-    if at != hi:
-        raise LayerswarmError(f"the kept inputs do not cover positions {lo}..{hi}")
-    return out
-
-
 @dataclass
 class Shadow:
     """A verifier's session on a replica (or in this client): fed the hop's inputs when a check
@@ -158,25 +127,41 @@ class Verifier:
     session: RemoteSession
     rng: random.Random = field(default_factory=random.Random)
     shadows: dict[tuple[Span, str], Shadow] = field(default_factory=dict)
+    planned: set[str] | None = None  # peers this step checks, when chosen for a whole path
 
     @property
     def _client(self) -> SwarmClient:
         return self.session.client
 
-    async def step(self, hop: ActiveHop, hidden: torch.Tensor, start: int) -> torch.Tensor:
+    def plan(self, hops: Sequence[ActiveHop]) -> bool:
+        """Choose now which hops' peers this step checks (for a pushed step, which the client
+        checks only by relaying it); returns whether any is."""
+        self.planned = {h.view.peer_id for h in hops if self._chosen(h.view.peer_id)}
+        return bool(self.planned)
+
+    def _chosen(self, peer_id: str) -> bool:
+        """Whether to check this step of `peer_id`: its first steps, then a share at random."""
+        config = self._client.config
+        forced = self._client.trust.checks(peer_id).served < config.verify_first_steps
+        return forced or self.rng.random() < config.verify_fraction
+
+    async def step(
+        self, hop: ActiveHop, hidden: torch.Tensor, start: int, truncate: int | None = None
+    ) -> torch.Tensor:
         """The hop's output for this step, checked on a replica when chosen so.
+
+        `truncate`: the step rolls the hop's session back first (`Step.truncate_to`).
 
         Raises:
             HopFailed: the hop failed, sent a malformed reply, or was caught lying.
         """
-        config, ledger = self._client.config, self._client.trust
         primary = hop.view.peer_id
-        checks = ledger.checks(primary)
-        forced = checks.served < config.verify_first_steps
-        chosen = forced or self.rng.random() < config.verify_fraction
+        checks = self._client.trust.checks(primary)
+        planned = self.planned  # chosen for the whole path already (`plan`), or not
+        chosen = primary in planned if planned is not None else self._chosen(primary)
         verifier = self._pick(hop, ()) if chosen else None
         if verifier is None:
-            out = await self.session._step(hop, hidden, start)
+            out = await self.session._step(hop, hidden, start, truncate)
             checks.served += 1
             if not self._client.norms.suspicious(hop.span.end, out):
                 return out
@@ -187,7 +172,7 @@ class Verifier:
             theirs = await self._opinion(hop, verifier, hidden, start)
         else:
             ours, theirs = await asyncio.gather(
-                self.session._step(hop, hidden, start),
+                self.session._step(hop, hidden, start, truncate),
                 self._opinion(hop, verifier, hidden, start),
                 return_exceptions=True,
             )
@@ -207,23 +192,21 @@ class Verifier:
         theirs: torch.Tensor | BaseException | None,
     ) -> torch.Tensor:
         """Compare the hop's output with a verifier's; ask a third replica if they differ."""
-        ledger, stats = self._client.trust, self._client.verify_counts
+        ledger = self._client.trust
         if not isinstance(theirs, torch.Tensor):
-            stats["error"] += 1
-            metrics.VERIFICATIONS.labels(result="error").inc()
+            self._count("error")
             log.debug("checking on %s failed: %s", verifier.address, theirs)
             return out
         ledger.checks(hop.view.peer_id).checked += 1
         ledger.checks(verifier.peer_id).checked += 1
-        tol = tolerance(hop.view.dtype, verifier.dtype)
+        wire = WIRE_NAMES.get(out.dtype, "bfloat16")  # a 16-bit wire rounds both answers
+        tol = tolerance(hop.view.dtype, verifier.dtype, wire)
         err = relative_error(out, theirs)
         if err <= tol:
-            stats["match"] += 1
-            metrics.VERIFICATIONS.labels(result="match").inc()
+            self._count("match")
             self._client.norms.learn(hop.span.end, token_rms(out))
             return out
-        stats["mismatch"] += 1
-        metrics.VERIFICATIONS.labels(result="mismatch").inc()
+        self._count("mismatch")
         evidence: dict[str, object] = {
             "layers": str(hop.span),
             "positions": f"{start}:{start + hidden.shape[1]}",
@@ -236,7 +219,7 @@ class Verifier:
         referee = await self._opinion(hop, third, hidden, start) if third is not None else None
         if third is None or not isinstance(referee, torch.Tensor):
             return self._dispute(hop, verifier, err, evidence, out)
-        tol3 = tolerance(hop.view.dtype, verifier.dtype, third.dtype)
+        tol3 = tolerance(hop.view.dtype, verifier.dtype, third.dtype, wire)
         ours_ok = relative_error(out, referee) <= tol3
         theirs_ok = relative_error(theirs, referee) <= tol3
         evidence["referee"] = third.peer_id
@@ -247,6 +230,11 @@ class Verifier:
             self._ban(hop.view, [verifier, third], relative_error(out, referee), evidence)
             raise self._caught(hop)
         return self._dispute(hop, verifier, err, evidence, out)
+
+    def _count(self, result: str) -> None:
+        """Count a check by result: here (`SwarmClient.verify_counts`) and in Prometheus."""
+        self._client.verify_counts[result] += 1
+        metrics.VERIFICATIONS.labels(result).inc()
 
     @staticmethod
     def _caught(hop: ActiveHop) -> Exception:
@@ -329,8 +317,6 @@ class Verifier:
         self, hop: ActiveHop, peer: PeerView, hidden: torch.Tensor, start: int
     ) -> torch.Tensor | BaseException:
         """What `peer` computes for this step of the hop, through its shadow session."""
-        from layerswarm.routing.session import merge_inputs
-
         session = self.session
         key = (hop.span, peer.peer_id)
         shadow = self.shadows.get(key)
@@ -339,12 +325,12 @@ class Verifier:
             last = shadow.last if shadow is not None else None
             if last is not None and last[:2] == (start, tokens):
                 return last[2]  # asked again (the step is redone): the same answer
-            if shadow is None or start < shadow.fed:
-                if shadow is not None:
-                    del self.shadows[key]
-                    await shadow.close()
+            if shadow is None:
                 shadow = await self._open_shadow(hop, peer)
                 self.shadows[key] = shadow
+            # A session that went back (speculation's rollback): what the shadow holds before
+            # `start` still stands; its run at `start` drops the rest.
+            shadow.fed = min(shadow.fed, start)
             context = context_slice(session.history.get(hop.span.start, []), shadow.fed, start)
             for at, chunk in merge_inputs(context, session.config.replay_chunk_tokens):
                 await shadow.run(chunk, at)
@@ -372,7 +358,8 @@ class Verifier:
         await session._request(twin, opening, session.config.request_timeout)
 
         async def run(hidden: torch.Tensor, start: int) -> torch.Tensor:
-            return await session._step(twin, hidden, start)
+            # Runs start where the shadow was fed to, or before it when the session went back.
+            return await session._step(twin, hidden, start, truncate=start)
 
         return Shadow(run, lambda: session._close_hops([twin]))
 

@@ -8,10 +8,11 @@ reads and writes the KV cache of its own layers only.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import cast
+from typing import Protocol, cast
 
 import torch
 from torch import nn
@@ -73,9 +74,15 @@ class SpanModel(nn.Module):
         self.rotary = Rotary(config, "cpu")
         self.ops = ops_for("cpu", kernel_backend)
         self.scale = 1.0 / math.sqrt(config.head_dim)
+        # Runs a whole step instead of `run_layers` when it can (CUDA graphs of decode steps,
+        # `shards.cuda_graphs`); returns None for a step it does not take.
+        self.step_runner: StepRunner | None = None
 
-    def to_device(self, device: torch.device | str) -> SpanModel:
+    def to_device(self, device: torch.device | str, kernel_backend: str | None = None) -> SpanModel:
+        """Move the weights to `device` and pick the kernels for it (`kernel_backend` forces
+        "torch" or "triton"; None keeps the one given at construction, or picks by device)."""
         self.to(device)
+        self.kernel_backend = kernel_backend or self.kernel_backend
         self.rotary = Rotary(self.config, device)
         self.ops = ops_for(device, self.kernel_backend)
         return self
@@ -147,16 +154,45 @@ class SpanModel(nn.Module):
             raise ValueError(f"{x.shape[0]} tokens for segments of {batch.counts}")
         for s, start, n in zip(batch.sessions, batch.starts, batch.counts, strict=True):
             cache.grow(s, start + n)
-        # Slots to write and runs to read, built once for all layers (a SmolLM2 decode step of
-        # 8 sessions spent ~a third of its time on this bookkeeping when each layer redid it).
-        slots = cache.step_slots(batch.sessions, batch.starts, batch.counts)
-        pos = torch.cat(
-            [torch.arange(s, s + n) for s, n in zip(batch.starts, batch.counts, strict=True)]
-        )
-        cos, sin = self.rotary.cos_sin(pos.to(x.device))
         layers = layers or self.span
         if layers.start < self.span.start or layers.end > self.span.end:
             raise ValueError(f"layers {layers} are not within the span {self.span}")
+        out = None
+        if self.step_runner is not None:
+            if should_stop is not None and should_stop():
+                raise StepCancelled("step stopped before it ran")
+            out = self.step_runner(x, batch, cache, layers)
+        if out is None:
+            # The step's metadata (slots to write, runs or block tables to read, positions and
+            # their RoPE angles), built once for all layers: a SmolLM2 decode step of 8 sessions
+            # spent ~a third of its time on this bookkeeping when each layer redid it.
+            slots = cache.step_slots(
+                batch.sessions, batch.starts, batch.counts, paged=self.ops is not reference
+            )
+            pos = torch.cat(
+                [torch.arange(s, s + n) for s, n in zip(batch.starts, batch.counts, strict=True)]
+            )
+            end = max(s + n for s, n in zip(batch.starts, batch.counts, strict=True))
+            cos, sin = self.rotary.cos_sin(pos.to(x.device), end)
+            out = self.run_layers(x, cos, sin, batch, cache, slots, layers, should_stop)
+        for s, start, n in zip(batch.sessions, batch.starts, batch.counts, strict=True):
+            s.length = start + n
+        return out
+
+    def run_layers(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        batch: StepBatch,
+        cache: PagedKVCache,
+        slots: StepSlots,
+        layers: Span,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> torch.Tensor:
+        """The layers of one step, from its metadata: `x (tokens, hidden)`, cos/sin
+        `(tokens, head_dim)`. With Triton kernels and only one-token segments it does no host
+        work and reads nothing back, so a CUDA graph can capture it."""
         delta: torch.Tensor | None = None
         for i in range(layers.start - self.span.start, layers.end - self.span.start):
             if should_stop is not None and should_stop():
@@ -176,8 +212,6 @@ class SpanModel(nn.Module):
                 gate, up = layer.gate_up(normed).chunk(2, dim=-1)
                 delta = layer.down_proj(self.ops.swiglu(gate, up))
         assert delta is not None  # a span has at least one layer
-        for s, start, n in zip(batch.sessions, batch.starts, batch.counts, strict=True):
-            s.length = start + n
         out: torch.Tensor = x + delta
         return out
 
@@ -219,7 +253,7 @@ class SpanModel(nn.Module):
                     layer.sinks,
                 )
         elif self.ops is not reference:  # Triton: one launch for the decode tokens of all sessions
-            out = self._paged_attention(i, q, batch, cache)
+            out = self._paged_attention(i, q, batch, cache, slots)
         else:
             # Session by session over views of its runs (one run: a plain view), so no step
             # copies a session's keys; a session gets the same bits in a batch as alone.
@@ -232,24 +266,23 @@ class SpanModel(nn.Module):
         return projected
 
     def _paged_attention(
-        self, i: int, q: torch.Tensor, batch: StepBatch, cache: PagedKVCache
+        self, i: int, q: torch.Tensor, batch: StepBatch, cache: PagedKVCache, slots: StepSlots
     ) -> torch.Tensor:
-        """Attention through block tables: the decode kernel for every one-token segment, the
-        prefill kernel (over a gathered context) for each longer one."""
+        """Attention through block tables: the decode kernel for every one-token segment (their
+        table and lengths built once a step, in `slots`), the prefill kernel (over a gathered
+        context) for each longer one."""
+        if slots.decode_rows is None and slots.table is not None:  # every segment is one token
+            return self.ops.decode_attention(  # type: ignore[no-any-return]
+                q, cache.k[i], cache.v[i], slots.table, slots.lengths, self.scale
+            )
         out = torch.empty_like(q)
-        offsets = batch.offsets
-        one = [j for j, t in enumerate(batch.counts) if t == 1]
-        if one:
-            sessions = [batch.sessions[j] for j in one]
-            rows = torch.tensor([offsets[j] for j in one], device=q.device)
-            lengths = [batch.starts[j] + 1 for j in one]
-            table = cache.block_tables(sessions)
-            lens = torch.tensor(lengths, dtype=torch.int32, device=q.device)
+        if slots.table is not None:
+            rows = slots.decode_rows
             out[rows] = self.ops.decode_attention(
-                q[rows], cache.k[i], cache.v[i], table, lens, self.scale
+                q[rows], cache.k[i], cache.v[i], slots.table, slots.lengths, self.scale
             )
         for s, start, at, t in zip(
-            batch.sessions, batch.starts, offsets, batch.counts, strict=True
+            batch.sessions, batch.starts, batch.offsets, batch.counts, strict=True
         ):
             if t > 1:
                 kk, vv = cache.read(i, s, start + t)
@@ -257,6 +290,14 @@ class SpanModel(nn.Module):
                     q[at : at + t], kk, vv, start, self.scale
                 )
         return out
+
+
+class StepRunner(Protocol):
+    """Something that runs a whole step of a span in its own way, or declines (None)."""
+
+    def __call__(
+        self, x: torch.Tensor, batch: StepBatch, cache: PagedKVCache, layers: Span
+    ) -> torch.Tensor | None: ...
 
 
 @dataclass(frozen=True)
@@ -291,14 +332,19 @@ class ClientHead(nn.Module):
 
     @torch.inference_mode()
     def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
-        """`ids (batch, tokens)` -> `(batch, tokens, hidden)`."""
-        embedded: torch.Tensor = self.embed(ids)
+        """`ids (batch, tokens)` -> `(batch, tokens, hidden)`, on the head's device."""
+        embedded: torch.Tensor = self.embed(ids.to(self.norm.device))
         return embedded
 
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """`hidden (batch, tokens, hidden)` -> fp32 logits `(batch, tokens, vocab)`."""
+        """`hidden (batch, tokens, hidden)`, from any device -> fp32 logits
+        `(batch, tokens, vocab)` on the head's device."""
+        hidden = hidden.to(self.norm.device)
         ops = ops_for(hidden.device)
-        h = ops.rms_norm(hidden, self.norm, self.config.rms_norm_eps)
+        # Triton launches on the calling thread's current device: make it the head's
+        where = torch.cuda.device(hidden.device) if hidden.is_cuda else contextlib.nullcontext()
+        with where:
+            h = ops.rms_norm(hidden, self.norm, self.config.rms_norm_eps)
         logits: torch.Tensor = self.head(h)
         return logits.float()

@@ -51,6 +51,10 @@ class StepSlots:
 
     slots: torch.Tensor  # (tokens,) int64: the pool slot of each new token, segments in order
     runs: list[list[tuple[int, int]]]  # per segment: (first slot, tokens) of each run it reads
+    # With `paged`, for the one-token segments (decode kernels read through block tables):
+    table: torch.Tensor | None = None  # (decoding, max_pages) int32 block tables, padded with 0
+    lengths: torch.Tensor | None = None  # (decoding,) int32: tokens each then holds
+    decode_rows: torch.Tensor | None = None  # (decoding,) int64 rows; None: every segment decodes
 
 
 class PagedKVCache:
@@ -160,6 +164,36 @@ class PagedKVCache:
         assert best_len > 0  # callers check that a page is free
         return best_start if best_start == 0 else best_start + best_len // 2
 
+    def truncate(self, session: SessionCache, length: int) -> int:
+        """Forget every position of `session` from `length` on, and give back the pages that
+        then hold none of its tokens (a speculative step's rejected drafts).
+
+        Returns:
+            How many tokens were dropped (0 when the session held no more than `length`).
+        Raises:
+            ValueError: `length` is negative.
+        """
+        if length < 0:
+            raise ValueError(f"cannot truncate to a negative length ({length})")
+        dropped = max(0, session.length - length)
+        session.length -= dropped
+        keep = self.pages_for(length)
+        if keep >= len(session.pages):
+            return dropped
+        for p in session.pages[keep:]:
+            self._free[p] = True
+        self._n_free += len(session.pages) - keep
+        session.pages = session.pages[:keep]
+        runs, left = [], keep
+        for first, n in session.runs:
+            if left <= 0:
+                break
+            runs.append((first, min(n, left)))
+            left -= n
+        session.runs = runs
+        session.block_table = session.block_table[:keep]
+        return dropped
+
     def free(self, session: SessionCache) -> None:
         for p in session.pages:
             self._free[p] = True
@@ -185,10 +219,16 @@ class PagedKVCache:
         return out
 
     def step_slots(
-        self, sessions: Sequence[SessionCache], starts: Sequence[int], counts: Sequence[int]
+        self,
+        sessions: Sequence[SessionCache],
+        starts: Sequence[int],
+        counts: Sequence[int],
+        paged: bool = False,
     ) -> StepSlots:
         """Where a step's new tokens go and which runs each session then reads, the same in
         every layer: built once a step, so a layer only indexes (no per-layer bookkeeping).
+        With `paged`, the block tables and lengths of its one-token segments too (what the
+        Triton decode kernel reads).
 
         Raises:
             ContextOverflow: a session has not grown to hold its new tokens.
@@ -199,7 +239,18 @@ class PagedKVCache:
             for slot, lo, hi in self._segments(session, start, start + n):
                 slots.append(torch.arange(slot, slot + hi - lo))
             runs.append([(slot, hi - lo) for slot, lo, hi in self._segments(session, 0, start + n)])
-        return StepSlots(torch.cat(slots).to(self.k.device), runs)
+        step = StepSlots(torch.cat(slots).to(self.k.device), runs)
+        one = [j for j, n in enumerate(counts) if n == 1]
+        if not paged or not one:
+            return step
+        device = self.k.device
+        rows = None
+        if len(one) < len(counts):
+            at = [sum(counts[:j]) for j in one]
+            rows = torch.tensor(at, dtype=torch.int64).to(device)
+        lengths = torch.tensor([starts[j] + 1 for j in one], dtype=torch.int32).to(device)
+        table = self.block_tables([sessions[j] for j in one])
+        return StepSlots(step.slots, runs, table, lengths, rows)
 
     def write_step(self, layer: int, step: StepSlots, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store one layer's keys and values of every new token of a step, `(tokens, kv_heads,
@@ -261,7 +312,7 @@ class PagedKVCache:
     def block_tables(self, sessions: list[SessionCache]) -> torch.Tensor:
         """`(sessions, max_pages)` int32 block tables, padded with page 0, for batched decode."""
         width = max(len(s.pages) for s in sessions)
-        table = torch.zeros((len(sessions), width), dtype=torch.int32, device=self.k.device)
+        table = torch.zeros((len(sessions), width), dtype=torch.int32)  # built here, copied once
         for i, s in enumerate(sessions):
-            table[i, : len(s.pages)] = s.block_table
-        return table
+            table[i, : len(s.pages)] = torch.tensor(s.pages, dtype=torch.int32)
+        return table.to(self.k.device)

@@ -1,4 +1,4 @@
-"""RoPE angles for any positions: plain, Llama 3 scaled, or YaRN (gpt-oss)."""
+"""RoPE angles for any positions: plain, Llama 3 scaled, or YaRN (gpt-oss), from tables."""
 
 from __future__ import annotations
 
@@ -10,9 +10,17 @@ from layerswarm.shards.config import ModelConfig, RopeScaling
 
 
 class Rotary:
-    """RoPE angles for any positions, with the model's frequency scaling."""
+    """RoPE angles with the model's frequency scaling, precomputed as cos/sin tables for
+    positions `0 ..` (as gpt-fast precomputes `freqs_cis`), so a step only indexes them; the
+    tables grow (doubling) when a position needs it.
 
-    def __init__(self, config: ModelConfig, device: torch.device | str = "cpu") -> None:
+    The tables hold exactly what computing the angles of each position alone gives (the same
+    fp32 product and `cos`/`sin` per element), so outputs do not depend on the table.
+    """
+
+    def __init__(
+        self, config: ModelConfig, device: torch.device | str = "cpu", positions: int = 256
+    ) -> None:
         dim = config.head_dim
         exponents = torch.arange(0, dim, 2, dtype=torch.int64, device=device).float() / dim
         inv_freq = 1.0 / (config.rope_theta**exponents)
@@ -23,14 +31,36 @@ class Rotary:
         elif s is not None:
             inv_freq = _llama3_scale(inv_freq, s)
         self.inv_freq = inv_freq  # (head_dim / 2,)
+        self.limit = config.max_position_embeddings  # unit: positions the tables need at most
+        self.cos = self.sin = torch.empty(0, dim, device=device)  # (positions, head_dim) fp32
+        self.reserve(positions)
 
-    def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """`positions (tokens,)` -> cos, sin `(tokens, head_dim)` in fp32."""
+    def reserve(self, positions: int) -> None:
+        """Make the tables cover positions `0 .. positions - 1` (a no-op when they do)."""
+        have = self.cos.shape[0]
+        if positions <= have:
+            return
+        n = max(positions, min(2 * have, self.limit))
+        self.cos, self.sin = self.angles(torch.arange(n, device=self.inv_freq.device))
+
+    def angles(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin `(tokens, head_dim)` fp32 of `positions (tokens,)`, computed (no table)."""
         freqs = positions.float()[:, None] * self.inv_freq[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)
         if self.scale != 1.0:
             return emb.cos() * self.scale, emb.sin() * self.scale
         return emb.cos(), emb.sin()
+
+    def cos_sin(
+        self, positions: torch.Tensor, end: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`positions (tokens,)` -> cos, sin `(tokens, head_dim)` in fp32, from the tables.
+
+        `end`: one past the largest position, when the caller knows it (on a GPU this saves
+        reading the positions back to the host).
+        """
+        self.reserve(int(positions.max()) + 1 if end is None else end)
+        return self.cos[positions], self.sin[positions]
 
 
 def _llama3_scale(inv_freq: torch.Tensor, s: RopeScaling) -> torch.Tensor:

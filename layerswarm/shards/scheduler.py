@@ -149,6 +149,7 @@ class StepScheduler:
         self._to_free: list[tuple[PagedKVCache, SessionCache]] = []  # after the running batch
         self._decoded_at: dict[int, float] = {}  # id(seq) -> monotonic s its last decode ran
         self._last_decoders: set[int] = set()  # id(seq) of the last batch's decode steps
+        self.rolled_back_tokens = 0  # unit: tokens dropped by steps that began before the end
         self._closed = False
         # Told of each batch: (sessions, tokens, seconds); the peer counts them for /metrics.
         self.on_batch: Callable[[int, int, float], None] | None = None
@@ -175,6 +176,10 @@ class StepScheduler:
             CacheFull: the session could not grow to hold the step.
             ContextOverflow: the step passes the session's `max_length`.
             PositionGap: `start` leaves a gap after the session's queued steps.
+
+        A step that starts before the end of what the session holds (its queued steps
+        included) rolls the session back to `start` when it runs: the positions after are
+        dropped, and their pages given back (`PagedKVCache.truncate`).
             StepCancelled: past `timeout`, or the scheduler closed.
             SessionExpired: the session was freed (`free`) before the step ran.
         """
@@ -391,6 +396,10 @@ class StepScheduler:
 
     def _grow(self, job: _Job, n: int) -> bool:
         end = job.start + job.ran + n
+        if job.ran == 0 and job.start < job.seq.length:
+            # A step that begins before the session's end replaces what follows (a speculative
+            # step's rejected drafts): those positions go, and pages that hold none come back.
+            self.rolled_back_tokens += self.cache.truncate(job.seq, job.start)
         try:
             self.cache.grow(job.seq, end)
         except (CacheFull, ContextOverflow) as e:
@@ -428,7 +437,11 @@ class StepScheduler:
         threads = threads or self._all_threads
         if torch.get_num_threads() != threads:  # this thread's own setting (OpenMP)
             torch.set_num_threads(threads)
-        x = torch.cat([job.hidden[job.ran : job.ran + n] for job, n in batch])  # (tokens, hidden)
+        # (tokens, hidden), to the model's device in one copy (a peer's inputs come off the wire)
+        device = cache.k.device
+        x = _to_device([job.hidden[job.ran : job.ran + n] for job, n in batch], device)
+        if device.type == "cuda":  # Triton launches on this thread's device: make it the model's
+            torch.cuda.set_device(device)
         step = StepBatch(
             [job.start + job.ran for job, _ in batch],
             [n for _, n in batch],
@@ -437,7 +450,20 @@ class StepScheduler:
         out = model.forward_flat(
             x, step, cache, batch[0][0].layers, should_stop=lambda: self._closed
         )
-        return [out[at : at + n] for at, n in zip(step.offsets, step.counts, strict=True)]
+        # Outputs go back where their inputs came from, in the compute dtype (a GPU peer's
+        # bf16 crosses to the host at half fp32's bytes; `run` casts to the caller's dtype).
+        host = out.cpu() if any(job.hidden.device != out.device for job, _ in batch) else out
+        return [
+            (out if job.hidden.device == out.device else host)[at : at + n]
+            for (job, _), at, n in zip(batch, step.offsets, step.counts, strict=True)
+        ]
+
+
+def _to_device(parts: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """`torch.cat(parts)` on `device`: one copy when the parts share a device."""
+    if all(p.device == parts[0].device for p in parts):
+        return torch.cat(parts).to(device)
+    return torch.cat([p.to(device) for p in parts])
 
 
 def _internal(e: Exception) -> LayerswarmError:

@@ -120,6 +120,11 @@ class Step:
 
     With `route`, the peer then hands its output to `route[0]` as the same step (every field
     kept but the session, the route and the token), and so on down the route (push).
+
+    With `truncate_to`, the session first forgets every position from there on (a speculative
+    step's rejected drafts) and gives back the KV pages that held only those; the step then
+    starts at `truncate_to`. A peer answers `bad_position` to a value that is negative, past
+    what the session holds, or not the step's start.
     """
 
     session_id: str
@@ -132,6 +137,7 @@ class Step:
     # `hidden` is int8 with these fp32 scales, one a token and group of channels
     # (`swarm/compress.py`); the peer then sends its output so too. None: plain floats
     scales: bytes | None = None
+    truncate_to: int | None = None  # unit: tokens the session keeps; None: keep them all
 
 
 @dataclass(frozen=True, eq=False)

@@ -75,13 +75,17 @@ class PeerRecord:
     software_version: str  # the peer's layerswarm version, e.g. "0.1.0"
     protocol_version: int  # the wire protocol version the peer speaks
     quant: str = "none"  # weight quantization: one of QUANTS
-    free_memory_bytes: int = 0  # bytes: device memory still free for more layers or cache
+    # bytes: this peer's share of its device's free memory (VRAM on a GPU; peers sharing a GPU
+    # each announce an equal part), room for more layers or cache
+    free_memory_bytes: int = 0
     tflops: float = 0.0  # TFLOPS: measured matmul throughput of the compute device
     prefill_tokens_per_s_per_layer: float = 0.0  # tokens/s: measured prefill speed of one layer
     decode_steps_per_s_per_layer: float = 0.0  # steps/s: measured one-token steps of one layer
     cache_tokens_free: int = 0  # tokens: KV-cache room left
     cache_tokens_total: int = 0  # tokens: KV-cache room in all
     load: int = 0  # sessions: inference sessions open on this peer now (not a utilisation)
+    device: str = "cpu"  # where the span runs: "cpu", or the GPU's name ("NVIDIA L4")
+    total_memory_bytes: int = 0  # bytes: this peer's share of its device's memory (VRAM on a GPU)
     timestamp: float = 0.0  # unix s: when the record was signed
     expires_at: float = 0.0  # unix s: readers drop the record from then on
 
@@ -304,6 +308,8 @@ _FIELDS: tuple[tuple[str, _Check], ...] = (
     ("cache_tokens_free", _int(0, MAX_TOKENS)),
     ("cache_tokens_total", _int(0, MAX_TOKENS)),
     ("load", _int(0, 2**31 - 1)),
+    ("device", _str(64)),
+    ("total_memory_bytes", _int(0, 2**63 - 1)),
     ("timestamp", _float(0.0, 2.0**40)),
     ("expires_at", _float(0.0, 2.0**40)),
 )

@@ -253,10 +253,12 @@ SCHEMAS: dict[type[Message], Schema] = {
             ("route", _optional(_check_route)),
             ("token", _optional(_PUSH_TOKEN)),
             ("scales", _optional(_SCALES)),
+            # any int the wire carries: the peer checks it against the session (bad_position)
+            ("truncate_to", _optional(_int(-MAX_TOKENS, MAX_TOKENS))),
         ),
         tensor="hidden",
         check=_check_scales,
-        omitted_if_none=frozenset({"route", "token", "scales"}),
+        omitted_if_none=frozenset({"route", "token", "scales", "truncate_to"}),
         from_wire=(("route", _route_from_wire),),
     ),
     StepResult: Schema(

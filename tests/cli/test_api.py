@@ -83,6 +83,15 @@ def test_arguments_keep_swarm_chat_defaults_for_the_rest() -> None:
         parse_args(["--local", "--peer", "127.0.0.1:1"])
 
 
+def test_the_swarm_client_options_of_swarm_chat_reach_swarm_api() -> None:
+    args = parse_args(
+        ["--peer", "127.0.0.1:1", "--relay", "--verify-fraction", "0.1", "--verify-locally"]
+        + ["--speculate", "lookup", "--device", "cpu"]
+    )
+    assert args.relay and args.verify_fraction == 0.1 and args.verify_locally
+    assert args.speculate == "lookup" and args.device == "cpu"
+
+
 # --- the server in front of a swarm --------------------------------------------------------------
 
 

@@ -1,9 +1,12 @@
 """Weight-only int8/int4 matmuls against dequantize-then-matmul: torch's CPU paths and Triton's.
 
-The Triton kernels run in the CPU interpreter (see conftest.py); fp32 and fp16 only.
+The Triton kernels run in the CPU interpreter (see conftest.py); fp32 and fp16 only there, bf16
+too on a GPU (LAYERSWARM_TEST_DEVICE=cuda).
 """
 
 from __future__ import annotations
+
+import os
 
 import pytest
 import torch
@@ -12,6 +15,12 @@ import torch.nn.functional as F
 from layerswarm.kernels import quant
 
 ROWS = [1, 3, 7, 33]  # GEMV rows, then GEMM-shaped ones (past the decode thresholds)
+DEVICE = torch.device(os.environ.get("LAYERSWARM_TEST_DEVICE", "cpu"))
+TRITON_DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE.type == "cuda" else [])
+
+
+def on_device(*ts: torch.Tensor | None) -> list[torch.Tensor | None]:
+    return [None if t is None else t.to(DEVICE) for t in ts]
 
 
 def randn(*shape: int, dtype: torch.dtype = torch.float32, seed: int = 0) -> torch.Tensor:
@@ -28,7 +37,7 @@ def close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype) -> N
     # Outputs here are sums of ~100 unit-scale products (magnitude ~10): fp16 rounds at ~1e-2.
     tol = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 1e-1}[dtype]
     assert actual.dtype == dtype
-    torch.testing.assert_close(actual.float(), expected, atol=tol, rtol=tol)
+    torch.testing.assert_close(actual.float().cpu(), expected.cpu(), atol=tol, rtol=tol)
 
 
 def test_int8_round_trip_is_within_half_a_step() -> None:
@@ -95,7 +104,7 @@ def test_int4_linear_torch_paths_match_dequantized_weight(dtype: torch.dtype, ro
     close(quant.int4_linear(x, cpu, sz, 64, bias, layout="cpu"), want, dtype)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("dtype", TRITON_DTYPES)
 @pytest.mark.parametrize("rows", ROWS)
 @pytest.mark.parametrize(("n", "k"), [(40, 96), (72, 200)])
 def test_int8_triton_matches_dequantized_weight(
@@ -106,11 +115,13 @@ def test_int8_triton_matches_dequantized_weight(
     scales = scales.to(dtype)
     x = randn(rows, k, dtype=dtype, seed=1)
     bias = randn(n, dtype=dtype, seed=2) if rows % 2 else None
-    out = quant.int8_linear(x, q, scales, bias, backend="triton")
-    close(out, reference(x, quant.dequantize_int8(q, scales), bias), dtype)
+    want = reference(x, quant.dequantize_int8(q, scales), bias)
+    q, scales, x, bias = on_device(q, scales, x, bias)
+    out = quant.int8_linear(x, q, scales, bias, backend="triton")  # type: ignore[arg-type]
+    close(out, want, dtype)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("dtype", TRITON_DTYPES)
 @pytest.mark.parametrize("rows", ROWS)
 @pytest.mark.parametrize(("n", "k", "group_size"), [(40, 96, 32), (24, 256, 128), (72, 192, 64)])
 def test_int4_triton_matches_dequantized_weight(
@@ -121,8 +132,10 @@ def test_int4_triton_matches_dequantized_weight(
     sz = sz.to(dtype)
     x = randn(rows, k, dtype=dtype, seed=1)
     bias = randn(n, dtype=dtype, seed=2) if rows % 2 else None
-    out = quant.int4_linear(x, packed, sz, group_size, bias, backend="triton")
-    close(out, reference(x, quant.dequantize_int4(packed, sz, group_size), bias), dtype)
+    want = reference(x, quant.dequantize_int4(packed, sz, group_size), bias)
+    packed, sz, x, bias = on_device(packed, sz, x, bias)
+    out = quant.int4_linear(x, packed, sz, group_size, bias, backend="triton")  # type: ignore[arg-type]
+    close(out, want, dtype)
 
 
 def test_int4_triton_rejects_groups_it_cannot_step_through() -> None:
@@ -144,4 +157,5 @@ def test_quant_linear_runs_triton_kernels_when_asked(mode: str) -> None:
     x = randn(3, 128, seed=1)
     on_torch = layer(x)
     assert layer.use_backend("triton").layout == "rows"
-    torch.testing.assert_close(layer(x), on_torch, atol=1e-4, rtol=1e-4)
+    got = layer.to(DEVICE)(x.to(DEVICE)).cpu()
+    torch.testing.assert_close(got, on_torch, atol=1e-4, rtol=1e-4)

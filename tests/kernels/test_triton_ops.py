@@ -1,13 +1,15 @@
-"""Every Triton kernel against its plain-torch twin, in Triton's CPU interpreter.
+"""Every Triton kernel against its plain-torch twin, in Triton's CPU interpreter (or on a GPU
+with LAYERSWARM_TEST_DEVICE=cuda, see conftest.py).
 
 Sizes are small and odd on purpose (hidden 72, head_dim 24, 7 tokens, sessions of 1, 17 and 33
-tokens over pages of 16) so that every mask is exercised; fp32 and fp16 only, since bf16
-arithmetic is not faithful in the interpreter.
+tokens over pages of 16) so that every mask is exercised; fp32 and fp16 in the interpreter, whose
+bf16 arithmetic is not faithful, and bf16 too on a GPU.
 """
 
 from __future__ import annotations
 
 import inspect
+import os
 
 import pytest
 import torch
@@ -18,9 +20,11 @@ from layerswarm.kernels import dispatch, reference
 from layerswarm.kernels import triton_ops as tops
 from layerswarm.shards.config import ModelConfig, Span
 
-DTYPES = [torch.float32, torch.float16]
-TOL = {torch.float32: 1e-5, torch.float16: 2e-3}  # atol and rtol, per input dtype
-ATTN_TOL = {torch.float32: 2e-5, torch.float16: 3e-3}
+DEVICE = torch.device(os.environ.get("LAYERSWARM_TEST_DEVICE", "cpu"))
+DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE.type == "cuda" else [])
+# atol and rtol, per input dtype (bf16 keeps 8 bits of mantissa: 2^-8 relative)
+TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+ATTN_TOL = {torch.float32: 2e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
 
 
 def gen(seed: int = 0) -> torch.Generator:
@@ -28,11 +32,11 @@ def gen(seed: int = 0) -> torch.Generator:
 
 
 def randn(*shape: int, dtype: torch.dtype, seed: int = 0) -> torch.Tensor:
-    return torch.randn(*shape, generator=gen(seed)).to(dtype)
+    return torch.randn(*shape, generator=gen(seed)).to(DEVICE, dtype)
 
 
 def close(actual: torch.Tensor, expected: torch.Tensor, tol: float) -> None:
-    torch.testing.assert_close(actual.float(), expected.float(), atol=tol, rtol=tol)
+    torch.testing.assert_close(actual.float().cpu(), expected.float().cpu(), atol=tol, rtol=tol)
 
 
 def test_triton_backend_has_every_op_with_the_twins_signature() -> None:
@@ -85,7 +89,7 @@ def test_rope_rotates_q_and_k_in_place_like_twin(
         randn(7, kv_heads, head_dim, dtype=dtype, seed=1),
     )
     freqs = torch.arange(7.0)[:, None] * torch.rand(head_dim // 2, generator=gen(2))[None, :]
-    emb = torch.cat((freqs, freqs), dim=-1)  # (tokens, head_dim), as Rotary builds it
+    emb = torch.cat((freqs, freqs), dim=-1).to(DEVICE)  # (tokens, head_dim), as Rotary builds it
     cos, sin = emb.cos(), emb.sin()
     q_ours, k_ours, q_twin, k_twin = q.clone(), k.clone(), q.clone(), k.clone()
     q_ptr = q_ours.data_ptr()
@@ -147,6 +151,7 @@ def paged_cache(
     for i, n in enumerate(need):
         table[i, :n] = pages[used : used + n]
         used += n
+    table = table.to(DEVICE)
     k = randn(num_pages, page_size, kv_heads, head_dim, dtype=dtype, seed=4)
     v = randn(num_pages, page_size, kv_heads, head_dim, dtype=dtype, seed=5)
     return k, v, table
@@ -161,7 +166,7 @@ def test_decode_attention_batches_sessions_of_different_lengths(
     lengths = [1, 17, 33, 16]
     k, v, table = paged_cache(lengths, 16, kv_heads, head_dim, dtype)
     q = randn(len(lengths), q_heads, head_dim, dtype=dtype, seed=6)
-    lens = torch.tensor(lengths, dtype=torch.int32)
+    lens = torch.tensor(lengths, dtype=torch.int32, device=DEVICE)
     out = tops.decode_attention(q, k, v, table, lens, 0.3)
     want = reference.decode_attention(q.float(), k.float(), v.float(), table, lens, 0.3)
     close(out, want, ATTN_TOL[dtype])
@@ -172,7 +177,7 @@ def test_decode_attention_splits_a_long_session_and_merges_the_splits(dtype: tor
     lengths = [300, 5, 129]
     k, v, table = paged_cache(lengths, 16, 2, 24, dtype)
     q = randn(len(lengths), 6, 24, dtype=dtype, seed=6)
-    lens = torch.tensor(lengths, dtype=torch.int32)
+    lens = torch.tensor(lengths, dtype=torch.int32, device=DEVICE)
     want = reference.decode_attention(q.float(), k.float(), v.float(), table, lens, 0.2)
     for split_tokens in (32, 96, None):  # 10 splits, 4, and the heuristic's (1 on a CPU)
         out = tops.decode_attention(q, k, v, table, lens, 0.2, split_tokens=split_tokens)
@@ -190,14 +195,16 @@ def test_span_model_on_triton_kernels_matches_torch_kernels() -> None:
     twin = SpanModel(config, Span(0, 2), kernel_backend="torch")
     ours = SpanModel(config, Span(0, 2), kernel_backend="triton")
     ours.load_state_dict(twin.state_dict())
+    ours.to_device(DEVICE)
     outputs = []
     for model in (twin, ours):
+        device = next(model.parameters()).device
         cache = model.new_cache(64)
         a, b = cache.allocate(32), cache.allocate(32)
-        prompt = torch.randn(1, 7, 72, generator=gen(7))
+        prompt = torch.randn(1, 7, 72, generator=gen(7)).to(device)
         first = model(prompt, [0], cache, [a])
         model(prompt[:, :3], [0], cache, [b])
-        step = model(torch.randn(2, 1, 72, generator=gen(8)), [7, 3], cache, [a, b])
+        step = model(torch.randn(2, 1, 72, generator=gen(8)).to(device), [7, 3], cache, [a, b])
         outputs.append((first, step))
     for got, want in zip(outputs[1], outputs[0], strict=True):
         close(got, want, 1e-4)

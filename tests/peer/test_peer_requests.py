@@ -175,6 +175,69 @@ def test_bad_steps_get_clear_errors(peer: PeerProcess, case: str) -> None:
     run(go)
 
 
+BAD_TRUNCATIONS = {  # after a step of 5 tokens: (start, truncate_to, what the error says)
+    "a negative position": (0, -1, "cannot truncate to position -1"),
+    "past the session's end": (6, 6, "cannot truncate to position 6: the session holds 5"),
+    "a start elsewhere": (3, 2, "must start there, not at 3"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_TRUNCATIONS))
+def test_bad_truncations_get_bad_position_and_the_session_serves_on(
+    peer: PeerProcess, case: str
+) -> None:
+    start, truncate_to, says = BAD_TRUNCATIONS[case]
+
+    async def go() -> None:
+        async with await connect(peer) as conn:
+            await conn.request(OpenSession("s", 0, 2, 16))
+            await conn.request(Step("s", torch.randn(1, 5, HIDDEN), 0))
+            with pytest.raises(RemoteError, match=says) as e:
+                await conn.request(
+                    Step("s", torch.randn(1, 1, HIDDEN), start, truncate_to=truncate_to)
+                )
+            assert e.value.code == "bad_position"
+            reply = await conn.request(Step("s", torch.randn(1, 2, HIDDEN), 5))
+            assert isinstance(reply, StepResult)
+        await still_serves(peer)
+
+    run(go)
+
+
+def test_a_step_that_truncates_rolls_back_and_gives_the_pages_back(peer: PeerProcess) -> None:
+    prompt, guesses, other = (
+        torch.randn(1, 10, HIDDEN),
+        torch.randn(1, 12, HIDDEN),
+        torch.randn(1, 3, HIDDEN),
+    )
+
+    async def extra(conn: Connection) -> dict[str, object]:
+        info = await conn.request(InfoRequest())
+        assert isinstance(info, InfoReply)
+        return info.extra
+
+    async def go() -> None:
+        async with await connect(peer) as conn:
+            before = await extra(conn)
+            await conn.request(OpenSession("s", 0, 2, 32))
+            await conn.request(Step("s", prompt, 0))
+            await conn.request(Step("s", guesses, 10))  # 22 tokens: 2 pages of 16
+            assert (await extra(conn))["kv_pages_used"] == before["kv_pages_used"] + 2  # type: ignore[operator]
+            rolled = await conn.request(Step("s", other, 12, truncate_to=12))  # 10 guesses fall
+            now = await extra(conn)
+            assert now["kv_pages_used"] == before["kv_pages_used"] + 1  # type: ignore[operator]
+            assert now["session_tokens"] == before["session_tokens"] + 15  # type: ignore[operator]
+            assert now["rolled_back_tokens"] == before["rolled_back_tokens"] + 10  # type: ignore[operator]
+            # The same as a session that never held the fallen guesses.
+            await conn.request(OpenSession("t", 0, 2, 32))
+            await conn.request(Step("t", torch.cat([prompt, guesses[:, :2]], dim=1), 0))
+            fresh = await conn.request(Step("t", other, 12))
+            assert isinstance(rolled, StepResult) and isinstance(fresh, StepResult)
+            assert (rolled.hidden - fresh.hidden).abs().max() < 1e-4
+
+    run(go)
+
+
 def test_the_client_refuses_to_send_a_malformed_step(peer: PeerProcess) -> None:
     async def go() -> None:
         async with await connect(peer) as conn:

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from layerswarm.peer.placement import Server, choose_span, layers_that_fit, should_move
+from layerswarm.peer.placement import (
+    Server,
+    choose_span,
+    device_share,
+    layers_that_fit,
+    memory_budget,
+    should_move,
+)
 from layerswarm.shards.config import Span
 
 
@@ -100,3 +107,43 @@ def test_a_peer_that_moved_does_not_move_back() -> None:
     assert target == Span(15, 30)
     moved = Server("me", target, me.speed)
     assert should_move([*others, moved], 30, moved) is None
+
+
+GiB = 1 << 30
+LLAMA_8B_LAYER = 218_112_000  # parameters of one Llama-3-8B layer
+BF16, INT4 = 2.0, 0.6  # bytes a weight (server's BYTES_PER_WEIGHT)
+CACHE = 2 * GiB  # --cache-memory
+
+# (free bytes of the device, on a GPU, peers on it still loading, bytes a weight) -> budget, layers
+VRAM = {
+    "a 12 GB card alone: free VRAM less 1 GiB": (11.5 * GiB, True, 1, BF16, 10.5 * GiB, 20),
+    "two peers started together: the first takes half": (11.5 * GiB, True, 2, BF16, 5.25 * GiB, 7),
+    "...and the second what is left, alone now": (6.0 * GiB, True, 1, BF16, 5.0 * GiB, 7),
+    "int4 layers: the whole model fits": (11.5 * GiB, True, 1, INT4, 10.5 * GiB, 32),
+    "a 24 GB card, four peers loading": (23.0 * GiB, True, 4, BF16, 5.5 * GiB, 8),
+    "less than the reserve free: nothing, one layer anyway": (0.5 * GiB, True, 1, BF16, 0, 1),
+    "a CPU: half the available RAM, peers ignored": (16 * GiB, False, 3, BF16, 8 * GiB, 14),
+}
+
+
+@pytest.mark.parametrize("case", list(VRAM))
+def test_auto_layers_budget_the_devices_memory(case: str) -> None:
+    free, on_gpu, loading, per_weight, budget, layers = VRAM[case]
+    got = memory_budget(int(free), on_gpu, loading)
+    assert got == int(budget)
+    per_layer = int(LLAMA_8B_LAYER * per_weight)
+    assert layers_that_fit(got, per_layer, CACHE, 32) == layers
+
+
+SHARES = {
+    "alone: the whole device": (10 * GiB, 24 * GiB, 1, 10 * GiB, 24 * GiB),
+    "two peers on one GPU: half each": (10 * GiB, 24 * GiB, 2, 5 * GiB, 12 * GiB),
+    "three: a third, rounded down": (10, 24, 3, 3, 8),
+    "no peer counted: as if alone": (10, 24, 0, 10, 24),
+}
+
+
+@pytest.mark.parametrize("case", list(SHARES))
+def test_peers_sharing_a_gpu_announce_an_equal_part(case: str) -> None:
+    free, total, peers, want_free, want_total = SHARES[case]
+    assert device_share(free, total, peers) == (want_free, want_total)

@@ -205,7 +205,7 @@ def test_a_step_queued_behind_others_is_not_timed_out_by_its_wait() -> None:
         out = await table.step(short, steps(1), 0, 0.0)
         assert out.shape == (1, 1, CONFIG.hidden_size)
         load = table.load()
-        assert set(load) == {"queued_tokens", "queue_seconds"}
+        assert {"queued_tokens", "queue_seconds"} <= set(load)
         assert load["queued_tokens"] > 0 and load["queue_seconds"] >= 0
         await prefill
         assert table.load()["queued_tokens"] == 0

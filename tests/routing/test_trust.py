@@ -36,29 +36,33 @@ FAULTS = {
 
 @dataclass
 class Swarm:
-    honest: list[PeerProcess]
-    bad: dict[str, PeerProcess]
+    honest: list[PeerProcess]  # layers 0:4
+    bad: dict[str, PeerProcess]  # layers 0:4
+    head_liar: PeerProcess  # layers 0:2, perturbing half its steps
+    tail: PeerProcess  # layers 2:4, honest
 
     def stop(self) -> None:
-        for peer in [*self.honest, *self.bad.values()]:
+        for peer in [*self.honest, *self.bad.values(), self.head_liar, self.tail]:
             peer.stop()
 
 
 @pytest.fixture(scope="module")
 def swarm(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Swarm]:
     workdir = tmp_path_factory.mktemp("trust")
-    specs = ["", "", *FAULTS.values()]
+    specs = [(ALL, ""), (ALL, ""), *((ALL, spec) for spec in FAULTS.values())]
+    specs += [(Span(0, 2), "perturb=0.5,seed=2"), (Span(2, 4), "")]
     with ThreadPoolExecutor(len(specs)) as pool:  # every peer loads at once
-        started = list(pool.map(lambda spec: start(tiny_llama_dir, workdir, spec), specs))
-    swarm = Swarm(started[:2], dict(zip(FAULTS, started[2:], strict=True)))
+        started = list(pool.map(lambda s: start(tiny_llama_dir, workdir, *s), specs))
+    bad = dict(zip(FAULTS, started[2:-2], strict=True))
+    swarm = Swarm(started[:2], bad, started[-2], started[-1])
     try:
         yield swarm
     finally:
         swarm.stop()
 
 
-def start(model: Path, workdir: Path, spec: str) -> PeerProcess:
-    return start_peer(model, ALL, workdir, ["--test-fault-injector", spec] if spec else [])
+def start(model: Path, workdir: Path, span: Span, spec: str) -> PeerProcess:
+    return start_peer(model, span, workdir, ["--test-fault-injector", spec] if spec else [])
 
 
 def honest_outputs(model: Path, swarm: Swarm, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -125,6 +129,8 @@ def test_a_peer_returning_perturbed_activations_is_caught_banned_and_its_steps_r
         assert set(record.evidence["agreeing"]) == {p.peer_id for p in swarm.honest}  # type: ignore[arg-type]
         assert record.evidence["relative_error"] > record.evidence["tolerance"]  # type: ignore[operator]
         assert any("banned peer" in e and "lying" in e for e in events)
+        shown = [e.text for e in metrics.EVENTS.recent() if e.kind == "ban"]  # the dashboard's
+        assert any(liar.peer_id in text and "for lying" in text for text in shown)
         assert client.verify_counts["mismatch"] >= 1 and client.verify_counts["match"] >= 1
         # The same, for /metrics and the dashboard: counted, and the ban shown with its reason.
         assert mismatch_count() > mismatches
@@ -141,6 +147,34 @@ def test_a_peer_returning_perturbed_activations_is_caught_banned_and_its_steps_r
         client.close()
 
 
+def test_a_liar_on_a_pushed_path_is_caught_on_the_steps_relayed_to_check_it(
+    tiny_llama_dir: Path, swarm: Swarm
+) -> None:
+    """Push (the default) sends a step down the hops without the client: a step chosen for a
+    check goes hop by hop instead, so the liar on the first of two hops is caught too."""
+    inputs = steps()
+    expected = honest_outputs(tiny_llama_dir, swarm, inputs)
+    liar = swarm.head_liar
+    config = ClientConfig(verify_fraction=1.0)
+    assert config.push
+    client = SwarmClient(tiny_llama_dir, [liar.address, swarm.tail.address], config)
+    try:
+        session = RemoteSession(client, 64)
+        client.net.run(session.open())
+        assert [h.view.peer_id for h in session.hops] == [liar.peer_id, swarm.tail.peer_id]
+        client.net.run(client.add_peers([p.address for p in swarm.honest]))
+        at = 0
+        for hidden, want in zip(inputs, expected, strict=True):
+            torch.testing.assert_close(session.forward(hidden, at), want, rtol=1e-4, atol=1e-4)
+            at += hidden.shape[1]
+        assert liar.peer_id in client.trust.liars
+        [record] = client.trust.records()
+        assert record.evidence["layers"] == "0:2"
+        session.close()
+    finally:
+        client.close()
+
+
 def test_a_client_holding_the_weights_checks_a_lone_peer_itself(
     tiny_llama_dir: Path, swarm: Swarm
 ) -> None:
@@ -152,7 +186,7 @@ def test_a_client_holding_the_weights_checks_a_lone_peer_itself(
     try:
         session = RemoteSession(client, 64)
         client.net.run(session.open())
-        with pytest.raises(NoRouteError):
+        with pytest.raises(NoRouteError, match="1 peer serving them banned for lying"):
             for n, hidden in enumerate(steps()[1:] * 2):  # one-token steps until it lies
                 session.forward(hidden, n)
         [record] = client.trust.records()

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from layerswarm.errors import LayerswarmError, ProtocolError
+from layerswarm.routing.kept_inputs import context_slice
 from layerswarm.routing.peer_link import PeerLink
 from layerswarm.routing.peer_stats import (
     MAX_SECONDS_PER_LAYER,
@@ -21,7 +22,6 @@ from layerswarm.routing.peer_stats import (
 from layerswarm.routing.trust import TrustLedger
 from layerswarm.routing.verify import (
     NormBounds,
-    context_slice,
     relative_error,
     reply_fault,
     tolerance,

@@ -104,3 +104,22 @@ def test_attention_over_runs_equals_attention_over_the_gathered_context(
     ).transpose(0, 1)
     for got in (runs_attention(q, runs, start, 0.35), prefill_attention(q, k, v, start, 0.35)):
         assert (got - want).abs().max() < 1e-5
+
+
+def test_truncating_forgets_positions_and_gives_back_the_pages_that_held_only_them() -> None:
+    cache = small_cache(4)  # pages of 4 tokens
+    s, blocker = cache.open_session(32), cache.open_session(32)
+    cache.grow(s, 4)
+    cache.grow(blocker, 4)  # page 2
+    cache.grow(s, 12)  # page 1, then page 2 is the blocker's: a second run on page 3
+    s.length = 12
+    assert s.runs == [(0, 2), (3, 1)]
+    assert cache.truncate(s, 7) == 5
+    assert s.length == 7 and s.pages == [0, 1] and cache.pages_free == 1
+    assert s.runs == [(0, 2)] and s.block_table.tolist() == s.pages
+    assert cache.truncate(s, 12) == 0 and s.length == 7  # nothing past the end to drop
+    assert cache.truncate(s, 4) == 3 and s.pages == [0] and cache.pages_free == 2
+    cache.grow(s, 12)  # grows again
+    assert s.pages == [0, 1, 3]
+    with pytest.raises(ValueError, match="negative"):
+        cache.truncate(s, -1)

@@ -270,3 +270,25 @@ def test_sessions_of_one_batch_stay_together_with_a_regroup_wait(regroup_wait: f
         assert paired == 4  # every decode step of the two ran in the same batch
     else:
         assert paired < 4
+
+
+def test_a_step_that_starts_before_the_end_replaces_what_follows_and_frees_its_pages() -> None:
+    model = tiny_span()
+    cache = model.new_cache(64)  # pages of 16
+    scheduler = StepScheduler(model, cache, SchedulerConfig(token_budget=32, max_batch=2))
+    prompt, guesses, other = hidden(10, 1), hidden(12, 2), hidden(3, 3)
+
+    async def body() -> torch.Tensor:
+        seq = cache.open_session(64)
+        await scheduler.run(seq, prompt, 0)
+        await scheduler.run(seq, guesses, 10)  # 22 tokens: two pages
+        assert len(seq.pages) == 2
+        out = await scheduler.run(seq, other, 12)  # 10 of the guesses fall
+        assert seq.length == 15 and len(seq.pages) == 1
+        assert scheduler.rolled_back_tokens == 10
+        return out
+
+    rolled_back = serving(scheduler, body)
+    kept = torch.cat([prompt, guesses[:, :2]], dim=1)
+    _, expected = alone(model, [(kept, 0), (other, 12)])
+    assert (rolled_back - expected).abs().max() < 1e-5

@@ -104,6 +104,7 @@ EXAMPLES: list[Message] = [
     *(StepResult("s", tensor(dtype, tokens=1)) for dtype in FLOATS_AND_INTS),
     Step("s", torch.ones(1, 3, 5, dtype=torch.int8), 12, scales=b"\0" * 12),
     StepResult("s", torch.ones(1, 2, 5, dtype=torch.int8), scales=b"\1" * 8),
+    Step("s", tensor(torch.float32), 7, truncate_to=7),
 ]
 
 
@@ -289,7 +290,7 @@ scalars: st.SearchStrategy[JsonValue] = st.one_of(
     st.booleans(),
     st.integers(-(2**63), 2**64 - 1),
     short_text,
-    st.floats(allow_nan=False),
+    st.floats(allow_nan=False, allow_infinity=False),  # a peer refuses non-finite floats
 )
 extras: st.SearchStrategy[dict[str, JsonValue]] = st.dictionaries(
     st.text(max_size=64),
@@ -465,6 +466,15 @@ def test_a_proof_of_the_wrong_size_or_type_is_refused(proof: object) -> None:
         decode_frame(raw_frame({**HELLO, "psk_proof": proof}))
     with pytest.raises(ProtocolError, match="psk_proof"):
         encode(Hello(PROTOCOL_VERSION, "p", 2048, proof), 0)  # type: ignore[arg-type]
+
+
+def test_a_step_without_truncation_leaves_the_field_out_so_older_peers_still_read_it() -> None:
+    x = torch.ones(1, 1, 4)
+    assert b"truncate_to" not in frame(Step("s", x, 3))
+    assert b"truncate_to" in frame(Step("s", x, 3, truncate_to=3))
+    for bad in ("3", 1.5, 2**40):
+        with pytest.raises(ProtocolError, match="truncate_to"):
+            encode(Step("s", x, 3, truncate_to=bad), 0)  # type: ignore[arg-type]
 
 
 BAD_ROUTES = {

@@ -170,7 +170,9 @@ WRONG_TYPES = {
     "span as a bool": (4, False),
     "tflops as an int": (12, 12),
     "model as bytes": (2, b"smollm"),
-    "timestamp as a string": (18, "now"),
+    "device as an int": (18, 0),
+    "total memory as a float": (19, 1.0),
+    "timestamp as a string": (20, "now"),
 }
 
 
