@@ -72,13 +72,17 @@ class MoEBlock(nn.Module):
             swiglu: the kernel set's `silu(gate) * up`, used by SwiGLU experts.
         """
         weights, index = self.route(x)
-        k = index.shape[1]
         act = swiglu if self.config.activation == "silu" else self._gpt_oss_glu
         if x.shape[0] == 1:  # one token (a one-session decode step): no sorting needed
-            out = torch.zeros_like(x)
-            for j, e in enumerate(index[0].tolist()):
-                out += self._expert(e, x, act) * weights[0, j]
-            return out
+            return self._one_token(x, weights, index, act)
+        return self._grouped(x, weights, index, act)
+
+    def _grouped(
+        self, x: torch.Tensor, weights: torch.Tensor, index: torch.Tensor, act: Activation
+    ) -> torch.Tensor:
+        """Any number of tokens: assignments sorted by expert, each chosen expert run once over
+        its group, the weighted outputs added back to their tokens' rows."""
+        k = index.shape[1]
         flat = index.reshape(-1)
         order = torch.argsort(flat, stable=True)  # assignments grouped by expert
         counts = torch.bincount(flat, minlength=self.config.num_experts).tolist()
@@ -91,6 +95,25 @@ class MoEBlock(nn.Module):
                 r = rows[at : at + n]
                 out.index_add_(0, r, self._expert(e, x[r], act) * w[at : at + n, None])
                 at += n
+        return out
+
+    def _one_token(
+        self, x: torch.Tensor, weights: torch.Tensor, index: torch.Tensor, act: Activation
+    ) -> torch.Tensor:
+        """A one-session decode step: the k chosen experts in turn, no sorting or gathering.
+
+        The experts' outputs are scaled and summed in place, starting from the first one (not
+        from zeros), in the router's order (`_grouped` adds them in expert order): the same
+        products, and for k = 2 the same sums, so the same bits (for larger k the same sum in
+        another order). The weights are read to Python floats with the indices (one read each
+        for all k); a bf16 or fp32 weight is exact as a float, so the products are the same.
+        Measured per sparse layer on this project's CPU, see docs/models.md.
+        """
+        out: torch.Tensor | None = None
+        for e, w in zip(index[0].tolist(), weights[0].tolist(), strict=True):
+            y = self._expert(e, x, act).mul_(w)
+            out = y if out is None else out.add_(y)
+        assert out is not None  # k >= 1
         return out
 
     def _expert(self, e: int, x: torch.Tensor, act: Activation) -> torch.Tensor:

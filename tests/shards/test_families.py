@@ -191,3 +191,21 @@ def test_qwen3_moe_layers_are_sparse_where_the_config_says(
     config = ModelConfig.from_dict(d)
     assert config.moe is not None and config.moe.dense_layers == dense
     assert [i for i in range(4) if not config.sparse(i)] == list(dense)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("name", ["qwen3_moe", "mixtral", "gpt_oss"])
+def test_the_one_token_path_equals_the_grouped_path(
+    tiny_family: TinyFamily, name: str, dtype: torch.dtype
+) -> None:
+    model_dir = tiny_family(name)
+    config = ModelConfig.from_file(model_dir)
+    model = pack_linears(load_span(model_dir, Span(0, config.num_layers), dtype))
+    x = torch.randn(6, config.hidden_size, generator=torch.Generator().manual_seed(3)).to(dtype)
+    swiglu = model.ops.swiglu
+    for moe in sparse_layers(model):
+        act = swiglu if moe.config.activation == "silu" else moe._gpt_oss_glu
+        for row in x.split(1):
+            weights, index = moe.route(row)
+            fast = moe(row, swiglu)  # a one-token input takes the one-token path
+            assert torch.equal(fast, moe._grouped(row, weights, index, act))
