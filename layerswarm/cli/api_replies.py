@@ -32,8 +32,8 @@ from layerswarm.metrics import (
     TOKEN_RATE,
 )
 from layerswarm.routing.generate import Generator
+from layerswarm.routing.hops import SwarmBusy
 from layerswarm.routing.sampling import SamplingConfig
-from layerswarm.routing.session import SwarmBusy
 from layerswarm.routing.text import TextStream
 
 log = logging.getLogger(__name__)

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from layerswarm.errors import LayerswarmError, RemoteError
-from layerswarm.routing.session import FAULTS, NOT_A_FAULT, ActiveHop, HopFailed
+from layerswarm.routing.hops import FAULTS, NOT_A_FAULT, ActiveHop, HopFailed
 from layerswarm.routing.verify import reply_fault
 from layerswarm.shards.config import DTYPES, Span
 from layerswarm.swarm.compress import compress_int8, decompress_int8, groups

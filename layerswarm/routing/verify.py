@@ -33,6 +33,7 @@ import torch
 
 from layerswarm import metrics
 from layerswarm.errors import LayerswarmError
+from layerswarm.routing.hops import ActiveHop, HopFailed
 from layerswarm.routing.kept_inputs import context_slice, merge_inputs
 from layerswarm.routing.paths import PeerView
 from layerswarm.routing.verify_local import LOCAL
@@ -40,7 +41,7 @@ from layerswarm.shards.config import Span
 from layerswarm.swarm.protocol import OpenSession
 
 if TYPE_CHECKING:
-    from layerswarm.routing.session import ActiveHop, RemoteSession
+    from layerswarm.routing.session import RemoteSession
     from layerswarm.routing.swarm_client import SwarmClient
 
 log = logging.getLogger(__name__)
@@ -239,8 +240,6 @@ class Verifier:
     @staticmethod
     def _caught(hop: ActiveHop) -> Exception:
         """The failure that reroutes a hop caught lying; the step is redone elsewhere."""
-        from layerswarm.routing.session import HopFailed
-
         return HopFailed(hop.view.peer_id, f"peer {hop.view.address} computed wrong outputs")
 
     def _dispute(
@@ -347,8 +346,6 @@ class Verifier:
 
     async def _open_shadow(self, hop: ActiveHop, peer: PeerView) -> Shadow:
         """A new shadow session of `hop`'s span on `peer` (or in this client: LOCAL)."""
-        from layerswarm.routing.session import ActiveHop
-
         session = self.session
         if peer.peer_id == LOCAL:
             assert self._client.local is not None  # LOCAL is picked only when it exists
