@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from layerswarm.errors import LayerswarmError
 from layerswarm.routing.paths import PeerView
 from layerswarm.routing.peer_stats import (
     MAX_LOAD,
@@ -28,6 +29,7 @@ class PeerLink:
     leaving: bool = False  # the peer said Goodbye
     discovered: bool = False  # from a record (mDNS, DHT), not from the caller
     skipped: str | None = None  # why its last answer made it unusable; None: it was fine
+    skipped_error: LayerswarmError | None = None  # the error behind `skipped`
     told: str | None = None  # the `skipped` reason last logged (each new reason once)
 
     @property

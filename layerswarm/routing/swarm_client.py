@@ -208,7 +208,7 @@ class SwarmClient:
                 f"within {self.config.discovery_timeout:g} s"
             )
         await asyncio.gather(*(self._refresh(link) for link in self.links))
-        skipped = [link.skipped for link in self.links if link.skipped]
+        skipped = [link for link in self.links if link.skipped]
         if any(link.live for link in self.links):
             for link in self.links:  # the others serve: say which peers are left out, and why
                 if link.skipped and link.skipped != link.told:
@@ -217,7 +217,8 @@ class SwarmClient:
         else:
             if skipped:  # say why the peers that answered cannot be used
                 more = f" (and {len(skipped) - 1} more peers skipped)" if len(skipped) > 1 else ""
-                raise LayerswarmError(skipped[0] + more)
+                first = skipped[0].skipped_error
+                raise _same_kind(first, f"{skipped[0].skipped}{more}") from first
             raise PeerUnavailable(
                 "none of the peers answered: " + ", ".join(str(link.address) for link in self.links)
             )
@@ -243,12 +244,13 @@ class SwarmClient:
             if not isinstance(info, InfoReply):
                 raise ProtocolError(f"it answered Info with {type(info).__name__}")
             self._check_model(conn, info)
-            link.info, link.skipped = info, None
+            link.info, link.skipped, link.skipped_error = info, None, None
         except (PeerUnavailable, OSError) as e:
             log.debug("peer at %s is unreachable: %s", link.address, e)
             link.conn = None
         except LayerswarmError as e:  # a protocol breach, an error reply, another model
             link.skipped = str(e) if str(e).startswith("peer ") else f"peer at {link.address}: {e}"
+            link.skipped_error = e
             log.debug("skipping peer at %s: %s", link.address, e)
             if link.conn is not None:
                 link.conn.close()
@@ -333,6 +335,15 @@ class SwarmClient:
         for conn in conns:
             conn.close()
         await asyncio.gather(*(conn.wait_closed() for conn in conns))
+
+
+def _same_kind(error: LayerswarmError | None, message: str) -> LayerswarmError:
+    """`message` as an error of `error`'s class where it takes a message alone (callers tell
+    a `SwarmKeyMismatch` or a `ProtocolError` apart), else as a `LayerswarmError`."""
+    try:
+        return type(error)(message) if error is not None else LayerswarmError(message)
+    except TypeError:  # a class that takes more than a message
+        return LayerswarmError(message)
 
 
 def short(peer_id: str) -> str:
