@@ -50,12 +50,50 @@ def apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.T
         k: `(tokens, kv_heads, head_dim)`.
         cos, sin: `(tokens, head_dim)`, fp32.
     """
+    factors = rope_factors(cos, sin, q.dtype)
+    rotate(q, factors)
+    rotate(k, factors)
+
+
+RopeFactors = tuple[torch.Tensor, torch.Tensor]
+
+
+def rope_factors(cos: torch.Tensor, sin: torch.Tensor, dtype: torch.dtype) -> RopeFactors:
+    """`cos` and the signed `sin` of `apply_rope`, `(tokens, 1, head_dim)` in `dtype`: the same
+    for every layer of a step, so a span makes them once a step, not once a layer."""
     half = cos.shape[-1] // 2
-    c = cos[:, None, :].to(q.dtype)
-    s = torch.cat((-sin[:, None, :half], sin[:, None, half:]), dim=-1).to(q.dtype)
-    for x in (q, k):
-        rotated = x.roll(half, dims=-1).mul_(s)
-        x.mul_(c).add_(rotated)
+    c = cos[:, None, :].to(dtype)
+    s = torch.cat((-sin[:, None, :half], sin[:, None, half:]), dim=-1).to(dtype)
+    return c, s
+
+
+def rotate(x: torch.Tensor, factors: RopeFactors) -> None:
+    """Rotate `x (tokens, heads, head_dim)` in place by `rope_factors`' tables (any heads: the
+    queries and keys of a layer can be rotated as one tensor)."""
+    c, s = factors
+    rotated = x.roll(c.shape[-1] // 2, dims=-1).mul_(s)
+    x.mul_(c).add_(rotated)
+
+
+def qk_norm(
+    qk: torch.Tensor, q_heads: int, q_weight: torch.Tensor, k_weight: torch.Tensor, eps: float
+) -> torch.Tensor:
+    """Qwen3's RMSNorm of each query and key head, of `qk (tokens, q_heads + kv_heads,
+    head_dim)` (a layer's queries, then its keys): one norm over all the heads, then each
+    part's weight, in place. The same bits as `rms_norm` of the queries and of the keys apart
+    (in both, the weight multiplies the normed head in the input's dtype), in 3 ops instead of
+    2 norms: a norm costs the time of 4-5 small ops on a CPU, 48 of them a Qwen3-MoE decode step.
+
+    Returns:
+        A new contiguous `(tokens, q_heads + kv_heads, head_dim)` tensor.
+    """
+    if qk.dtype == torch.float32:
+        normed = F.rms_norm(qk, qk.shape[-1:], eps=eps)
+    else:
+        normed = F.rms_norm(qk.float(), qk.shape[-1:], eps=eps).to(qk.dtype)
+    normed[:, :q_heads].mul_(q_weight)
+    normed[:, q_heads:].mul_(k_weight)
+    return normed
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
@@ -77,7 +115,7 @@ def prefill_attention(
     """
     t = q.shape[0]
     if t == 1:  # one query sees every key: no mask needed
-        return _one_query(q[0], k, v, scale)[None]
+        return _one_query(q, k, v, scale)
     if start > 0:
         # A chunk after earlier tokens: SDPA's CPU path with a mask copies K and V per head
         # group and runs the unfused math; written out over views it took 9.7 ms instead of
@@ -172,7 +210,8 @@ def decode_attention(
 
 
 def _one_query(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-    """`q (q_heads, hd)` over `k, v (n, kv_heads, hd)` -> `(q_heads, hd)`.
+    """One query's heads, `q (q_heads, hd)` or `(1, q_heads, hd)`, over `k, v (n, kv_heads,
+    hd)` -> the shape of `q`.
 
     Written out rather than through SDPA: SDPA's CPU path copies K and V once per query-head
     group for GQA, which cost 13% of a SmolLM2 decode step; these are views.
@@ -182,8 +221,18 @@ def _one_query(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) 
     # (17% of a bf16 decode step); converting the keys and values costs less.
     # bmm rather than matmul, and the scale applied in place: 31 us against 49 for one SmolLM2
     # layer at 200 tokens, the same bits (matmul's 3-d dispatch costs more than these products).
-    qg = q.float().reshape(kv_heads, -1, hd)  # (kv_heads, group, hd)
-    scores = torch.bmm(qg, k.float().permute(1, 2, 0)).mul_(scale)  # (kv_heads, group, n)
+    qg = _fp32(q).reshape(kv_heads, -1, hd)  # (kv_heads, group, hd)
+    scores = torch.bmm(qg, _fp32(k).permute(1, 2, 0)).mul_(scale)  # (kv_heads, group, n)
     probs = torch.softmax(scores, dim=-1)
-    out = torch.bmm(probs, v.float().transpose(0, 1))  # (kv_heads, group, hd)
-    return out.reshape(q.shape).to(q.dtype)  # (q_heads, hd)
+    out = torch.bmm(probs, _fp32(v).transpose(0, 1))  # (kv_heads, group, hd)
+    return _cast(out.reshape(q.shape), q.dtype)
+
+
+def _fp32(x: torch.Tensor) -> torch.Tensor:
+    return x if x.dtype == torch.float32 else x.float()
+
+
+def _cast(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`x.to(dtype)`, without the call where it would return `x`: even then it costs an op's
+    dispatch, and a one-token step of the 12-layer synthetic MoE made 67 such calls."""
+    return x if x.dtype == dtype else x.to(dtype)

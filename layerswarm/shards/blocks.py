@@ -194,17 +194,27 @@ class SpanModel(nn.Module):
         `(tokens, head_dim)`. With Triton kernels and only one-token segments it does no host
         work and reads nothing back, so a CUDA graph can capture it."""
         delta: torch.Tensor | None = None
+        # On the CPU path the RoPE tables in the step's dtype, once for all layers.
+        rope = reference.rope_factors(cos, sin, x.dtype) if self.ops is reference else None
+        # A plain list: indexing a ModuleList costs more than a layer's smallest op.
+        span_layers = list(self.layers)
         for i in range(layers.start - self.span.start, layers.end - self.span.start):
             if should_stop is not None and should_stop():
                 raise StepCancelled(f"step stopped before layer {self.span.start + i}")
-            layer = cast(DecoderLayer, self.layers[i])
+            layer = cast(DecoderLayer, span_layers[i])
             if delta is None:
                 normed = self.ops.rms_norm(x, layer.input_norm, self.config.rms_norm_eps)
             else:
                 normed, x = self.ops.add_rms_norm(
                     delta, x, layer.input_norm, self.config.rms_norm_eps
                 )
-            attn = self._attention(i, layer, normed, cos, sin, batch, cache, slots)
+            q, k, v = self._qkv(layer, normed, cos, sin, rope)
+            cache.write_step(i, slots, k, v)
+            if self.ops is not reference and layer.sinks is None and layer.window is None:
+                heads = self._paged_attention(i, q, batch, cache, slots)
+            else:
+                heads = self._attention_by_segment(i, layer, q, batch, cache, slots)
+            attn = layer.o_proj(heads.reshape(x.shape[0], layer.q_size))
             normed, x = self.ops.add_rms_norm(attn, x, layer.post_norm, self.config.rms_norm_eps)
             if layer.moe is not None:
                 delta = layer.moe(normed, self.ops.swiglu)
@@ -212,58 +222,65 @@ class SpanModel(nn.Module):
                 gate, up = layer.gate_up(normed).chunk(2, dim=-1)
                 delta = layer.down_proj(self.ops.swiglu(gate, up))
         assert delta is not None  # a span has at least one layer
-        out: torch.Tensor = x + delta
-        return out
+        return x + delta
 
-    def _attention(
+    def _qkv(
         self,
-        i: int,
         layer: DecoderLayer,
         x: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,
-        batch: StepBatch,
-        cache: PagedKVCache,
-        slots: StepSlots,
-    ) -> torch.Tensor:
+        rope: reference.RopeFactors | None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A layer's queries, keys and values of `x (tokens, hidden)`, q and k normed (Qwen3)
+        and rotated: `(tokens, heads, head_dim)` each.
+
+        On the CPU path (`rope` given) queries and keys are normed and rotated as one tensor,
+        as they come out of the fused projection: half the small ops of doing each apart.
+        """
         c = self.config
-        n = x.shape[0]
-        qkv = layer.qkv(x)
-        q = qkv[:, : layer.q_size].reshape(n, c.num_heads, c.head_dim)
-        k = qkv[:, layer.q_size : layer.q_size + layer.kv_size].reshape(
-            n, c.num_kv_heads, c.head_dim
-        )
-        v = qkv[:, layer.q_size + layer.kv_size :].reshape(n, c.num_kv_heads, c.head_dim)
-        if layer.q_norm is not None and layer.k_norm is not None:  # Qwen3: per head, pre-RoPE
+        heads = layer.qkv(x).reshape(x.shape[0], -1, c.head_dim)  # q, k and v heads
+        qk, v = heads[:, : c.num_heads + c.num_kv_heads], heads[:, c.num_heads + c.num_kv_heads :]
+        if rope is not None:
+            if layer.q_norm is not None and layer.k_norm is not None:  # Qwen3: pre-RoPE
+                qk = reference.qk_norm(qk, c.num_heads, layer.q_norm, layer.k_norm, c.rms_norm_eps)
+            reference.rotate(qk, rope)
+            return qk[:, : c.num_heads], qk[:, c.num_heads :], v
+        q, k = qk[:, : c.num_heads], qk[:, c.num_heads :]
+        if layer.q_norm is not None and layer.k_norm is not None:
             q = self.ops.rms_norm(q, layer.q_norm, c.rms_norm_eps)
             k = self.ops.rms_norm(k, layer.k_norm, c.rms_norm_eps)
         q, k = q.contiguous(), k.contiguous()
         self.ops.apply_rope(q, k, cos, sin)
-        cache.write_step(i, slots, k, v)
-        if layer.sinks is not None or layer.window is not None:
-            out = torch.empty_like(q)
-            segments = zip(batch.starts, batch.offsets, batch.counts, strict=True)
-            for j, (start, at, t) in enumerate(segments):
-                out[at : at + t] = sink_window_attention(
-                    q[at : at + t],
-                    cache.step_views(i, slots, j),
-                    start,
-                    self.scale,
-                    layer.window,
-                    layer.sinks,
-                )
-        elif self.ops is not reference:  # Triton: one launch for the decode tokens of all sessions
-            out = self._paged_attention(i, q, batch, cache, slots)
-        else:
-            # Session by session over views of its runs (one run: a plain view), so no step
-            # copies a session's keys; a session gets the same bits in a batch as alone.
-            out = torch.empty_like(q)
-            segments = zip(batch.starts, batch.offsets, batch.counts, strict=True)
-            for j, (start, at, t) in enumerate(segments):
-                runs = cache.step_views(i, slots, j)
-                out[at : at + t] = reference.runs_attention(q[at : at + t], runs, start, self.scale)
-        projected: torch.Tensor = layer.o_proj(out.reshape(n, layer.q_size))
-        return projected
+        return q, k, v
+
+    def _attention_by_segment(
+        self,
+        i: int,
+        layer: DecoderLayer,
+        q: torch.Tensor,
+        batch: StepBatch,
+        cache: PagedKVCache,
+        slots: StepSlots,
+    ) -> torch.Tensor:
+        """Attention session by session over views of its runs (one run: a plain view), so no
+        step copies a session's keys, and a session gets the same bits in a batch as alone;
+        the path of the CPU, and of layers with sinks or a window on any device."""
+
+        def segment(j: int, start: int, at: int, t: int) -> torch.Tensor:
+            runs = cache.step_views(i, slots, j)
+            qj = q if t == q.shape[0] else q[at : at + t]
+            if layer.sinks is not None or layer.window is not None:
+                return sink_window_attention(qj, runs, start, self.scale, layer.window, layer.sinks)
+            return reference.runs_attention(qj, runs, start, self.scale)
+
+        if len(batch.counts) == 1:
+            return segment(0, batch.starts[0], 0, batch.counts[0])
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        segments = zip(batch.starts, batch.offsets, batch.counts, strict=True)
+        for j, (start, at, t) in enumerate(segments):
+            out[at : at + t] = segment(j, start, at, t)
+        return out
 
     def _paged_attention(
         self, i: int, q: torch.Tensor, batch: StepBatch, cache: PagedKVCache, slots: StepSlots

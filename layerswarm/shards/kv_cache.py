@@ -75,6 +75,10 @@ class PagedKVCache:
         shape = (num_layers, num_pages, page_size, num_kv_heads, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
+        # Each layer's pool as `(slots, kv_heads, head_dim)` views, made once: a decode step
+        # reads and writes every layer's, and each view made again costs ops' time on a CPU.
+        self._k_slots = list(self.k.flatten(1, 2))
+        self._v_slots = list(self.v.flatten(1, 2))
         self._free = [True] * num_pages
         self._n_free = num_pages
 
@@ -255,15 +259,14 @@ class PagedKVCache:
     def write_step(self, layer: int, step: StepSlots, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store one layer's keys and values of every new token of a step, `(tokens, kv_heads,
         head_dim)` each, in two scatters."""
-        self.k[layer].view(-1, *k.shape[1:]).index_copy_(0, step.slots, k)
-        self.v[layer].view(-1, *v.shape[1:]).index_copy_(0, step.slots, v)
+        self._k_slots[layer].index_copy_(0, step.slots, k)
+        self._v_slots[layer].index_copy_(0, step.slots, v)
 
     def step_views(
         self, layer: int, step: StepSlots, segment: int
     ) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """`views` of one segment of a step: its session's runs as views of the pool."""
-        pool_k = self.k[layer].flatten(0, 1)  # (slots, kv_heads, head_dim)
-        pool_v = self.v[layer].flatten(0, 1)
+        pool_k, pool_v = self._k_slots[layer], self._v_slots[layer]
         return [(pool_k[a : a + n], pool_v[a : a + n]) for a, n in step.runs[segment]]
 
     def write(
@@ -281,8 +284,7 @@ class PagedKVCache:
             raise ContextOverflow(
                 f"positions up to {end} do not fit the session's {session.max_length} tokens"
             )
-        pool_k = self.k[layer].view(-1, *k.shape[1:])  # (slots, kv_heads, head_dim)
-        pool_v = self.v[layer].view(-1, *v.shape[1:])
+        pool_k, pool_v = self._k_slots[layer], self._v_slots[layer]
         for slot, lo, hi in self._segments(session, start, end):
             pool_k[slot : slot + hi - lo] = k[lo - start : hi - start]
             pool_v[slot : slot + hi - lo] = v[lo - start : hi - start]
@@ -292,8 +294,7 @@ class PagedKVCache:
     ) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Keys and values of positions `0 .. end` of one layer as views of the pool, one
         `(tokens, kv_heads, head_dim)` pair a run, in order: no copy."""
-        pool_k = self.k[layer].flatten(0, 1)  # (slots, kv_heads, head_dim)
-        pool_v = self.v[layer].flatten(0, 1)
+        pool_k, pool_v = self._k_slots[layer], self._v_slots[layer]
         return [
             (pool_k[slot : slot + hi - lo], pool_v[slot : slot + hi - lo])
             for slot, lo, hi in self._segments(session, 0, end)
