@@ -24,10 +24,11 @@ from safetensors.torch import load_file
 from tokenizers import Tokenizer, pre_tokenizers
 from transformers.integrations.mxfp4 import convert_moe_packed_tensors
 
+from layerswarm.cli.common import resolve_model_cli
+from layerswarm.errors import ModelFormatError
 from layerswarm.shards.config import ModelConfig, Span
 from layerswarm.shards.convert import convert_gguf
 from layerswarm.shards.families.gpt_oss import dequantize_mxfp4
-from layerswarm.shards.registry import resolve_model
 from layerswarm.shards.weights import load_client_head, load_span
 
 MXFP4 = GGMLQuantizationType.MXFP4
@@ -176,10 +177,10 @@ def gpt_oss_gguf_tensors(model_dir: Path, fused: bool) -> dict[str, np.ndarray]:
 
 
 def write_gpt_oss_gguf(
-    path: Path, model_dir: Path, fused: bool = False, experts: str = "f32"
+    path: Path, model_dir: Path, fused: bool = False, experts: str = "f32", drop: str = ""
 ) -> None:
     """`experts`: "f32", "mxfp4" (quantized by gguf.quants, as llama-quantize would) or
-    "mxfp4-values" (the float32 values those MXFP4 bytes stand for)."""
+    "mxfp4-values" (the float32 values those MXFP4 bytes stand for). `drop`: a tensor left out."""
     config = ModelConfig.from_file(model_dir)
     assert config.moe is not None and config.rope_scaling is not None
     w = GGUFWriter(path, "gpt-oss")
@@ -211,6 +212,8 @@ def write_gpt_oss_gguf(
     w.add_token_types([TokenType.NORMAL] * len(tokens))
     w.add_token_merges([f"{tokens[0]} {tokens[1]}"])
     for name, value in gpt_oss_gguf_tensors(model_dir, fused).items():
+        if name == drop:
+            continue
         value = np.ascontiguousarray(value, dtype=np.float32)
         if experts != "f32" and name.endswith("_exps.weight"):
             stored = quants.quantize(value, MXFP4)
@@ -231,8 +234,8 @@ def test_a_gpt_oss_gguf_file_converts_to_the_same_model(
 ) -> None:
     model_dir = tiny_family("gpt_oss")
     write_gpt_oss_gguf(tmp_path / "oss.gguf", model_dir, fused)
-    # the path every command takes with `--model oss.gguf`
-    out = resolve_model(str(tmp_path / "oss.gguf"), tmp_path / "cache")
+    # what `swarm-peer start --model oss.gguf` (and every other command) does with the file
+    out = resolve_model_cli(str(tmp_path / "oss.gguf"), tmp_path / "cache")
     assert ModelConfig.from_file(out) == ModelConfig.from_file(model_dir)
     ids = torch.randint(0, 256, (1, 24), generator=torch.Generator().manual_seed(0))
     assert torch.equal(logits(out, ids), logits(model_dir, ids))
@@ -256,6 +259,16 @@ def test_gpt_oss_mxfp4_experts_stay_mxfp4_and_load_as_their_values(
     assert stored["model.layers.0.mlp.experts.down_proj_scales"].dtype == torch.uint8
     ids = torch.randint(0, 256, (1, 24), generator=torch.Generator().manual_seed(0))
     assert torch.equal(logits(tmp_path / "q", ids), logits(tmp_path / "v", ids))
+
+
+@pytest.mark.parametrize("drop", ["blk.1.attn_sinks.weight", "blk.3.ffn_up_exps.bias"])
+def test_a_gpt_oss_gguf_file_missing_a_tensor_is_refused_by_name(
+    tiny_family: Callable[[str], Path], tmp_path: Path, drop: str
+) -> None:
+    write_gpt_oss_gguf(tmp_path / "bad.gguf", tiny_family("gpt_oss"), drop=drop)
+    with pytest.raises(ModelFormatError, match=f"lacks the tensor '{drop}'"):
+        convert_gguf(tmp_path / "bad.gguf", tmp_path / "out")
+    assert not (tmp_path / "out").exists()  # refused before anything is written
 
 
 def llama_cpp_nibble_layout(blocks: torch.Tensor) -> torch.Tensor:
