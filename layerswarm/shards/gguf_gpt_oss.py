@@ -27,8 +27,8 @@ moved to `conversion/gpt_oss.py`; ggml-org/llama.cpp at 2bbcf7fc93a4), its loade
   are llama.cpp's defaults, as in HF's config, unless the file says otherwise.
 
 MXFP4 expert stacks become HF's `*_blocks`/`*_scales` (uint8, `quantization_config: mxfp4`),
-as OpenAI ships gpt-oss: the repack is lossless and keeps gpt-oss-20b's experts at ~12 GB where
-float32 would take ~80 GB; the family dequantizes them at load. Experts stored as any other type
+as OpenAI ships gpt-oss: the repack is lossless and keeps gpt-oss-20b's experts at ~10 GB where
+float32 would take ~76 GB; the family dequantizes them at load. Experts stored as any other type
 are dequantized to float32 `gate_up_proj`/`down_proj`.
 """
 
