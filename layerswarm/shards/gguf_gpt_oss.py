@@ -24,7 +24,8 @@ moved to `conversion/gpt_oss.py`; ggml-org/llama.cpp at 2bbcf7fc93a4), its loade
   original_context_length, and yarn_beta_fast/slow/attn_factor when the HF config named them),
   attention.sliding_window, expert_feed_forward_length. The sliding/full alternation
   (`attention.sliding_window_pattern`, default 2: even layers slide) and the swiglu limit 7.0
-  are llama.cpp's defaults, as in HF's config, unless the file says otherwise.
+  are llama.cpp's defaults, as in HF's config, unless the file says otherwise; a separate RoPE
+  base for sliding layers (`rope.freq_base_swa`, which its loader accepts) is refused.
 
 MXFP4 expert stacks become HF's `*_blocks`/`*_scales` (uint8, `quantization_config: mxfp4`),
 as OpenAI ships gpt-oss: the repack is lossless and keeps gpt-oss-20b's experts at ~10 GB where
@@ -96,9 +97,10 @@ def config_fields(
             meta, "llama.expert_feed_forward_length", path, meta.get("llama.feed_forward_length")
         ),
         "sliding_window": meta_int(meta, "llama.attention.sliding_window", path),
-        "layer_types": _layer_types(meta.get("llama.attention.sliding_window_pattern", 2), layers),
+        "layer_types": _layer_types(
+            meta_int(meta, "llama.attention.sliding_window_pattern", path, 2), layers
+        ),
         "swiglu_limit": _swiglu_limit(meta.get("llama.swiglu_clamp_exp"), path),
-        "attention_bias": True,
         # GGUF has no key for it: OpenAI's config.json says `"truncate": false` (YaRN's
         # correction range not rounded to whole dimensions).
         "rope_scaling": None if rope_scaling is None else rope_scaling | {"truncate": False},
@@ -108,13 +110,10 @@ def config_fields(
     return fields
 
 
-def _layer_types(pattern: int | list[bool], layers: int) -> list[str]:
-    """HF `layer_types` from llama.cpp's swa pattern: a period n (layer i slides when
-    `i % n < n - 1`, its `set_swa_pattern`) or one flag a layer."""
-    if isinstance(pattern, list):
-        sliding = [bool(pattern[i % len(pattern)]) for i in range(layers)]
-    else:
-        sliding = [pattern == 0 or i % pattern < pattern - 1 for i in range(layers)]
+def _layer_types(period: int, layers: int) -> list[str]:
+    """HF `layer_types` from llama.cpp's swa period n: layer i slides when `i % n < n - 1`
+    (its `set_swa_pattern`; 0: every layer)."""
+    sliding = [period == 0 or i % period < period - 1 for i in range(layers)]
     return ["sliding_attention" if s else "full_attention" for s in sliding]
 
 
@@ -153,10 +152,10 @@ def layer_entries(
 ) -> list[Planned]:
     """Layer `i`'s tensors under HF gpt-oss names, with the experts fused back together."""
     pre = f"model.layers.{i}."
-    entries: list[Planned] = []
-    for gguf_name, hf_name in _TENSORS:
-        entries.append(Entry(pre + hf_name, _need(blk, i, path, gguf_name)))
-    experts, inter, hidden = (
+    entries: list[Planned] = [
+        Entry(pre + hf_name, _need(blk, i, path, gguf_name)) for gguf_name, hf_name in _TENSORS
+    ]
+    n, inter, hidden = (
         config["num_local_experts"],
         config["intermediate_size"],
         config["hidden_size"],
@@ -166,78 +165,48 @@ def layer_entries(
     down = _whole(_need(blk, i, path, "ffn_down_exps.weight"))
     down_b = _whole(_need(blk, i, path, "ffn_down_exps.bias"))
     for rows, want in (
-        (gate, (experts, inter, hidden)),
-        (up, (experts, inter, hidden)),
-        (gate_b, (experts, inter)),
-        (up_b, (experts, inter)),
-        (down, (experts, hidden, inter)),
-        (down_b, (experts, hidden)),
+        (gate, (n, inter, hidden)),
+        (up, (n, inter, hidden)),
+        (gate_b, (n, inter)),
+        (up_b, (n, inter)),
+        (down, (n, hidden, inter)),
+        (down_b, (n, hidden)),
     ):
         if rows.shape != want:
             raise ModelFormatError(
                 f"{path}: {rows.tensor.name} holds {rows.shape} (experts, rows, columns), "
                 f"expected {want} from the metadata"
             )
-    e = pre + "mlp.experts."
-    fused = (gate.tensor, up.tensor)
-    if "quantization_config" in config:  # every stack MXFP4: the bytes repacked, not dequantized
-        gate_up_blocks = (experts, 2 * inter, hidden // 32, 16)
-        down_blocks = (experts, hidden, inter // 32, 16)
-        entries += [
-            Derived(
-                e + "gate_up_proj_blocks",
-                gate_up_blocks,
-                fused,
-                _interleaved(gate, up, _mxfp4_blocks),
-                "U8",
-            ),
-            Derived(
-                e + "gate_up_proj_scales",
-                gate_up_blocks[:3],
-                fused,
-                _interleaved(gate, up, _mxfp4_scales),
-                "U8",
-            ),
-            Derived(
-                e + "down_proj_blocks",
-                down_blocks,
-                (down.tensor,),
-                _each(down, _mxfp4_blocks),
-                "U8",
-            ),
-            Derived(
-                e + "down_proj_scales",
-                down_blocks[:3],
-                (down.tensor,),
-                _each(down, _mxfp4_scales),
-                "U8",
-            ),
+    mxfp4 = "quantization_config" in config  # every stack MXFP4: bytes repacked, not dequantized
+    # (HF name, shape, sources (two: interleaved), read one expert, transposed, safetensors dtype)
+    specs: list[tuple[str, tuple[int, ...], tuple[_Rows, ...], Read, bool, str]]
+    if mxfp4:
+        gate_up_blocks, down_blocks = (n, 2 * inter, hidden // 32, 16), (n, hidden, inter // 32, 16)
+        specs = [
+            ("gate_up_proj_blocks", gate_up_blocks, (gate, up), _mxfp4_blocks, False, "U8"),
+            ("gate_up_proj_scales", gate_up_blocks[:3], (gate, up), _mxfp4_scales, False, "U8"),
+            ("down_proj_blocks", down_blocks, (down,), _mxfp4_blocks, False, "U8"),
+            ("down_proj_scales", down_blocks[:3], (down,), _mxfp4_scales, False, "U8"),
         ]
     else:  # HF stores (in, out): (experts, hidden, 2 * inter) and (experts, inter, hidden)
-        entries += [
-            Derived(
-                e + "gate_up_proj",
-                (experts, hidden, 2 * inter),
-                fused,
-                _interleaved(gate, up, _float, transpose=True),
-            ),
-            Derived(
-                e + "down_proj",
-                (experts, inter, hidden),
-                (down.tensor,),
-                _each(down, _float, transpose=True),
-            ),
+        specs = [
+            ("gate_up_proj", (n, hidden, 2 * inter), (gate, up), _float, True, "F32"),
+            ("down_proj", (n, inter, hidden), (down,), _float, True, "F32"),
         ]
-    entries += [
-        Derived(
-            e + "gate_up_proj_bias",
-            (experts, 2 * inter),
-            (gate_b.tensor, up_b.tensor),
-            _interleaved(gate_b, up_b, _float),
-        ),
-        Derived(e + "down_proj_bias", (experts, hidden), (down_b.tensor,), _each(down_b, _float)),
+    specs += [
+        ("gate_up_proj_bias", (n, 2 * inter), (gate_b, up_b), _float, False, "F32"),
+        ("down_proj_bias", (n, hidden), (down_b,), _float, False, "F32"),
     ]
-    return entries
+    return entries + [
+        Derived(
+            f"{pre}mlp.experts.{name}",
+            shape,
+            tuple(r.tensor for r in rows),
+            _expert_chunks(rows, read, transpose),
+            dtype,
+        )
+        for name, shape, rows, read, transpose, dtype in specs
+    ]
 
 
 def _need(blk: dict[str, ReaderTensor], i: int, path: Path, name: str) -> ReaderTensor:
@@ -260,24 +229,17 @@ def _gate_up(blk: dict[str, ReaderTensor], i: int, path: Path, kind: str) -> tup
     return _whole(gate), _whole(_need(blk, i, path, f"ffn_up_exps.{kind}"))
 
 
-def _interleaved(
-    gate: _Rows, up: _Rows, read: Read, transpose: bool = False
+def _expert_chunks(
+    rows: tuple[_Rows, ...], read: Read, transpose: bool
 ) -> Callable[[], Iterator[np.ndarray]]:
-    """Expert by expert, gate and up rows interleaved (g0, u0, g1, u1, ...) as HF fuses them."""
+    """Expert by expert: one source as it is, or two (gate, up) with their rows interleaved
+    (g0, u0, g1, u1, ...) as HF fuses them; then transposed to HF's (in, out) if asked."""
 
     def chunks() -> Iterator[np.ndarray]:
-        for x in range(gate.shape[0]):
-            g, u = read(gate, x), read(up, x)  # (inter, ...) each
-            rows = np.stack((g, u), axis=1).reshape(2 * g.shape[0], *g.shape[1:])
-            yield rows.T if transpose else rows
-
-    return chunks
-
-
-def _each(rows: _Rows, read: Read, transpose: bool = False) -> Callable[[], Iterator[np.ndarray]]:
-    def chunks() -> Iterator[np.ndarray]:
-        for x in range(rows.shape[0]):
-            yield read(rows, x).T if transpose else read(rows, x)
+        for x in range(rows[0].shape[0]):
+            parts = [read(r, x) for r in rows]  # (rows, ...) each
+            out = np.stack(parts, axis=1).reshape(-1, *parts[0].shape[1:])
+            yield out.T if transpose else out
 
     return chunks
 
