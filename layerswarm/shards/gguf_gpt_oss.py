@@ -101,8 +101,8 @@ def config_fields(
             meta_int(meta, "llama.attention.sliding_window_pattern", path, 2), layers
         ),
         "swiglu_limit": _swiglu_limit(meta.get("llama.swiglu_clamp_exp"), path),
-        # GGUF has no key for it: OpenAI's config.json says `"truncate": false` (YaRN's
-        # correction range not rounded to whole dimensions).
+        # GGUF has no key for it; gpt-oss's YaRN does not round its correction range to whole
+        # dimensions (transformers' GptOssConfig default rope_parameters: `"truncate": False`).
         "rope_scaling": None if rope_scaling is None else rope_scaling | {"truncate": False},
     }
     if experts_are_mxfp4(tensors):
