@@ -92,18 +92,17 @@ def gguf_tensors(model_dir: Path, config: ModelConfig) -> dict[str, np.ndarray]:
     return out
 
 
-def write_gguf(path: Path, model_dir: Path, arch: str) -> None:
-    config = ModelConfig.from_file(model_dir)
+def start_gguf(path: Path, arch: str, config: ModelConfig, pre: str) -> GGUFWriter:
+    """A writer holding the metadata all these families' files have, and a byte tokenizer."""
     w = GGUFWriter(path, arch)
     w.add_block_count(config.num_layers)
-    w.add_context_length(512)
+    w.add_context_length(config.max_position_embeddings)
     w.add_embedding_length(config.hidden_size)
     w.add_feed_forward_length(config.intermediate_size)
     w.add_head_count(config.num_heads)
     w.add_head_count_kv(config.num_kv_heads)
     w.add_key_length(config.head_dim)
     w.add_value_length(config.head_dim)
-    w.add_rope_dimension_count(config.head_dim)
     w.add_layer_norm_rms_eps(config.rms_norm_eps)
     w.add_rope_freq_base(config.rope_theta)
     if config.moe is not None:
@@ -113,16 +112,27 @@ def write_gguf(path: Path, model_dir: Path, arch: str) -> None:
     tokens = sorted(pre_tokenizers.ByteLevel.alphabet())  # the tiny models' byte tokenizer
     tokens[-1] = tokens[0] + tokens[1]  # one merge (a GGUF BPE needs one), still 256 tokens
     w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("gpt2")
+    w.add_tokenizer_pre(pre)
     w.add_token_list(tokens)
     w.add_token_types([TokenType.NORMAL] * len(tokens))
     w.add_token_merges([f"{tokens[0]} {tokens[1]}"])
-    for name, value in gguf_tensors(model_dir, config).items():
-        w.add_tensor(name, np.ascontiguousarray(value, dtype=np.float32))
+    return w
+
+
+def finish_gguf(w: GGUFWriter) -> None:
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
+
+
+def write_gguf(path: Path, model_dir: Path, arch: str) -> None:
+    config = ModelConfig.from_file(model_dir)
+    w = start_gguf(path, arch, config, "gpt2")
+    w.add_rope_dimension_count(config.head_dim)
+    for name, value in gguf_tensors(model_dir, config).items():
+        w.add_tensor(name, np.ascontiguousarray(value, dtype=np.float32))
+    finish_gguf(w)
 
 
 @pytest.mark.parametrize("kind", sorted(ARCH))
@@ -183,34 +193,14 @@ def write_gpt_oss_gguf(
     "mxfp4-values" (the float32 values those MXFP4 bytes stand for). `drop`: a tensor left out."""
     config = ModelConfig.from_file(model_dir)
     assert config.moe is not None and config.rope_scaling is not None
-    w = GGUFWriter(path, "gpt-oss")
     # TextModel.set_gguf_parameters, then GptOssModel's sliding window and expert width
-    w.add_block_count(config.num_layers)
-    w.add_context_length(config.max_position_embeddings)
-    w.add_embedding_length(config.hidden_size)
-    w.add_feed_forward_length(config.intermediate_size)
-    w.add_head_count(config.num_heads)
-    w.add_head_count_kv(config.num_kv_heads)
+    w = start_gguf(path, "gpt-oss", config, "gpt-4o")
     w.add_rope_scaling_type(RopeScalingType.YARN)
     w.add_rope_scaling_factor(config.rope_scaling.factor)
     w.add_rope_scaling_orig_ctx_len(config.rope_scaling.original_max_position_embeddings)
     w.add_rope_scaling_yarn_beta_fast(config.rope_scaling.beta_fast)
     w.add_rope_scaling_yarn_beta_slow(config.rope_scaling.beta_slow)
-    w.add_rope_freq_base(config.rope_theta)
-    w.add_layer_norm_rms_eps(config.rms_norm_eps)
-    w.add_expert_count(config.moe.num_experts)
-    w.add_expert_used_count(config.moe.experts_per_token)
-    w.add_key_length(config.head_dim)
-    w.add_value_length(config.head_dim)
     w.add_sliding_window(config.sliding_window)
-    w.add_expert_feed_forward_length(config.moe.intermediate_size)
-    tokens = sorted(pre_tokenizers.ByteLevel.alphabet())
-    tokens[-1] = tokens[0] + tokens[1]
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("gpt-4o")
-    w.add_token_list(tokens)
-    w.add_token_types([TokenType.NORMAL] * len(tokens))
-    w.add_token_merges([f"{tokens[0]} {tokens[1]}"])
     for name, value in gpt_oss_gguf_tensors(model_dir, fused).items():
         if name == drop:
             continue
@@ -222,10 +212,7 @@ def write_gpt_oss_gguf(
                 continue
             value = quants.dequantize(stored, MXFP4)
         w.add_tensor(name, value)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    finish_gguf(w)
 
 
 @pytest.mark.parametrize("fused", [False, True], ids=["gate-and-up", "fused-gate-up"])
