@@ -1,9 +1,10 @@
 """Convert a GGUF file into a Hugging Face style model folder, weights in float32.
 
 Architectures (`general.architecture`): `llama` (Llama, Mistral, and Mixtral when it has
-experts), `qwen3` and `qwen3moe`. The folder holds `model.safetensors` (the family's Hugging
-Face tensor names, written layer by layer so a span's tensors lie together on disk; stacked
-experts are written one by one), `config.json`, `tokenizer.json`, `tokenizer_config.json` (with
+experts), `qwen3`, `qwen3moe` and `gpt-oss` (see gguf_gpt_oss.py; its MXFP4 experts stay MXFP4).
+The folder holds `model.safetensors` (the family's Hugging Face tensor names, written layer by
+layer so a span's tensors lie together on disk; stacked experts are written one by one),
+`config.json`, `tokenizer.json`, `tokenizer_config.json` (with
 the chat template) and `generation_config.json`.
 """
 
@@ -20,11 +21,16 @@ import numpy as np
 from gguf import GGUFReader, ReaderTensor
 
 from layerswarm.errors import ModelFormatError
+from layerswarm.shards import gguf_gpt_oss
 from layerswarm.shards.gguf_tensors import (
     Entry,
+    Planned,
     Progress,
+    as_float32,
     check_types,
     dequantize,
+    meta_int,
+    source_names,
     write_safetensors,
 )
 from layerswarm.shards.gguf_tokenizer import gguf_tokenizer, tokenizer_config
@@ -33,8 +39,8 @@ log = logging.getLogger(__name__)
 
 
 # `general.architecture` values this module converts -> whether llama.cpp interleaved q/k rows
-# (its LlamaModel.permute, which Mixtral inherits; Qwen models are stored as they are).
-GGUF_ARCHITECTURES = {"llama": True, "qwen3": False, "qwen3moe": False}
+# (its LlamaModel.permute, which Mixtral inherits; Qwen models and gpt-oss are stored as they are).
+GGUF_ARCHITECTURES = {"llama": True, "qwen3": False, "qwen3moe": False, gguf_gpt_oss.ARCH: False}
 _QK_NORMS = (
     ("attn_q_norm.weight", "self_attn.q_norm.weight"),
     ("attn_k_norm.weight", "self_attn.k_norm.weight"),
@@ -61,10 +67,15 @@ _OPTIONAL = {"attn_q.bias", "attn_k.bias", "attn_v.bias"}
 # Tensors llama.cpp may store that carry no weights of their own: `rope_freqs` becomes
 # `rope_scaling` in config.json; `attn_rot_embd` is a cache of RoPE sines that old files carry.
 _CONSUMED = ("rope_freqs.weight", ".attn_rot_embd")
+_YARN_KEYS = (
+    ("yarn_beta_fast", "beta_fast"),
+    ("yarn_beta_slow", "beta_slow"),
+    ("yarn_attn_factor", "attention_factor"),
+)
 
 
 def convert_gguf(gguf_path: Path, out_dir: Path, progress: Progress | None = None) -> None:
-    """Convert a GGUF file (llama, qwen3, qwen3moe) into a Hugging Face style folder.
+    """Convert a GGUF file (llama, qwen3, qwen3moe, gpt-oss) into a Hugging Face style folder.
 
     Args:
         gguf_path: the `.gguf` file.
@@ -86,7 +97,7 @@ def convert_gguf(gguf_path: Path, out_dir: Path, progress: Progress | None = Non
         )
     tensors = {t.name: t for t in reader.tensors}
     config = _config(meta, tensors, gguf_path, arch)
-    entries = _plan(tensors, config, gguf_path, GGUF_ARCHITECTURES[arch])
+    entries = _plan(tensors, config, gguf_path, arch)
     tokenizer = gguf_tokenizer(meta, gguf_path)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -109,20 +120,6 @@ def _open(path: Path) -> GGUFReader:
         raise ModelFormatError(f"{path} is not a readable GGUF file: {e}") from None
 
 
-def _int(meta: dict[str, Any], key: str, path: Path, default: int | None = None) -> int:
-    value = meta.get(key, default)
-    if value is None:
-        raise ModelFormatError(f"{path} lacks the GGUF metadata {key!r}")
-    if not isinstance(value, int):
-        raise ModelFormatError(f"{path}: {key!r} is {value!r}; layerswarm needs one number here")
-    return value
-
-
-def _float32(value: float) -> float:
-    # GGUF stores float32: 1e-5 is 9.999999747e-06 there; keep the shortest float32 spelling.
-    return float(str(np.float32(value)))
-
-
 def _config(
     meta: dict[str, Any], tensors: dict[str, ReaderTensor], path: Path, arch: str
 ) -> dict[str, Any]:
@@ -131,39 +128,42 @@ def _config(
         meta = {k.replace(f"{arch}.", "llama.", 1): v for k, v in meta.items()}
     if "token_embd.weight" not in tensors:
         raise ModelFormatError(f"{path} lacks the tensor 'token_embd.weight'")
-    hidden = _int(meta, "llama.embedding_length", path)
-    heads = _int(meta, "llama.attention.head_count", path)
-    head_dim = _int(meta, "llama.attention.key_length", path, hidden // heads)
-    rope_dim = _int(meta, "llama.rope.dimension_count", path, head_dim)
+    hidden = meta_int(meta, "llama.embedding_length", path)
+    heads = meta_int(meta, "llama.attention.head_count", path)
+    head_dim = meta_int(meta, "llama.attention.key_length", path, hidden // heads)
+    rope_dim = meta_int(meta, "llama.rope.dimension_count", path, head_dim)
     if rope_dim != head_dim:
         raise ModelFormatError(
             f"{path} rotates {rope_dim} of {head_dim} features per head; "
             "partial RoPE is not supported"
         )
-    theta = _float32(meta.get("llama.rope.freq_base", 10000.0))
+    theta = as_float32(meta.get("llama.rope.freq_base", 10000.0))
     config: dict[str, Any] = {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
         "hidden_size": hidden,
-        "intermediate_size": _int(
+        "intermediate_size": meta_int(
             meta, "llama.feed_forward_length", path, meta.get("llama.expert_feed_forward_length")
         ),
-        "num_hidden_layers": _int(meta, "llama.block_count", path),
+        "num_hidden_layers": meta_int(meta, "llama.block_count", path),
         "num_attention_heads": heads,
-        "num_key_value_heads": _int(meta, "llama.attention.head_count_kv", path, heads),
+        "num_key_value_heads": meta_int(meta, "llama.attention.head_count_kv", path, heads),
         "head_dim": head_dim,
         "vocab_size": int(tensors["token_embd.weight"].shape[1]),
-        "rms_norm_eps": _float32(meta.get("llama.attention.layer_norm_rms_epsilon", 1e-5)),
+        "rms_norm_eps": as_float32(meta.get("llama.attention.layer_norm_rms_epsilon", 1e-5)),
         "rope_theta": theta,
         "rope_scaling": _rope_scaling(meta, tensors, head_dim, theta, path),
-        "max_position_embeddings": _int(meta, "llama.context_length", path, 2048),
+        "max_position_embeddings": meta_int(meta, "llama.context_length", path, 2048),
         "tie_word_embeddings": "output.weight" not in tensors,
         "attention_bias": "blk.0.attn_q.bias" in tensors,
         "mlp_bias": False,
         "hidden_act": "silu",
         "torch_dtype": "float32",
     }
-    config |= _family_fields(meta, path, arch)
+    if arch == gguf_gpt_oss.ARCH:
+        config |= gguf_gpt_oss.config_fields(meta, tensors, path, config["rope_scaling"])
+    else:
+        config |= _family_fields(meta, path, arch)
     if arch == "qwen3moe":  # layers stored with a plain MLP
         layers = range(config["num_hidden_layers"])
         config["mlp_only_layers"] = [
@@ -186,11 +186,11 @@ def _family_fields(meta: dict[str, Any], path: Path, arch: str) -> dict[str, Any
     experts = int(meta.get("llama.expert_count") or 0)
     moe: dict[str, Any] = {}
     if experts or arch == "qwen3moe":
-        moe["num_experts_per_tok"] = _int(meta, "llama.expert_used_count", path)
+        moe["num_experts_per_tok"] = meta_int(meta, "llama.expert_used_count", path)
         moe["norm_topk_prob"] = True  # llama.cpp renormalizes the top k for both
     if arch == "qwen3moe":
         moe["num_experts"] = experts
-        moe["moe_intermediate_size"] = _int(meta, "llama.expert_feed_forward_length", path)
+        moe["moe_intermediate_size"] = meta_int(meta, "llama.expert_feed_forward_length", path)
         return {"architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe"} | moe
     if arch == "qwen3":
         return {"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3"}
@@ -225,9 +225,12 @@ def _rope_scaling(
     kind = meta.get("llama.rope.scaling.type")
     if kind in (None, "none"):
         return None
-    scaling = {"rope_type": kind, "factor": _float32(meta.get("llama.rope.scaling.factor", 1.0))}
+    scaling = {"rope_type": kind, "factor": as_float32(meta.get("llama.rope.scaling.factor", 1.0))}
     if original:
         scaling["original_max_position_embeddings"] = original
+    for key, hf_key in _YARN_KEYS:  # llama.cpp writes these when the HF config names them
+        if f"llama.rope.scaling.{key}" in meta:
+            scaling[hf_key] = as_float32(meta[f"llama.rope.scaling.{key}"])
     return scaling
 
 
@@ -251,35 +254,47 @@ def _llama3_factors(
 
 
 def _plan(
-    tensors: dict[str, ReaderTensor], config: dict[str, Any], path: Path, permuted: bool
-) -> list[Entry]:
+    tensors: dict[str, ReaderTensor], config: dict[str, Any], path: Path, arch: str
+) -> list[Planned]:
     """Every tensor to write, in disk order: embedding, layer 0, layer 1, ..., norm, head."""
-    entries = [Entry("model.embed_tokens.weight", tensors["token_embd.weight"])]
-    heads = {"attn_q": config["num_attention_heads"], "attn_k": config["num_key_value_heads"]}
+    entries: list[Planned] = [Entry("model.embed_tokens.weight", tensors["token_embd.weight"])]
     for i in range(config["num_hidden_layers"]):
         blk = _layer(tensors, i)
-        sparse = "ffn_gate_inp.weight" in blk  # experts instead of ffn_gate/up/down
-        own = _LAYER_TENSORS[:9] if sparse else _LAYER_TENSORS  # [:9]: up to ffn_norm
-        for gguf_name, hf_name in own + _QK_NORMS:
-            source = blk.get(gguf_name)
-            if source is None and (gguf_name in _OPTIONAL or (gguf_name, hf_name) in _QK_NORMS):
-                continue
-            if source is None:
-                raise ModelFormatError(f"{path} lacks the tensor 'blk.{i}.{gguf_name}'")
-            n_heads = heads.get(gguf_name.split(".")[0]) if permuted else None
-            entries.append(Entry(f"model.layers.{i}.{hf_name}", source, n_heads))
-        if sparse:
-            entries += _experts(blk, i, config, path)
+        if arch == gguf_gpt_oss.ARCH:
+            entries += gguf_gpt_oss.layer_entries(blk, i, config, path)
+        else:
+            entries += _llama_layer(blk, i, config, path, GGUF_ARCHITECTURES[arch])
     if "output_norm.weight" not in tensors:
         raise ModelFormatError(f"{path} lacks the tensor 'output_norm.weight'")
     entries.append(Entry("model.norm.weight", tensors["output_norm.weight"]))
     if "output.weight" in tensors:
         entries.append(Entry("lm_head.weight", tensors["output.weight"]))
-    used = {e.source.name for e in entries}
+    used = source_names(entries)
     extra = [n for n in tensors if n not in used and not any(c in n for c in _CONSUMED)]
     if extra:
         raise ModelFormatError(f"{path} holds tensors this architecture does not have: {extra[:5]}")
     check_types(entries)
+    return entries
+
+
+def _llama_layer(
+    blk: dict[str, ReaderTensor], i: int, config: dict[str, Any], path: Path, permuted: bool
+) -> list[Planned]:
+    """Layer `i` of a llama-like file (Llama, Mistral, Mixtral, Qwen3, Qwen3-MoE)."""
+    heads = {"attn_q": config["num_attention_heads"], "attn_k": config["num_key_value_heads"]}
+    sparse = "ffn_gate_inp.weight" in blk  # experts instead of ffn_gate/up/down
+    own = _LAYER_TENSORS[:9] if sparse else _LAYER_TENSORS  # [:9]: up to ffn_norm
+    entries: list[Planned] = []
+    for gguf_name, hf_name in own + _QK_NORMS:
+        source = blk.get(gguf_name)
+        if source is None and (gguf_name in _OPTIONAL or (gguf_name, hf_name) in _QK_NORMS):
+            continue
+        if source is None:
+            raise ModelFormatError(f"{path} lacks the tensor 'blk.{i}.{gguf_name}'")
+        n_heads = heads.get(gguf_name.split(".")[0]) if permuted else None
+        entries.append(Entry(f"model.layers.{i}.{hf_name}", source, n_heads))
+    if sparse:
+        entries += _experts(blk, i, config, path)
     return entries
 
 
@@ -290,7 +305,7 @@ def _layer(tensors: dict[str, ReaderTensor], i: int) -> dict[str, ReaderTensor]:
 
 def _experts(
     blk: dict[str, ReaderTensor], i: int, config: dict[str, Any], path: Path
-) -> list[Entry]:
+) -> list[Planned]:
     """The router and every expert of layer `i`, from llama.cpp's stacked `ffn_*_exps`."""
     mixtral = config["architectures"] == ["MixtralForCausalLM"]
     pre = f"model.layers.{i}." + ("block_sparse_moe." if mixtral else "mlp.")
@@ -298,7 +313,7 @@ def _experts(
     missing = [n for n in _EXPERT_STACKS if n not in blk]
     if missing:
         raise ModelFormatError(f"{path} lacks the tensor 'blk.{i}.{missing[0]}' (stored experts)")
-    entries = [Entry(pre + "gate.weight", blk["ffn_gate_inp.weight"])]
+    entries: list[Planned] = [Entry(pre + "gate.weight", blk["ffn_gate_inp.weight"])]
     n = int(blk["ffn_gate_exps.weight"].shape[-1])
     for e in range(n):
         for stack, name in zip(_EXPERT_STACKS, names, strict=True):

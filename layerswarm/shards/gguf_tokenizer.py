@@ -18,16 +18,30 @@ _LLAMA3_SPLIT = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
     r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
+# o200k (gpt-oss, GPT-4o, Llama 4): the regex of their tokenizer.json, which llama.cpp's
+# llama-vocab.cpp quotes for LLAMA_VOCAB_PRE_TYPE_GPT4O (`tokenizer.ggml.pre` "gpt-4o", "llama4").
+_O200K_SPLIT = (
+    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+"
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+    r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*"
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+    r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
 _GPT2_PRE = ("default", "gpt2", "gpt-2")
 _LLAMA3_PRE = ("llama-bpe", "llama3", "llama-v3")
+_SPLITS = {
+    **dict.fromkeys(_LLAMA3_PRE, _LLAMA3_SPLIT),
+    "gpt-4o": _O200K_SPLIT,
+    "llama4": _O200K_SPLIT,
+}
 
 
 def _pre_tokenizer(pre: str) -> pre_tokenizers.PreTokenizer:
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True)
     if pre == "smollm":  # SmolLM2's tokenizer.json splits every digit apart first
         return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
-    if pre in _LLAMA3_PRE:
-        split = pre_tokenizers.Split(Regex(_LLAMA3_SPLIT), behavior="isolated", invert=False)
+    if pre in _SPLITS:  # a regex split, then bytes to characters (Llama 3's, o200k's)
+        split = pre_tokenizers.Split(Regex(_SPLITS[pre]), behavior="isolated", invert=False)
         no_regex = pre_tokenizers.ByteLevel(
             add_prefix_space=False, trim_offsets=True, use_regex=False
         )
