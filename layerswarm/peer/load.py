@@ -66,7 +66,7 @@ def load_peer_model(
         model.to_device(device)  # the CPU: kernels as asked (Triton only in the interpreter)
         if config.quant != "none":
             quantize(model, config.quant, config.quant_group_size)  # type: ignore[arg-type]
-        pack_linears(model)  # the linears quantization left: oneDNN's fast CPU layout
+        pack_linears(model)  # the linears quantization left: the fast CPU layouts
     if config.kernels != "auto":
         for module in model.modules():
             if isinstance(module, QuantLinear):

@@ -16,7 +16,6 @@ import torch
 from torch import nn
 
 from layerswarm.kernels import quant
-from layerswarm.kernels.cpu_linear import PackedLinear
 
 log = logging.getLogger(__name__)
 
@@ -193,6 +192,4 @@ def memory_bytes(module: nn.Module) -> int:
         if key not in seen:
             seen.add(key)
             total += t.numel() * t.element_size()
-    # oneDNN-packed weights are opaque tensors held outside parameters (kernels.cpu_linear).
-    total += sum(m.nbytes for m in module.modules() if isinstance(m, PackedLinear))
     return total
