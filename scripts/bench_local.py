@@ -6,8 +6,9 @@ take turns (A B A B ...), so a noisy machine slows both alike; the table shows m
 decode spread (min-max). Decode is timed twice: by the wall clock and by the process's CPU time,
 which leaves out the time other processes held the cores (on a shared machine the wall-clock
 rate moves with their load, the CPU-time rate much less; with more than one torch thread, CPU
-time counts every thread's work, so it is only a rate of work then). transformers is a dev
-dependency: `pip install -e .[dev]`.
+time counts every thread's work, so it is only a rate of work then). Both engines run with the
+heap frozen after loading (`gc.freeze`), as `swarm-peer` and `swarm-chat` run. transformers is
+a dev dependency: `pip install -e .[dev]`.
 
     python scripts/bench_local.py [--model smollm2-135m] [--repeats 3]
     python scripts/make_synthetic_moe.py && \
@@ -17,8 +18,11 @@ dependency: `pip install -e .[dev]`.
 from __future__ import annotations
 
 import argparse
+import gc
 import statistics
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -26,13 +30,24 @@ import torch
 from layerswarm.cli.common import default_cache_dir, resolve_model_cli
 from layerswarm.kernels.cpu_linear import pack_linears
 from layerswarm.shards.config import ModelConfig, Span
-from layerswarm.shards.weights import load_client_head, load_span
+from layerswarm.shards.weights import freeze_heap, load_client_head, load_span
 
 PROMPT_TOKENS = 128
 NEW_TOKENS = 64
 
 
 Run = tuple[float, float, float]  # prefill seconds, decode tok/s by wall clock, by CPU time
+
+
+@contextmanager
+def frozen_heap() -> Iterator[None]:
+    """The loaded model out of the collector's sight while timed, as a peer runs (see
+    `freeze_heap`); collectable again after, so the next run's load does not add to it."""
+    freeze_heap()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
 
 
 def bench_ours(model_dir: Path, dtype: torch.dtype, ids: torch.Tensor) -> Run:
@@ -42,15 +57,16 @@ def bench_ours(model_dir: Path, dtype: torch.dtype, ids: torch.Tensor) -> Run:
     # The span's math as a peer runs it (one session; the scheduler's thread hops left out).
     cache = span.new_cache(PROMPT_TOKENS + NEW_TOKENS)
     seq = cache.open_session(PROMPT_TOKENS + NEW_TOKENS)
-    t0 = time.perf_counter()
-    logits = head.logits(span(head.embed_tokens(ids), [0], cache, [seq])[:, -1:])
-    t1 = time.perf_counter()
-    token = logits[0, 0].argmax()
-    c1 = time.process_time()
-    for i in range(NEW_TOKENS):
-        h = span(head.embed_tokens(token.view(1, 1)), [PROMPT_TOKENS + i], cache, [seq])
-        token = head.logits(h)[0, 0].argmax()
-    t2, c2 = time.perf_counter(), time.process_time()
+    with frozen_heap():
+        t0 = time.perf_counter()
+        logits = head.logits(span(head.embed_tokens(ids), [0], cache, [seq])[:, -1:])
+        t1 = time.perf_counter()
+        token = logits[0, 0].argmax()
+        c1 = time.process_time()
+        for i in range(NEW_TOKENS):
+            h = span(head.embed_tokens(token.view(1, 1)), [PROMPT_TOKENS + i], cache, [seq])
+            token = head.logits(h)[0, 0].argmax()
+        t2, c2 = time.perf_counter(), time.process_time()
     return t1 - t0, NEW_TOKENS / (t2 - t1), NEW_TOKENS / (c2 - c1)
 
 
@@ -58,7 +74,7 @@ def bench_transformers(model_dir: Path, dtype: torch.dtype, ids: torch.Tensor) -
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
-    with torch.inference_mode():
+    with torch.inference_mode(), frozen_heap():
         t0 = time.perf_counter()
         model(ids)
         t1, c1 = time.perf_counter(), time.process_time()

@@ -31,6 +31,7 @@ from layerswarm.routing.local import open_local_generator, parse_dtype
 from layerswarm.routing.sampling import SamplingConfig
 from layerswarm.routing.text import Message
 from layerswarm.shards.device import DeviceUnavailable, default_dtype, resolve_device
+from layerswarm.shards.weights import freeze_heap
 
 HELP = "commands: /route, /stats, /system TEXT, /reset, /save FILE, /help, /quit"
 
@@ -182,6 +183,7 @@ def open_generator(
         gen.speculator = open_speculator(
             gen, args.speculate, model_dir, draft_dir, args.draft_quant, dtype
         )
+    freeze_heap()  # this process serves this generator from now on
     return gen
 
 

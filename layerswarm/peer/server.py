@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import logging
 import signal
@@ -48,7 +49,7 @@ from layerswarm.shards.config import DTYPES, ModelConfig, Span
 from layerswarm.shards.device import resolve_device
 from layerswarm.shards.quantize import memory_bytes
 from layerswarm.shards.sizes import layer_weight_bytes
-from layerswarm.shards.weights import Progress, model_fingerprint
+from layerswarm.shards.weights import Progress, freeze_heap, model_fingerprint
 from layerswarm.swarm.discovery import DhtLookup, RecordSource, dht_key, wait_for_coverage
 from layerswarm.swarm.identity import Identity
 from layerswarm.swarm.listen import Server as TransportServer
@@ -131,6 +132,7 @@ async def serve_peer(
         finally:
             if share is not None:
                 share.__exit__(None, None, None)
+        freeze_heap()  # the loaded span and the libraries: out of the collector's way
         cache_tokens = cache_tokens_for(config, model_config, span)
         table = SessionTable(model, cache_tokens, config.serving(), compute, speed.decode_threads)
         handler = RequestHandler(
@@ -336,6 +338,7 @@ def _rebalancing(
     compute: ThreadPoolExecutor,
 ) -> Coroutine[Any, Any, None]:
     async def load(span: Span) -> tuple[SpanModel, int]:
+        gc.unfreeze()  # the span this one replaces must be collectable once dropped
         loop = asyncio.get_running_loop()
         model, _ = await loop.run_in_executor(
             compute, load_peer_model, config, model_config, span, None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
@@ -18,6 +19,20 @@ from layerswarm.shards.families import client_tensor_names, family_of, layer_ten
 from layerswarm.shards.hub import INDEX, fetch_weight_files
 
 Progress = Callable[[str, float | None], None]
+
+
+def freeze_heap() -> None:
+    """Move every object alive now (the loaded model, the imported libraries) out of the
+    garbage collector's sight (`gc.freeze`), once loading is done.
+
+    A process serving a model holds ~340k objects, and a decode step makes hundreds of tensors:
+    the collector's periodic full passes walked all of them, in the middle of steps. Frozen,
+    a pass sees only what was made since. The synthetic MoE's one-thread fp32 decode, 150
+    steps each way, interleaved: 38.1-39.1 ms a token against 40.4-41.1, and the slowest
+    step 45-47 ms against 54. Objects made later are still collected as before.
+    """
+    gc.collect()
+    gc.freeze()
 
 
 class WeightFiles:
