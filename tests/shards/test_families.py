@@ -209,3 +209,47 @@ def test_the_one_token_path_equals_the_grouped_path(
             weights, index = moe.route(row)
             fast = moe(row, swiglu)  # a one-token input takes the one-token path
             assert torch.equal(fast, moe._grouped(row, weights, index, act))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("tokens", [1, 5])
+def test_queries_and_keys_normed_and_rotated_as_one_tensor_give_the_bits_of_each_apart(
+    dtype: torch.dtype, tokens: int
+) -> None:
+    from layerswarm.kernels import reference
+    from layerswarm.shards.rope import Rotary
+
+    g = torch.Generator().manual_seed(5)
+    q_heads, kv_heads, hd = 6, 2, 16
+    qk = (torch.randn(tokens, q_heads + kv_heads, hd, generator=g) * 3).to(dtype)
+    q_w, k_w = (torch.randn(hd, generator=g).to(dtype) for _ in range(2))
+    cos, sin = Rotary(ModelConfig(head_dim=hd)).cos_sin(torch.arange(7, 7 + tokens))
+    q = reference.rms_norm(qk[:, :q_heads], q_w, 1e-6).contiguous()
+    k = reference.rms_norm(qk[:, q_heads:], k_w, 1e-6).contiguous()
+    reference.apply_rope(q, k, cos, sin)  # the path the Triton kernels are checked against
+    both = reference.qk_norm(qk, q_heads, q_w, k_w, 1e-6)
+    reference.rotate(both, reference.rope_factors(cos, sin, dtype))
+    assert torch.equal(both[:, :q_heads], q) and torch.equal(both[:, q_heads:], k)
+
+
+@pytest.mark.parametrize("name", ["qwen3_moe", "mixtral", "gpt_oss"])
+def test_routing_gives_the_weights_of_the_familys_own_formula(
+    tiny_family: TinyFamily, name: str
+) -> None:
+    model_dir = tiny_family(name)
+    config = ModelConfig.from_file(model_dir)
+    model = load_span(model_dir, Span(0, config.num_layers), torch.float32)
+    x = torch.randn(32, config.hidden_size, generator=torch.Generator().manual_seed(4))
+    for moe in sparse_layers(model):
+        c = moe.config
+        weights, index = moe.route(x)
+        logits = torch.nn.functional.linear(x, moe.router_weight, moe.router_bias)
+        if c.router == "topk_softmax":  # gpt-oss: top k logits, softmax over them
+            top, want_index = torch.topk(logits, c.experts_per_token, dim=-1)
+            want = torch.softmax(top, dim=-1)
+        else:  # softmax over all, top k, renormalised (transformers' Qwen3-MoE and Mixtral)
+            want, want_index = torch.topk(torch.softmax(logits, -1), c.experts_per_token, dim=-1)
+            if c.norm_topk_prob:
+                want = want / want.sum(-1, keepdim=True)
+        assert torch.equal(index, want_index)
+        torch.testing.assert_close(weights, want, rtol=1e-6, atol=1e-7)
