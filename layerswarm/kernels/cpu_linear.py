@@ -9,12 +9,16 @@ with one thread and ~46 with two (a sum over 400 MB), so a GEMV's layout decides
   gate_up (3072 x 576), 14.6 against 10.3 for qkv, 12.4 against 10.8 for o_proj (576 x 576).
   With more inputs than outputs the usual layout is the faster one (down_proj, 576 x 1536: 14.5
   against 11.6), so those keep it: a 30-layer fp32 decode step 31.1 ms against 33.0.
-- bf16/fp16 take the same layouts. oneDNN's prepacked weights (`_reorder_linear_weight`, used
-  here before) were the fastest on a quiet day (~26 GB/s), but this CPU has no bf16 dot-product
+- bf16 takes the same layouts. oneDNN's prepacked weights (`_reorder_linear_weight`, used here
+  before) were the fastest on a quiet day (~26 GB/s), but this CPU has no bf16 dot-product
   instructions and later runs found the transposed layout faster, most of all for the 49152 x
   576 head (one thread: 4.2 against 6.4 ms): whole decode steps, the two layouts' steps
   interleaved in one process, 1.09-1.12x (SmolLM2, a synthetic Qwen3-MoE) with one thread,
-  1.03-1.05x with two; a 128-token prefill the same (within 2%).
+  1.03-1.05x with two; a 128-token prefill the same (within 2%). fp16 keeps the usual layout
+  (see `_into_arena`); oneDNN cannot pack fp16 on this CPU at all.
+- The layout is a fixed rule, not timed on each machine: timing picked differently from run to
+  run where two layouts are close, and the layouts sum in different orders (fp32 outputs
+  differ by ~1e-6), so peers serving the same layers would no longer give the same bits.
 - Weights read from 4 KiB pages pay a TLB miss every page: one fp32 decode step of SmolLM2
   streams 536 MB, 130k pages. The weights live in one arena per dtype that the kernel backs
   with 2 MiB pages (`madvise(MADV_HUGEPAGE)`, Linux): SmolLM2 fp32 decode went from 41.7 to
@@ -76,10 +80,14 @@ def pack_linears(module: M) -> M:
 
 def _into_arena(linears: list[nn.Linear]) -> None:
     """Each weight moves into one shared arena: `(in, out)` memory behind an `(out, in)` view
-    where `in <= out`, the usual `(out, in)` layout elsewhere (see the module's docstring).
-    The linears' weights share one dtype."""
+    where `in <= out` (but for fp16), the usual `(out, in)` layout elsewhere (see the module's
+    docstring). The linears' weights share one dtype."""
     dtype = linears[0].weight.dtype
     size = dtype.itemsize
+    # fp16 GEMVs of the transposed layout have no fast path in torch on this CPU (no fp16
+    # instructions): 576 -> 1536 took 1.7 ms against 0.30 in rows, the 49152-row head 115 ms
+    # against 8.5. So fp16 keeps the usual rows everywhere.
+    may_transpose = dtype != torch.float16
     sizes = [-(-lin.weight.numel() * size // _ALIGN) * _ALIGN for lin in linears]
     arena = huge_page_arena(sum(sizes))
     offset = 0
@@ -87,7 +95,7 @@ def _into_arena(linears: list[nn.Linear]) -> None:
         out_features, in_features = lin.weight.shape
         nbytes = lin.weight.numel() * size
         flat = arena[offset : offset + nbytes].view(dtype)
-        if in_features > out_features:
+        if in_features > out_features or not may_transpose:
             dst = flat.view(out_features, in_features)
             dst.copy_(lin.weight.detach())
             lin.weight = nn.Parameter(dst, requires_grad=False)
