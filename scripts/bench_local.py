@@ -7,8 +7,8 @@ decode spread (min-max). Decode is timed twice: by the wall clock and by the pro
 which leaves out the time other processes held the cores (on a shared machine the wall-clock
 rate moves with their load, the CPU-time rate much less; with more than one torch thread, CPU
 time counts every thread's work, so it is only a rate of work then). Both engines run with the
-heap frozen after loading (`gc.freeze`), as `swarm-peer` and `swarm-chat` run. transformers is
-a dev dependency: `pip install -e .[dev]`.
+heap frozen after loading (`gc.freeze`), as `swarm-peer` and `swarm-chat` run, and with
+`swarm-peer`'s `GOMP_SPINCOUNT`. transformers is a dev dependency: `pip install -e .[dev]`.
 
     python scripts/bench_local.py [--model smollm2-135m] [--repeats 3]
     python scripts/make_synthetic_moe.py && \
@@ -16,6 +16,12 @@ a dev dependency: `pip install -e .[dev]`.
 """
 
 from __future__ import annotations
+
+import os
+
+# OpenMP threads spin only briefly after a parallel region: what `swarm-peer` runs with (set
+# before torch loads OpenMP; both engines run under it).
+os.environ.setdefault("GOMP_SPINCOUNT", "20000")
 
 import argparse
 import gc
