@@ -137,3 +137,31 @@ def test_a_peer_of_another_model_is_named_in_one_line(
     assert err.startswith("error: peer ") and "serves another model" in err, err[-3000:]
     assert "start both with the same --model" in err and "Traceback" not in err
     assert len(err.splitlines()) == 1, err
+
+
+def test_fp16_peers_on_a_cpu_serve_two_users_the_local_engines_tokens(
+    smollm2_dir: Path, tmp_path: Path
+) -> None:
+    """`swarm-peer start --dtype float16` on a CPU: oneDNN cannot pack fp16 weights here, which
+    once made such a peer fail to load; two users at once get the local fp16 engine's tokens."""
+    import torch
+
+    greedy = SamplingConfig(max_new_tokens=8, temperature=0.0)
+    prompts = [list(range(300, 312)), list(range(900, 907))]
+    local_gen = open_local_generator(smollm2_dir, torch.float16)
+    expected = [list(local_gen.tokens(p, greedy)) for p in prompts]
+    with start_peers(smollm2_dir, even_spans(30, 2), tmp_path, ["--dtype", "float16"]) as swarm:
+        gen = open_swarm_generator(smollm2_dir, swarm.addresses, dtype=torch.float16)
+        got: list[list[int]] = [[], []]
+
+        def run(i: int) -> None:
+            got[i] = list(gen.tokens(prompts[i], greedy))
+
+        users = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+        for t in users:
+            t.start()
+        for t in users:
+            t.join(timeout=300)
+        assert got == expected
+        links = gen.client.links  # type: ignore[attr-defined]
+        assert [link.info.dtype for link in links] == ["float16", "float16"]
