@@ -6,15 +6,13 @@ import logging
 
 import torch
 
-from layerswarm.kernels import reference
-from layerswarm.kernels.cpu_linear import pack_linears
 from layerswarm.peer.config import PeerConfig
 from layerswarm.peer.measure import SpeedSample, device_name, measure_speed
 from layerswarm.shards.blocks import SpanModel
 from layerswarm.shards.config import DTYPES, ModelConfig, Span
 from layerswarm.shards.cuda_graphs import enable_cuda_graphs
 from layerswarm.shards.kv_cache import PagedKVCache
-from layerswarm.shards.quantize import QuantLinear, memory_bytes, quantize
+from layerswarm.shards.quantize import QuantLinear, memory_bytes, pack_linears, quantize
 from layerswarm.shards.weights import Progress, load_span
 
 log = logging.getLogger(__name__)
@@ -73,7 +71,7 @@ def load_peer_model(
                 module.use_backend(config.kernels)
     if config.cuda_graphs:
         enable_cuda_graphs(model)
-    interpreted = device.type == "cpu" and model.ops is not reference
+    interpreted = device.type == "cpu" and model.triton
     # Triton's interpreter (`--kernels triton` on a CPU) runs ~1000x slower than the twins, and
     # its speed means nothing: a few tokens say enough for the records.
     speed = measure_speed(model, prompt=8, steps=1) if interpreted else measure_speed(model)

@@ -19,7 +19,6 @@ from pathlib import Path
 import torch
 
 from layerswarm.errors import ModelFormatError
-from layerswarm.kernels.cpu_linear import pack_linears
 from layerswarm.routing.generate import Generator
 from layerswarm.routing.local import LocalEngine, LocalPipeline
 from layerswarm.routing.sampling import Sampler
@@ -34,7 +33,7 @@ from layerswarm.routing.text import ChatTokenizer
 from layerswarm.shards.blocks import ClientHead
 from layerswarm.shards.config import ModelConfig, Span
 from layerswarm.shards.quantize import MODES as QUANT_MODES
-from layerswarm.shards.quantize import quantize
+from layerswarm.shards.quantize import pack_linears, quantize
 from layerswarm.shards.weights import Progress, load_client_head, load_span
 
 # The draft model's KV cache, every reply together: 256 MiB holds 5,600 tokens of SmolLM2-135M

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import torch
 
-from layerswarm.kernels.cpu_linear import pack_linears
 from layerswarm.routing.generate import Generator, Pipeline
 from layerswarm.routing.loop import BackgroundLoop
 from layerswarm.routing.text import ChatTokenizer
@@ -22,6 +21,7 @@ from layerswarm.shards.blocks import SpanModel
 from layerswarm.shards.config import ModelConfig, Span, parse_dtype
 from layerswarm.shards.cuda_graphs import enable_cuda_graphs
 from layerswarm.shards.kv_cache import PagedKVCache, SessionCache
+from layerswarm.shards.quantize import pack_linears
 from layerswarm.shards.scheduler import StepScheduler
 from layerswarm.shards.scheduler_config import SchedulerConfig
 from layerswarm.shards.weights import Progress, load_client_head, load_span

@@ -23,7 +23,6 @@ import torch
 from zeroconf import InterfaceChoice
 
 from layerswarm.errors import LayerswarmError, PeerUnavailable, ProtocolError
-from layerswarm.kernels.cpu_linear import pack_linears
 from layerswarm.routing.client_config import ClientConfig as ClientConfig
 from layerswarm.routing.generate import Generator, Pipeline
 from layerswarm.routing.loop import BackgroundLoop
@@ -35,6 +34,7 @@ from layerswarm.routing.trust import TrustLedger
 from layerswarm.routing.verify import NormBounds
 from layerswarm.routing.verify_local import LocalSpans
 from layerswarm.shards.config import ModelConfig
+from layerswarm.shards.quantize import pack_linears
 from layerswarm.shards.weights import load_client_head, model_fingerprint
 from layerswarm.swarm.dial import Connection, open_connection
 from layerswarm.swarm.discovery import (

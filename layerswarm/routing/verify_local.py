@@ -15,10 +15,10 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from layerswarm.kernels.cpu_linear import pack_linears
 from layerswarm.routing.loop import BackgroundLoop
 from layerswarm.routing.paths import PeerView
 from layerswarm.shards.config import DTYPES, ModelConfig, Span
+from layerswarm.shards.quantize import pack_linears
 from layerswarm.shards.weights import load_span
 
 if TYPE_CHECKING:

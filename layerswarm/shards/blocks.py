@@ -87,6 +87,11 @@ class SpanModel(nn.Module):
         self.ops = ops_for(device, self.kernel_backend)
         return self
 
+    @property
+    def triton(self) -> bool:
+        """Whether the layers run the Triton kernels (else their plain-torch twins)."""
+        return self.ops is not reference
+
     def new_cache(self, tokens: int, page_size: int = 16) -> PagedKVCache:
         """A KV cache for this span with room for `tokens` tokens in all."""
         p = next(self.parameters())

@@ -4,6 +4,10 @@
 (`qkv`, `o_proj`, `gate_up`, `down_proj`) with a `QuantLinear` in place; norms, activations and
 the KV cache keep the model's dtype. There is no second model class: the layers' math calls
 `layer.qkv(x)` either way (as gpt-fast's `replace_linear_int4` does).
+
+`pack_linears` is the other transform of a loaded model, for the CPU: the linears quantization
+left get their fast memory layouts (`kernels.cpu_linear`); apply it after `quantize`. It is
+offered here so that the client and the peer, which may not reach into `kernels`, apply it.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import torch
 from torch import nn
 
 from layerswarm.kernels import quant
+from layerswarm.kernels.cpu_linear import pack_linears as pack_linears
 
 log = logging.getLogger(__name__)
 
