@@ -9,16 +9,21 @@ with one thread and ~46 with two (a sum over 400 MB), so a GEMV's layout decides
   gate_up (3072 x 576), 14.6 against 10.3 for qkv, 12.4 against 10.8 for o_proj (576 x 576).
   With more inputs than outputs the usual layout is the faster one (down_proj, 576 x 1536: 14.5
   against 11.6), so those keep it: a 30-layer fp32 decode step 31.1 ms against 33.0.
-- bf16 takes the same layouts. oneDNN's prepacked weights (`_reorder_linear_weight`, used here
-  before) were the fastest on a quiet day (~26 GB/s), but this CPU has no bf16 dot-product
-  instructions and later runs found the transposed layout faster, most of all for the 49152 x
-  576 head (one thread: 4.2 against 6.4 ms): whole decode steps, the two layouts' steps
-  interleaved in one process, 1.09-1.12x (SmolLM2, a synthetic Qwen3-MoE) with one thread,
-  1.03-1.05x with two; a 128-token prefill the same (within 2%). fp16 keeps the usual layout
-  (see `_into_arena`); oneDNN cannot pack fp16 on this CPU at all.
-- The layout is a fixed rule, not timed on each machine: timing picked differently from run to
-  run where two layouts are close, and the layouts sum in different orders (fp32 outputs
-  differ by ~1e-6), so peers serving the same layers would no longer give the same bits.
+- bf16 depends on the CPU. Without bf16 dot-product instructions (AVX512-BF16 or AMX; the
+  CPU these figures come from) bf16 takes the fp32 layouts: oneDNN's prepacked weights
+  (`_reorder_linear_weight`) were slower there, most of all for the 49152 x 576 head (one
+  thread: 6.4 against 4.2 ms transposed): whole decode steps 1.09-1.12x (SmolLM2, a synthetic
+  Qwen3-MoE) with one thread, 1.03-1.05x with two. With them (a Xeon with AMX, on another day
+  of the same project machine) oneDNN's packed bf16 GEMVs use those instructions and the
+  transposed layout is the slowest: the synthetic MoE's bf16 decode step, the three layouts'
+  steps interleaved in one process (12 turns of 24 tokens, one thread), median 35.3 ms packed,
+  40.9 rows, 52.2 transposed (p25 24.0, 30.7, 40.1), the same tokens; so such CPUs get
+  `PackedLinear` (same products as `F.linear` in bf16, tested). fp16 keeps the usual layout
+  (see `_into_arena`); oneDNN cannot pack fp16 on a CPU without AVX512-FP16.
+- The layout is a fixed rule by the CPU's instruction sets, not timed on each machine: timing
+  picked differently from run to run where two layouts are close, and the layouts sum in
+  different orders (fp32 outputs differ by ~1e-6), so peers on the same kind of CPU serving
+  the same layers would no longer give the same bits.
 - Weights read from 4 KiB pages pay a TLB miss every page: one fp32 decode step of SmolLM2
   streams 536 MB, 130k pages. The weights live in one arena per dtype that the kernel backs
   with 2 MiB pages (`madvise(MADV_HUGEPAGE)`, Linux): SmolLM2 fp32 decode went from 41.7 to
@@ -62,17 +67,57 @@ def huge_page_arena(nbytes: int) -> torch.Tensor:
     return arena
 
 
+def native_bf16() -> bool:
+    """Whether this CPU has bf16 dot-product instructions (AVX512-BF16 or AMX) that oneDNN's
+    packed bf16 GEMMs use."""
+    cpu = torch.cpu
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    has = any(bool(getattr(cpu, name, lambda: False)()) for name in checks)
+    mkldnn = bool(torch.backends.mkldnn.is_available())  # type: ignore[no-untyped-call]
+    return has and mkldnn and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+class PackedLinear(nn.Module):
+    """`nn.Linear`'s math with the weight in oneDNN's blocked layout (CPU, bf16)."""
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        self.in_features = linear.in_features
+        self.out_features = linear.out_features
+        w = linear.weight.detach()
+        self.weight = torch.ops.mkldnn._reorder_linear_weight(w, 1)  # opaque (out, in)
+        self.bias = None if linear.bias is None else linear.bias.detach().clone()
+        # The packed tensor is opaque (no storage to count), and neither it nor the bias is a
+        # parameter: `shards.quantize.memory_bytes` reads this instead.
+        bias_nbytes = 0 if self.bias is None else self.bias.numel() * self.bias.element_size()
+        self.packed_nbytes = w.numel() * w.element_size() + bias_nbytes
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """`x (..., in)` -> `(..., out)`."""
+        out: torch.Tensor = torch.ops.mkldnn._linear_pointwise(
+            x, self.weight, self.bias, "none", [], ""
+        )
+        return out
+
+
 def pack_linears(module: M) -> M:
     """Give every CPU `nn.Linear` of `module` its fast layout, in place.
 
-    The weights of each dtype go into one huge-page arena (still `nn.Linear`s), transposed where
-    a layer has no more inputs than outputs. Weights not on the CPU are left alone. Apply it
-    last: after quantization, which replaces the linears it quantizes.
+    bf16 linears become `PackedLinear`s on a CPU with bf16 instructions (`native_bf16`). The
+    other weights of each dtype go into one huge-page arena (still `nn.Linear`s), transposed
+    where a layer has no more inputs than outputs. Weights not on the CPU are left alone. Apply
+    it last: after quantization, which replaces the linears it quantizes.
     """
     by_dtype: dict[torch.dtype, list[nn.Linear]] = {}
-    for lin in module.modules():
-        if isinstance(lin, nn.Linear) and lin.weight.device.type == "cpu":
-            by_dtype.setdefault(lin.weight.dtype, []).append(lin)
+    packed = torch.bfloat16 if native_bf16() else None
+    for parent in list(module.modules()):
+        for name, lin in list(parent.named_children()):
+            if not isinstance(lin, nn.Linear) or lin.weight.device.type != "cpu":
+                continue
+            if lin.weight.dtype == packed:
+                setattr(parent, name, PackedLinear(lin))
+            else:
+                by_dtype.setdefault(lin.weight.dtype, []).append(lin)
     for linears in by_dtype.values():
         _into_arena(linears)
     return module

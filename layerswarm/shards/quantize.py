@@ -197,4 +197,6 @@ def memory_bytes(module: nn.Module) -> int:
         if key not in seen:
             seen.add(key)
             total += t.numel() * t.element_size()
+    # oneDNN-packed weights are opaque tensors held outside parameters (`kernels.cpu_linear`).
+    total += sum(int(getattr(m, "packed_nbytes", 0)) for m in module.modules())
     return total

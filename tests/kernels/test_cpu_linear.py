@@ -1,4 +1,5 @@
-"""The CPU weight layouts: same products as `nn.Linear`, weights transposed in one arena."""
+"""The CPU weight layouts: same products as `nn.Linear`, weights transposed in one arena, or
+bf16 packed by oneDNN on a CPU with bf16 instructions."""
 
 from __future__ import annotations
 
@@ -8,10 +9,18 @@ import pytest
 import torch
 from torch import nn
 
+from layerswarm.kernels import cpu_linear
 from layerswarm.kernels.cpu_linear import (
     HUGE_PAGE,
+    PackedLinear,
     huge_page_arena,
     pack_linears,
+)
+from layerswarm.shards.quantize import memory_bytes
+
+needs_onednn = pytest.mark.skipif(
+    not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")),
+    reason="this torch build has no oneDNN linear",
 )
 
 
@@ -23,8 +32,9 @@ def tiny_mlp(dtype: torch.dtype) -> nn.Sequential:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_weights_share_one_arena_transposed_where_wider_but_fp16_with_the_same_products(
-    dtype: torch.dtype,
+    dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setattr(cpu_linear, "native_bf16", lambda: False)  # a CPU without bf16 dots
     model = tiny_mlp(dtype)
     token, tokens = torch.randn(1, 33, dtype=dtype), torch.randn(3, 33, dtype=dtype)
     before = model(token), model(tokens)
@@ -46,6 +56,33 @@ def test_weights_share_one_arena_transposed_where_wider_but_fp16_with_the_same_p
     tol = {torch.float32: 1e-6, torch.bfloat16: 2e-2, torch.float16: 2e-3}[dtype]
     for x, expected in zip((token, tokens), before, strict=True):
         torch.testing.assert_close(model(x), expected, rtol=tol, atol=tol)
+
+
+@needs_onednn
+def test_bf16_linears_are_packed_on_a_cpu_with_bf16_instructions_with_the_same_products(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(cpu_linear, "native_bf16", lambda: True)
+    model = nn.Sequential(tiny_mlp(torch.bfloat16), nn.Linear(5, 9))  # the last one fp32
+    token, tokens = torch.randn(1, 33, dtype=torch.bfloat16), torch.randn(3, 33).bfloat16()
+    before = model[0](token), model[0](tokens)
+    nbytes = memory_bytes(model)
+    pack_linears(model)
+    packed = [m for m in model.modules() if isinstance(m, PackedLinear)]
+    assert len(packed) == 3
+    fp32 = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    assert len(fp32) == 1 and fp32[0].weight.dtype == torch.float32  # fp32 keeps the arena
+    assert fp32[0].weight.stride() == (1, 9)
+    for x, expected in zip((token, tokens), before, strict=True):
+        assert torch.equal(model[0](x), expected)  # the same bits as nn.Linear in bf16
+    assert memory_bytes(model) == nbytes  # packed weights still counted
+
+
+def test_bf16_packing_follows_the_cpus_instruction_sets() -> None:
+    native = cpu_linear.native_bf16()
+    model = pack_linears(tiny_mlp(torch.bfloat16))
+    packed = [m for m in model.modules() if isinstance(m, PackedLinear)]
+    assert len(packed) == (3 if native else 0)
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="huge pages are asked for on Linux only")
