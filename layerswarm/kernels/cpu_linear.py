@@ -109,14 +109,16 @@ def pack_linears(module: M) -> M:
     it last: after quantization, which replaces the linears it quantizes.
     """
     by_dtype: dict[torch.dtype, list[nn.Linear]] = {}
-    packed = torch.bfloat16 if native_bf16() else None
+    pack = torch.bfloat16 if native_bf16() else None
+    done: dict[int, nn.Module] = {}  # a linear shared by two parents is laid out once
     for parent in list(module.modules()):
         for name, lin in list(parent.named_children()):
             if not isinstance(lin, nn.Linear) or lin.weight.device.type != "cpu":
                 continue
-            if lin.weight.dtype == packed:
-                setattr(parent, name, PackedLinear(lin))
-            else:
+            if lin.weight.dtype == pack:
+                setattr(parent, name, done.setdefault(id(lin), PackedLinear(lin)))
+            elif id(lin) not in done:
+                done[id(lin)] = lin
                 by_dtype.setdefault(lin.weight.dtype, []).append(lin)
     for linears in by_dtype.values():
         _into_arena(linears)

@@ -18,10 +18,8 @@ from layerswarm.kernels.cpu_linear import (
 )
 from layerswarm.shards.quantize import memory_bytes
 
-needs_onednn = pytest.mark.skipif(
-    not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")),
-    reason="this torch build has no oneDNN linear",
-)
+ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+needs_onednn = pytest.mark.skipif(not ONEDNN, reason="this torch build has no oneDNN linear")
 
 
 def tiny_mlp(dtype: torch.dtype) -> nn.Sequential:
@@ -92,3 +90,20 @@ def test_the_arena_starts_on_a_huge_page_boundary() -> None:
     assert arena.data_ptr() % HUGE_PAGE == 0
     arena.fill_(7)  # the whole range is writable
     assert int(arena[-1]) == 7
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_a_linear_shared_by_two_parents_is_laid_out_once(
+    native: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if native and not ONEDNN:
+        pytest.skip("this torch build has no oneDNN linear")
+    monkeypatch.setattr(cpu_linear, "native_bf16", lambda: native)
+    shared = nn.Linear(8, 16).bfloat16()
+    model = nn.ModuleDict({"a": nn.Sequential(shared), "b": nn.Sequential(shared)})
+    pack_linears(model)
+    a, b = model["a"][0], model["b"][0]
+    assert a is b
+    assert isinstance(a, PackedLinear) == native
+    if not native:  # one copy in the arena, not two
+        assert a.weight.untyped_storage().nbytes() == 16 * 8 * 2 + HUGE_PAGE
