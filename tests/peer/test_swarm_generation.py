@@ -139,19 +139,23 @@ def test_a_peer_of_another_model_is_named_in_one_line(
     assert len(err.splitlines()) == 1, err
 
 
-def test_fp16_peers_on_a_cpu_serve_two_users_the_local_engines_tokens(
-    smollm2_dir: Path, tmp_path: Path
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_half_precision_peers_on_a_cpu_serve_two_users_the_local_engines_tokens(
+    dtype: str, smollm2_dir: Path, tmp_path: Path
 ) -> None:
-    """`swarm-peer start --dtype float16` on a CPU: oneDNN cannot pack fp16 weights here, which
-    once made such a peer fail to load; two users at once get the local fp16 engine's tokens."""
+    """`swarm-peer start --dtype float16|bfloat16` on a CPU: fp16 weights once made such a peer
+    fail to load (oneDNN cannot pack them here); bf16 weights are packed by oneDNN where the CPU
+    has bf16 instructions and laid out in the arena elsewhere. Two users at once get the local
+    engine's tokens in that dtype."""
     import torch
 
+    torch_dtype = getattr(torch, dtype)
     greedy = SamplingConfig(max_new_tokens=8, temperature=0.0)
     prompts = [list(range(300, 312)), list(range(900, 907))]
-    local_gen = open_local_generator(smollm2_dir, torch.float16)
+    local_gen = open_local_generator(smollm2_dir, torch_dtype)
     expected = [list(local_gen.tokens(p, greedy)) for p in prompts]
-    with start_peers(smollm2_dir, even_spans(30, 2), tmp_path, ["--dtype", "float16"]) as swarm:
-        gen = open_swarm_generator(smollm2_dir, swarm.addresses, dtype=torch.float16)
+    with start_peers(smollm2_dir, even_spans(30, 2), tmp_path, ["--dtype", dtype]) as swarm:
+        gen = open_swarm_generator(smollm2_dir, swarm.addresses, dtype=torch_dtype)
         got: list[list[int]] = [[], []]
 
         def run(i: int) -> None:
@@ -164,4 +168,4 @@ def test_fp16_peers_on_a_cpu_serve_two_users_the_local_engines_tokens(
             t.join(timeout=300)
         assert got == expected
         links = gen.client.links  # type: ignore[attr-defined]
-        assert [link.info.dtype for link in links] == ["float16", "float16"]
+        assert [link.info.dtype for link in links] == [dtype, dtype]
