@@ -144,8 +144,23 @@ def test_a_gguf_file_converts_to_the_same_model(
     convert_gguf(tmp_path / "m.gguf", tmp_path / "out")
     converted = ModelConfig.from_file(tmp_path / "out")
     assert converted.architecture == kind
+    config = ModelConfig.from_file(model_dir)
+    ours, theirs = (
+        {
+            **load_span(d, Span(0, config.num_layers)).state_dict(),
+            **load_client_head(d).state_dict(),
+        }
+        for d in (tmp_path / "out", model_dir)
+    )
+    assert ours.keys() == theirs.keys()
+    for name, value in ours.items():
+        assert torch.equal(value, theirs[name]), name  # the same weights, bit for bit
     ids = torch.randint(0, 256, (1, 24), generator=torch.Generator().manual_seed(0))
-    assert torch.equal(logits(tmp_path / "out", ids), logits(model_dir, ids))
+    # The same logits, but for the last bits: on some CPUs (an AMD EPYC) MKL's products depend
+    # on where a weight sits in memory, and the two files map their tensors at other offsets.
+    torch.testing.assert_close(
+        logits(tmp_path / "out", ids), logits(model_dir, ids), rtol=0, atol=1e-5
+    )
 
 
 def logits(model_dir: Path, ids: torch.Tensor) -> torch.Tensor:
