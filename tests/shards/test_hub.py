@@ -107,11 +107,17 @@ def test_a_name_resolves_from_the_cache_offline_and_a_span_loads_from_its_shards
     assert snapshot_origin(snapshot) == (tmp_path / "hub", "tiny-org/tiny-moe", COMMIT)
     hidden = torch.randn(1, 9, 64, generator=torch.Generator().manual_seed(1))
     ours, whole = load_span(snapshot, Span(1, 3)), load_span(model_dir, Span(1, 3))
+    theirs = whole.state_dict()
+    assert ours.state_dict().keys() == theirs.keys()
+    for name, value in ours.state_dict().items():
+        assert torch.equal(value, theirs[name]), name  # the same weights, bit for bit
     outs = []
     for m in (ours, whole):
         cache = m.new_cache(9)
         outs.append(m(hidden, [0], cache, [cache.allocate(9)]))
-    assert torch.equal(outs[0], outs[1])
+    # The same outputs but for the last bits: on some CPUs (an AMD EPYC) MKL's products depend
+    # on where a weight sits in memory, and the two folders' files map tensors at other offsets.
+    torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=1e-5)
     # The same model, whichever shards a peer holds: peers of one model agree on its identity.
     assert model_fingerprint(snapshot) == model_fingerprint(
         write_hub_cache(tmp_path / "hub2", model_dir, shards=(0, 3))
