@@ -4,11 +4,22 @@ Measured on this project's 2-core CPU (SmolLM2 shapes, one token): `F.linear` re
 of the usual `(out, in)` layout at ~11 GB/s and bf16 at ~15 GB/s; the machine streams ~26 GB/s
 with one thread and ~46 with two (a sum over 400 MB), so a GEMV's layout decides its speed.
 - Storing the weight transposed, `(in, out)` in memory behind the same `(out, in)` view, makes
-  the one-token GEMV of a layer with more outputs than inputs faster: fp32, streaming 40
-  different weights of each SmolLM2 shape (more than the L3 holds), 20.5 against 11.0 GB/s for
-  gate_up (3072 x 576), 14.6 against 10.3 for qkv, 12.4 against 10.8 for o_proj (576 x 576).
-  With more inputs than outputs the usual layout is the faster one (down_proj, 576 x 1536: 14.5
-  against 11.6), so those keep it: a 30-layer fp32 decode step 31.1 ms against 33.0.
+  the one-token GEMV faster: fp32, streaming 40 different weights of each SmolLM2 shape (more
+  than the L3 holds), 20.5 against 11.0 GB/s for gate_up (3072 x 576), 14.6 against 10.3 for
+  qkv, 12.4 against 10.8 for o_proj (576 x 576) through `F.linear` (MKL's GEMM of one row).
+- Read as an `F.embedding_bag` (`ArenaLinear`: the sum of the `(in, out)` rows scaled by the
+  token's values, fbgemm's JIT-compiled kernel) the same transposed weights stream faster
+  still, for every shape: on an AMD EPYC (Zen 5, 2026-12-02; one thread streams 40 GB/s in a
+  sum) fp32 head (49152 x 576) 34.7 against 26.2 GB/s (`F.linear`, transposed) and 14.1
+  (rows), an expert's gate_up (1536 x 576) 31.8 against 21.7 and 14.6, its down (576 x 768)
+  30.1 against 17.0 and 15.3; bf16 24-27 against 7-9 transposed and 10-16 rows. Whole decode
+  steps of the synthetic MoE, the two layouts' steps interleaved in one process (10 turns of
+  32 tokens, same tokens): fp32 17.0 -> 12.3 ms (one thread), 18.1 -> 13.2 (two); bf16 on a
+  CPU without bf16 instructions 23.0 -> 10.1. So every weight but fp16 is stored transposed
+  (the usual layout had been kept where a layer has more inputs than outputs: `F.linear`
+  read it faster on an earlier CPU, 14.5 against 11.6 GB/s for a 576 x 1536 down_proj); a
+  step of several tokens (prefill, a batch) takes `F.linear`, which reads both layouts alike
+  there (128 tokens, each shape within 3%; bf16's head 21 against 26 ms, one thread).
 - bf16 depends on the CPU. Without bf16 dot-product instructions (AVX512-BF16 or AMX; the
   CPU these figures come from) bf16 takes the fp32 layouts: oneDNN's prepacked weights
   (`_reorder_linear_weight`) were slower there, most of all for the 49152 x 576 head (one
@@ -18,7 +29,8 @@ with one thread and ~46 with two (a sum over 400 MB), so a GEMV's layout decides
   transposed layout is the slowest: the synthetic MoE's bf16 decode step, the three layouts'
   steps interleaved in one process (12 turns of 24 tokens, one thread), median 35.3 ms packed,
   40.9 rows, 52.2 transposed (p25 24.0, 30.7, 40.1), the same tokens; so such CPUs get
-  `PackedLinear` (same products as `F.linear` in bf16, tested). fp16 keeps the usual layout
+  `PackedLinear` (same products as `F.linear` in bf16, tested); on the Zen 5 packed steps
+  stayed a little faster than the bags too (9.65 against 10.02 ms). fp16 keeps the usual layout
   (see `_into_arena`); oneDNN cannot pack fp16 on a CPU without AVX512-FP16.
 - The layout is a fixed rule by the CPU's instruction sets, not timed on each machine: timing
   picked differently from run to run where two layouts are close, and the layouts sum in
@@ -34,11 +46,13 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import logging
 import sys
 from typing import TypeVar
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 M = TypeVar("M", bound=nn.Module)
@@ -100,41 +114,95 @@ class PackedLinear(nn.Module):
         return out
 
 
+class ArenaLinear(nn.Linear):
+    """`nn.Linear` with its weight in the arena, and a faster one-token GEMV.
+
+    Where the weight is stored transposed (`(in, out)` in memory behind the usual `(out, in)`
+    view), an input of one row is computed as `F.embedding_bag` over those rows: the sum of
+    the weight's rows scaled by the input's values, which is the GEMV. PyTorch runs it with
+    fbgemm's JIT-compiled kernels, which read the weight at nearly the memory's speed; MKL's
+    GEMM of one row does not (see the module's docstring). Several rows (prefill, a batch of
+    sessions) take `F.linear`, where a GEMM reuses each weight it reads.
+    """
+
+    def __init__(self, linear: nn.Linear) -> None:
+        # Not `nn.Linear.__init__`: it would allocate and initialise a weight of its own.
+        nn.Module.__init__(self)
+        self.in_features = linear.in_features
+        self.out_features = linear.out_features
+        self.weight = linear.weight
+        self.bias = linear.bias
+        self.table: torch.Tensor | None = None  # the weight's (in, out) memory, once laid out
+        self.index, self.offsets = _one_bag(self.in_features)
+
+    def set_weight(self, weight: torch.Tensor) -> None:
+        """Take `weight (out, in)` (a view of the arena) as the weight."""
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        t = weight.t()
+        self.table = t if t.is_contiguous() else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """`x (..., in)` -> `(..., out)`."""
+        table = self.table
+        if table is None or x.numel() != self.in_features or x.dtype != table.dtype:
+            return F.linear(x, self.weight, self.bias)
+        if x.device != table.device:  # moved since it was laid out: the plain GEMV
+            return F.linear(x, self.weight, self.bias)
+        y = F.embedding_bag(
+            self.index, table, self.offsets, mode="sum", per_sample_weights=x.reshape(-1)
+        )
+        if self.bias is not None:
+            y.add_(self.bias)
+        return y.view(*x.shape[:-1], self.out_features)
+
+
+@functools.cache
+def _one_bag(rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`embedding_bag`'s indices and offsets for one bag of every row of a `rows`-row table,
+    shared by the linears of that width (a model of thousands of experts would otherwise hold
+    a copy each)."""
+    return torch.arange(rows), torch.zeros(1, dtype=torch.long)
+
+
 def pack_linears(module: M) -> M:
     """Give every CPU `nn.Linear` of `module` its fast layout, in place.
 
     bf16 linears become `PackedLinear`s on a CPU with bf16 instructions (`native_bf16`). The
-    other weights of each dtype go into one huge-page arena (still `nn.Linear`s), transposed
-    where a layer has no more inputs than outputs. Weights not on the CPU are left alone. Apply
-    it last: after quantization, which replaces the linears it quantizes.
+    others become `ArenaLinear`s, their weights of each dtype in one huge-page arena,
+    transposed but for fp16. Weights not on the CPU are left alone, and linears already laid
+    out. Apply it last: after quantization, which replaces the linears it quantizes.
     """
-    by_dtype: dict[torch.dtype, list[nn.Linear]] = {}
+    by_dtype: dict[torch.dtype, list[ArenaLinear]] = {}
     pack = torch.bfloat16 if native_bf16() else None
     done: dict[int, nn.Module] = {}  # a linear shared by two parents is laid out once
     for parent in list(module.modules()):
         for name, lin in list(parent.named_children()):
-            if not isinstance(lin, nn.Linear) or lin.weight.device.type != "cpu":
+            if not isinstance(lin, nn.Linear) or isinstance(lin, ArenaLinear):
                 continue
-            if lin.weight.dtype == pack:
-                setattr(parent, name, done.setdefault(id(lin), PackedLinear(lin)))
-            elif id(lin) not in done:
-                done[id(lin)] = lin
-                by_dtype.setdefault(lin.weight.dtype, []).append(lin)
+            if lin.weight.device.type != "cpu":
+                continue
+            if id(lin) not in done:
+                if lin.weight.dtype == pack:
+                    done[id(lin)] = PackedLinear(lin)
+                else:
+                    done[id(lin)] = arena = ArenaLinear(lin)
+                    by_dtype.setdefault(lin.weight.dtype, []).append(arena)
+            setattr(parent, name, done[id(lin)])
     for linears in by_dtype.values():
         _into_arena(linears)
     return module
 
 
-def _into_arena(linears: list[nn.Linear]) -> None:
+def _into_arena(linears: list[ArenaLinear]) -> None:
     """Each weight moves into one shared arena: `(in, out)` memory behind an `(out, in)` view
-    where `in <= out` (but for fp16), the usual `(out, in)` layout elsewhere (see the module's
-    docstring). The linears' weights share one dtype."""
+    (but for fp16, which keeps the usual `(out, in)`; see the module's docstring). The
+    linears' weights share one dtype."""
     dtype = linears[0].weight.dtype
     size = dtype.itemsize
-    # fp16 GEMVs of the transposed layout have no fast path in torch on this CPU (no fp16
-    # instructions): 576 -> 1536 took 1.7 ms against 0.30 in rows, the 49152-row head 115 ms
-    # against 8.5. So fp16 keeps the usual rows everywhere.
-    may_transpose = dtype != torch.float16
+    # fp16 GEMVs of the transposed layout have no fast path in torch's GEMM on a CPU without
+    # fp16 instructions (576 -> 1536 took 1.7 ms against 0.30 in rows, the 49152-row head 115
+    # ms against 8.5), and prefill would pay that. So fp16 keeps the usual rows everywhere.
+    transpose = dtype != torch.float16
     sizes = [-(-lin.weight.numel() * size // _ALIGN) * _ALIGN for lin in linears]
     arena = huge_page_arena(sum(sizes))
     offset = 0
@@ -142,12 +210,12 @@ def _into_arena(linears: list[nn.Linear]) -> None:
         out_features, in_features = lin.weight.shape
         nbytes = lin.weight.numel() * size
         flat = arena[offset : offset + nbytes].view(dtype)
-        if in_features > out_features or not may_transpose:
-            dst = flat.view(out_features, in_features)
-            dst.copy_(lin.weight.detach())
-            lin.weight = nn.Parameter(dst, requires_grad=False)
-        else:
+        if transpose:
             dst = flat.view(in_features, out_features)
             dst.copy_(lin.weight.detach().t())
-            lin.weight = nn.Parameter(dst.t(), requires_grad=False)
+            lin.set_weight(dst.t())
+        else:
+            dst = flat.view(out_features, in_features)
+            dst.copy_(lin.weight.detach())
+            lin.set_weight(dst)
         offset += nbytes_aligned

@@ -1,5 +1,5 @@
-"""The CPU weight layouts: same products as `nn.Linear`, weights transposed in one arena, or
-bf16 packed by oneDNN on a CPU with bf16 instructions."""
+"""The CPU weight layouts: same products as `nn.Linear`, weights transposed in one arena (one
+token's GEMV as an `embedding_bag`), or bf16 packed by oneDNN on a CPU with bf16 instructions."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from torch import nn
 from layerswarm.kernels import cpu_linear
 from layerswarm.kernels.cpu_linear import (
     HUGE_PAGE,
+    ArenaLinear,
     PackedLinear,
     huge_page_arena,
     pack_linears,
@@ -30,31 +31,54 @@ def tiny_mlp(dtype: torch.dtype) -> nn.Sequential:
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_weights_share_one_arena_transposed_where_wider_but_fp16_with_the_same_products(
+def test_weights_share_one_arena_transposed_but_fp16_with_the_same_products(
     dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(cpu_linear, "native_bf16", lambda: False)  # a CPU without bf16 dots
     model = tiny_mlp(dtype)
     token, tokens = torch.randn(1, 33, dtype=dtype), torch.randn(3, 33, dtype=dtype)
-    before = model(token), model(tokens)
+    before = model(token), model(tokens), model(token.view(1, 1, 33))
     pack_linears(model)
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
     assert len(linears) == 3
     for lin in linears:
+        assert isinstance(lin, ArenaLinear)
         out_features, in_features = lin.weight.shape
-        if in_features <= out_features and dtype != torch.float16:
+        if dtype != torch.float16:
             assert lin.weight.stride() == (1, out_features)  # (in, out) in memory
+            assert lin.table is not None and lin.table.data_ptr() == lin.weight.data_ptr()
         else:
             assert lin.weight.stride() == (in_features, 1)  # the usual layout
+            assert lin.table is None  # fp16: no one-token path of its own
         assert lin.weight.data_ptr() % 64 == 0
         assert lin.weight.dtype == dtype
-    want = [33, 70, 17] if dtype == torch.float16 else [1, 70, 17]  # fp16: rows everywhere
-    assert [lin.weight.stride()[0] for lin in linears] == want
     storages = {lin.weight.untyped_storage().data_ptr() for lin in linears}
     assert len(storages) == 1  # one arena
     tol = {torch.float32: 1e-6, torch.bfloat16: 2e-2, torch.float16: 2e-3}[dtype]
-    for x, expected in zip((token, tokens), before, strict=True):
-        torch.testing.assert_close(model(x), expected, rtol=tol, atol=tol)
+    # one token (the embedding_bag GEMV, bias added after), several (F.linear), one in 3-D
+    for x, expected in zip((token, tokens, token.view(1, 1, 33)), before, strict=True):
+        got = model(x)
+        assert got.shape == expected.shape
+        torch.testing.assert_close(got, expected, rtol=tol, atol=tol)
+
+
+def test_an_arena_linear_takes_the_plain_gemv_for_other_dtypes_and_once_moved(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    model = pack_linears(nn.Sequential(nn.Linear(6, 4)))
+    lin = model[0]
+    assert isinstance(lin, ArenaLinear) and lin.table is not None
+    calls: list[torch.Tensor] = []
+    monkeypatch.setattr(
+        cpu_linear.F, "embedding_bag", lambda *a, **k: calls.append(a[1]) or torch.zeros(1, 4)
+    )
+    x = torch.randn(1, 6)
+    lin(x)
+    assert len(calls) == 1 and calls[0] is lin.table  # the one-token path, on the table
+    with pytest.raises(RuntimeError, match="dtype"):
+        lin(x.double())  # F.linear's own error, not the bag's
+    lin.table = lin.table.clone().to("meta")  # as if the weight had moved to another device
+    assert lin(x).shape == (1, 4) and len(calls) == 1
 
 
 @needs_onednn
@@ -72,6 +96,7 @@ def test_bf16_linears_are_packed_on_a_cpu_with_bf16_instructions_with_the_same_p
     fp32 = [m for m in model.modules() if isinstance(m, nn.Linear)]
     assert len(fp32) == 1 and fp32[0].weight.dtype == torch.float32  # fp32 keeps the arena
     assert fp32[0].weight.stride() == (1, 9)
+    assert isinstance(fp32[0], ArenaLinear)
     for x, expected in zip((token, tokens), before, strict=True):
         assert torch.equal(model[0](x), expected)  # the same bits as nn.Linear in bf16
     assert memory_bytes(model) == nbytes  # packed weights still counted
