@@ -17,9 +17,12 @@ with one thread and ~46 with two (a sum over 400 MB), so a GEMV's layout decides
   32 tokens, same tokens): fp32 17.0 -> 12.3 ms (one thread), 18.1 -> 13.2 (two); bf16 on a
   CPU without bf16 instructions 23.0 -> 10.1. So every weight but fp16 is stored transposed
   (the usual layout had been kept where a layer has more inputs than outputs: `F.linear`
-  read it faster on an earlier CPU, 14.5 against 11.6 GB/s for a 576 x 1536 down_proj); a
-  step of several tokens (prefill, a batch) takes `F.linear`, which reads both layouts alike
-  there (128 tokens, each shape within 3%; bf16's head 21 against 26 ms, one thread).
+  read it faster on an earlier CPU, 14.5 against 11.6 GB/s for a 576 x 1536 down_proj).
+  Two or three tokens (a batch of two or three sessions' decode steps) are a bag each (see
+  `BAG_ROWS`): the synthetic MoE's fp32 step of 2 sessions 37.7 -> 24.5 ms, of 3 41.3 -> 29.4
+  (interleaved, same tokens). More tokens (prefill, larger batches) take `F.linear`, which
+  reads both layouts alike there (128 tokens, each shape within 3%; bf16's head 21 against 26
+  ms, one thread).
 - bf16 depends on the CPU. Without bf16 dot-product instructions (AVX512-BF16 or AMX; the
   CPU these figures come from) bf16 takes the fp32 layouts: oneDNN's prepacked weights
   (`_reorder_linear_weight`) were slower there, most of all for the 49152 x 576 head (one
@@ -114,15 +117,23 @@ class PackedLinear(nn.Module):
         return out
 
 
+# Inputs of up to this many rows (tokens) take the bags: MKL's GEMM of 2-3 rows over the
+# transposed layout is slower still than of one (fp32 head, one thread: 11.6 ms for 2 rows, 17.2
+# for 3, against 9.1 and 13.6 as bags; an expert's gate_up 0.23 and 0.33 ms against 0.15 and
+# 0.20); from 4 rows a GEMM's reuse of each weight it reads wins (head: 16.6 against 18.0 ms).
+BAG_ROWS = 3
+
+
 class ArenaLinear(nn.Linear):
-    """`nn.Linear` with its weight in the arena, and a faster one-token GEMV.
+    """`nn.Linear` with its weight in the arena, and faster GEMVs of one to three tokens.
 
     Where the weight is stored transposed (`(in, out)` in memory behind the usual `(out, in)`
-    view), an input of one row is computed as `F.embedding_bag` over those rows: the sum of
-    the weight's rows scaled by the input's values, which is the GEMV. PyTorch runs it with
-    fbgemm's JIT-compiled kernels, which read the weight at nearly the memory's speed; MKL's
-    GEMM of one row does not (see the module's docstring). Several rows (prefill, a batch of
-    sessions) take `F.linear`, where a GEMM reuses each weight it reads.
+    view), an input of up to `BAG_ROWS` rows is computed as `F.embedding_bag` over those rows,
+    a bag a token: the sum of the weight's rows scaled by the token's values, which is the
+    GEMV. PyTorch runs it with fbgemm's JIT-compiled kernels, which read the weight at nearly
+    the memory's speed; MKL's GEMM of a few rows does not (see the module's docstring). Each
+    bag is summed alone, so a token gets the same bits whether one, two or three run together.
+    More rows (prefill, a larger batch) take `F.linear`, where a GEMM reuses what it reads.
     """
 
     def __init__(self, linear: nn.Linear) -> None:
@@ -133,7 +144,7 @@ class ArenaLinear(nn.Linear):
         self.weight = linear.weight
         self.bias = linear.bias
         self.table: torch.Tensor | None = None  # the weight's (in, out) memory, once laid out
-        self.index, self.offsets = _one_bag(self.in_features)
+        self.bags = _bags(self.in_features)
 
     def set_weight(self, weight: torch.Tensor) -> None:
         """Take `weight (out, in)` (a view of the arena) as the weight."""
@@ -144,24 +155,27 @@ class ArenaLinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """`x (..., in)` -> `(..., out)`."""
         table = self.table
-        if table is None or x.numel() != self.in_features or x.dtype != table.dtype:
+        rows = x.numel() // self.in_features
+        if table is None or not 0 < rows <= BAG_ROWS or x.dtype != table.dtype:
             return F.linear(x, self.weight, self.bias)
-        if x.device != table.device:  # moved since it was laid out: the plain GEMV
-            return F.linear(x, self.weight, self.bias)
-        y = F.embedding_bag(
-            self.index, table, self.offsets, mode="sum", per_sample_weights=x.reshape(-1)
-        )
+        if x.device != table.device or x.shape[-1] != self.in_features:
+            return F.linear(x, self.weight, self.bias)  # moved since laid out, or a bad shape
+        index, offsets = self.bags[rows - 1]
+        y = F.embedding_bag(index, table, offsets, mode="sum", per_sample_weights=x.reshape(-1))
         if self.bias is not None:
             y.add_(self.bias)
         return y.view(*x.shape[:-1], self.out_features)
 
 
 @functools.cache
-def _one_bag(rows: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """`embedding_bag`'s indices and offsets for one bag of every row of a `rows`-row table,
-    shared by the linears of that width (a model of thousands of experts would otherwise hold
-    a copy each)."""
-    return torch.arange(rows), torch.zeros(1, dtype=torch.long)
+def _bags(rows: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """`embedding_bag`'s indices and offsets for 1 to `BAG_ROWS` bags, each of every row of a
+    `rows`-row table; shared by the linears of that width (a model of thousands of experts
+    would otherwise hold a copy each)."""
+    return [
+        (torch.arange(rows).repeat(n), torch.arange(0, n * rows, rows))
+        for n in range(1, BAG_ROWS + 1)
+    ]
 
 
 def pack_linears(module: M) -> M:

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from layerswarm.kernels import cpu_linear
@@ -62,6 +64,36 @@ def test_weights_share_one_arena_transposed_but_fp16_with_the_same_products(
         torch.testing.assert_close(got, expected, rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_up_to_three_tokens_run_as_bags_each_with_the_bits_it_has_alone(
+    dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(cpu_linear, "native_bf16", lambda: False)
+    torch.manual_seed(1)
+    lin = nn.Linear(40, 24, bias=True).to(dtype)
+    x = torch.randn(5, 40, dtype=dtype)
+    expected = lin(x)
+    packed = pack_linears(nn.Sequential(lin))[0]
+    bags: list[int] = []
+    real_bag = F.embedding_bag
+
+    def counting_bag(
+        index: torch.Tensor, table: torch.Tensor, offsets: torch.Tensor, **kw: Any
+    ) -> torch.Tensor:
+        bags.append(len(offsets))  # one offset a bag
+        return real_bag(index, table, offsets, **kw)
+
+    monkeypatch.setattr(F, "embedding_bag", counting_bag)  # as cpu_linear calls it
+    alone = [packed(x[i : i + 1]) for i in range(5)]
+    tol = 1e-6 if dtype == torch.float32 else 2e-2
+    for n in (2, 3):  # a batch of sessions' decode steps: the same bits as each alone
+        assert torch.equal(packed(x[:n]), torch.cat(alone[:n]))
+    torch.testing.assert_close(torch.cat(alone), expected, rtol=tol, atol=tol)
+    assert bags == [1] * 5 + [2, 3]
+    torch.testing.assert_close(packed(x[:4]), expected[:4], rtol=tol, atol=tol)  # F.linear
+    assert bags == [1] * 5 + [2, 3]
+
+
 def test_an_arena_linear_takes_the_plain_gemv_for_other_dtypes_and_once_moved(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -69,14 +101,19 @@ def test_an_arena_linear_takes_the_plain_gemv_for_other_dtypes_and_once_moved(
     lin = model[0]
     assert isinstance(lin, ArenaLinear) and lin.table is not None
     calls: list[torch.Tensor] = []
-    monkeypatch.setattr(
-        cpu_linear.F, "embedding_bag", lambda *a, **k: calls.append(a[1]) or torch.zeros(1, 4)
-    )
+
+    def fake_bag(index: torch.Tensor, table: torch.Tensor, *args: Any, **kw: Any) -> torch.Tensor:
+        calls.append(table)
+        return torch.zeros(1, 4)
+
+    monkeypatch.setattr(F, "embedding_bag", fake_bag)
     x = torch.randn(1, 6)
     lin(x)
     assert len(calls) == 1 and calls[0] is lin.table  # the one-token path, on the table
     with pytest.raises(RuntimeError, match="dtype"):
         lin(x.double())  # F.linear's own error, not the bag's
+    with pytest.raises(RuntimeError, match="shapes"):
+        lin(torch.randn(2, 3))  # as many values as a token has, in the wrong shape
     lin.table = lin.table.clone().to("meta")  # as if the weight had moved to another device
     assert lin(x).shape == (1, 4) and len(calls) == 1
 
