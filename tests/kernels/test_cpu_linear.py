@@ -1,5 +1,6 @@
-"""The CPU weight layouts: same products as `nn.Linear`, weights transposed in one arena (one
-token's GEMV as an `embedding_bag`), or bf16 packed by oneDNN on a CPU with bf16 instructions."""
+"""The CPU weight layouts: same products as `nn.Linear`, weights transposed in one arena (the
+GEMVs of one to three tokens as `embedding_bag`s), or bf16 packed by oneDNN on a CPU with bf16
+instructions."""
 
 from __future__ import annotations
 
