@@ -18,11 +18,12 @@ with one thread and ~46 with two (a sum over 400 MB), so a GEMV's layout decides
   CPU without bf16 instructions 23.0 -> 10.1. So every weight but fp16 is stored transposed
   (the usual layout had been kept where a layer has more inputs than outputs: `F.linear`
   read it faster on an earlier CPU, 14.5 against 11.6 GB/s for a 576 x 1536 down_proj).
-  Two or three tokens (a batch of two or three sessions' decode steps) are a bag each (see
-  `BAG_ROWS`): the synthetic MoE's fp32 step of 2 sessions 37.7 -> 24.5 ms, of 3 41.3 -> 29.4
-  (interleaved, same tokens). More tokens (prefill, larger batches) take `F.linear`, which
-  reads both layouts alike there (128 tokens, each shape within 3%; bf16's head 21 against 26
-  ms, one thread).
+  A few tokens (a batch of a few sessions' decode steps) are a bag each (see `BAG_ROWS`): the
+  synthetic MoE's fp32 step of 2 sessions 37.7 -> 24.5 ms, of 3 41.3 -> 29.4; SmolLM2's of 4
+  sessions 78.8 -> 65.0 ms with bags to 5 rows against to 3 (46.5 against 71.7 with two
+  threads), of 5 74.4 -> 61.6 (interleaved, same tokens). More tokens (prefill, larger
+  batches) take `F.linear`, which reads both layouts alike there (128 tokens, each shape
+  within 3%; bf16's head 21 against 26 ms, one thread).
 - bf16 depends on the CPU. Without bf16 dot-product instructions (AVX512-BF16 or AMX; the
   CPU these figures come from) bf16 takes the fp32 layouts: oneDNN's prepacked weights
   (`_reorder_linear_weight`) were slower there, most of all for the 49152 x 576 head (one
@@ -120,20 +121,26 @@ class PackedLinear(nn.Module):
 # Inputs of up to this many rows (tokens) take the bags: MKL's GEMM of 2-3 rows over the
 # transposed layout is slower still than of one (fp32 head, one thread: 11.6 ms for 2 rows, 17.2
 # for 3, against 9.1 and 13.6 as bags; an expert's gate_up 0.23 and 0.33 ms against 0.15 and
-# 0.20); from 4 rows a GEMM's reuse of each weight it reads wins (head: 16.6 against 18.0 ms).
+# 0.20). From 4 rows a GEMM's reuse of each weight it reads wins for a weight no cache holds
+# (head, one thread: 4 rows 10.5 ms in rows against 13.0 as bags), but a weight the L3 holds
+# is read from there by the bags after the first, so those go on to 5 rows (one thread, 4 rows:
+# 3072 x 576 0.64 ms against 0.79, 576 x 1536 0.24 against 0.30; at 8 rows the GEMM wins).
 BAG_ROWS = 3
+BAG_ROWS_CACHED = 5
+CACHED_TABLE = 8 << 20  # bytes: a weight up to this size stays in a desktop CPU's L3
 
 
 class ArenaLinear(nn.Linear):
-    """`nn.Linear` with its weight in the arena, and faster GEMVs of one to three tokens.
+    """`nn.Linear` with its weight in the arena, and faster GEMVs of a few tokens.
 
     Where the weight is stored transposed (`(in, out)` in memory behind the usual `(out, in)`
-    view), an input of up to `BAG_ROWS` rows is computed as `F.embedding_bag` over those rows,
-    a bag a token: the sum of the weight's rows scaled by the token's values, which is the
-    GEMV. PyTorch runs it with fbgemm's JIT-compiled kernels, which read the weight at nearly
-    the memory's speed; MKL's GEMM of a few rows does not (see the module's docstring). Each
-    bag is summed alone, so a token gets the same bits whether one, two or three run together.
-    More rows (prefill, a larger batch) take `F.linear`, where a GEMM reuses what it reads.
+    view), an input of up to `bag_rows` rows (`BAG_ROWS`, or `BAG_ROWS_CACHED` for a weight
+    an L3 holds) is computed as `F.embedding_bag` over those rows, a bag a token: the sum of
+    the weight's rows scaled by the token's values, which is the GEMV. PyTorch runs it with
+    fbgemm's JIT-compiled kernels, which read the weight at nearly the memory's speed; MKL's
+    GEMM of a few rows does not (see the module's docstring). Each bag is summed alone, so a
+    token gets the same bits whether it runs alone or beside a few others. More rows
+    (prefill, a larger batch) take `F.linear`, where a GEMM reuses what it reads.
     """
 
     def __init__(self, linear: nn.Linear) -> None:
@@ -144,6 +151,7 @@ class ArenaLinear(nn.Linear):
         self.weight = linear.weight
         self.bias = linear.bias
         self.table: torch.Tensor | None = None  # the weight's (in, out) memory, once laid out
+        self.bag_rows = 0  # the most rows (tokens) run as bags: set with the table
         self.bags = _bags(self.in_features)
 
     def set_weight(self, weight: torch.Tensor) -> None:
@@ -151,12 +159,14 @@ class ArenaLinear(nn.Linear):
         self.weight = nn.Parameter(weight, requires_grad=False)
         t = weight.t()
         self.table = t if t.is_contiguous() else None
+        cached = weight.numel() * weight.element_size() <= CACHED_TABLE
+        self.bag_rows = BAG_ROWS_CACHED if cached else BAG_ROWS
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """`x (..., in)` -> `(..., out)`."""
         table = self.table
         rows = x.numel() // self.in_features
-        if table is None or not 0 < rows <= BAG_ROWS or x.dtype != table.dtype:
+        if table is None or not 0 < rows <= self.bag_rows or x.dtype != table.dtype:
             return F.linear(x, self.weight, self.bias)
         if x.device != table.device or x.shape[-1] != self.in_features:
             return F.linear(x, self.weight, self.bias)  # moved since laid out, or a bad shape
@@ -169,12 +179,12 @@ class ArenaLinear(nn.Linear):
 
 @functools.cache
 def _bags(rows: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """`embedding_bag`'s indices and offsets for 1 to `BAG_ROWS` bags, each of every row of a
+    """`embedding_bag`'s indices and offsets for 1 to `BAG_ROWS_CACHED` bags, each of every row of a
     `rows`-row table; shared by the linears of that width (a model of thousands of experts
     would otherwise hold a copy each)."""
     return [
         (torch.arange(rows).repeat(n), torch.arange(0, n * rows, rows))
-        for n in range(1, BAG_ROWS + 1)
+        for n in range(1, BAG_ROWS_CACHED + 1)
     ]
 
 

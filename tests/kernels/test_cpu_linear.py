@@ -1,5 +1,5 @@
 """The CPU weight layouts: same products as `nn.Linear`, weights transposed in one arena (the
-GEMVs of one to three tokens as `embedding_bag`s), or bf16 packed by oneDNN on a CPU with bf16
+GEMVs of a few tokens as `embedding_bag`s), or bf16 packed by oneDNN on a CPU with bf16
 instructions."""
 
 from __future__ import annotations
@@ -65,16 +65,22 @@ def test_weights_share_one_arena_transposed_but_fp16_with_the_same_products(
         torch.testing.assert_close(got, expected, rtol=tol, atol=tol)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_up_to_three_tokens_run_as_bags_each_with_the_bits_it_has_alone(
-    dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize(
+    ("dtype", "cached"), [(torch.float32, True), (torch.bfloat16, True), (torch.float32, False)]
+)
+def test_a_few_tokens_run_as_bags_each_with_the_bits_it_has_alone(
+    dtype: torch.dtype, cached: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(cpu_linear, "native_bf16", lambda: False)
+    if not cached:  # as if the weight were larger than an L3 holds
+        monkeypatch.setattr(cpu_linear, "CACHED_TABLE", 0)
+    most = cpu_linear.BAG_ROWS_CACHED if cached else cpu_linear.BAG_ROWS
     torch.manual_seed(1)
     lin = nn.Linear(40, 24, bias=True).to(dtype)
-    x = torch.randn(5, 40, dtype=dtype)
+    x = torch.randn(most + 1, 40, dtype=dtype)
     expected = lin(x)
     packed = pack_linears(nn.Sequential(lin))[0]
+    assert packed.bag_rows == most
     bags: list[int] = []
     real_bag = F.embedding_bag
 
@@ -85,14 +91,14 @@ def test_up_to_three_tokens_run_as_bags_each_with_the_bits_it_has_alone(
         return real_bag(index, table, offsets, **kw)
 
     monkeypatch.setattr(F, "embedding_bag", counting_bag)  # as cpu_linear calls it
-    alone = [packed(x[i : i + 1]) for i in range(5)]
+    alone = [packed(x[i : i + 1]) for i in range(most + 1)]
     tol = 1e-6 if dtype == torch.float32 else 2e-2
-    for n in (2, 3):  # a batch of sessions' decode steps: the same bits as each alone
+    for n in range(2, most + 1):  # a batch of sessions' decode steps: the same bits as alone
         assert torch.equal(packed(x[:n]), torch.cat(alone[:n]))
     torch.testing.assert_close(torch.cat(alone), expected, rtol=tol, atol=tol)
-    assert bags == [1] * 5 + [2, 3]
-    torch.testing.assert_close(packed(x[:4]), expected[:4], rtol=tol, atol=tol)  # F.linear
-    assert bags == [1] * 5 + [2, 3]
+    assert bags == [1] * (most + 1) + list(range(2, most + 1))
+    torch.testing.assert_close(packed(x), expected, rtol=tol, atol=tol)  # one more: F.linear
+    assert bags == [1] * (most + 1) + list(range(2, most + 1))
 
 
 def test_an_arena_linear_takes_the_plain_gemv_for_other_dtypes_and_once_moved(
