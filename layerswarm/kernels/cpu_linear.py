@@ -168,7 +168,7 @@ class ArenaLinear(nn.Linear):
         rows = x.numel() // self.in_features
         if table is None or not 0 < rows <= self.bag_rows or x.dtype != table.dtype:
             return F.linear(x, self.weight, self.bias)
-        if x.device != table.device or x.shape[-1] != self.in_features:
+        if not x.is_cpu or x.shape[-1] != self.in_features:
             return F.linear(x, self.weight, self.bias)  # moved since laid out, or a bad shape
         index, offsets = self.bags[rows - 1]
         y = F.embedding_bag(index, table, offsets, mode="sum", per_sample_weights=x.reshape(-1))
