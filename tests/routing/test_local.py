@@ -5,9 +5,11 @@ from __future__ import annotations
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from layerswarm.errors import ContextOverflow
 from layerswarm.routing.generate import Generator
@@ -153,3 +155,21 @@ def test_cli_names_a_missing_model_clearly(tmp_path: Path) -> None:
     )
     assert out.returncode != 0
     assert out.stderr.startswith("error:") and "Traceback" not in out.stderr
+
+
+def test_the_engine_swarm_chat_local_opens_decodes_with_the_bag_gemvs(
+    engine: Generator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # `swarm-chat --local` and `swarm-api --local` open this engine: its CPU linears (30 layers
+    # x qkv, o, gate_up, down, and the head) run each one-token decode step as embedding_bags.
+    bags: list[int] = []
+    real_bag = F.embedding_bag
+
+    def counting_bag(*args: Any, **kwargs: Any) -> torch.Tensor:
+        bags.append(1)
+        return real_bag(*args, **kwargs)
+
+    monkeypatch.setattr(F, "embedding_bag", counting_bag)
+    reply = "".join(engine.chat(QUESTION, SamplingConfig(max_new_tokens=5)))
+    assert reply.startswith("The capital of France")  # the same reply as without bags
+    assert len(bags) >= (30 * 4 + 1) * 4  # the 4 decode steps after the prefill's token
