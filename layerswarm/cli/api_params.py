@@ -3,8 +3,7 @@
 The schema is pydantic models of OpenAI's request fields (strict types: `true` is no number and
 `"0.5"` no float); every bad field raises `ApiError(400, ..., param=field)`. Unknown fields are
 allowed, as OpenAI's own server allows them. Fields the swarm cannot honour (n > 1, logprobs,
-tools) are refused rather than ignored; presence and frequency penalties are checked and ignored
-(use the `repetition_penalty` extension instead).
+tools) are refused rather than ignored.
 """
 
 from __future__ import annotations
@@ -150,6 +149,8 @@ def parse_sampling(
         top_k=fields.top_k or 0,
         top_p=top_p,
         repetition_penalty=fields.repetition_penalty or 1.0,
+        presence_penalty=fields.presence_penalty or 0.0,
+        frequency_penalty=fields.frequency_penalty or 0.0,
         seed=fields.seed,
         stop=() if stop is None else (stop,) if isinstance(stop, str) else tuple(stop),
     )

@@ -166,7 +166,7 @@ class Generator:
         if sampling.max_new_tokens == 0:
             return
         pipeline = self.active = await self.open_pipeline(max_length)
-        sampler = Sampler(sampling)
+        sampler = Sampler(sampling, len(prompt))
         context, sent = list(prompt), 0
         try:
             if self.speculator is not None:
@@ -237,7 +237,7 @@ class Generator:
         `last_stats`, which the caller has just reset.
         """
         stats = self.last_stats
-        sampler = Sampler(sampling)
+        sampler = Sampler(sampling, len(context))
         t0 = time.perf_counter()
         for step in range(steps):
             hidden = forward(context)

@@ -1,4 +1,9 @@
-"""Choose the next token from logits: greedy, temperature, top-k, top-p, repetition penalty."""
+"""Choose the next token from logits: greedy, temperature, top-k, top-p, and the penalties.
+
+The penalties: `repetition_penalty` (CTRL's, multiplicative, over the whole context) and OpenAI's
+`presence_penalty` and `frequency_penalty`, which count the tokens of the reply only (OpenAI's
+definition: `logit[j] -= count[j] * frequency + (count[j] > 0) * presence`).
+"""
 
 from __future__ import annotations
 
@@ -17,6 +22,8 @@ class SamplingConfig:
     top_k: int = 0  # unit: tokens kept; 0 keeps all
     top_p: float = 1.0  # unit: probability mass kept; 1 keeps all
     repetition_penalty: float = 1.0  # >1 discourages tokens already in the context
+    presence_penalty: float = 0.0  # unit: logit subtracted once from each token in the reply
+    frequency_penalty: float = 0.0  # unit: logit subtracted per time a token is in the reply
     seed: int | None = None  # fixes the random choices for a reproducible reply
     stop: tuple[str, ...] = field(default_factory=tuple)  # strings that end the reply
 
@@ -31,13 +38,18 @@ class SamplingConfig:
             raise ValueError("top_k must be >= 0")
         if self.repetition_penalty <= 0:
             raise ValueError("repetition_penalty must be > 0")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2.0 <= getattr(self, name) <= 2.0:
+                raise ValueError(f"{name} must be in [-2, 2]")
 
 
 class Sampler:
-    """Stateful only in its random generator, so a seed makes a reply reproducible."""
+    """One reply's sampler: its random generator (a seed makes the reply reproducible), and
+    where the reply starts in the contexts it is given (the penalties count the reply only)."""
 
-    def __init__(self, config: SamplingConfig) -> None:
+    def __init__(self, config: SamplingConfig, prompt_tokens: int = 0) -> None:
         self.config = config
+        self.prompt_tokens = prompt_tokens  # unit: tokens at the start of a context, not reply
         self.generator = torch.Generator()
         if config.seed is not None:
             self.generator.manual_seed(config.seed)
@@ -56,7 +68,8 @@ class Sampler:
         return int(torch.argmax(self.penalized(logits, context)))
 
     def penalized(self, logits: torch.Tensor, context: Sequence[int]) -> torch.Tensor:
-        """`logits (vocab,)` in fp32, with the repetition penalty on the tokens of `context`."""
+        """`logits (vocab,)` in fp32, with the repetition penalty on the tokens of `context`
+        and the presence and frequency penalties on those of the reply (after the prompt)."""
         c = self.config
         logits = logits.float()
         if c.repetition_penalty != 1.0 and context:
@@ -66,6 +79,11 @@ class Sampler:
             logits[ids] = torch.where(
                 seen < 0, seen * c.repetition_penalty, seen / c.repetition_penalty
             )
+        reply = context[self.prompt_tokens :]
+        if (c.presence_penalty or c.frequency_penalty) and reply:
+            ids = torch.tensor(list(reply), dtype=torch.long, device=logits.device)
+            counts = torch.bincount(ids, minlength=logits.numel())[: logits.numel()].float()
+            logits = logits - counts * c.frequency_penalty - (counts > 0) * c.presence_penalty
         return logits
 
     def probs(self, logits: torch.Tensor, context: Sequence[int]) -> torch.Tensor:

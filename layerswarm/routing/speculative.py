@@ -190,7 +190,7 @@ async def speculative_tokens(
     `forward(seq, n)` runs `seq` through the layers (what the pipeline does not hold of it,
     rolling back where it differs) and returns the last `n` positions' hidden states.
     """
-    sampler = Sampler(sampling)
+    sampler = Sampler(sampling, len(prompt))
     context = list(prompt)
     end = len(context) + steps
     draft_length = DraftLength(config)

@@ -40,7 +40,15 @@ SAMPLING_CASES = [
     ),
     (
         {"max_completion_tokens": 7, "top_p": 0.5, "stop": ["a", "b"], "presence_penalty": 1},
-        SamplingConfig(max_new_tokens=7, temperature=1.0, top_p=0.5, stop=("a", "b")),
+        SamplingConfig(
+            max_new_tokens=7, temperature=1.0, top_p=0.5, stop=("a", "b"), presence_penalty=1.0
+        ),
+    ),
+    (
+        {"frequency_penalty": -0.5, "presence_penalty": 0.25},
+        SamplingConfig(
+            max_new_tokens=90, temperature=1.0, frequency_penalty=-0.5, presence_penalty=0.25
+        ),
     ),
     ({"top_p": 0, "n": 1}, SamplingConfig(max_new_tokens=90, temperature=0.0)),
 ]
