@@ -139,14 +139,42 @@ def fail(message: str, code: int = 1) -> None:
 
 
 def run_main(main_fn, argv: list[str] | None = None) -> None:  # type: ignore[no-untyped-def]
-    """Call `main_fn(argv)`, turning our errors into one line instead of a traceback."""
+    """Call `main_fn(argv)`, turning our errors into one line instead of a traceback, then exit
+    at once (`exit_now`)."""
+    code: int | str | None = 0
     try:
         main_fn(argv)
     except LayerswarmError as e:
-        fail(str(e))
+        print(f"error: {e}", file=sys.stderr)
+        code = 1
     except KeyboardInterrupt:
         print(file=sys.stderr)
-        raise SystemExit(130) from None
+        code = 130
+    except SystemExit as e:
+        code = e.code
+    exit_now(code)
+
+
+def exit_now(code: int | str | None) -> None:
+    """Exit with `code` (a string is printed, as `SystemExit` does, and exits 1) without the
+    interpreter's teardown.
+
+    Why: torch imports Triton where it is installed (torch._dynamo does, even for building an
+    `nn.Embedding`), and at teardown Triton's nanobind bindings print ~30 lines of "nanobind:
+    leaked N instances / types / functions" on every exit. Every resource of ours is closed by
+    `main_fn` itself before this (peers, connections, threads), so only the streams and the log
+    handlers are left to flush.
+    """
+    if isinstance(code, str):
+        print(code, file=sys.stderr)
+        code = 1
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe: nothing more reaches the reader anyway
+            pass
+    os._exit(code or 0)
 
 
 def mdns_interfaces(values: list[str] | None, private: bool = False) -> tuple[str, ...] | None:

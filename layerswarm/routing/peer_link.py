@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from layerswarm.errors import LayerswarmError
 from layerswarm.routing.paths import PeerView
@@ -44,7 +44,9 @@ class PeerLink:
         quant = info.extra.get("quant")
         return PeerView(
             peer_id=self.conn.peer_id,
-            address=str(self.address),
+            # the ID learned in the handshake: a route names each hop by it (`host:port/ID`),
+            # though the peer was given as `host:port`
+            address=str(replace(self.address, peer_id=self.conn.peer_id)),
             span=Span(info.span_start, info.span_end),
             seconds_per_layer=measured or claimed_seconds_per_layer(info.extra),
             # a measured step already includes the wait behind other sessions
