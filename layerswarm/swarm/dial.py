@@ -28,6 +28,7 @@ from layerswarm.swarm.protocol import (
     Hello,
     Message,
 )
+from layerswarm.swarm.relay import dial_through_relay, start_tls_channel
 from layerswarm.swarm.transport import (
     HANDSHAKE_ID,
     TELL_SERVER,
@@ -196,17 +197,20 @@ async def open_connection(
     connection = Connection(address, config, on_goodbye)
     context = None if config.insecure_plaintext else tls_context(identity, server=False)
     try:
-        await asyncio.wait_for(
-            loop.create_connection(
-                lambda: connection._channel,
-                address.host,
-                address.port,
-                ssl=context,
-                ssl_handshake_timeout=config.handshake_timeout if context else None,
-                ssl_shutdown_timeout=config.close_timeout if context else None,
-            ),
-            config.connect_timeout + config.handshake_timeout,
-        )
+        if address.relay is not None:
+            await _open_relayed(connection, address, context, config)
+        else:
+            await asyncio.wait_for(
+                loop.create_connection(
+                    lambda: connection._channel,
+                    address.host,
+                    address.port,
+                    ssl=context,
+                    ssl_handshake_timeout=config.handshake_timeout if context else None,
+                    ssl_shutdown_timeout=config.close_timeout if context else None,
+                ),
+                config.connect_timeout + config.handshake_timeout,
+            )
     except asyncio.TimeoutError as exc:
         raise PeerUnavailable(f"connecting to {address} timed out") from exc
     except ssl.SSLError as exc:
@@ -221,6 +225,29 @@ async def open_connection(
         await connection.wait_closed()
         raise
     return connection
+
+
+async def _open_relayed(
+    connection: Connection,
+    address: Address,
+    context: ssl.SSLContext | None,
+    config: TransportConfig,
+) -> None:
+    """Reach `address.peer_id` through the relay at `address`, then TLS end to end with it.
+
+    The relay copies bytes only: the TLS handshake, and the peer-ID check after it, are the
+    same as on a direct dial, so a relay cannot pose as its target (`swarm/relay.py`).
+    """
+    if address.peer_id is None:
+        raise PeerUnavailable(f"a relayed address needs the target's peer ID: {address}")
+    timeout = config.connect_timeout + config.handshake_timeout
+    raw = await dial_through_relay(address.host, address.port, address.peer_id, timeout)
+    channel = connection._channel
+    if context is None:
+        raw.set_protocol(channel)
+        channel.connection_made(raw)
+        return
+    await start_tls_channel(raw, channel, context, False, config.handshake_timeout)
 
 
 async def _client_handshake(

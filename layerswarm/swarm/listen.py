@@ -32,6 +32,7 @@ from layerswarm.swarm.protocol import (
     Hello,
     Message,
 )
+from layerswarm.swarm.relay import READY, start_tls_channel
 from layerswarm.swarm.transport import (
     HANDSHAKE_ID,
     TELL_CLIENT,
@@ -272,6 +273,7 @@ class Server:
         limits: ListenLimits | None = None,
     ) -> None:
         self.peer_id = identity.peer_id
+        self._identity = identity
         self._handler = handler
         self._on_disconnect = on_disconnect
         self._config = config
@@ -296,6 +298,24 @@ class Server:
 
     def _new_connection(self) -> Channel:
         return _ServerConnection(self).channel
+
+    async def accept_relayed(self, transport: asyncio.Transport) -> None:
+        """Serve a connection joined through a relay (`swarm/relay.py`) as one accepted here.
+
+        Writes the relay's READY byte, then runs the TLS server end over the joined stream.
+
+        Raises:
+            PeerUnavailable: the TLS handshake through the relay failed or timed out.
+        """
+        channel = self._new_connection()
+        transport.write(READY)  # nothing is read before start_tls takes the transport over
+        if self._config.insecure_plaintext:
+            transport.set_protocol(channel)
+            channel.connection_made(transport)
+            return
+        context = tls_context(self._identity, server=True)
+        timeout = self._config.handshake_timeout
+        await start_tls_channel(transport, channel, context, True, timeout)
 
     async def say_goodbye(self, reason: str) -> None:
         """Tell every client this peer is about to stop; new clients are refused from now on."""

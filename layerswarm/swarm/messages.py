@@ -24,6 +24,7 @@ PUSH_KEY_BYTES = 32  # bytes: a session's push key, shared by its client and its
 PUSH_TOKEN_BYTES = 32  # bytes: a pushed step's token (HMAC-SHA256, see `swarm/push.py`)
 MAX_ROUTE_HOPS = 64  # hops: the longest route a step may carry
 MAX_SCALES = 8192  # scales a compressed step may carry (4 bytes each, in the header)
+RELAY_TOKEN_BYTES = 16  # bytes: names one relayed connection between a relay and its target
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -56,6 +57,8 @@ class ErrorCode:
     # a peer could not hand a pushed step to the next hop; the message starts with that hop's
     # peer ID, then the code and message of what went wrong there (`swarm/push.py`)
     FORWARD_FAILED = "forward_failed"
+    NO_RESERVATION = "no_reservation"  # a relay holds no reservation for the asked peer
+    RESOURCE_LIMIT = "resource_limit"  # a relay at one of its limits (`swarm/relay.py`)
     INTERNAL = "internal"  # anything else
 
 
@@ -185,6 +188,68 @@ class Goodbye:
     reason: str
 
 
+@dataclass(frozen=True)
+class DialBack:
+    """Ask a peer to dial this side back, on a fresh connection, at `port` of the IP address
+    it sees this connection come from (`swarm/reachability.py`)."""
+
+    port: int  # the TCP port this side listens on, and plans to announce
+
+
+@dataclass(frozen=True)
+class DialBackReply:
+    reachable: bool  # whether a fresh connection to observed_host:port proved this side's ID
+    observed_host: str  # the IP address this side's connection came from, as the answerer sees it
+    observed_port: int  # that connection's source port (a NAT's mapping of it)
+    reason: str  # why not reachable ("" when reachable)
+    relay_port: int = 0  # the answerer serves as a relay on this TCP port; 0: it does not
+
+
+@dataclass(frozen=True)
+class Reserve:
+    """Ask a relay to hold (or renew) a reservation for this side's peer ID."""
+
+
+@dataclass(frozen=True)
+class Reserved:
+    relay_port: int  # where dialers reach this side through the relay
+    ttl: float  # unit: s the reservation holds unless renewed
+    max_connections: int  # relayed connections at once
+    max_bytes_per_s: int  # bytes/s: each relayed connection, each way
+    max_duration: float  # unit: s each relayed connection may stay open
+
+
+@dataclass(frozen=True)
+class AwaitRelayed:
+    """A reservation holder waits for the next dialer; the relay answers with `Relayed`."""
+
+
+@dataclass(frozen=True)
+class Relayed:
+    """A dialer waits at the relay: accept it with a `RelayAccept` carrying this token."""
+
+    token: bytes  # RELAY_TOKEN_BYTES
+
+
+@dataclass(frozen=True)
+class RelayConnect:
+    """A dialer's first frame at a relay's port: join me to `target`."""
+
+    target: str  # the peer ID of a reservation holder
+
+
+@dataclass(frozen=True)
+class RelayAccept:
+    """A reservation holder's first frame at its relay's port: join me to this dialer."""
+
+    token: bytes  # RELAY_TOKEN_BYTES, from `Relayed`
+
+
+@dataclass(frozen=True)
+class RelayJoined:
+    """The relay's answer to `RelayConnect`/`RelayAccept`: from here on, bytes pass through."""
+
+
 Message: TypeAlias = (
     Hello
     | InfoRequest
@@ -199,5 +264,23 @@ Message: TypeAlias = (
     | Closed
     | ErrorReply
     | Goodbye
+    | DialBack
+    | DialBackReply
+    | Reserve
+    | Reserved
+    | AwaitRelayed
+    | Relayed
+    | RelayConnect
+    | RelayAccept
+    | RelayJoined
 )
-REQUEST_TYPES: tuple[type[Message], ...] = (InfoRequest, OpenSession, Step, Collect, CloseSession)
+REQUEST_TYPES: tuple[type[Message], ...] = (
+    InfoRequest,
+    OpenSession,
+    Step,
+    Collect,
+    CloseSession,
+    DialBack,
+    Reserve,
+    AwaitRelayed,
+)

@@ -42,6 +42,8 @@ SIGNATURE_DOMAIN = b"layerswarm-record-v1"  # signed before the body: no other s
 MAX_RECORD_BYTES = 1024  # bytes: largest signed record accepted (a DHT value, ~6 TXT strings)
 MAX_RECORD_TTL = 24 * 3600.0  # s: longest validity window, expires_at - timestamp
 MAX_ADDRESSES = 4  # data-plane addresses in one record
+# characters in one address: a relayed one, `host:port/RELAYID/p2p-circuit`, takes ~90
+MAX_ADDRESS_CHARS = 128
 MAX_LAYERS = 2**20  # layers: bound on span fields (as in the wire protocol)
 MAX_TOKENS = 2**31 - 1  # tokens: bound on cache sizes (as in the wire protocol)
 MAX_RATE = 1e15  # bound on measured rates (TFLOPS, tokens or steps per second per layer)
@@ -202,6 +204,7 @@ _Check = Callable[[object, str], None]
 _HOST = re.compile(r"[A-Za-z0-9.-]{1,253}")
 _PORT = re.compile(r"[0-9]{1,5}")
 _MODEL_HASH = re.compile(r"[0-9a-f]{16}")
+_PEER_ID_CHARS = re.compile(r"[1-9A-HJ-NP-Za-km-z]{32,64}")  # base58
 
 
 def _int(lo: int, hi: int) -> _Check:
@@ -268,11 +271,23 @@ def _check_addresses(value: object, name: str) -> None:
             RecordFault.OUT_OF_RANGE, f"{name} must hold 1..{MAX_ADDRESSES} addresses"
         )
     for address in value:
-        _str(64)(address, name)
-        if not _is_host_port(address):
+        _str(MAX_ADDRESS_CHARS)(address, name)
+        if not _is_host_port(address) and not _is_relayed(address):
             raise InvalidRecord(
-                RecordFault.OUT_OF_RANGE, f"address {address!r:.80} is not host:port"
+                RecordFault.OUT_OF_RANGE,
+                f"address {address!r:.80} is not host:port nor host:port/RELAYID/p2p-circuit",
             )
+
+
+def _is_relayed(address: str) -> bool:
+    """`host:port/RELAYID/p2p-circuit`: reached through that relay (`swarm/relay.py`)."""
+    hostport, _, rest = address.partition("/")
+    relay, _, circuit = rest.partition("/")
+    return (
+        circuit == "p2p-circuit"
+        and _is_host_port(hostport)
+        and _PEER_ID_CHARS.fullmatch(relay) is not None
+    )
 
 
 def _is_host_port(address: str) -> bool:

@@ -24,9 +24,13 @@ from layerswarm.swarm.messages import (
     PSK_PROOF_BYTES,
     PUSH_KEY_BYTES,
     PUSH_TOKEN_BYTES,
+    RELAY_TOKEN_BYTES,
+    AwaitRelayed,
     Closed,
     CloseSession,
     Collect,
+    DialBack,
+    DialBackReply,
     ErrorReply,
     Goodbye,
     Hello,
@@ -36,6 +40,12 @@ from layerswarm.swarm.messages import (
     OpenSession,
     Pushed,
     PushHop,
+    RelayAccept,
+    RelayConnect,
+    Relayed,
+    RelayJoined,
+    Reserve,
+    Reserved,
     SessionOpened,
     Step,
     StepResult,
@@ -124,6 +134,20 @@ _LAYER = _int(0, MAX_LAYERS)
 _TOKENS = _int(0, MAX_TOKENS)
 _ADDRESS = _str(300, min_len=3)
 _PUSH_TOKEN = _bytes(PUSH_TOKEN_BYTES)
+
+
+_PORT = _int(1, 65535)
+_RELAY_TOKEN = _bytes(RELAY_TOKEN_BYTES)
+
+
+def _bool(value: object, name: str) -> None:
+    if type(value) is not bool:
+        raise ProtocolError(f"{name} must be a bool, got {type(value).__name__}")
+
+
+def _seconds(value: object, name: str) -> None:
+    if type(value) not in (int, float) or not 0 < value <= 7 * 24 * 3600:  # type: ignore[operator]
+        raise ProtocolError(f"{name} must be a number of seconds in (0, 1 week], got {value!r:.40}")
 
 
 def _SCALES(value: object, name: str) -> None:
@@ -274,6 +298,33 @@ SCHEMAS: dict[type[Message], Schema] = {
     Closed: Schema("closed", (("session_id", _SESSION_ID),)),
     ErrorReply: Schema("error", (("code", _str(64, min_len=1)), ("message", _str(4096)))),
     Goodbye: Schema("goodbye", (("reason", _str(1024)),)),
+    DialBack: Schema("dial_back", (("port", _PORT),)),
+    DialBackReply: Schema(
+        "dial_back_reply",
+        (
+            ("reachable", _bool),
+            ("observed_host", _str(64, min_len=1)),
+            ("observed_port", _int(0, 65535)),
+            ("reason", _str(1024)),
+            ("relay_port", _int(0, 65535)),
+        ),
+    ),
+    Reserve: Schema("reserve", ()),
+    Reserved: Schema(
+        "reserved",
+        (
+            ("relay_port", _PORT),
+            ("ttl", _seconds),
+            ("max_connections", _int(1, 2**20)),
+            ("max_bytes_per_s", _int(1, 2**40)),
+            ("max_duration", _seconds),
+        ),
+    ),
+    AwaitRelayed: Schema("await_relayed", ()),
+    Relayed: Schema("relayed", (("token", _RELAY_TOKEN),)),
+    RelayConnect: Schema("relay_connect", (("target", _str(128, min_len=1)),)),
+    RelayAccept: Schema("relay_accept", (("token", _RELAY_TOKEN),)),
+    RelayJoined: Schema("relay_joined", ()),
 }
 SCHEMA_BY_NAME = {schema.name: (cls, schema, schema.keys) for cls, schema in SCHEMAS.items()}
 # The hidden-state tensors are (batch=1, T, hidden): one session is one sequence.

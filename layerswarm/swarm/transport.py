@@ -87,34 +87,55 @@ class TransportConfig:
             raise ValueError("max_frame_bytes must be >= 1024, max_concurrent_requests >= 1")
 
 
+CIRCUIT = "p2p-circuit"  # in an address: the part before it is a relay's (libp2p's word)
+
+
 @dataclass(frozen=True)
 class Address:
-    """Where a peer listens, and optionally which peer ID must answer there."""
+    """Where a peer listens, and optionally which peer ID must answer there.
+
+    With `relay`, the peer is reached through that relay (`swarm/relay.py`): `host:port` are
+    the relay's, and TLS runs end to end with `peer_id` through it.
+    """
 
     host: str
     port: int
     peer_id: str | None = None
+    relay: str | None = None  # the relay's peer ID; set: dial host:port, a relay, to reach peer_id
 
     def __str__(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
+        if self.relay is not None:
+            tail = f"/{self.peer_id}" if self.peer_id else ""
+            return f"{host}:{self.port}/{self.relay}/{CIRCUIT}{tail}"
         return f"{host}:{self.port}" + (f"/{self.peer_id}" if self.peer_id else "")
 
 
 def parse_address(text: str) -> Address:
-    """Parse `host:port` or `host:port/PEERID` (IPv6 hosts in brackets: `[::1]:port`).
+    """Parse `host:port` or `host:port/PEERID` (IPv6 hosts in brackets: `[::1]:port`), or a
+    relayed address `host:port/RELAYID/p2p-circuit[/PEERID]` (host:port: the relay's).
 
     Raises:
-        ValueError: the text is not such an address, or PEERID is not an Ed25519 peer ID.
+        ValueError: the text is not such an address, or an ID is not an Ed25519 peer ID.
     """
-    hostport, _, peer_id = text.strip().partition("/")
+    hostport, _, rest = text.strip().partition("/")
     host, sep, port_text = hostport.rpartition(":")
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
     if not sep or not host or not port_text.isdigit() or not 0 < int(port_text) < 65536:
         raise ValueError(f"not a host:port[/peer_id] address: {text!r}")
+    parts = rest.split("/") if rest else []
+    relay = None
+    if len(parts) >= 2 and parts[1] == CIRCUIT:
+        relay = parts[0]
+        public_key_from_peer_id(relay)
+        parts = parts[2:]
+    if len(parts) > 1:
+        raise ValueError(f"not a host:port[/peer_id] address: {text!r}")
+    peer_id = parts[0] if parts else None
     if peer_id:
         public_key_from_peer_id(peer_id)  # raises ValueError for anything else
-    return Address(host, int(port_text), peer_id or None)
+    return Address(host, int(port_text), peer_id or None, relay)
 
 
 def new_event_loop() -> asyncio.AbstractEventLoop:
