@@ -9,6 +9,19 @@ class LayerswarmError(Exception):
     """Base class of every error layerswarm raises on purpose."""
 
 
+class ConfigError(LayerswarmError, ValueError):
+    """A config field holds a value it cannot take; `field` names it (`limits.idle_timeout` for
+    a sub-config's), `problem` says what is wrong, so a command line can name its own flag."""
+
+    def __init__(self, field: str, problem: str) -> None:
+        super().__init__(field, problem)  # both in args, so the error pickles
+        self.field = field
+        self.problem = problem
+
+    def __str__(self) -> str:
+        return f"{self.field}: {self.problem}"
+
+
 class ModelFormatError(LayerswarmError):
     """A model folder or file is missing something, or holds an unsupported model."""
 

@@ -23,8 +23,10 @@ import os
 os.environ.setdefault("GOMP_SPINCOUNT", "20000")
 
 import asyncio
+import dataclasses
 import logging
 import sys
+from pathlib import Path
 
 import torch
 
@@ -40,12 +42,11 @@ from layerswarm.cli.common import (
     runtime_dir,
     setup_logging,
 )
+from layerswarm.cli.config_flags import config_from_args
 from layerswarm.cli.peer_args import build_parser
 from layerswarm.cli.status import run_status
 from layerswarm.peer.config import PeerConfig
-from layerswarm.peer.fault_injection import FaultInjector
 from layerswarm.peer.server import serve_peer
-from layerswarm.shards.config import Span
 from layerswarm.shards.device import (
     DeviceUnavailable,
     check_kernels,
@@ -53,7 +54,6 @@ from layerswarm.shards.device import (
     resolve_device,
 )
 from layerswarm.swarm.identity import load_or_create_identity
-from layerswarm.swarm.limits import ListenLimits
 from layerswarm.swarm.transport import new_event_loop
 
 
@@ -76,6 +76,14 @@ def peer_device(spec: str, dtype: str | None, kernels: str) -> tuple[torch.devic
     return device, dtype or default_dtype(device)
 
 
+# The flags behind the fields `_main` sets itself, to name them in errors.
+GIVEN_FLAGS = {
+    "swarm_key": "--swarm-key",
+    "mdns_interfaces": "--mdns-interface",
+    "dtype": "--dtype",
+}
+
+
 def main(argv: list[str] | None = None) -> None:
     run_main(_main, argv)
 
@@ -85,77 +93,26 @@ def _main(argv: list[str] | None) -> None:
     if args.command == "status":
         return run_status(args)
     setup_logging(args.verbose)
-    try:
-        span = None if args.layers == "auto" else Span.parse(args.layers)
-    except ValueError as e:
-        raise SystemExit(f"error: --layers: {e}") from None
     swarm_key = read_swarm_key(args.swarm_key) if args.swarm_key else None
-    if swarm_key is not None and args.insecure_plaintext:
-        raise SystemExit("error: --swarm-key needs TLS: drop --insecure-plaintext")
-    if args.record_ttl <= 0:
-        raise SystemExit("error: --record-ttl must be positive")
-    if args.bootstrap:
-        from layerswarm.swarm.kad_service import check_bootstrap
-
-        try:
-            check_bootstrap(args.bootstrap)
-        except ValueError as e:
-            raise SystemExit(f"error: --bootstrap: {e}") from None
     device, dtype = peer_device(args.device, args.dtype, args.kernels)
-    try:
-        limits = ListenLimits(
-            max_connections=args.max_connections,
-            max_connections_per_ip=args.max_connections_per_ip,
-            idle_timeout=args.connection_idle_timeout,
-        )
-        if not args.handshake_timeout > 0 or not 0 < args.max_client_cache_fraction <= 1:
-            raise ValueError(
-                "--handshake-timeout must be positive, --max-client-cache-fraction in (0, 1]"
-            )
-        if args.test_fault_injector:
-            FaultInjector(args.test_fault_injector)  # a bad SPEC fails here, not at the first step
-    except ValueError as e:
-        raise SystemExit(f"error: {e}") from None
-    model_dir = resolve_model_cli(args.model, default_cache_dir())
-    key_path = args.key or default_config_dir() / "peer.key"
-    identity = load_or_create_identity(key_path)
-    config = PeerConfig(
-        model_dir=model_dir,
-        model_name=args.model if "/" not in args.model else model_dir.name,
-        span=span,
-        host=args.host,
-        port=args.port,
+    key_path = args.key_path or default_config_dir() / "peer.key"
+    config = config_from_args(  # checked before the model is resolved (maybe downloaded)
+        PeerConfig,
+        args,
+        GIVEN_FLAGS,
+        model_dir=Path(args.model),
+        model_name=args.model,
         dtype=dtype,
         device=str(device),
-        kernels=args.kernels,
-        cuda_graphs=not args.no_cuda_graphs,
         gpu_share_dir=runtime_dir() / "gpus",
-        quant=args.quant,
-        quant_group_size=args.quant_group_size,
-        cache_memory_bytes=int(args.cache_memory * 2**20),
-        max_session_length=args.max_session_length,
-        session_idle_timeout=args.session_idle_timeout,
-        step_timeout=args.step_timeout,
-        max_batch=args.max_batch,
-        token_budget=args.token_budget,
-        prefill_chunk=args.prefill_chunk,
-        admission_timeout=args.admission_timeout,
-        max_sessions_per_client=args.max_sessions_per_client,
-        max_client_cache_fraction=args.max_client_cache_fraction,
-        limits=limits,
-        handshake_timeout=args.handshake_timeout,
-        test_faults=args.test_fault_injector,
-        memory_budget_bytes=int(args.memory_budget * 2**20),
-        rebalance_interval=args.rebalance_interval,
         mdns_interfaces=mdns_interfaces(args.mdns_interface, private=swarm_key is not None),
         key_path=key_path,
-        insecure_plaintext=args.insecure_plaintext,
-        dht=args.dht,
-        bootstrap=tuple(args.bootstrap),
-        dht_port=args.dht_port,
-        record_ttl=args.record_ttl,
         swarm_key=swarm_key,
     )
+    model_dir = resolve_model_cli(args.model, default_cache_dir())
+    name = args.model if "/" not in args.model else model_dir.name
+    config = dataclasses.replace(config, model_dir=model_dir, model_name=name)
+    identity = load_or_create_identity(key_path)
 
     if config.uses_dht:
         route_libp2p_logs(args.verbose)

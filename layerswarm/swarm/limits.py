@@ -11,7 +11,9 @@ KV pages of a client by the peer's `ServingConfig`.
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from layerswarm.errors import ConfigError
 
 # bytes: the largest frame a peer reads before a connection's Hello. A Hello's frame takes
 # ~250 bytes (a 52-character peer ID, a 32-byte swarm-key proof and three small ints).
@@ -22,19 +24,34 @@ MAX_HELLO_FRAME_BYTES = 1024
 class ListenLimits:
     """The caps a listening peer keeps on the connections it accepts."""
 
-    max_connections: int = 1024  # connections open at once, every client together
-    max_connections_per_ip: int = 64  # connections open at once from one IP address
-    idle_timeout: float = 600.0  # unit: s a connection with no request in flight may stay silent
+    # connections open at once, every client together
+    max_connections: int = field(
+        default=1024, metadata={"help": "connections at once", "metavar": "N"}
+    )
+    # connections open at once from one IP address
+    max_connections_per_ip: int = field(
+        default=64, metadata={"help": "connections at once from one IP address", "metavar": "N"}
+    )
+    # unit: s a connection with no request in flight may stay silent
+    idle_timeout: float = field(
+        default=600.0,
+        metadata={
+            "help": "close a connection with no request in flight for this long",
+            "flag": "--connection-idle-timeout",
+            "metavar": "S",
+        },
+    )
     max_hello_frame_bytes: int = MAX_HELLO_FRAME_BYTES  # bytes: largest frame before Hello
     max_refusing: int = 64  # connections being told "too many" at once; past it, dropped at once
 
     def __post_init__(self) -> None:
-        if min(self.max_connections, self.max_connections_per_ip, self.max_refusing) < 1:
-            raise ValueError("connection caps must be at least 1")
+        for name in ("max_connections", "max_connections_per_ip", "max_refusing"):
+            if getattr(self, name) < 1:
+                raise ConfigError(name, "must be at least 1")
         if not self.idle_timeout > 0:
-            raise ValueError("idle_timeout must be positive")
+            raise ConfigError("idle_timeout", "must be positive")
         if self.max_hello_frame_bytes < 256:
-            raise ValueError("max_hello_frame_bytes must hold a Hello (at least 256 bytes)")
+            raise ConfigError("max_hello_frame_bytes", "must hold a Hello (at least 256 bytes)")
 
 
 class ConnectionCounter:
