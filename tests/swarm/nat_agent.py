@@ -1,0 +1,89 @@
+"""A NAT test agent: one peer's swarm layer (no model) inside a namespace, run by `test_nat.py`.
+
+    ip netns exec NS python nat_agent.py serve HOST [--reach-peer A] [--relay on|off|auto]
+    ip netns exec NS python nat_agent.py dial ADDRESS
+
+`serve` listens on HOST (port 0), runs `Traversal.start` and prints one JSON line: its address,
+reachability, announced addresses and relay port; it answers `InfoRequest`s until stdin closes.
+`dial` dials ADDRESS (relayed or direct), asks for the peer's info, and prints
+`{"ok": true, "peer_id": ...}` or `{"ok": false, "error": ...}`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+
+from layerswarm.errors import LayerswarmError, RemoteError
+from layerswarm.swarm.dial import open_connection
+from layerswarm.swarm.identity import generate_identity
+from layerswarm.swarm.listen import ConnectionInfo, serve_connections
+from layerswarm.swarm.messages import ErrorCode, InfoReply, InfoRequest, Message
+from layerswarm.swarm.transport import TransportConfig, new_event_loop, parse_address
+from layerswarm.swarm.traversal import NatConfig, Traversal
+
+TRANSPORT = TransportConfig(connect_timeout=3.0, handshake_timeout=5.0, request_timeout=10.0)
+IDENTITY = generate_identity()
+
+
+async def answer(conn: ConnectionInfo, msg: Message) -> Message:
+    if isinstance(msg, InfoRequest):
+        return InfoReply(IDENTITY.peer_id, "agent", 0, 1, 1, "float32", 0, 0, 0, {})
+    raise RemoteError(ErrorCode.PROTOCOL, f"unexpected {type(msg).__name__}")
+
+
+async def serve(args: argparse.Namespace) -> None:
+    config = NatConfig(reach_peers=tuple(args.reach_peer), relay=args.relay, retry_interval=1.0)
+    traversal = Traversal(config, IDENTITY, TRANSPORT, args.host)
+    server = await serve_connections(traversal.handler(answer), args.host, 0, IDENTITY, TRANSPORT)
+    local = f"{args.host}:{server.port}"
+    await traversal.start(server, [local], server.port, list)
+    info = {
+        "address": f"{local}/{IDENTITY.peer_id}",
+        "peer_id": IDENTITY.peer_id,
+        "status": traversal.status,
+        "addresses": list(traversal.addresses),
+        "relay_port": traversal.relay.port if traversal.relay is not None else 0,
+        "observed": traversal.reachability.observed_host if traversal.reachability else None,
+    }
+    print(json.dumps(info), flush=True)
+    loop = asyncio.get_running_loop()
+    async with asyncio.TaskGroup() as tasks:
+        keeper = tasks.create_task(traversal.serve())
+        await loop.run_in_executor(None, sys.stdin.read)  # until the test closes stdin
+        if traversal.relay is not None:
+            print(json.dumps(traversal.summary()), flush=True)
+        keeper.cancel()
+    server.close()
+    await server.wait_closed()
+
+
+async def dial(args: argparse.Namespace) -> None:
+    try:
+        address = parse_address(args.address)
+        async with await open_connection(address, generate_identity(), TRANSPORT) as conn:
+            reply = await conn.request(InfoRequest())
+        assert isinstance(reply, InfoReply)
+        print(json.dumps({"ok": True, "peer_id": conn.peer_id}), flush=True)
+    except LayerswarmError as exc:
+        print(json.dumps({"ok": False, "error": f"{type(exc).__name__}: {exc}"}), flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    sub = ap.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("serve")
+    s.add_argument("host")
+    s.add_argument("--reach-peer", action="append", default=[])
+    s.add_argument("--relay", default="auto")
+    d = sub.add_parser("dial")
+    d.add_argument("address")
+    args = ap.parse_args()
+    with asyncio.Runner(loop_factory=new_event_loop) as runner:
+        runner.run(serve(args) if args.command == "serve" else dial(args))
+
+
+if __name__ == "__main__":
+    main()

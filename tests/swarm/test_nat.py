@@ -1,0 +1,124 @@
+"""Across real NAT: namespaces for the internet and for homes behind masquerading routers
+(`nat_world.py`), with `nat_agent.py` peers (the swarm layer, no model) in them.
+
+A peer at home learns it is behind NAT (its router's address is what others see), holds a
+reservation on a public relay, and a peer in another home reaches it through that relay, while
+dialing it directly is refused; a public peer learns that it is reachable.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))  # tests/ is no package: reach netns.py beside us
+from nat_world import World, nat_unavailable, nat_world
+from netns import run_in_netns
+
+AGENT = Path(__file__).with_name("nat_agent.py")
+WAIT = 60.0  # s: for an agent's line; a hung agent fails the test instead of hanging it
+
+pytestmark = pytest.mark.skipif(nat_unavailable() is not None, reason=str(nat_unavailable()))
+
+
+@contextmanager
+def agent(ns: str, *args: str) -> Iterator[tuple[subprocess.Popen[str], dict[str, Any]]]:
+    """A `nat_agent.py serve` in `ns`; yields the process and its first JSON line."""
+    proc = run_in_netns(
+        ns,
+        [sys.executable, str(AGENT), "serve", *args],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        yield proc, _line(proc)
+    finally:
+        if proc.stdin is not None:
+            proc.stdin.close()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        for stream in (proc.stdout, proc.stderr):
+            if stream is not None:
+                stream.close()
+
+
+def _line(proc: subprocess.Popen[str]) -> dict[str, Any]:
+    assert proc.stdout is not None and proc.stderr is not None
+    import select
+
+    ready, _, _ = select.select([proc.stdout], [], [], WAIT)
+    line = proc.stdout.readline() if ready else ""
+    if not line:
+        proc.kill()
+        raise AssertionError(f"agent gave no line; its log ends:\n{proc.stderr.read()[-3000:]}")
+    info: dict[str, Any] = json.loads(line)
+    return info
+
+
+def dial(ns: str, address: str) -> dict[str, Any]:
+    out = subprocess.run(
+        ["ip", "netns", "exec", ns, sys.executable, str(AGENT), "dial", address],
+        capture_output=True,
+        text=True,
+        timeout=WAIT,
+    )
+    assert out.stdout, out.stderr[-3000:]
+    reply: dict[str, Any] = json.loads(out.stdout.splitlines()[-1])
+    return reply
+
+
+def relayed(addresses: Sequence[str]) -> list[str]:
+    return [a for a in addresses if "/p2p-circuit" in a]
+
+
+@pytest.fixture(scope="module")
+def world() -> Iterator[World]:
+    with nat_world(homes=2) as w:
+        yield w
+
+
+def test_home_peer_behind_nat_is_reached_through_a_relay_and_not_directly(world: World) -> None:
+    pub, home_a, home_b = world.public, world.homes[0], world.homes[1]
+    with agent(pub.name, pub.address, "--relay", "on") as (relay_proc, relay):
+        with agent(home_a.name, home_a.address, "--reach-peer", relay["address"]) as (_, a):
+            assert a["status"] == "relayed", a
+            assert a["observed"] == home_a.wan  # its router's address, as the relay saw it
+            circuit = relayed(a["addresses"])
+            assert circuit and a["addresses"][0] == circuit[0]
+            assert circuit[0].startswith(f"{pub.address}:{relay['relay_port']}/")
+            # Directly, at the address the relay saw it at: the router refuses.
+            port = a["address"].split("/")[0].rpartition(":")[2]
+            direct = dial(home_b.name, f"{home_a.wan}:{port}/{a['peer_id']}")
+            assert not direct["ok"] and "PeerUnavailable" in direct["error"], direct
+            # Through the relay, from another home: TLS end to end proves home A's ID.
+            through = dial(home_b.name, f"{circuit[0]}/{a['peer_id']}")
+            assert through == {"ok": True, "peer_id": a["peer_id"]}
+        assert relay_proc.stdin is not None
+        relay_proc.stdin.close()
+        summary = _line(relay_proc)
+        assert summary["relay"]["circuits"] >= 1 and summary["relay"]["bytes_relayed"] > 0
+
+
+def test_public_peer_learns_it_is_reachable_and_becomes_a_relay(world: World) -> None:
+    pub, home_a = world.public, world.homes[0]
+    with agent(pub.name, pub.address, "--relay", "off") as (_, first):
+        assert first["status"] == "unknown" and first["relay_port"] == 0  # nobody to ask
+        with agent(pub.name, pub.address, "--reach-peer", first["address"]) as (_, second):
+            assert second["status"] == "public", second
+            assert second["relay_port"] > 0  # auto: public peers relay
+            assert second["addresses"][0] == second["address"].split("/")[0]
+            # A home peer asking a peer that relays not: behind NAT, with no relay to use.
+            with agent(home_a.name, home_a.address, "--reach-peer", first["address"]) as (_, a):
+                assert a["status"] == "private" and not relayed(a["addresses"]), a
