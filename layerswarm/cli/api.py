@@ -19,7 +19,6 @@ import json
 import logging
 import signal
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -29,41 +28,52 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from layerswarm.cli.api_params import (
-    ChatRequest,
-    CompletionRequest,
-    SamplingFields,
-    parse_prompt,
-    parse_sampling,
-    validate,
-)
-from layerswarm.cli.api_replies import (
-    Admission,
-    EventStream,
-    Finished,
-    ReplyShape,
-    admitted,
-    as_api_error,
-    generate,
-    stream_events,
-)
+from layerswarm.cli.api_complete import complete
+from layerswarm.cli.api_params import ChatRequest, CompletionRequest, SamplingFields, validate
+from layerswarm.cli.api_replies import Admission
 from layerswarm.cli.api_server import ApiConfig, ApiError, read_json, serve_app
 from layerswarm.cli.common import run_main, setup_logging
 from layerswarm.cli.dashboard import ClientSource, InFlight, dashboard_routes
-from layerswarm.cli.swarm_flags import add_swarm_arguments
-from layerswarm.errors import LayerswarmError
 from layerswarm.metrics import note_event
 from layerswarm.routing.generate import Generator
 
 log = logging.getLogger(__name__)
 READY_PREFIX = "LAYERSWARM-API-READY "  # then one line of JSON
+# The flags of swarm-chat that say which model and which swarm; the rest are chat-only.
+SWARM_FLAGS = (
+    "model",
+    "local",
+    "peer",
+    "dtype",
+    "device",
+    "mdns_interface",
+    "bootstrap",
+    "swarm_key",
+    "insecure_plaintext",
+    "speculate",
+    "draft_model",
+    "draft_quant",
+    "relay",
+    "verify_fraction",
+    "verify_locally",
+    "verbose",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from layerswarm.cli.chat import build_parser as chat_parser
+
     ap = argparse.ArgumentParser(
         prog="swarm-api", description="Serve a model with an OpenAI-compatible HTTP API."
     )
-    add_swarm_arguments(ap)  # swarm-chat's too: both commands find a swarm the same way
+    # Copied from swarm-chat so both commands find a swarm the same way (argparse has no public
+    # way to take some of another parser's arguments).
+    where = ap.add_mutually_exclusive_group()
+    for action in chat_parser()._actions:
+        if action.dest in ("local", "peer"):
+            where._add_action(action)
+        elif action.dest in SWARM_FLAGS:
+            ap._add_action(action)
     ap.add_argument("--host", default="127.0.0.1", help="address to listen on")
     ap.add_argument("--port", type=int, default=8000, help="port to listen on (0: any free one)")
     ap.add_argument(
@@ -178,51 +188,7 @@ class OpenAiRoutes:
 
     async def complete(self, body: SamplingFields) -> Response:
         self.check_model(body.model)
-        chat = isinstance(body, ChatRequest)
-        limit = self.gen.head.config.max_position_embeddings
-        try:
-            # Templates and tokenizers take milliseconds per kilobyte: off the event loop.
-            prompt = await asyncio.to_thread(parse_prompt, self.gen.tokenizer, body)
-            sampling = parse_sampling(body, len(prompt), limit, self.config.default_max_tokens)
-        except (ValueError, LayerswarmError) as e:
-            raise as_api_error(e) from None
-        if len(prompt) >= limit:
-            raise ApiError(
-                400,
-                f"the prompt has {len(prompt)} tokens; the model's context holds {limit}",
-                param="messages" if chat else "prompt",
-                code="context_length_exceeded",
-            )
-        if any(not 0 <= t < self.gen.head.config.vocab_size for t in prompt):
-            raise ApiError(400, "the prompt has token ids outside the vocabulary", param="prompt")
-        shape = ReplyShape(chat, self.config.model_id, len(prompt))
-        await self.admission.enter()
-        pieces = admitted(self.admission, generate(self.gen, prompt, sampling))
-        if not body.stream:
-            return JSONResponse(await self.collect(pieces, shape))
-        try:  # wait for the first piece, so that a failure to start gets its own status
-            first = await anext(pieces)
-        except Exception as e:
-            await pieces.aclose()  # type: ignore[attr-defined]
-            raise as_api_error(e) from None
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        events = stream_events(first, pieces, shape, include_usage)
-        return EventStream(events)
-
-    async def collect(
-        self, pieces: AsyncIterator[str | Finished], shape: ReplyShape
-    ) -> dict[str, Any]:
-        text: list[str] = []
-        try:
-            async for item in pieces:
-                if isinstance(item, Finished):
-                    return shape.whole("".join(text), item)
-                text.append(item)
-        except Exception as e:
-            raise as_api_error(e) from None
-        finally:  # frees the reply's turn at once, not when the iterator is collected
-            await pieces.aclose()  # type: ignore[attr-defined]
-        raise ApiError(500, "the reply ended without finishing")
+        return await complete(self.gen, self.config, self.admission, body)
 
 
 # --- the command --------------------------------------------------------------------------------

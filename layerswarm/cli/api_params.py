@@ -2,8 +2,8 @@
 
 The schema is pydantic models of OpenAI's request fields (strict types: `true` is no number and
 `"0.5"` no float); every bad field raises `ApiError(400, ..., param=field)`. Unknown fields are
-allowed, as OpenAI's own server allows them. Fields the swarm cannot honour (n > 1, logprobs,
-tools) are refused rather than ignored.
+allowed, as OpenAI's own server allows them. Fields the swarm cannot honour (n > 1, tools) are
+refused rather than ignored.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError
 
 from layerswarm.cli.api_server import ApiError
-from layerswarm.routing.sampling import SamplingConfig
+from layerswarm.routing.sampling import MAX_LOGPROBS, SamplingConfig
 from layerswarm.routing.text import ChatTokenizer, Message
 
 MAX_STOPS = 4  # OpenAI's limit on stop strings
@@ -45,8 +45,9 @@ class SamplingFields(_Body):
     n: Literal[1] | None = None
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
-    logprobs: StrictBool | StrictInt | None = None
-    top_logprobs: StrictInt | None = None
+    # chat: true or false, with top_logprobs; completions: how many alternatives to list
+    logprobs: StrictBool | Annotated[StrictInt, Field(ge=0, le=MAX_LOGPROBS)] | None = None
+    top_logprobs: Annotated[StrictInt, Field(ge=0, le=MAX_LOGPROBS)] | None = None
     tools: list[Any] | None = None
     functions: list[Any] | None = None
     user: StrictStr | None = None
@@ -153,11 +154,24 @@ def parse_sampling(
         frequency_penalty=fields.frequency_penalty or 0.0,
         seed=fields.seed,
         stop=() if stop is None else (stop,) if isinstance(stop, str) else tuple(stop),
+        logprobs=_logprobs(fields),
     )
 
 
+def _logprobs(fields: SamplingFields) -> int | None:
+    """How many alternatives each token's logprobs list, None for no logprobs: chat's
+    `logprobs: true` with `top_logprobs`, or completions' `logprobs: N`."""
+    if isinstance(fields.logprobs, bool):
+        if fields.top_logprobs is not None and not fields.logprobs:
+            raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+        return (fields.top_logprobs or 0) if fields.logprobs else None
+    if fields.top_logprobs is not None:
+        if fields.logprobs is None:
+            raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+        return fields.top_logprobs
+    return fields.logprobs
+
+
 def _refuse_unsupported(fields: SamplingFields) -> None:
-    if fields.logprobs or fields.top_logprobs:
-        raise ApiError(400, "logprobs are not supported", param="logprobs")
     if fields.tools or fields.functions:
         raise ApiError(400, "tools are not supported", param="tools")

@@ -1,5 +1,6 @@
 """`swarm-api`'s replies: generated on the client's event loop, admitted a bounded few at a
-time (the rest wait in a bounded queue, then hear 429), and shaped as OpenAI JSON or events."""
+time (the rest wait in a bounded queue, then hear 429), and sent as server-sent events (their
+JSON is `api_shapes`')."""
 
 from __future__ import annotations
 
@@ -7,7 +8,6 @@ import asyncio
 import json
 import logging
 import time
-import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -33,10 +33,18 @@ from layerswarm.metrics import (
 )
 from layerswarm.routing.generate import Generator
 from layerswarm.routing.hops import SwarmBusy
-from layerswarm.routing.sampling import SamplingConfig
+from layerswarm.routing.sampling import Sampler, SamplingConfig, TokenLogprob
 from layerswarm.routing.text import TextStream
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Piece:
+    """Text of a reply, and the sampler's notes on the tokens it completes (when asked)."""
+
+    text: str
+    logprobs: tuple[TokenLogprob, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -49,7 +57,7 @@ class Finished:
 
 async def generate(
     gen: Generator, prompt: list[int], sampling: SamplingConfig
-) -> AsyncIterator[str | Finished]:
+) -> AsyncIterator[Piece | Finished]:
     """Text pieces, then a `Finished`. The reply runs on the generator's loop with every other
     reply (no thread of its own); closing this iterator early ends its session."""
     pieces = gen.net.iterate(_reply(gen, prompt, sampling))
@@ -62,11 +70,13 @@ async def generate(
 
 async def _reply(
     gen: Generator, prompt: list[int], sampling: SamplingConfig
-) -> AsyncIterator[str | Finished]:
+) -> AsyncIterator[Piece | Finished]:
     """`generate` on the generator's loop; counts tokens itself (`last_stats` is shared)."""
     text = TextStream(gen.tokenizer, sampling.stop)
-    tokens = gen.atokens(prompt, sampling)
+    sampler = Sampler(sampling, len(prompt))
+    tokens = gen.atokens(prompt, sampling, sampler)
     count, reason, finished = 0, "length", False
+    notes: list[TokenLogprob] = []  # of tokens whose text is not out yet
     CLIENT_TOKENS.labels(kind="prompt").inc(len(prompt))
     CLIENT_REPLIES_IN_FLIGHT.inc()
     last = time.perf_counter()
@@ -78,15 +88,21 @@ async def _reply(
             CLIENT_TOKENS.labels(kind="completion").inc()
             TOKEN_RATE.add(1)
             last = now
+            if count <= len(sampler.logprobs) and token not in gen.tokenizer.eos_ids:
+                notes.append(sampler.logprobs[count - 1])  # this token's (logprobs asked)
             piece, stop = gen.text_piece(text, token)
             if piece:
-                yield piece
+                yield Piece(piece, tuple(notes))
+                notes = []
             if stop:  # EOS (its piece flushed the text) or a stop string
                 reason = "stop"
                 break
         else:
             if tail := text.flush():
-                yield tail
+                yield Piece(tail, tuple(notes))
+                notes = []
+        if notes:
+            yield Piece("", tuple(notes))
         finished = True
         CLIENT_REPLIES.labels(reason=reason).inc()
         yield Finished(count, reason)
@@ -139,8 +155,8 @@ class Admission:
 
 
 async def admitted(
-    admission: Admission, pieces: AsyncIterator[str | Finished]
-) -> AsyncIterator[str | Finished]:
+    admission: Admission, pieces: AsyncIterator[Piece | Finished]
+) -> AsyncIterator[Piece | Finished]:
     """`pieces`, holding a turn of `admission` (taken already) until they end or are closed."""
     try:
         async for item in pieces:
@@ -165,81 +181,6 @@ def as_api_error(e: Exception) -> ApiError:
     if isinstance(e, LayerswarmError):
         return ApiError(502, f"the swarm failed: {e}", code="swarm_error")
     raise e
-
-
-@dataclass(frozen=True)
-class ReplyShape:
-    """The JSON of replies and chunks, chat or plain completion."""
-
-    chat: bool
-    model: str
-    prompt_tokens: int
-    id: str = ""
-    created: int = 0
-
-    def __post_init__(self) -> None:
-        prefix = "chatcmpl-" if self.chat else "cmpl-"
-        object.__setattr__(self, "id", prefix + uuid.uuid4().hex)
-        object.__setattr__(self, "created", int(time.time()))
-
-    def envelope(self, obj: str) -> dict[str, Any]:
-        return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
-
-    def usage(self, done: Finished) -> dict[str, int]:
-        return {
-            "prompt_tokens": self.prompt_tokens,
-            "completion_tokens": done.completion_tokens,
-            "total_tokens": self.prompt_tokens + done.completion_tokens,
-        }
-
-    def whole(self, text: str, done: Finished) -> dict[str, Any]:
-        choice: dict[str, Any] = {"index": 0, "finish_reason": done.reason, "logprobs": None}
-        if self.chat:
-            choice["message"] = {"role": "assistant", "content": text}
-        else:
-            choice["text"] = text
-        obj = "chat.completion" if self.chat else "text_completion"
-        return self.envelope(obj) | {"choices": [choice], "usage": self.usage(done)}
-
-    def chunk(self, text: str | None, reason: str | None = None) -> dict[str, Any]:
-        choice: dict[str, Any] = {"index": 0, "finish_reason": reason, "logprobs": None}
-        if self.chat:
-            choice["delta"] = {} if text is None else {"content": text}
-        else:
-            choice["text"] = text or ""
-        obj = "chat.completion.chunk" if self.chat else "text_completion"
-        return self.envelope(obj) | {"choices": [choice]}
-
-
-async def stream_events(
-    first: str | Finished,
-    pieces: AsyncIterator[str | Finished],
-    shape: ReplyShape,
-    include_usage: bool,
-) -> AsyncIterator[dict[str, Any]]:
-    """The chunks of a streamed reply; a failure mid-reply becomes an error event."""
-    if shape.chat:
-        yield shape.chunk("") | {
-            "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]
-        }
-    item = first
-    try:
-        while True:
-            if isinstance(item, Finished):
-                yield shape.chunk(None, item.reason)
-                if include_usage:
-                    yield shape.envelope(shape.chunk(None)["object"]) | {
-                        "choices": [],
-                        "usage": shape.usage(item),
-                    }
-                return
-            yield shape.chunk(item)
-            item = await anext(pieces)
-    except Exception as e:
-        yield as_api_error(e).body()
-    finally:  # shielded: a client that went away cancels this task, and its reply must stop
-        with anyio.CancelScope(shield=True):
-            await pieces.aclose()  # type: ignore[attr-defined]
 
 
 class EventStream(StreamingResponse):

@@ -150,9 +150,13 @@ class Generator:
         return self.net.iterate_sync(self.atokens(prompt, sampling))
 
     async def atokens(
-        self, prompt: Sequence[int], sampling: SamplingConfig
+        self, prompt: Sequence[int], sampling: SamplingConfig, sampler: Sampler | None = None
     ) -> AsyncGenerator[int, None]:
-        """Yield new token ids one by one (EOS included, then stop). Runs on `net`'s loop."""
+        """Yield new token ids one by one (EOS included, then stop). Runs on `net`'s loop.
+
+        `sampler`: the reply's, for a caller that reads what it notes (`Sampler.logprobs`) or
+        constrains it; None: a new one for `sampling`.
+        """
         limit = self.head.config.max_position_embeddings
         if not prompt:
             raise ValueError("the prompt is empty")
@@ -166,12 +170,12 @@ class Generator:
         if sampling.max_new_tokens == 0:
             return
         pipeline = self.active = await self.open_pipeline(max_length)
-        sampler = Sampler(sampling, len(prompt))
+        sampler = sampler or Sampler(sampling, len(prompt))
         context, sent = list(prompt), 0
         try:
             if self.speculator is not None:
                 forward = HeldSequence(pipeline, self._embed)
-                reply = self.aspeculate(forward, prompt, max_length, sampling, stats)
+                reply = self.aspeculate(forward, prompt, max_length, sampling, stats, sampler)
                 async with aclosing(reply) as tokens:
                     async for token in tokens:
                         yield token
@@ -200,6 +204,7 @@ class Generator:
         max_length: int,
         sampling: SamplingConfig,
         stats: GenerationStats,
+        sampler: Sampler | None = None,
     ) -> AsyncGenerator[int, None]:
         """`atokens` with the speculator's drafts: through `forward` (see `HeldSequence`), up
         to `max_length` tokens with the prompt, with a drafter of its own for the reply."""
@@ -209,7 +214,7 @@ class Generator:
             steps = max_length - len(prompt)
             config = self.speculator.config
             reply = speculative_tokens(
-                self, drafter, config, forward, prompt, steps, sampling, stats
+                self, drafter, config, forward, prompt, steps, sampling, stats, sampler
             )
             async with aclosing(reply) as tokens:
                 async for token in tokens:

@@ -9,8 +9,20 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
+
+MAX_LOGPROBS = 20  # OpenAI's limit on top_logprobs
+
+
+class TokenLogprob(NamedTuple):
+    """A chosen token's log-probability, and the likeliest tokens' (`SamplingConfig.logprobs`
+    of them, most likely first), all under the distribution the token was drawn from."""
+
+    token: int
+    logprob: float
+    top: list[tuple[int, float]]
 
 
 @dataclass(frozen=True)
@@ -26,6 +38,7 @@ class SamplingConfig:
     frequency_penalty: float = 0.0  # unit: logit subtracted per time a token is in the reply
     seed: int | None = None  # fixes the random choices for a reproducible reply
     stop: tuple[str, ...] = field(default_factory=tuple)  # strings that end the reply
+    logprobs: int | None = None  # unit: likeliest tokens listed beside each chosen one; None: none
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 0:
@@ -38,6 +51,8 @@ class SamplingConfig:
             raise ValueError("top_k must be >= 0")
         if self.repetition_penalty <= 0:
             raise ValueError("repetition_penalty must be > 0")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
+            raise ValueError(f"logprobs must be in [0, {MAX_LOGPROBS}]")
         for name in ("presence_penalty", "frequency_penalty"):
             if not -2.0 <= getattr(self, name) <= 2.0:
                 raise ValueError(f"{name} must be in [-2, 2]")
@@ -55,13 +70,45 @@ class Sampler:
             self.generator.manual_seed(config.seed)
         else:
             self.generator.seed()
+        self.logprobs: list[TokenLogprob] = []  # one a chosen token, when config.logprobs is set
 
     def __call__(self, logits: torch.Tensor, context: Sequence[int]) -> int:
         """Pick a token from `logits (vocab,)` given the token ids seen so far."""
         if self.config.temperature == 0:
-            return self.greedy(logits, context)
+            token = self.greedy(logits, context)
+            self.settle(token, logits, context)
+            return token
         probs = self.probs(logits, context)
-        return int(torch.multinomial(probs.cpu(), 1, generator=self.generator))
+        token = int(torch.multinomial(probs.cpu(), 1, generator=self.generator))
+        self.settle(token, logits, context, probs)
+        return token
+
+    def settle(
+        self,
+        token: int,
+        logits: torch.Tensor,
+        context: Sequence[int],
+        probs: torch.Tensor | None = None,
+    ) -> None:
+        """`token` is the reply's next, chosen from `logits (vocab,)` after `context`: note its
+        log-probability when asked (`probs`: the distribution it came from, if computed)."""
+        n = self.config.logprobs
+        if n is None:
+            return
+        logp = self.log_distribution(logits, context) if probs is None else probs.log()
+        top = torch.topk(logp, n) if n else None
+        pairs = (
+            [] if top is None else list(zip(top.indices.tolist(), top.values.tolist(), strict=True))
+        )
+        self.logprobs.append(TokenLogprob(token, float(logp[token]), pairs))
+
+    def log_distribution(self, logits: torch.Tensor, context: Sequence[int]) -> torch.Tensor:
+        """Log-probabilities `(vocab,)` of the distribution a token is chosen from: `probs`'s
+        above temperature 0; under greedy, the penalized logits' softmax (temperature 1, as
+        OpenAI reports logprobs at temperature 0)."""
+        if self.config.temperature == 0:
+            return torch.log_softmax(self.penalized(logits, context), dim=-1)
+        return self.probs(logits, context).log()
 
     def greedy(self, logits: torch.Tensor, context: Sequence[int]) -> int:
         """The most likely token (after the repetition penalty)."""

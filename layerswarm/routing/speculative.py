@@ -144,18 +144,22 @@ def verify(
         if greedy:
             token = sampler.greedy(logits[i], seen)
             out.append(token)
+            sampler.settle(token, logits[i], seen)
             if token != guess:
                 return out
         else:
             p = sampler.probs(logits[i], seen)
             if guess is None:
                 out.append(_draw(p, sampler))
+                sampler.settle(out[-1], logits[i], seen, p)
                 return out
             q = 1.0 if draft.probs is None else float(draft.probs[i, guess])
             if float(torch.rand((), generator=sampler.generator)) * q < float(p[guess]):
                 out.append(guess)
+                sampler.settle(guess, logits[i], seen, p)
             else:
                 out.append(_draw(_residual(p, draft, i, guess), sampler))
+                sampler.settle(out[-1], logits[i], seen, p)
                 return out
         seen.append(out[-1])
     raise AssertionError("unreachable: the last row always yields a token")
@@ -184,13 +188,15 @@ async def speculative_tokens(
     steps: int,
     sampling: SamplingConfig,
     stats: GenerationStats,
+    sampler: Sampler | None = None,
 ) -> AsyncGenerator[int, None]:
     """Up to `steps` new tokens after `prompt` (EOS included, then stop), several a pass.
 
     `forward(seq, n)` runs `seq` through the layers (what the pipeline does not hold of it,
     rolling back where it differs) and returns the last `n` positions' hidden states.
+    `sampler`: the reply's (its logprobs, its grammar); None: a new one for `sampling`.
     """
-    sampler = Sampler(sampling, len(prompt))
+    sampler = sampler or Sampler(sampling, len(prompt))
     context = list(prompt)
     end = len(context) + steps
     draft_length = DraftLength(config)

@@ -71,7 +71,9 @@ BAD_CASES = [
     ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
     ({"seed": 1.5}, "seed"),
     ({"frequency_penalty": 3}, "frequency_penalty"),
-    ({"logprobs": True}, "logprobs"),
+    ({"logprobs": 21}, "logprobs"),
+    ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+    ({"top_logprobs": 2}, "top_logprobs"),
     ({"stream": "yes"}, "stream"),
 ]
 
