@@ -34,46 +34,19 @@ from layerswarm.cli.api_replies import Admission
 from layerswarm.cli.api_server import ApiConfig, ApiError, read_json, serve_app
 from layerswarm.cli.common import run_main, setup_logging
 from layerswarm.cli.dashboard import ClientSource, InFlight, dashboard_routes
+from layerswarm.cli.swarm_flags import add_swarm_arguments
 from layerswarm.metrics import note_event
 from layerswarm.routing.generate import Generator
 
 log = logging.getLogger(__name__)
 READY_PREFIX = "LAYERSWARM-API-READY "  # then one line of JSON
-# The flags of swarm-chat that say which model and which swarm; the rest are chat-only.
-SWARM_FLAGS = (
-    "model",
-    "local",
-    "peer",
-    "dtype",
-    "device",
-    "mdns_interface",
-    "bootstrap",
-    "swarm_key",
-    "insecure_plaintext",
-    "speculate",
-    "draft_model",
-    "draft_quant",
-    "relay",
-    "verify_fraction",
-    "verify_locally",
-    "verbose",
-)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from layerswarm.cli.chat import build_parser as chat_parser
-
     ap = argparse.ArgumentParser(
         prog="swarm-api", description="Serve a model with an OpenAI-compatible HTTP API."
     )
-    # Copied from swarm-chat so both commands find a swarm the same way (argparse has no public
-    # way to take some of another parser's arguments).
-    where = ap.add_mutually_exclusive_group()
-    for action in chat_parser()._actions:
-        if action.dest in ("local", "peer"):
-            where._add_action(action)
-        elif action.dest in SWARM_FLAGS:
-            ap._add_action(action)
+    add_swarm_arguments(ap)  # swarm-chat's too: both commands find a swarm the same way
     ap.add_argument("--host", default="127.0.0.1", help="address to listen on")
     ap.add_argument("--port", type=int, default=8000, help="port to listen on (0: any free one)")
     ap.add_argument(
