@@ -96,9 +96,12 @@ def test_a_few_tokens_run_as_bags_each_with_the_bits_it_has_alone(
     for n in range(2, most + 1):  # a batch of sessions' decode steps: the same bits as alone
         assert torch.equal(packed(x[:n]), torch.cat(alone[:n]))
     torch.testing.assert_close(torch.cat(alone), expected, rtol=tol, atol=tol)
-    assert bags == [1] * (most + 1) + list(range(2, most + 1))
+    blocks = cpu_linear.bag_blocks(24, torch.get_num_threads())  # a bag a token and block
+    assert packed.bag_blocks == (blocks,) * most
+    want = [blocks * n for n in [1] * (most + 1) + list(range(2, most + 1))]
+    assert bags == want
     torch.testing.assert_close(packed(x), expected, rtol=tol, atol=tol)  # one more: F.linear
-    assert bags == [1] * (most + 1) + list(range(2, most + 1))
+    assert bags == want
 
 
 def test_an_arena_linear_takes_the_plain_gemv_for_other_dtypes_and_once_moved(
@@ -116,7 +119,7 @@ def test_an_arena_linear_takes_the_plain_gemv_for_other_dtypes_and_once_moved(
     monkeypatch.setattr(F, "embedding_bag", fake_bag)
     x = torch.randn(1, 6)
     lin(x)
-    assert len(calls) == 1 and calls[0] is lin.table  # the one-token path, on the table
+    assert len(calls) == 1 and calls[0].data_ptr() == lin.table.data_ptr()  # on the table
     with pytest.raises(RuntimeError, match="dtype"):
         lin(x.double())  # F.linear's own error, not the bag's
     with pytest.raises(RuntimeError, match="shapes"):

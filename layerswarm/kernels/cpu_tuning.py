@@ -1,0 +1,253 @@
+"""Choose each CPU linear's plan by timing the candidates on this machine, once, and keep it.
+
+The candidates (`kernels.cpu_linear.LinearPlan`): `F.linear` over the usual rows or over the
+transposed layout, oneDNN's packed weights (bf16 and fp32), and the `embedding_bag` GEMVs over
+the transposed layout in 1, threads, 2 x threads ... column blocks (one bag runs on one thread,
+so the blocks are how a GEMV uses every core). Each is timed on the span's own weights of that
+shape (up to `TuningConfig.pool_bytes` of them, so that a GEMV streams from memory as the span's
+step does), for inputs of 1 to `TuningConfig.rows` tokens and for a prefill-sized input, the
+candidates taking turns (A B C A B C ...). The layout with the fastest sum over those few-token
+GEMVs wins, unless its prefill is more than `PREFILL_SLACK` slower than the best layout's.
+Within the transposed layout, the bags take the inputs of 1 .. R tokens where they beat
+`F.linear` for every count up to R, so that a token of a batch of up to R gets the bits it
+gets alone (the block count does not change bits; `F.linear` of another row count does).
+
+A time is the fastest of the turns: on a shared machine another process holding a core stalls a
+two-thread GEMV for a whole time slice (one-thread candidates far less), and the fastest turn is
+the closest to what the kernel does on the cores it was given.
+
+Choices are kept in memory and, where `TuningConfig.cache_dir` is set, in a JSON file there,
+under a key of the CPU model (and its flags), the torch version, the thread count, the dtype
+and the shape: a restart, or a second peer on the same machine, times nothing, and peers on the
+same machine pick the same bits.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import platform
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from layerswarm.kernels.cpu_linear import ArenaLinear, LinearPlan, PackedLinear, pack_linears
+
+log = logging.getLogger(__name__)
+
+CACHE_FILE = "cpu-linear-plans.json"
+PREFILL_SLACK = 1.25  # a layout whose prefill GEMM is this much slower than the best's loses
+
+
+@dataclass(frozen=True)
+class TuningConfig:
+    """How `Tuner` measures, and where it keeps what it chose."""
+
+    cache_dir: Path | None = None  # folder of the choices' JSON file; None: this process only
+    rounds: int = 5  # turns of every candidate, interleaved; the fastest turn counts
+    rows: int = 4  # unit: tokens; the few-token GEMVs timed are of 1..rows tokens
+    prefill_rows: int = 64  # unit: tokens; the prefill-sized input that guards the layout
+    pool_bytes: int = 64 << 20  # bytes: the most of a shape's weights one candidate streams
+
+
+@dataclass(frozen=True)
+class Machine:
+    """What a choice depends on besides the shape: it is part of the cache's key."""
+
+    cpu: str  # the CPU model and a digest of its flags
+    torch_version: str
+    threads: int
+
+    @classmethod
+    def here(cls) -> Machine:
+        """This machine, as torch runs on it now."""
+        return cls(cpu_model(), torch.__version__, torch.get_num_threads())
+
+
+def cpu_model() -> str:
+    """The CPU's model name and a digest of its instruction-set flags (from /proc/cpuinfo on
+    Linux; the platform's processor string elsewhere)."""
+    name, flags = platform.processor() or platform.machine(), ""
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and name != value.strip():
+                name = value.strip()
+            elif key.strip() in ("flags", "Features") and not flags:
+                flags = " ".join(sorted(value.split()))
+    digest = hashlib.sha256(flags.encode()).hexdigest()[:12]
+    return f"{name} [{digest}]"
+
+
+def cache_key(machine: Machine, dtype: torch.dtype, out_features: int, in_features: int) -> str:
+    """The key of one choice: the machine, the dtype and the `(out, in)` shape."""
+    return (
+        f"{machine.cpu} | torch {machine.torch_version} | {machine.threads} threads"
+        f" | {str(dtype).removeprefix('torch.')} {out_features}x{in_features}"
+    )
+
+
+class Tuner:
+    """A `kernels.cpu_linear.Chooser` that times the candidates once per machine and shape.
+
+    `timed` counts the shapes it had to time (the rest came from its memory or the file);
+    `chosen` maps each key it answered to the plan, for a peer to report.
+    """
+
+    def __init__(self, config: TuningConfig | None = None, machine: Machine | None = None):
+        self.config = config or TuningConfig()
+        self.machine = machine or Machine.here()
+        self.timed = 0
+        self.chosen: dict[str, LinearPlan] = {}
+        self._plans = self._read()
+
+    def __call__(self, weights: Sequence[torch.Tensor], has_bias: bool) -> LinearPlan:
+        w = weights[0]
+        key = cache_key(self.machine, w.dtype, w.shape[0], w.shape[1])
+        plan = self._plans.get(key)
+        if plan is None:
+            t0 = time.perf_counter()
+            plan, times = time_candidates(weights, self.config)
+            self.timed += 1
+            self._plans[key] = plan
+            self._write()
+            log.info(
+                "CPU linear %s: %s (timed in %.2f s; fastest us by rows: %s)",
+                key, plan.describe(), time.perf_counter() - t0, _brief(times),
+            )  # fmt: skip
+        self.chosen[key] = plan
+        return plan
+
+    def report(self) -> list[str]:
+        """One line a shape: what this tuner chose, for a start-up log."""
+        return [f"{key.rsplit(' | ', 1)[-1]}: {p.describe()}" for key, p in self.chosen.items()]
+
+    def _path(self) -> Path | None:
+        d = self.config.cache_dir
+        return None if d is None else d / CACHE_FILE
+
+    def _read(self) -> dict[str, LinearPlan]:
+        path = self._path()
+        if path is None or not path.exists():
+            return {}
+        try:
+            raw = json.loads(path.read_text())
+            return {k: LinearPlan(v["layout"], tuple(v["bags"])) for k, v in raw.items()}
+        except (ValueError, KeyError, TypeError) as e:  # a damaged file: measure again
+            log.warning("ignoring the CPU linear plans in %s: %s", path, e)
+            return {}
+
+    def _write(self) -> None:
+        path = self._path()
+        if path is None:
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        raw = {k: {"layout": p.layout, "bags": list(p.bags)} for k, p in self._plans.items()}
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # another peer may write too
+        tmp.write_text(json.dumps(raw, indent=1, sort_keys=True))
+        tmp.replace(path)
+
+
+Times = dict[str, list[float]]  # candidate name -> seconds a linear for rows 1..n, then prefill
+
+
+def candidates(dtype: torch.dtype, out_features: int, threads: int) -> dict[str, LinearPlan]:
+    """The plans worth timing for a weight of this dtype and width (bags with one block each,
+    and with no bags: the per-row mix is decided after timing)."""
+    plans = {"rows": LinearPlan("rows")}
+    if dtype == torch.float16:
+        return plans  # see `cpu_linear.default_plan`: no fast transposed fp16 GEMM
+    plans["trans"] = LinearPlan("trans")
+    if dtype in (torch.float32, torch.bfloat16) and _onednn():
+        plans["onednn"] = LinearPlan("onednn")
+    for blocks in sorted({1, threads, 2 * threads, 4 * threads}):
+        if out_features % blocks == 0 and out_features // blocks >= 16:
+            plans[f"bags{blocks}"] = LinearPlan("trans", (blocks,))
+    return plans
+
+
+def time_candidates(
+    weights: Sequence[torch.Tensor], config: TuningConfig
+) -> tuple[LinearPlan, Times]:
+    """Time every candidate on (a pool of) `weights`; the chosen plan and the times."""
+    w = weights[0]
+    out_features, in_features = w.shape
+    nbytes = w.numel() * w.element_size()
+    pool = list(weights[: max(1, config.pool_bytes // nbytes)])
+    plans = candidates(w.dtype, out_features, torch.get_num_threads())
+    rows = list(range(1, config.rows + 1))
+    counts = [*rows, config.prefill_rows]
+    gen = torch.Generator().manual_seed(0)
+    inputs = [torch.randn(r, in_features, generator=gen).to(w.dtype) for r in counts]
+    times: Times = {name: [float("inf")] * len(counts) for name in plans}
+    with torch.inference_mode():
+        for name, plan in plans.items():  # one laid-out pool at a time: memory stays bounded
+            runs = _laid_out(pool, plan, config.rows)
+            for j, x in enumerate(inputs):
+                if plan.bags and j == len(rows):
+                    continue  # prefill is the same F.linear as "trans"
+                _run(runs, x)  # warm: first-touch faults, JIT-compiled bag kernels
+                for _ in range(config.rounds):
+                    t0 = time.perf_counter()
+                    _run(runs, x)
+                    dt = (time.perf_counter() - t0) / len(pool)
+                    times[name][j] = min(times[name][j], dt)
+    return pick(times, len(rows)), times
+
+
+def pick(times: Times, rows: int) -> LinearPlan:
+    """The plan the times say: see the module's docstring. `times[name]` holds a linear's
+    seconds for 1..rows tokens, then the prefill's; names as `candidates` gives them."""
+    bag_names = [n for n in times if n.startswith("bags")]
+    layouts = [n for n in times if not n.startswith("bags")]
+
+    def few(n: str) -> list[float]:  # the best few-token times of a layout
+        own = [n, *bag_names] if n == "trans" else [n]
+        return [min(times[m][r] for m in own) for r in range(rows)]
+
+    best_prefill = min(times[n][rows] for n in layouts)
+    fair = [n for n in layouts if times[n][rows] <= PREFILL_SLACK * best_prefill]
+    layout = min(fair, key=lambda n: sum(few(n)))
+    bags: list[int] = []
+    if layout == "trans":
+        for r in range(rows):
+            fastest = min(bag_names, key=lambda n: times[n][r], default=None)
+            if fastest is None or times[fastest][r] >= times["trans"][r]:
+                break
+            bags.append(int(fastest.removeprefix("bags")))
+    return LinearPlan(layout, tuple(bags))
+
+
+def _laid_out(pool: Sequence[torch.Tensor], plan: LinearPlan, rows: int) -> list[nn.Module]:
+    """Copies of the pool's weights laid out by `plan` (bags, if any, for every row count)."""
+    plan = LinearPlan(plan.layout, plan.bags * rows)
+    model = nn.Sequential(*[_linear(w) for w in pool])
+    pack_linears(model, lambda _weights, _bias: plan)
+    return [m for m in model if isinstance(m, ArenaLinear | PackedLinear)]
+
+
+def _linear(w: torch.Tensor) -> nn.Linear:
+    lin = nn.Linear(w.shape[1], w.shape[0], bias=False, device="meta")
+    lin.weight = nn.Parameter(w, requires_grad=False)  # copied by the layout, not kept
+    return lin
+
+
+def _run(runs: Sequence[Callable[[torch.Tensor], torch.Tensor]], x: torch.Tensor) -> None:
+    for f in runs:
+        f(x)
+
+
+def _onednn() -> bool:
+    mkldnn = bool(torch.backends.mkldnn.is_available())  # type: ignore[no-untyped-call]
+    return mkldnn and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+def _brief(times: Times) -> str:
+    return ", ".join(f"{n} " + "/".join(f"{t * 1e6:.0f}" for t in ts) for n, ts in times.items())

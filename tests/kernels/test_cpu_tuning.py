@@ -1,0 +1,138 @@
+"""Choosing CPU linear plans by timing: every candidate gives the reference's outputs, the pick
+follows the times, and the choices are kept per CPU model, torch version and shape."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from layerswarm.kernels import cpu_tuning
+from layerswarm.kernels.cpu_linear import ArenaLinear, LinearPlan, PackedLinear, pack_linears
+from layerswarm.kernels.cpu_tuning import Machine, Tuner, TuningConfig, cache_key, candidates, pick
+
+QUICK = TuningConfig(rounds=1, rows=3, prefill_rows=6, pool_bytes=1 << 16)
+HERE = Machine("Test CPU [0]", "2.13.0", 2)
+
+
+def linears(dtype: torch.dtype, n: int = 3, bias: bool = True) -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(*[nn.Linear(40, 128, bias=bias) for _ in range(n)]).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_every_candidate_gives_the_references_outputs(dtype: torch.dtype) -> None:
+    model = linears(dtype)
+    lin = model[0]
+    x = torch.randn(9, 40, dtype=dtype)
+    ref = lin(x)
+    tol = {torch.float32: 1e-5, torch.bfloat16: 3e-2, torch.float16: 3e-3}[dtype]
+    bag_outputs: list[torch.Tensor] = []
+    plans = candidates(dtype, 128, threads=2)
+    assert ("onednn" in plans) == (dtype != torch.float16 and cpu_tuning._onednn())
+    for name, plan in plans.items():
+        full = LinearPlan(plan.layout, plan.bags * 5)  # bags, if any, for 1..5 tokens
+        laid = pack_linears(copy.deepcopy(model), lambda _w, _b, p=full: p)[0]
+        assert isinstance(laid, PackedLinear if plan.layout == "onednn" else ArenaLinear)
+        for rows in (1, 2, 3, 5, 9):
+            got = laid(x[:rows])
+            torch.testing.assert_close(got.float(), ref[:rows].float(), rtol=tol, atol=tol)
+        if plan.bags:  # the bag GEMVs: the same bits for any block count, alone or batched
+            alone = torch.cat([laid(x[i : i + 1]) for i in range(5)])
+            assert torch.equal(laid(x[:5]), alone), name
+            bag_outputs.append(alone)
+    assert len(bag_outputs) == (0 if dtype == torch.float16 else 4)  # 1, 2, 4, 8 blocks
+    assert all(torch.equal(b, bag_outputs[0]) for b in bag_outputs)
+
+
+def test_the_cache_key_changes_with_the_cpu_model_torch_version_threads_and_shape() -> None:
+    base = cache_key(HERE, torch.float32, 96, 40)
+    others = [
+        cache_key(Machine("Other CPU [0]", "2.13.0", 2), torch.float32, 96, 40),
+        cache_key(Machine("Test CPU [1]", "2.13.0", 2), torch.float32, 96, 40),  # other flags
+        cache_key(Machine("Test CPU [0]", "2.14.0", 2), torch.float32, 96, 40),
+        cache_key(Machine("Test CPU [0]", "2.13.0", 4), torch.float32, 96, 40),
+        cache_key(HERE, torch.bfloat16, 96, 40),
+        cache_key(HERE, torch.float32, 40, 96),
+    ]
+    assert len({base, *others}) == 7
+    assert cache_key(Machine("Test CPU [0]", "2.13.0", 2), torch.float32, 96, 40) == base
+    assert cpu_tuning.cpu_model() == cpu_tuning.cpu_model()  # stable on one machine
+
+
+def test_a_second_load_reuses_the_cached_choices_without_timing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = TuningConfig(**{**QUICK.__dict__, "cache_dir": tmp_path})
+    first = Tuner(config, HERE)
+    model = nn.Sequential(linears(torch.float32), nn.Linear(40, 24))  # two shapes
+    x = torch.randn(2, 40)
+    want = model[1](x)
+    pack_linears(model, first)
+    assert first.timed == 2 and len(first.report()) == 2
+    torch.testing.assert_close(model[1](x), want)
+    saved = json.loads((tmp_path / cpu_tuning.CACHE_FILE).read_text())
+    assert sorted(saved) == sorted(first.chosen)
+
+    def no_timing(*args: object) -> None:
+        raise AssertionError("timed again")
+
+    monkeypatch.setattr(cpu_tuning, "time_candidates", no_timing)
+    second = Tuner(config, HERE)
+    pack_linears(nn.Sequential(linears(torch.float32), nn.Linear(40, 24)), second)
+    assert second.timed == 0 and second.chosen == first.chosen
+    monkeypatch.undo()
+    elsewhere = Tuner(config, Machine("Other CPU [0]", "2.13.0", 2))  # another CPU: measured
+    pack_linears(linears(torch.float32), elsewhere)
+    assert elsewhere.timed == 1
+    assert len(json.loads((tmp_path / cpu_tuning.CACHE_FILE).read_text())) == 3
+
+
+def test_a_damaged_cache_file_is_measured_again(tmp_path: Path) -> None:
+    (tmp_path / cpu_tuning.CACHE_FILE).write_text("{not json")
+    tuner = Tuner(TuningConfig(**{**QUICK.__dict__, "cache_dir": tmp_path}), HERE)
+    pack_linears(linears(torch.float32, n=1), tuner)
+    assert tuner.timed == 1
+
+
+INF = float("inf")
+
+
+@pytest.mark.parametrize(
+    ("times", "want"),
+    [
+        # the bags win at 1 and 2 tokens, F.linear at 3: bags for 1..2, blocks by time
+        (
+            {"rows": [9, 9, 9, 50], "trans": [8, 8, 8, 50], "bags1": [5, 5, 9, INF],
+             "bags2": [3, 6, 9, INF]},
+            LinearPlan("trans", (2, 1)),
+        ),
+        # bags lose at 1 token: none at all, even where they would win at 2
+        ({"rows": [9, 9, 9, 50], "trans": [8, 8, 8, 50], "bags1": [8, 1, 1, INF]},
+         LinearPlan("trans")),
+        # the rows' layout is fastest
+        ({"rows": [2, 2, 2, 50], "trans": [8, 8, 8, 50], "bags1": [5, 5, 5, INF]},
+         LinearPlan("rows")),
+        # oneDNN's few-token GEMVs are fastest, but its prefill is too slow
+        ({"rows": [9, 9, 9, 50], "trans": [8, 8, 8, 50], "onednn": [1, 1, 1, 70]},
+         LinearPlan("trans")),
+        ({"rows": [9, 9, 9, 50], "trans": [8, 8, 8, 50], "onednn": [1, 1, 1, 60]},
+         LinearPlan("onednn")),
+    ],
+)  # fmt: skip
+def test_the_pick_follows_the_times(times: dict[str, list[float]], want: LinearPlan) -> None:
+    assert pick(times, rows=3) == want
+
+
+def test_a_plan_is_checked() -> None:
+    with pytest.raises(ValueError, match="layout"):
+        LinearPlan("diagonal")
+    with pytest.raises(ValueError, match="bags"):
+        LinearPlan("rows", (1,))
+    lin = pack_linears(nn.Sequential(nn.Linear(8, 6)), lambda _w, _b: LinearPlan("trans"))[0]
+    with pytest.raises(ValueError, match="blocks"):
+        lin.set_weight(lin.weight, (4,))  # 6 outputs do not split in 4
