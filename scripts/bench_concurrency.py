@@ -36,7 +36,6 @@ import itertools
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -46,6 +45,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from benchlib import child_json, percentile, spread
 from torch import nn
 
 from layerswarm import Client
@@ -129,13 +129,6 @@ def aggregate_rate(times: list[list[float]]) -> float:
         t0, t1 = min(t[0] for t in live), max(t[-1] for t in live)
         return sum(len(t) - 1 for t in live) / (t1 - t0) if t1 > t0 else 0.0
     return sum(1 for t in live for x in t if t0 < x <= t1) / (t1 - t0)
-
-
-def percentile(xs: list[float], q: float) -> float:
-    if not xs:
-        return float("nan")
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, round(q * (len(xs) - 1)))]
 
 
 async def concurrency_rows(client: Client, args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -233,9 +226,7 @@ def run_child(
     args: argparse.Namespace, engine: str, dtype: str, peers: list[str]
 ) -> dict[str, Any]:
     """One engine's measurement in a fresh process; {"error": ...} when it failed."""
-    cmd = [
-        sys.executable,
-        __file__,
+    argv = [
         "--child",
         engine,
         "--dtype",
@@ -256,20 +247,10 @@ def run_child(
         *map(str, args.sessions),
         *(f"--peer={p}" for p in peers),
     ]
-    env = {**os.environ, **(SPIN_ENV if engine == "swarm" else {})}
-    try:
-        done = subprocess.run(
-            cmd, env=env, capture_output=True, text=True, timeout=CHILD_TIMEOUT, check=False
-        )
-    except subprocess.TimeoutExpired:
-        return {"error": f"no result within {CHILD_TIMEOUT:.0f} s"}
-    lines = done.stdout.strip().splitlines()
-    try:
-        result: dict[str, Any] = json.loads(lines[-1])
-    except (IndexError, json.JSONDecodeError):
-        result = {"error": f"exit status {done.returncode}"}
+    env = SPIN_ENV if engine == "swarm" else {}
+    result, stderr = child_json(argv, env, CHILD_TIMEOUT)
     if "error" in result:
-        print(f"{engine} {dtype} failed; its stderr ends:\n{done.stderr[-3000:]}", file=sys.stderr)
+        print(f"{engine} {dtype} failed; its stderr ends:\n{stderr[-3000:]}", file=sys.stderr)
     return result
 
 
@@ -285,15 +266,6 @@ def measure_dtype(
                 peers = swarm.addresses if engine == "swarm" else []
                 results[engine].append(run_child(args, engine, dtype, peers))
     return results
-
-
-def spread(xs: list[float], fmt: str) -> str:
-    """`median (min-max)` of `xs`, or the median alone for one value."""
-    xs = [x for x in xs if x == x]  # drop NaN
-    if not xs:
-        return "-"
-    med = format(statistics.median(xs), fmt)
-    return med if len(xs) == 1 else f"{med} ({format(min(xs), fmt)}-{format(max(xs), fmt)})"
 
 
 def table_rows(dtype: str, engine: str, runs: list[dict[str, Any]]) -> list[str]:

@@ -24,8 +24,10 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
+from benchlib import restart_dead
+
 from layerswarm.cli.common import default_cache_dir, resolve_model_cli
-from layerswarm.peer.launch import LocalSwarm, start_peer, start_peers
+from layerswarm.peer.launch import LocalSwarm, start_peers
 from layerswarm.routing.generate import Generator
 from layerswarm.routing.sampling import SamplingConfig
 from layerswarm.routing.session import RemoteSession
@@ -74,14 +76,6 @@ def one_run(gen: Generator, kill_at: int, swarm: LocalSwarm) -> Run:
         traceback.print_exc()
     run.recovered = n == kill_at + TAIL
     return run
-
-
-def restart_dead(swarm: LocalSwarm, model_dir: Path, workdir: Path) -> None:
-    """Bring the killed replica back, so that every run starts with four peers."""
-    for i, p in enumerate(swarm.peers):
-        if p.process.poll() is not None:
-            p.stop()
-            swarm.peers[i] = start_peer(model_dir, p.span, workdir)
 
 
 def ms(x: float) -> str:

@@ -32,6 +32,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from benchlib import value_range
 
 from layerswarm.cli.common import default_cache_dir, resolve_model_cli
 from layerswarm.kernels.cpu_linear import pack_linears
@@ -144,8 +145,7 @@ def main() -> None:
 
 
 def _spread(runs: list[Run], k: int) -> str:
-    rates = [r[k] for r in runs]
-    return f"{min(rates):.1f}-{max(rates):.1f}"
+    return value_range([r[k] for r in runs], ".1f")
 
 
 if __name__ == "__main__":

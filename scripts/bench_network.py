@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from benchlib import spread
 
 from layerswarm.cli.common import default_cache_dir, resolve_model_cli
 from layerswarm.peer.launch import LocalSwarm, even_spans, start_peers
@@ -196,14 +197,6 @@ def measure_link(
     return samples
 
 
-def spread(values: list[float], scale: float = 1.0, fmt: str = ".0f") -> str:
-    if not values:
-        return "-"
-    med = statistics.median(values) * scale
-    lo, hi = min(values) * scale, max(values) * scale
-    return f"{med:{fmt}}" + (f" ({lo:{fmt}}-{hi:{fmt}})" if len(values) > 1 else "")
-
-
 def row(
     n: int,
     link: Link,
@@ -229,7 +222,7 @@ def row(
     x = f"{statistics.median(s.tok_s) / statistics.median(relay):.2f}x" if relay else "-"
     same = "no" if s.error == "DIFFERENT TOKENS" else "yes"
     return (
-        head + f" {spread(s.ttft, 1e3)} | {spread(s.tok_s, fmt='.1f')} | {ms:.0f} | {floor} | "
+        head + f" {spread(s.ttft, scale=1e3)} | {spread(s.tok_s, '.1f')} | {ms:.0f} | {floor} | "
         f"{per_pass:.2f} | {x} | {same} |"
     )
 
@@ -280,7 +273,7 @@ def prefill_table(args: argparse.Namespace, model_dir: Path, tmp: Path) -> list[
             first = statistics.median(next(iter(times.values())))
             for name, values in times.items():
                 x = first / statistics.median(values)
-                ms = spread(values, 1e3)
+                ms = spread(values, scale=1e3)
                 out.append(f"| {n} | {link} | {prompt_tokens} | {name} | {ms} | {x:.2f}x |")
                 print(out[-1], flush=True)
     return out

@@ -23,6 +23,7 @@ import statistics
 import time
 from pathlib import Path
 
+import benchlib
 import torch
 
 from layerswarm.kernels.cpu_linear import pack_linears
@@ -76,9 +77,8 @@ def lone_prefill(model: SpanModel, cache: PagedKVCache, chunk: int) -> tuple[flo
     return total, last
 
 
-def spread(values: list[float], scale: float = 1.0, fmt: str = "4.0f") -> str:
-    v = [x * scale for x in values]
-    return f"{statistics.median(v):{fmt}} [{min(v):{fmt}}..{max(v):{fmt}}]"
+def spread(values: list[float], scale: float = 1.0) -> str:
+    return benchlib.spread(values, "4.0f", scale, brackets="[]", alone=False)
 
 
 def main() -> None:

@@ -26,6 +26,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from benchlib import spread
+
 from layerswarm.cli.common import default_cache_dir, resolve_model_cli
 from layerswarm.peer.launch import start_peers
 from layerswarm.routing.drafters import open_speculator
@@ -120,7 +122,7 @@ def main() -> None:
 
 
 def _spread(values: list[float], fmt: str) -> str:
-    return f"{statistics.median(values):{fmt}} [{min(values):{fmt}}..{max(values):{fmt}}]"
+    return spread(values, fmt, brackets="[]", alone=False)
 
 
 if __name__ == "__main__":

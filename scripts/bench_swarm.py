@@ -9,14 +9,12 @@ swarms of 2 and 3 peer processes on loopback, with each one's ratio to local.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
 import torch
+from benchlib import run_self
 
 from layerswarm.cli.common import default_cache_dir, resolve_model_cli
 from layerswarm.peer.launch import even_spans, start_peers
@@ -64,21 +62,9 @@ def child(args: argparse.Namespace) -> None:
 def run_child(
     args: argparse.Namespace, mode: str, peers: list[str], brief_spin: bool
 ) -> tuple[float, float]:
-    cmd = [
-        sys.executable,
-        __file__,
-        "--child",
-        mode,
-        "--model",
-        args.model,
-        "--repeats",
-        str(args.repeats),
-        *(f"--peer={p}" for p in peers),
-    ]
-    env = dict(os.environ)
-    if brief_spin:
-        env.update(SPIN_ENV)
-    out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
+    argv = ["--child", mode, "--model", args.model, "--repeats", str(args.repeats)]
+    argv += [f"--peer={p}" for p in peers]
+    out = run_self(argv, SPIN_ENV if brief_spin else None, check=True).stdout
     prefill, decode = out.strip().splitlines()[-1].split()
     return float(prefill), float(decode)
 

@@ -28,6 +28,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import benchlib
 import torch
 
 from layerswarm.cli.common import default_cache_dir, resolve_model_cli
@@ -44,7 +45,7 @@ STORY = [{"role": "user", "content": "Write a long story about a lighthouse keep
 
 
 def spread(values: list[float]) -> str:
-    return f"{statistics.median(values):.3g} ({min(values):.3g}-{max(values):.3g})"
+    return benchlib.spread(values, ".3g", alone=False)
 
 
 # --- 1. tolerance ------------------------------------------------------------------------------
