@@ -299,8 +299,8 @@ def pack_linears(module: M, choose: Chooser | None = None) -> M:
             else:
                 done[id(lin)] = arena = ArenaLinear(lin)
                 by_dtype.setdefault(dtype, []).append((arena, plan))
-    for parent, name, key in places:
-        setattr(parent, name, done[key])
+    for parent, name, ident in places:
+        setattr(parent, name, done[ident])
     for laid_out in by_dtype.values():
         _into_arena(laid_out)
     return module
