@@ -9,12 +9,15 @@ Formats (activations stay in the model's dtype; only weights shrink):
   (in / group_size, out, 2)` holding `(scale, zero)`; `w = (q - 8) * scale + zero`. This is the
   scale/zero convention of torch's int4 kernels, so one tensor serves every path.
 
-On CUDA the Triton kernels of `triton_quant` run. On a CPU the choice was measured on a 2-core
-AVX2 machine (docs/kernels.md): for bf16 models `torch._weight_int8pack_mm` wins up to
-`CPU_PACKED_MAX_ROWS` rows and `_weight_int4pack_mm_for_cpu` (on weights repacked into its own
-CPU-specific layout, `"cpu"`; `"rows"` is the portable one above) serves int4; from more rows
-up, and for fp16/fp32 models (those kernels have no fast path for them there), the weight is
-dequantized and `F.linear` runs.
+On CUDA the Triton kernels of `triton_quant` run. On a CPU, torch's own weight-only kernels
+serve decode: `torch._weight_int8pack_mm` up to `CPU_PACKED_MAX_ROWS` rows, and
+`_weight_int4pack_mm_for_cpu` (on weights repacked into its own CPU-specific layout, `"cpu"`;
+`"rows"` is the portable one above) for int4. Both have a fast path for bf16 inputs only (fp32
+inputs: 3.7x slower for int8, 21x for int4, one thread, SmolLM2's 960 x 576 on a Xeon with
+AMX), so an fp32 model's activations are rounded to bf16 for them and the product comes back in
+fp32 (a relative error of ~2^-9 an input, below int8's own rounding of the weights: 5.8e-3 of a
+product for 960 x 576). From more rows up, and for fp16 models, the weight is dequantized and
+`F.linear` runs (docs/kernels.md has the measurements).
 """
 
 from __future__ import annotations
@@ -27,6 +30,8 @@ import torch.nn.functional as F
 
 INT4_ZERO = 8  # the stored value that means `zero` (values 0..15 are offset by 8)
 CPU_PACKED_MAX_ROWS = 16  # unit: rows; above this the CPU int8 path dequantizes and uses BLAS
+CPU_KERNEL_DTYPE = torch.bfloat16  # the input dtype torch's CPU int8/int4 kernels are fast in
+_CPU_KERNEL_INPUTS = (torch.bfloat16, torch.float32)  # model dtypes that take those kernels
 _QUANT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -104,12 +109,13 @@ def dequantize_int4(
 def cpu_int4_supported(out_features: int, group_size: int, dtype: torch.dtype) -> bool:
     """Whether torch's CPU int4 kernel takes this weight and is worth it for `dtype`.
 
-    It needs `out` a multiple of 16; with fp16 or fp32 inputs it ran 20-25x slower than
-    `F.linear` on the measured CPU (docs/kernels.md), so only bf16 models use it.
+    It needs `out` a multiple of 16. bf16 and fp32 models use it (fp32 through bf16 inputs, see
+    the module's docstring); fp16 models do not (the kernel's fp16 path ran 20-25x slower than
+    `F.linear` on an AVX2 CPU, docs/kernels.md).
     """
     op = getattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu", None)
     shape_ok = out_features % 16 == 0 and group_size in (32, 64, 128, 256)
-    return op is not None and shape_ok and dtype == torch.bfloat16
+    return op is not None and shape_ok and dtype in _CPU_KERNEL_INPUTS
 
 
 def to_cpu_int4_layout(packed: torch.Tensor) -> torch.Tensor:
@@ -186,13 +192,14 @@ def _int8_torch(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> 
     # is not a multiple of 16 (72, 50, 40, 8 tried): use it only when that holds.
     packed_ok = (
         x.device.type == "cpu"
-        and x.dtype == torch.bfloat16
+        and x.dtype in _CPU_KERNEL_INPUTS
         and x.shape[0] <= CPU_PACKED_MAX_ROWS
         and weight.shape[1] % 16 == 0
-        and scales.dtype == x.dtype
     )
     if packed_ok:
-        return torch._weight_int8pack_mm(x.contiguous(), weight, scales)
+        k = CPU_KERNEL_DTYPE
+        out = torch._weight_int8pack_mm(x.to(k).contiguous(), weight, scales.to(k))
+        return out.to(x.dtype)
     return F.linear(x, dequantize_int8(weight, scales.to(x.dtype)))
 
 
@@ -221,8 +228,12 @@ def int4_linear(
     if layout == "cpu":
         if x2.dtype not in _QUANT_DTYPES:
             raise ValueError(f"int4 on CPU takes fp32/fp16/bf16 inputs, not {x2.dtype}")
-        sz = scales_zeros.to(x2.dtype)
-        out = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.contiguous(), weight, group_size, sz)
+        k = CPU_KERNEL_DTYPE if x2.dtype in _CPU_KERNEL_INPUTS else x2.dtype
+        sz = scales_zeros.to(k)
+        out = torch.ops.aten._weight_int4pack_mm_for_cpu(
+            x2.to(k).contiguous(), weight, group_size, sz
+        )
+        out = out.to(x2.dtype)
         if bias is not None:
             out = out + bias
     elif _use_triton(x, backend):

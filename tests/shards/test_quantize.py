@@ -101,9 +101,12 @@ def test_int4_cpu_layout_survives_dtype_and_device_moves() -> None:
     assert q.layout == "cpu"  # bf16 on a CPU: torch's int4 kernel and its own layout
     x = torch.randn(2, 128).to(torch.bfloat16)
     before = q(x).float()
-    q.to(torch.float32)  # fp32 has no fast CPU int4 kernel: back to the portable layout
-    assert q.layout == "rows" and q.scales_zeros.dtype == torch.float32
+    q.to(torch.float32)  # fp32 takes the kernel too (on bf16 inputs)
+    assert q.layout == "cpu" and q.scales_zeros.dtype == torch.float32
     torch.testing.assert_close(q(x.float()), before, atol=0.05, rtol=0.02)
+    q.to(torch.float16)  # fp16 has no fast CPU int4 kernel: back to the portable layout
+    assert q.layout == "rows" and q.scales_zeros.dtype == torch.float16
+    torch.testing.assert_close(q(x.half()).float(), before, atol=0.05, rtol=0.02)
     q.to(torch.bfloat16)
     assert q.layout == "cpu"
     torch.testing.assert_close(q(x).float(), before, atol=0.05, rtol=0.02)
