@@ -24,6 +24,7 @@ same machine pick the same bits.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -50,10 +51,10 @@ class TuningConfig:
     """How `Tuner` measures, and where it keeps what it chose."""
 
     cache_dir: Path | None = None  # folder of the choices' JSON file; None: this process only
-    rounds: int = 5  # turns of every candidate, interleaved; the fastest turn counts
+    rounds: int = 3  # turns of every candidate, interleaved; the fastest turn counts
     rows: int = 4  # unit: tokens; the few-token GEMVs timed are of 1..rows tokens
-    prefill_rows: int = 64  # unit: tokens; the prefill-sized input that guards the layout
-    pool_bytes: int = 64 << 20  # bytes: the most of a shape's weights one candidate streams
+    prefill_rows: int = 32  # unit: tokens; the prefill-sized input that guards the layout
+    pool_bytes: int = 32 << 20  # bytes: the most of a shape's weights one candidate streams
 
 
 @dataclass(frozen=True)
@@ -167,7 +168,7 @@ def candidates(dtype: torch.dtype, out_features: int, threads: int) -> dict[str,
     plans["trans"] = LinearPlan("trans")
     if dtype in (torch.float32, torch.bfloat16) and _onednn():
         plans["onednn"] = LinearPlan("onednn")
-    for blocks in sorted({1, threads, 2 * threads, 4 * threads}):
+    for blocks in sorted({1, threads, 4 * threads}):
         if out_features % blocks == 0 and out_features // blocks >= 16:
             plans[f"bags{blocks}"] = LinearPlan("trans", (blocks,))
     return plans
@@ -187,16 +188,19 @@ def time_candidates(
     gen = torch.Generator().manual_seed(0)
     inputs = [torch.randn(r, in_features, generator=gen).to(w.dtype) for r in counts]
     times: Times = {name: [float("inf")] * len(counts) for name in plans}
+    # One copy of the pool a layout (the bag candidates share the transposed one), so that
+    # the candidates can take turns: a burst of load on the machine then hits them all.
+    laid = {p.layout: _laid_out(pool, p) for p in plans.values() if not p.bags}
+    runs = {n: _with_bags(laid[p.layout], p.bags * config.rows) for n, p in plans.items()}
     with torch.inference_mode():
-        for name, plan in plans.items():  # one laid-out pool at a time: memory stays bounded
-            runs = _laid_out(pool, plan, config.rows)
-            for j, x in enumerate(inputs):
-                if plan.bags and j == len(rows):
-                    continue  # prefill is the same F.linear as "trans"
-                _run(runs, x)  # warm: first-touch faults, JIT-compiled bag kernels
-                for _ in range(config.rounds):
+        for j, x in enumerate(inputs):
+            names = [n for n, p in plans.items() if not (p.bags and j == len(rows))]
+            for name in names:  # warm: first-touch faults, JIT-compiled bag kernels
+                _run(runs[name], x)
+            for _ in range(config.rounds):
+                for name in names:  # prefill is the same F.linear for "trans" and its bags
                     t0 = time.perf_counter()
-                    _run(runs, x)
+                    _run(runs[name], x)
                     dt = (time.perf_counter() - t0) / len(pool)
                     times[name][j] = min(times[name][j], dt)
     return pick(times, len(rows)), times
@@ -225,12 +229,24 @@ def pick(times: Times, rows: int) -> LinearPlan:
     return LinearPlan(layout, tuple(bags))
 
 
-def _laid_out(pool: Sequence[torch.Tensor], plan: LinearPlan, rows: int) -> list[nn.Module]:
-    """Copies of the pool's weights laid out by `plan` (bags, if any, for every row count)."""
-    plan = LinearPlan(plan.layout, plan.bags * rows)
+def _laid_out(pool: Sequence[torch.Tensor], plan: LinearPlan) -> list[nn.Module]:
+    """Copies of the pool's weights laid out by `plan`."""
     model = nn.Sequential(*[_linear(w) for w in pool])
     pack_linears(model, lambda _weights, _bias: plan)
     return [m for m in model if isinstance(m, ArenaLinear | PackedLinear)]
+
+
+def _with_bags(linears: list[nn.Module], bags: tuple[int, ...]) -> list[nn.Module]:
+    """`linears` themselves without bags; else shallow copies (the same weights) with them."""
+    if not bags:
+        return linears
+    out = []
+    for m in linears:
+        assert isinstance(m, ArenaLinear)
+        twin = copy.copy(m)  # its own attributes, the same parameters
+        twin.bag_blocks, twin.bag_rows = bags, len(bags)
+        out.append(twin)
+    return out
 
 
 def _linear(w: torch.Tensor) -> nn.Linear:

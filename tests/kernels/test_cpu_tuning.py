@@ -45,7 +45,7 @@ def test_every_candidate_gives_the_references_outputs(dtype: torch.dtype) -> Non
             alone = torch.cat([laid(x[i : i + 1]) for i in range(5)])
             assert torch.equal(laid(x[:5]), alone), name
             bag_outputs.append(alone)
-    assert len(bag_outputs) == (0 if dtype == torch.float16 else 4)  # 1, 2, 4, 8 blocks
+    assert len(bag_outputs) == (0 if dtype == torch.float16 else 3)  # 1, 2 and 8 blocks
     assert all(torch.equal(b, bag_outputs[0]) for b in bag_outputs)
 
 
