@@ -32,7 +32,7 @@ from layerswarm.metrics import (
     TOKEN_RATE,
 )
 from layerswarm.routing.generate import Generator
-from layerswarm.routing.hops import SwarmBusy
+from layerswarm.routing.failures import SwarmBusy
 from layerswarm.routing.sampling import Sampler, SamplingConfig, TokenLogprob
 from layerswarm.routing.text import TextStream
 

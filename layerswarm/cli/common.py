@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import sys
@@ -168,6 +169,7 @@ def exit_now(code: int | str | None) -> None:
     if isinstance(code, str):
         print(code, file=sys.stderr)
         code = 1
+    atexit._run_exitfuncs()  # what was registered to run at exit still runs (CPython's own call)
     logging.shutdown()
     for stream in (sys.stdout, sys.stderr):
         try:

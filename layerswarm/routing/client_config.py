@@ -19,6 +19,9 @@ class ClientConfig:
     probe_timeout: float = 3.0  # unit: s for a slow step's peer to say it is still busy
     max_step_wait: float = 600.0  # unit: s a busy peer may take for one step, probes answered
     busy_wait_timeout: float = 30.0  # unit: s to wait for room when every replica is full
+    # unit: s a step waits for a peer of layers that no live peer serves at the moment (the
+    # only replica restarting) before it fails; the swarm is re-read meanwhile
+    route_wait: float = 30.0
     replay_chunk_tokens: int = 4096  # unit: tokens per step when replaying into a new hop
     # Peers hand each step's activations straight to the next hop (N+1 link crossings a token
     # through N hops instead of 2N); False: the client relays every hop's output itself
@@ -48,3 +51,5 @@ class ClientConfig:
     def __post_init__(self) -> None:
         if not 0.0 <= self.verify_fraction <= 1.0 or self.verify_first_steps < 0:
             raise ValueError("verify_fraction must be in [0, 1], verify_first_steps >= 0")
+        if self.route_wait < 0 or self.busy_wait_timeout < 0 or self.max_reroutes < 0:
+            raise ValueError("route_wait, busy_wait_timeout and max_reroutes must be >= 0")

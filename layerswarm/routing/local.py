@@ -60,14 +60,14 @@ class LocalEngine:
 
     def close(self) -> None:
         """Stop the compute loop; steps asked for later fail."""
+        self.net.run(self.aclose())
 
-        async def stop() -> None:
-            self._serving.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._serving
-            self.scheduler.close()
-
-        self.net.run(stop())
+    async def aclose(self) -> None:
+        """`close` on `net`'s loop."""
+        self._serving.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._serving
+        self.scheduler.close()
 
     async def run(self, seq: SessionCache, hidden: torch.Tensor, start: int) -> torch.Tensor:
         return await self.net.call(self.scheduler.run(seq, hidden, start))

@@ -25,13 +25,15 @@ from zeroconf import InterfaceChoice
 from layerswarm.errors import LayerswarmError, PeerUnavailable, ProtocolError
 from layerswarm.routing.client_config import ClientConfig as ClientConfig
 from layerswarm.routing.generate import Generator, Pipeline
+from layerswarm.routing.hop_calls import HopCalls
 from layerswarm.routing.loop import BackgroundLoop
 from layerswarm.routing.paths import BanList, PeerView
+from layerswarm.routing.peer_book import NormBounds, PeerBook
 from layerswarm.routing.peer_link import PeerLink
 from layerswarm.routing.peer_stats import PeerStats
+from layerswarm.routing.session import RemoteSession
 from layerswarm.routing.text import ChatTokenizer
 from layerswarm.routing.trust import TrustLedger
-from layerswarm.routing.verify import NormBounds
 from layerswarm.routing.verify_local import LocalSpans
 from layerswarm.shards.config import ModelConfig
 from layerswarm.shards.quantize import pack_linears
@@ -70,10 +72,9 @@ class SwarmClient:
         self.fingerprint = model_fingerprint(model_dir)
         self.identity = identity or generate_identity()
         self.links = [PeerLink(parse_address(a)) for a in addresses]
-        self.bans = BanList(self.config.ban_seconds, self.config.max_ban_seconds)
-        self.trust = TrustLedger()  # liars, banned for good with their evidence
-        self.stats = PeerStats()  # measured step times: routing and deadlines use these
-        self.norms = NormBounds()  # per layer boundary, the output norms seen
+        # bans, trust, measured speed and norm bounds, shared by every session
+        self.book = PeerBook(self.config.ban_seconds, self.config.max_ban_seconds)
+        self.calls = HopCalls(self.config, self.book.stats)
         self.verify_counts = {"match": 0, "mismatch": 0, "error": 0}  # checks, by result
         self.rng = random.Random()
         self.on_event = on_event or (lambda text: log.info("%s", text))
@@ -234,7 +235,7 @@ class SwarmClient:
                 link.conn = await open_connection(
                     link.address, self.identity, self.transport, on_goodbye=self._goodbye
                 )
-                self.bans.lift(link.conn.peer_id)  # it is back: usable again
+                self.book.back(link.conn.peer_id)  # it is back: usable again
             conn = link.conn
             if conn is None:
                 return
@@ -268,7 +269,7 @@ class SwarmClient:
         for link in self.links:
             if link.conn is conn:
                 link.leaving = True
-        self.bans.ban(conn.peer_id)
+        self.book.ban(conn.peer_id, f"it is leaving ({reason})")
         self.on_event(f"peer {short(conn.peer_id)} is leaving ({reason})")
 
     def _check_model(self, conn: Connection, info: InfoReply) -> None:
@@ -281,15 +282,14 @@ class SwarmClient:
 
     def views(self) -> list[PeerView]:
         """The live peers, as the path chooser sees them; liars are left out for good."""
-        liars = self.trust.liars
+        liars = self.book.trust.liars
         live = [link for link in self.links if link.live and link.info is not None]
-        return [
-            link.view(self.stats) for link in live if link.conn and link.conn.peer_id not in liars
-        ]
+        stats = self.book.stats
+        return [link.view(stats) for link in live if link.conn and link.conn.peer_id not in liars]
 
     def liars_note(self, layers: list[int]) -> str:
         """Why some of `layers` lack a peer, when peers that served them were caught lying."""
-        caught = self.trust.liars
+        caught = self.book.trust.liars
         serving = {
             link.conn.peer_id
             for link in self.links
@@ -311,10 +311,24 @@ class SwarmClient:
             for link in self.links
         )
 
+    @property
+    def bans(self) -> BanList:
+        return self.book.bans
+
+    @property
+    def trust(self) -> TrustLedger:
+        return self.book.trust
+
+    @property
+    def stats(self) -> PeerStats:
+        return self.book.stats
+
+    @property
+    def norms(self) -> NormBounds:
+        return self.book.norms
+
     async def open_pipeline(self, max_length: int) -> Pipeline:
         """A session across the swarm with room for `max_length` tokens (on `net`'s loop)."""
-        from layerswarm.routing.session import RemoteSession
-
         session = RemoteSession(self, max_length)
         await session.open()
         return session

@@ -25,24 +25,22 @@ import asyncio
 import logging
 import random
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 
 from layerswarm import metrics
 from layerswarm.errors import LayerswarmError
-from layerswarm.routing.hops import ActiveHop, HopFailed
+from layerswarm.routing.failures import HopFailed
+from layerswarm.routing.hops import ActiveHop
 from layerswarm.routing.kept_inputs import context_slice, merge_inputs
 from layerswarm.routing.paths import PeerView
-from layerswarm.routing.verify_local import LOCAL
+from layerswarm.routing.peer_book import token_rms
+from layerswarm.routing.route import Route, Swarm
+from layerswarm.routing.shadow import LOCAL, LocalChecker, Shadow
 from layerswarm.shards.config import Span
-from layerswarm.swarm.protocol import OpenSession
-
-if TYPE_CHECKING:
-    from layerswarm.routing.session import RemoteSession
-    from layerswarm.routing.swarm_client import SwarmClient
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +51,6 @@ log = logging.getLogger(__name__)
 # who changes an activation by more.
 COMPUTE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 WIRE_NAMES = {dtype: name for name, dtype in COMPUTE_DTYPES.items()}
-NORM_FACTOR = 32.0  # a reply's per-token RMS past this times the learned bound is suspicious
-NORM_LEARN_STEPS = 4  # outputs at a boundary that set its norm bound before it is enforced
 
 
 def tolerance(*dtypes: str) -> float:
@@ -71,68 +67,25 @@ def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((diff / scale).max())
 
 
-def reply_fault(sent: torch.Tensor, got: torch.Tensor) -> str | None:
-    """What is wrong with a step's output `got` for the input `sent`; None if nothing."""
-    if got.shape != sent.shape:
-        return f"an output of shape {tuple(got.shape)} for an input of {tuple(sent.shape)}"
-    if got.dtype != sent.dtype:
-        return f"an output in {got.dtype} for an input in {sent.dtype}"
-    if not bool(torch.isfinite(got).all()):
-        return "non-finite values (NaN or inf)"
-    return None
+class CheckedSwarm(Swarm, Protocol):
+    """What checks need of the swarm client beyond what a route does."""
 
+    verify_counts: dict[str, int]  # checks by result: match, mismatch, error
 
-def token_rms(hidden: torch.Tensor) -> float:
-    """The largest per-token root mean square of `(1, tokens, hidden)`."""
-    return float(hidden.float().pow(2).mean(dim=-1).sqrt().max())
-
-
-class NormBounds:
-    """Per layer boundary: the largest per-token RMS of outputs seen there (trusted ones)."""
-
-    def __init__(self, factor: float = NORM_FACTOR, learn_steps: int = NORM_LEARN_STEPS) -> None:
-        self.factor = factor
-        self.learn_steps = learn_steps
-        self._max: dict[int, float] = {}
-        self._seen: dict[int, int] = {}
-
-    def suspicious(self, boundary: int, out: torch.Tensor) -> bool:
-        """Whether `out` at `boundary` is past the bound; outputs before it is set teach it."""
-        rms = token_rms(out)
-        seen = self._seen.get(boundary, 0)
-        if seen < self.learn_steps:
-            self.learn(boundary, rms)
-            return False
-        return rms > self.factor * self._max[boundary]
-
-    def learn(self, boundary: int, rms: float) -> None:
-        self._seen[boundary] = self._seen.get(boundary, 0) + 1
-        self._max[boundary] = max(self._max.get(boundary, 0.0), rms)
-
-
-@dataclass
-class Shadow:
-    """A verifier's session on a replica (or in this client): fed the hop's inputs when a check
-    needs them."""
-
-    run: Callable[[torch.Tensor, int], Awaitable[torch.Tensor]]  # one step: (hidden, start)
-    close: Callable[[], Awaitable[None]]
-    fed: int = 0  # unit: tokens of context it holds
-    last: tuple[int, int, torch.Tensor] | None = None  # (start, tokens, output) of its last step
+    @property
+    def local(self) -> LocalChecker | None:
+        """This client's own computation of spans, where it may check peers on it."""
 
 
 @dataclass
 class Verifier:
-    """Checks a session's steps on replicas; one per `RemoteSession`."""
+    """Checks a session's steps on replicas; one per session."""
 
-    session: RemoteSession
+    route: Route
+    swarm: CheckedSwarm
     rng: random.Random = field(default_factory=random.Random)
     shadows: dict[tuple[Span, str], Shadow] = field(default_factory=dict)
     planned: set[str] | None = None  # peers this step checks, when chosen for a whole path
-
-    @property
-    def _client(self) -> SwarmClient:
-        return self.session.client
 
     def plan(self, hops: Sequence[ActiveHop]) -> bool:
         """Choose now which hops' peers this step checks (for a pushed step, which the client
@@ -142,8 +95,8 @@ class Verifier:
 
     def _chosen(self, peer_id: str) -> bool:
         """Whether to check this step of `peer_id`: its first steps, then a share at random."""
-        config = self._client.config
-        forced = self._client.trust.checks(peer_id).served < config.verify_first_steps
+        config = self.swarm.config
+        forced = self.swarm.book.trust.checks(peer_id).served < config.verify_first_steps
         return forced or self.rng.random() < config.verify_fraction
 
     async def step(
@@ -157,14 +110,12 @@ class Verifier:
             HopFailed: the hop failed, sent a malformed reply, or was caught lying.
         """
         primary = hop.view.peer_id
-        checks = self._client.trust.checks(primary)
         planned = self.planned  # chosen for the whole path already (`plan`), or not
         chosen = primary in planned if planned is not None else self._chosen(primary)
         verifier = self._pick(hop, ()) if chosen else None
         if verifier is None:
-            out = await self.session._step(hop, hidden, start, truncate)
-            checks.served += 1
-            if not self._client.norms.suspicious(hop.span.end, out):
+            out = await self.route.calls.step(hop, hidden, start, truncate)
+            if not self.swarm.book.norms.suspicious(hop.span.end, out):
                 return out
             log.info("%s sent an output of unusual norm: checking it", hop.view.address)
             verifier = self._pick(hop, ())
@@ -173,14 +124,13 @@ class Verifier:
             theirs = await self._opinion(hop, verifier, hidden, start)
         else:
             ours, theirs = await asyncio.gather(
-                self.session._step(hop, hidden, start, truncate),
+                self.route.calls.step(hop, hidden, start, truncate),
                 self._opinion(hop, verifier, hidden, start),
                 return_exceptions=True,
             )
             if isinstance(ours, BaseException):
                 raise ours
             out = ours
-            checks.served += 1
         return await self._judge(hop, hidden, start, out, verifier, theirs)
 
     async def _judge(
@@ -193,7 +143,7 @@ class Verifier:
         theirs: torch.Tensor | BaseException | None,
     ) -> torch.Tensor:
         """Compare the hop's output with a verifier's; ask a third replica if they differ."""
-        ledger = self._client.trust
+        ledger = self.swarm.book.trust
         if not isinstance(theirs, torch.Tensor):
             self._count("error")
             log.debug("checking on %s failed: %s", verifier.address, theirs)
@@ -205,7 +155,7 @@ class Verifier:
         err = relative_error(out, theirs)
         if err <= tol:
             self._count("match")
-            self._client.norms.learn(hop.span.end, token_rms(out))
+            self.swarm.book.norms.learn(hop.span.end, token_rms(out))
             return out
         self._count("mismatch")
         evidence: dict[str, object] = {
@@ -234,7 +184,7 @@ class Verifier:
 
     def _count(self, result: str) -> None:
         """Count a check by result: here (`SwarmClient.verify_counts`) and in Prometheus."""
-        self._client.verify_counts[result] += 1
+        self.swarm.verify_counts[result] += 1
         metrics.VERIFICATIONS.labels(result).inc()
 
     @staticmethod
@@ -251,7 +201,7 @@ class Verifier:
         out: torch.Tensor,
     ) -> torch.Tensor:
         """Two opinions differ and nobody settles it: keep the hop's output, watch both."""
-        ledger = self._client.trust
+        ledger = self.swarm.book.trust
         for peer in (hop.view.peer_id, verifier.peer_id):
             ledger.checks(peer).disputes += 1
             ledger.checks(peer).served = 0  # checked again on its next steps, as a new peer
@@ -282,14 +232,14 @@ class Verifier:
             f"its output on layers {evidence['layers']} differs from {' and '.join(said)} "
             f"(relative error {err:.3g}, tolerance {evidence['tolerance']:.3g})"
         )
-        if self._client.trust.ban(liar.peer_id, liar.address, reason, evidence):
-            self._client.on_event(f"banned peer {liar.address} for lying: {reason}")
+        if self.swarm.book.ban_liar(liar.peer_id, liar.address, reason, evidence):
+            self.swarm.on_event(f"banned peer {liar.address} for lying: {reason}")
         self._drop_shadows(liar.peer_id)
 
     def _pick(self, hop: ActiveHop, exclude: Sequence[str]) -> PeerView | None:
         """A replica to check `hop` on: new peers first, then the one already fed, then any."""
-        client = self._client
-        leave_out = {hop.view.peer_id, *exclude} | client.bans.banned()
+        client = self.swarm
+        leave_out = {hop.view.peer_id, *exclude} | client.book.banned()
         quant = hop.view.quant
         candidates = [
             v
@@ -305,18 +255,18 @@ class Verifier:
         same_dtype = [v for v in candidates if v.dtype == hop.view.dtype]
         candidates = same_dtype or candidates
         first = client.config.verify_first_steps
-        fresh = [v for v in candidates if client.trust.checks(v.peer_id).checked < first]
+        fresh = [v for v in candidates if client.book.trust.checks(v.peer_id).checked < first]
         if fresh:
             return self.rng.choice(fresh)
         # Replicas already fed cost a short catch-up; among them, the least checked goes next.
         fed = [v for v in candidates if (hop.span, v.peer_id) in self.shadows]
-        return min(fed or candidates, key=lambda v: client.trust.checks(v.peer_id).checked)
+        return min(fed or candidates, key=lambda v: client.book.trust.checks(v.peer_id).checked)
 
     async def _opinion(
         self, hop: ActiveHop, peer: PeerView, hidden: torch.Tensor, start: int
     ) -> torch.Tensor | BaseException:
         """What `peer` computes for this step of the hop, through its shadow session."""
-        session = self.session
+        route = self.route
         key = (hop.span, peer.peer_id)
         shadow = self.shadows.get(key)
         tokens = hidden.shape[1]
@@ -330,8 +280,8 @@ class Verifier:
             # A session that went back (speculation's rollback): what the shadow holds before
             # `start` still stands; its run at `start` drops the rest.
             shadow.fed = min(shadow.fed, start)
-            context = context_slice(session.history.get(hop.span.start, []), shadow.fed, start)
-            for at, chunk in merge_inputs(context, session.config.replay_chunk_tokens):
+            context = context_slice(route.history.get(hop.span.start, []), shadow.fed, start)
+            for at, chunk in merge_inputs(context, route.config.replay_chunk_tokens):
                 await shadow.run(chunk, at)
                 shadow.fed = at + chunk.shape[1]
             out = await shadow.run(hidden, start)
@@ -341,24 +291,23 @@ class Verifier:
             if shadow is not None and self.shadows.pop(key, None) is not None:
                 await shadow.close()
             if getattr(e, "fault", False):
-                self._client.bans.ban(peer.peer_id)
+                self.swarm.book.ban(peer.peer_id, f"checking on it failed: {e}")
             return e
 
     async def _open_shadow(self, hop: ActiveHop, peer: PeerView) -> Shadow:
         """A new shadow session of `hop`'s span on `peer` (or in this client: LOCAL)."""
-        session = self.session
+        route, calls = self.route, self.route.calls
         if peer.peer_id == LOCAL:
-            assert self._client.local is not None  # LOCAL is picked only when it exists
-            return await self._client.local.open_shadow(hop.span, session.max_length)
-        twin = ActiveHop(peer, hop.span, self._client.connection(peer.peer_id), uuid.uuid4().hex)
-        opening = OpenSession(twin.session_id, hop.span.start, hop.span.end, session.max_length)
-        await session._request(twin, opening, session.config.request_timeout)
+            assert self.swarm.local is not None  # LOCAL is picked only when it exists
+            return await self.swarm.local.open_shadow(hop.span, route.max_length)
+        twin = ActiveHop(peer, hop.span, self.swarm.connection(peer.peer_id), uuid.uuid4().hex)
+        await calls.open(twin, route.max_length, push=False)
 
         async def run(hidden: torch.Tensor, start: int) -> torch.Tensor:
             # Runs start where the shadow was fed to, or before it when the session went back.
-            return await session._step(twin, hidden, start, truncate=start)
+            return await calls.step(twin, hidden, start, truncate=start)
 
-        return Shadow(run, lambda: session._close_hops([twin]))
+        return Shadow(run, lambda: calls.close([twin]))
 
     def _drop_shadows(self, peer_id: str) -> None:
         for key in [k for k in self.shadows if k[1] == peer_id]:

@@ -17,15 +17,14 @@ import torch
 
 from layerswarm.routing.loop import BackgroundLoop
 from layerswarm.routing.paths import PeerView
+from layerswarm.routing.shadow import LOCAL, Shadow
 from layerswarm.shards.config import DTYPES, ModelConfig, Span
 from layerswarm.shards.quantize import pack_linears
 from layerswarm.shards.weights import load_span
 
 if TYPE_CHECKING:
     from layerswarm.routing.local import LocalEngine
-    from layerswarm.routing.verify import Shadow
 
-LOCAL = "local"  # the peer ID that this client's own computation goes by in checks
 CACHE_BYTES = 64 * 2**20  # bytes: KV cache of each local span, for every session's shadows
 
 
@@ -64,7 +63,6 @@ class LocalSpans:
     async def open_shadow(self, span: Span, max_length: int) -> Shadow:
         """A session of `span` computed here, as a verifier's shadow."""
         from layerswarm.routing.local import LocalPipeline
-        from layerswarm.routing.verify import Shadow
 
         pipeline = LocalPipeline(await self.engine(span), max_length)
         dtype = DTYPES[self.dtype]
@@ -76,7 +74,7 @@ class LocalSpans:
         return Shadow(run, pipeline.aclose)
 
     async def aclose(self) -> None:
-        for engine in self.engines.values():
-            engine._serving.cancel()
-        self.engines.clear()
+        engines, self.engines = list(self.engines.values()), {}
+        for engine in engines:
+            await engine.aclose()
         self.compute.shutdown(wait=False, cancel_futures=True)

@@ -20,12 +20,9 @@ from layerswarm.routing.peer_stats import (
     claimed_seconds_per_layer,
 )
 from layerswarm.routing.trust import TrustLedger
-from layerswarm.routing.verify import (
-    NormBounds,
-    relative_error,
-    reply_fault,
-    tolerance,
-)
+from layerswarm.routing.failures import reply_fault
+from layerswarm.routing.peer_book import NormBounds
+from layerswarm.routing.verify import relative_error, tolerance
 from layerswarm.swarm.protocol import InfoReply, decode_frame, encode
 from layerswarm.swarm.transport import parse_address
 
