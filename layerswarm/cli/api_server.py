@@ -88,6 +88,12 @@ class ApiError(Exception):
         self.code = code
         self.kind = kind or _error_type(status)
 
+    def told(self) -> ApiError:
+        """Log why this error is sent (every 4xx and 5xx says why in the log); returns it."""
+        level = logging.ERROR if self.status >= 500 and self.status != 503 else logging.WARNING
+        log.log(level, "answered %d %s: %s", self.status, self.code or self.kind, self.message)
+        return self
+
     def body(self) -> dict[str, Any]:
         return {
             "error": {
@@ -99,10 +105,12 @@ class ApiError(Exception):
         }
 
     def response(self) -> JSONResponse:
+        self.told()
         return JSONResponse(self.body(), self.status, headers=self.headers)
 
     def raw(self, close: bool = True) -> bytes:
         """The whole HTTP/1.1 response, for the protocol level (no request cycle to answer)."""
+        self.told()
         data = json.dumps(self.body()).encode()
         head = [f"HTTP/1.1 {self.status} {_PHRASES.get(self.status, 'Error')}"]
         head += [f"{k}: {v}" for k, v in self.headers.items()]

@@ -126,7 +126,7 @@ async def stream_events(
             yield shape.chunk(item.text, None, item.logprobs)
             item = await anext(pieces)
     except Exception as e:
-        yield as_api_error(e).body()
+        yield as_api_error(e).told().body()
     finally:  # shielded: a client that went away cancels this task, and its reply must stop
         with anyio.CancelScope(shield=True):
             await pieces.aclose()  # type: ignore[attr-defined]
