@@ -13,22 +13,23 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable, Iterable
-from pathlib import Path
 
 import torch
 
 from layerswarm.cli.common import (
+    ProgressLine,
     default_cache_dir,
     quiet_logging,
-    resolve_model_cli,
     route_libp2p_logs,
     run_main,
     setup_logging,
 )
+from layerswarm.cli.config_flags import config_from_args
 from layerswarm.cli.repl import Chat, Events
 from layerswarm.cli.swarm_flags import add_swarm_arguments
+from layerswarm.routing.client_config import ClientConfig
 from layerswarm.routing.generate import Generator
-from layerswarm.routing.local import open_local_generator, parse_dtype
+from layerswarm.routing.local import parse_dtype
 from layerswarm.routing.sampling import SamplingConfig
 from layerswarm.routing.text import Message
 from layerswarm.shards.device import DeviceUnavailable, default_dtype, resolve_device
@@ -78,46 +79,54 @@ def sampling_from(args: argparse.Namespace) -> SamplingConfig:
 def open_generator(
     args: argparse.Namespace, on_event: Callable[[str], None] | None = None
 ) -> Generator:
-    """The generator `args` ask for; `on_event(text)` hears of reroutes and peers leaving."""
-    device, dtype = client_device(args)
-    model_dir = resolve_model_cli(args.model, default_cache_dir())
-    gen = _open_layers(args, model_dir, device, dtype, on_event)
-    if args.speculate is not None:
-        from layerswarm.routing.drafters import open_speculator
-
-        draft_dir = None
-        if args.draft_model is not None:
-            draft_dir = resolve_model_cli(args.draft_model, default_cache_dir())
-        gen.speculator = open_speculator(
-            gen, args.speculate, model_dir, draft_dir, args.draft_quant, dtype
-        )
-    freeze_heap()  # this process serves this generator from now on
-    return gen
-
-
-def _open_layers(
-    args: argparse.Namespace,
-    model_dir: Path,
-    device: torch.device,
-    dtype: torch.dtype,
-    on_event: Callable[[str], None] | None,
-) -> Generator:
-    if args.local:
-        return open_local_generator(model_dir, dtype, device=device)
-    from layerswarm.cli.common import read_swarm_key
+    """The generator `args` ask for, built through `Client.connect` (the one front door);
+    `on_event(text)` hears of reroutes and peers leaving."""
     from layerswarm.errors import PeerUnavailable
-    from layerswarm.routing.swarm_client import ClientConfig, open_swarm_generator
+    from layerswarm.routing.client import Client
+
+    client_device(args)  # a wrong --device or --dtype is told as such, before any work
+    lan_only = not args.local and not args.peer and not args.bootstrap  # told nothing: the LAN
+    try:
+        client = Client.connect(
+            args.model,
+            peers=args.peer,
+            bootstrap=args.bootstrap,
+            local=args.local,
+            dtype=args.dtype,
+            device=args.device,
+            cache_dir=default_cache_dir(),
+            speculate=args.speculate,
+            draft_model=args.draft_model,
+            draft_quant=args.draft_quant,
+            config=None if args.local else client_config(args, lan_only),
+            on_event=on_event,
+            progress=ProgressLine(),
+        )
+    except PeerUnavailable as e:
+        if not lan_only:
+            raise
+        raise SystemExit(
+            f"error: no swarm found on the LAN: {e}; use --peer or --bootstrap (or --local)"
+        ) from None
+    freeze_heap()  # this process serves this generator from now on
+    return client.generator
+
+
+def client_config(args: argparse.Namespace, lan_only: bool) -> ClientConfig:
+    """The `ClientConfig` that the swarm flags of `args` ask for."""
+    from layerswarm.cli.common import read_swarm_key
 
     swarm_key = read_swarm_key(args.swarm_key) if args.swarm_key else None
     if swarm_key is not None and args.insecure_plaintext:
         raise SystemExit("error: --swarm-key needs TLS: drop --insecure-plaintext")
-    lan_only = not args.peer and not args.bootstrap  # told nothing: look on the LAN
     mdns = tuple(args.mdns_interface or ()) if lan_only or args.mdns_interface else None
     if args.bootstrap:
         route_libp2p_logs(args.verbose)
-    if not 0.0 <= args.verify_fraction <= 1.0:
-        raise SystemExit("error: --verify-fraction must be between 0 and 1")
-    config = ClientConfig(
+    flag_names = {"verify_fraction": "--verify-fraction"}
+    return config_from_args(
+        ClientConfig,
+        args,
+        flag_names,
         insecure_plaintext=args.insecure_plaintext,
         mdns_interfaces=mdns,
         bootstrap=tuple(args.bootstrap),
@@ -126,16 +135,6 @@ def _open_layers(
         verify_locally=args.verify_locally,
         push=not args.relay,
     )
-    try:
-        return open_swarm_generator(
-            model_dir, args.peer, dtype=dtype, config=config, on_event=on_event, device=device
-        )
-    except PeerUnavailable as e:
-        if not lan_only:
-            raise
-        raise SystemExit(
-            f"error: no swarm found on the LAN: {e}; use --peer or --bootstrap (or --local)"
-        ) from None
 
 
 def client_device(args: argparse.Namespace) -> tuple[torch.device, torch.dtype]:
@@ -151,20 +150,11 @@ def client_device(args: argparse.Namespace) -> tuple[torch.device, torch.dtype]:
 
 
 def close_generator(gen: Generator) -> None:
-    """Close what `open_generator` opened: the swarm's connections and the network thread.
+    """Close what `open_generator` opened (`Client.close`): the swarm's connections, or the
+    local engine, and the network thread."""
+    from layerswarm.routing.client import Client
 
-    A process must not exit with them running: a daemon thread inside uvloop, zeroconf or
-    py-libp2p while the interpreter finalizes can crash it (the `swarm-chat` SIGSEGV, exit -11
-    with an empty stderr, once seen in test_mdns_swarm.py under load).
-    """
-    client = getattr(gen, "client", None)
-    if client is not None:
-        client.close()
-        return
-    engine = getattr(gen, "engine", None)
-    if engine is not None:
-        engine.close()  # its compute loop, not left pending on the loop
-    gen.net.stop()
+    Client(gen).close()
 
 
 def show(pieces: Iterable[str], events: Events | None = None) -> str:

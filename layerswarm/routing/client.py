@@ -19,7 +19,8 @@ with `draft_model=`) guesses several tokens a pass through the swarm; the reply 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Coroutine, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,7 @@ from layerswarm.routing.text import Message
 from layerswarm.shards.config import parse_dtype
 from layerswarm.shards.device import default_dtype, resolve_device
 from layerswarm.shards.registry import resolve_model
+from layerswarm.shards.weights import Progress
 
 
 def _default_cache() -> Path:
@@ -88,44 +90,73 @@ class Client:
         draft_model: str | None = None,
         draft_quant: str | None = None,
         relay: bool = False,
+        config: ClientConfig | None = None,
+        on_event: Callable[[str], None] | None = None,
+        progress: Progress | None = None,
         **defaults: Any,
     ) -> Client:
         """Resolve the model (fetching the default one if missing) and connect.
+
+        The one way clients are built: `swarm-chat` and `swarm-api` come through here too.
 
         Args:
             peers: explicit peer addresses `host:port[/PEERID]`.
             bootstrap: DHT multiaddrs of a swarm elsewhere.
             local: run every layer in this process instead.
+            swarm_key: a private swarm's 32-byte key.
             dtype: float32, bfloat16 or float16; None: bfloat16 on a GPU, float32 on a CPU.
             device: where the embedding and the head run, and with `local` every layer:
                 auto (the CUDA device with the most free memory, else the CPU), cpu, cuda:N.
+            cache_dir: where converted models are kept (default `~/.cache/layerswarm`).
             relay: the client relays every hop's output (instead of peers pushing it on).
             speculate: guess several tokens a pass through the layers: "lookup" (n-grams of
                 the context) or "draft" (a local draft model); None: one token a pass.
             draft_model: with "draft", a model name or folder with the same tokenizer (a
                 smaller one of the family); None: the model itself.
             draft_quant: "int8", "int4" or "none" for the draft model's layers.
+            config: every other client option (`ClientConfig`); `bootstrap`, `swarm_key` and
+                `relay` override its fields when given, and without peers or bootstrap it
+                looks for the swarm on the LAN (mDNS) unless the config says where.
+            on_event: hears of reroutes and peers leaving, one line each (default: the log).
+            progress: hears of a model's download and conversion.
             defaults: sampling defaults, e.g. `temperature=0, max_new_tokens=64`.
+
+        Raises:
+            PeerUnavailable: no peer could be reached (or none found on the LAN).
+            ModelFormatError: the model cannot be read.
         """
         cache = cache_dir or _default_cache()
-        model_dir = resolve_model(model, cache)
+        model_dir = resolve_model(model, cache, progress=progress)
         where = resolve_device(device)
         torch_dtype = parse_dtype(dtype or default_dtype(where))
         if local:
             gen = open_local_generator(model_dir, torch_dtype, device=where)
         else:
-            discover = not peers and not bootstrap
-            config = ClientConfig(
-                bootstrap=tuple(bootstrap),
-                swarm_key=swarm_key,
-                mdns_interfaces=() if discover else None,
-                push=not relay,
+            config = config or ClientConfig()
+            discover = not peers and not bootstrap and not config.bootstrap
+            config = replace(
+                config,
+                bootstrap=tuple(bootstrap) or config.bootstrap,
+                swarm_key=swarm_key if swarm_key is not None else config.swarm_key,
+                mdns_interfaces=()
+                if discover and config.mdns_interfaces is None
+                else config.mdns_interfaces,
+                push=config.push and not relay,
             )
             gen = open_swarm_generator(
-                model_dir, list(peers), dtype=torch_dtype, config=config, device=where
+                model_dir,
+                list(peers),
+                dtype=torch_dtype,
+                config=config,
+                on_event=on_event,
+                device=where,
             )
         if speculate is not None:
-            draft_dir = resolve_model(draft_model, cache) if draft_model is not None else None
+            draft_dir = (
+                resolve_model(draft_model, cache, progress=progress)
+                if draft_model is not None
+                else None
+            )
             gen.speculator = open_speculator(
                 gen, speculate, model_dir, draft_dir, draft_quant, torch_dtype
             )
@@ -167,9 +198,22 @@ class Client:
         return Conversation(self.generator, system, self.defaults)
 
     def close(self) -> None:
-        swarm = getattr(self.generator, "client", None)
+        """Close what `connect` opened: the swarm's connections, or the local engine, and the
+        network thread.
+
+        A process must not exit with them running: a daemon thread inside uvloop, zeroconf or
+        py-libp2p while the interpreter finalizes can crash it (a `swarm-chat` SIGSEGV, exit
+        -11 with an empty stderr, was once seen under load).
+        """
+        gen = self.generator
+        swarm = getattr(gen, "client", None)
         if swarm is not None:
-            swarm.close()
+            swarm.close()  # its network thread too
+            return
+        engine = getattr(gen, "engine", None)
+        if engine is not None:
+            engine.close()  # its compute loop, not left pending on the loop
+        gen.net.stop()
 
     def __enter__(self) -> Client:
         return self

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from layerswarm.errors import ConfigError
+
 
 @dataclass(frozen=True)
 class ClientConfig:
@@ -21,7 +23,14 @@ class ClientConfig:
     busy_wait_timeout: float = 30.0  # unit: s to wait for room when every replica is full
     # unit: s a step waits for a peer of layers that no live peer serves at the moment (the
     # only replica restarting) before it fails; the swarm is re-read meanwhile
-    route_wait: float = 30.0
+    route_wait: float = field(
+        default=30.0,
+        metadata={
+            "help": "seconds a request waits for a peer of layers that no live peer serves "
+            "at the moment (a restarting replica) before it fails",
+            "metavar": "S",
+        },
+    )
     replay_chunk_tokens: int = 4096  # unit: tokens per step when replaying into a new hop
     # Peers hand each step's activations straight to the next hop (N+1 link crossings a token
     # through N hops instead of 2N); False: the client relays every hop's output itself
@@ -49,7 +58,8 @@ class ClientConfig:
     verify_locally: bool = False
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.verify_fraction <= 1.0 or self.verify_first_steps < 0:
-            raise ValueError("verify_fraction must be in [0, 1], verify_first_steps >= 0")
-        if self.route_wait < 0 or self.busy_wait_timeout < 0 or self.max_reroutes < 0:
-            raise ValueError("route_wait, busy_wait_timeout and max_reroutes must be >= 0")
+        if not 0.0 <= self.verify_fraction <= 1.0:
+            raise ConfigError("verify_fraction", "must be between 0 and 1")
+        for name in ("verify_first_steps", "route_wait", "busy_wait_timeout", "max_reroutes"):
+            if getattr(self, name) < 0:
+                raise ConfigError(name, "must not be negative")

@@ -17,7 +17,7 @@ from layerswarm.peer.launch import LocalSwarm, even_spans, start_peers
 from layerswarm.routing.generate import Generator
 from layerswarm.routing.local import open_local_generator
 from layerswarm.routing.sampling import SamplingConfig
-from layerswarm.routing.swarm_client import open_swarm_generator
+from layerswarm.routing.swarm_client import ClientConfig, open_swarm_generator
 from layerswarm.shards.config import Span
 
 GREEDY_32 = SamplingConfig(max_new_tokens=32, temperature=0.0)
@@ -93,7 +93,9 @@ def test_sigterm_mid_session_stops_the_peer_cleanly_and_the_client_is_told(
     smollm2_dir: Path, local: Generator, tmp_path: Path
 ) -> None:
     with start_peers(smollm2_dir, even_spans(30, 2), tmp_path) as swarm:
-        gen = open_swarm_generator(smollm2_dir, swarm.addresses)
+        # route_wait: how long a step waits for a peer of the missing layers before it errs
+        config = ClientConfig(route_wait=1.0)
+        gen = open_swarm_generator(smollm2_dir, swarm.addresses, config=config)
         tokens = gen.tokens(prompt_ids(gen, LONG_QUESTION), SamplingConfig(max_new_tokens=200))
         next(tokens)
         assert swarm.peers[1].stop() == 0  # SIGTERM: exits cleanly, with status 0

@@ -109,7 +109,9 @@ def test_missing_span_is_reported_then_a_returning_peer_is_used(
     key = tmp_path / "second.key"
     second = start_peer(smollm2_dir, Span(15, 30), tmp_path, ["--key", str(key)])
     try:
-        gen = open_swarm_generator(smollm2_dir, [first.address, second.address])
+        # route_wait: how long a step waits for a peer of the missing layers before it errs
+        config = ClientConfig(route_wait=1.0)
+        gen = open_swarm_generator(smollm2_dir, [first.address, second.address], config=config)
         question = [{"role": "user", "content": "What is the capital of France?"}]
         assert "Paris" in "".join(gen.chat(question, SamplingConfig(max_new_tokens=16)))
         second.stop(signal.SIGKILL)

@@ -181,7 +181,7 @@ def test_a_client_holding_the_weights_checks_a_lone_peer_itself(
     """No replica to compare with: the client computes the span itself, catches the liar, and
     says no honest peer serves those layers rather than pass a wrong output on."""
     liar = swarm.bad["liar"]
-    config = ClientConfig(verify_fraction=1.0, verify_locally=True)
+    config = ClientConfig(verify_fraction=1.0, verify_locally=True, route_wait=0.5)
     client = SwarmClient(tiny_llama_dir, [liar.address], config)
     try:
         session = RemoteSession(client, 64)
