@@ -33,7 +33,7 @@ from layerswarm.metrics import (
 )
 from layerswarm.routing.generate import Generator
 from layerswarm.routing.failures import SwarmBusy
-from layerswarm.routing.sampling import Sampler, SamplingConfig, TokenLogprob
+from layerswarm.routing.sampling import Constraint, Sampler, SamplingConfig, TokenLogprob
 from layerswarm.routing.text import TextStream
 
 log = logging.getLogger(__name__)
@@ -56,11 +56,15 @@ class Finished:
 
 
 async def generate(
-    gen: Generator, prompt: list[int], sampling: SamplingConfig
+    gen: Generator,
+    prompt: list[int],
+    sampling: SamplingConfig,
+    constraint: Constraint | None = None,
 ) -> AsyncIterator[Piece | Finished]:
     """Text pieces, then a `Finished`. The reply runs on the generator's loop with every other
-    reply (no thread of its own); closing this iterator early ends its session."""
-    pieces = gen.net.iterate(_reply(gen, prompt, sampling))
+    reply (no thread of its own); closing this iterator early ends its session. `constraint`:
+    what may come next (a grammar), this reply's own."""
+    pieces = gen.net.iterate(_reply(gen, prompt, sampling, constraint))
     try:
         async for item in pieces:
             yield item
@@ -69,11 +73,11 @@ async def generate(
 
 
 async def _reply(
-    gen: Generator, prompt: list[int], sampling: SamplingConfig
+    gen: Generator, prompt: list[int], sampling: SamplingConfig, constraint: Constraint | None
 ) -> AsyncIterator[Piece | Finished]:
     """`generate` on the generator's loop; counts tokens itself (`last_stats` is shared)."""
     text = TextStream(gen.tokenizer, sampling.stop)
-    sampler = Sampler(sampling, len(prompt))
+    sampler = Sampler(sampling, len(prompt), constraint)
     tokens = gen.atokens(prompt, sampling, sampler)
     count, reason, finished = 0, "length", False
     notes: list[TokenLogprob] = []  # of tokens whose text is not out yet

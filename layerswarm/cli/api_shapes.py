@@ -13,6 +13,7 @@ import anyio
 from layerswarm.cli.api_logprobs import TokenTexts, chat_logprobs, completion_logprobs
 from layerswarm.cli.api_replies import Finished, Piece, as_api_error
 from layerswarm.cli.api_server import ApiError
+from layerswarm.cli.api_tools import ToolCall, parse_tool_calls
 from layerswarm.routing.sampling import TokenLogprob
 
 
@@ -54,15 +55,21 @@ class ReplyShape:
         return shaped
 
     def whole(
-        self, text: str, done: Finished, notes: Sequence[TokenLogprob] = ()
+        self,
+        text: str,
+        done: Finished,
+        notes: Sequence[TokenLogprob] = (),
+        calls: Sequence[ToolCall] = (),
     ) -> dict[str, Any]:
         choice: dict[str, Any] = {
             "index": 0,
-            "finish_reason": done.reason,
+            "finish_reason": "tool_calls" if calls else done.reason,
             "logprobs": self.logprobs(notes),
         }
         if self.chat:
-            choice["message"] = {"role": "assistant", "content": text}
+            choice["message"] = {"role": "assistant", "content": text or (None if calls else "")}
+            if calls:
+                choice["message"]["tool_calls"] = [_without_index(c.json(0)) for c in calls]
         else:
             choice["text"] = text
         obj = "chat.completion" if self.chat else "text_completion"
@@ -84,14 +91,24 @@ class ReplyShape:
         return self.envelope(obj) | {"choices": [choice]}
 
 
-async def collect(pieces: AsyncIterator[Piece | Finished], shape: ReplyShape) -> dict[str, Any]:
-    """The whole reply of `pieces`, closed at its end (which frees the reply's turn at once)."""
+def _without_index(call: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in call.items() if k != "index"}
+
+
+async def collect(
+    pieces: AsyncIterator[Piece | Finished], shape: ReplyShape, tools: list[str] | None = None
+) -> dict[str, Any]:
+    """The whole reply of `pieces`, closed at its end (which frees the reply's turn at once);
+    with `tools` (their names), the calls it makes parsed out of its text."""
     text: list[str] = []
     notes: list[TokenLogprob] = []
     try:
         async for item in pieces:
             if isinstance(item, Finished):
-                return shape.whole("".join(text), item, notes)
+                content, calls = parse_tool_calls("".join(text), tools) if tools else ("", [])
+                if not calls:
+                    content = "".join(text)
+                return shape.whole(content, item, notes, calls)
             text.append(item.text)
             notes += item.logprobs
     except Exception as e:
@@ -106,27 +123,70 @@ async def stream_events(
     pieces: AsyncIterator[Piece | Finished],
     shape: ReplyShape,
     include_usage: bool,
+    tools: list[str] | None = None,
 ) -> AsyncIterator[dict[str, Any]]:
-    """The chunks of a streamed reply; a failure mid-reply becomes an error event."""
+    """The chunks of a streamed reply; a failure mid-reply becomes an error event.
+
+    With `tools` (their names) the text is held to its end, then sent as content or as the
+    `delta.tool_calls` of the calls parsed out of it.
+    """
     if shape.chat:
         yield shape.chunk("") | {
             "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]
         }
     item = first
+    held: list[Piece] = []
     try:
         while True:
             if isinstance(item, Finished):
-                yield shape.chunk(None, item.reason)
+                reason: str = item.reason
+                if tools is not None:
+                    events = _held_events(shape, held, tools)
+                    reason = (
+                        "tool_calls"
+                        if any("tool_calls" in e["choices"][0]["delta"] for e in events)
+                        else reason
+                    )
+                    for event in events:
+                        yield event
+                yield shape.chunk(None, reason)
                 if include_usage:
                     yield shape.envelope(shape.chunk(None)["object"]) | {
                         "choices": [],
                         "usage": shape.usage(item),
                     }
                 return
-            yield shape.chunk(item.text, None, item.logprobs)
+            if tools is not None:
+                held.append(item)
+            else:
+                yield shape.chunk(item.text, None, item.logprobs)
             item = await anext(pieces)
     except Exception as e:
         yield as_api_error(e).told().body()
     finally:  # shielded: a client that went away cancels this task, and its reply must stop
         with anyio.CancelScope(shield=True):
             await pieces.aclose()  # type: ignore[attr-defined]
+
+
+def _held_events(shape: ReplyShape, held: list[Piece], tools: list[str]) -> list[dict[str, Any]]:
+    """A held reply's chunks: its text, or its tool calls as OpenAI streams them (the name and
+    id first, then the arguments)."""
+    text = "".join(p.text for p in held)
+    notes = [n for p in held for n in p.logprobs]
+    content, calls = parse_tool_calls(text, tools)
+    if not calls:
+        return [shape.chunk(text, None, notes)] if text or notes else []
+    events = [shape.chunk(content, None, notes)] if content else []
+    for index, call in enumerate(calls):
+        head = call.json(index) | {"function": {"name": call.name, "arguments": ""}}
+        events.append(_tool_chunk(shape, head))
+        events.append(
+            _tool_chunk(shape, {"index": index, "function": {"arguments": call.arguments}})
+        )
+    return events
+
+
+def _tool_chunk(shape: ReplyShape, call: dict[str, Any]) -> dict[str, Any]:
+    chunk = shape.chunk(None)
+    chunk["choices"][0]["delta"] = {"tool_calls": [call]}
+    return chunk

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 
 import torch
 
@@ -23,6 +23,18 @@ class TokenLogprob(NamedTuple):
     token: int
     logprob: float
     top: list[tuple[int, float]]
+
+
+class Constraint(Protocol):
+    """Which tokens may come next (a grammar: `routing.grammar.Grammar`)."""
+
+    def mask(self, logits: torch.Tensor) -> torch.Tensor:
+        """`logits (vocab,)` with the tokens that may not come next at -inf."""
+        ...
+
+    def accept(self, token: int) -> None:
+        """`token` came next."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -62,9 +74,12 @@ class Sampler:
     """One reply's sampler: its random generator (a seed makes the reply reproducible), and
     where the reply starts in the contexts it is given (the penalties count the reply only)."""
 
-    def __init__(self, config: SamplingConfig, prompt_tokens: int = 0) -> None:
+    def __init__(
+        self, config: SamplingConfig, prompt_tokens: int = 0, constraint: Constraint | None = None
+    ) -> None:
         self.config = config
         self.prompt_tokens = prompt_tokens  # unit: tokens at the start of a context, not reply
+        self.constraint = constraint  # what may come next, advanced by each settled token
         self.generator = torch.Generator()
         if config.seed is not None:
             self.generator.manual_seed(config.seed)
@@ -74,6 +89,7 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor, context: Sequence[int]) -> int:
         """Pick a token from `logits (vocab,)` given the token ids seen so far."""
+        logits = self.constrained(logits)
         if self.config.temperature == 0:
             token = self.greedy(logits, context)
             self.settle(token, logits, context)
@@ -90,8 +106,11 @@ class Sampler:
         context: Sequence[int],
         probs: torch.Tensor | None = None,
     ) -> None:
-        """`token` is the reply's next, chosen from `logits (vocab,)` after `context`: note its
-        log-probability when asked (`probs`: the distribution it came from, if computed)."""
+        """`token` is the reply's next, chosen from `constrained` `logits (vocab,)` after
+        `context`: advance the constraint, and note the token's log-probability when asked
+        (`probs`: the distribution it came from, if computed)."""
+        if self.constraint is not None:
+            self.constraint.accept(token)
         n = self.config.logprobs
         if n is None:
             return
@@ -109,6 +128,11 @@ class Sampler:
         if self.config.temperature == 0:
             return torch.log_softmax(self.penalized(logits, context), dim=-1)
         return self.probs(logits, context).log()
+
+    def constrained(self, logits: torch.Tensor) -> torch.Tensor:
+        """`logits (vocab,)` with what the constraint forbids next at -inf (none: as given).
+        The reply's own choices go through it; a drafter's guesses need not."""
+        return logits if self.constraint is None else self.constraint.mask(logits)
 
     def greedy(self, logits: torch.Tensor, context: Sequence[int]) -> int:
         """The most likely token (after the repetition penalty)."""

@@ -141,25 +141,27 @@ def verify(
     out: list[int] = []
     seen = list(context)
     for i, guess in enumerate([*draft.tokens, None]):
+        # Masked by the constraint's state after out[:i]: a forbidden guess cannot stand.
+        row = sampler.constrained(logits[i])
         if greedy:
-            token = sampler.greedy(logits[i], seen)
+            token = sampler.greedy(row, seen)
             out.append(token)
-            sampler.settle(token, logits[i], seen)
+            sampler.settle(token, row, seen)
             if token != guess:
                 return out
         else:
-            p = sampler.probs(logits[i], seen)
+            p = sampler.probs(row, seen)
             if guess is None:
                 out.append(_draw(p, sampler))
-                sampler.settle(out[-1], logits[i], seen, p)
+                sampler.settle(out[-1], row, seen, p)
                 return out
             q = 1.0 if draft.probs is None else float(draft.probs[i, guess])
             if float(torch.rand((), generator=sampler.generator)) * q < float(p[guess]):
                 out.append(guess)
-                sampler.settle(guess, logits[i], seen, p)
+                sampler.settle(guess, row, seen, p)
             else:
                 out.append(_draw(_residual(p, draft, i, guess), sampler))
-                sampler.settle(out[-1], logits[i], seen, p)
+                sampler.settle(out[-1], row, seen, p)
                 return out
         seen.append(out[-1])
     raise AssertionError("unreachable: the last row always yields a token")

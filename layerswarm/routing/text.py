@@ -14,7 +14,9 @@ from tokenizers.decoders import DecodeStream
 
 from layerswarm.errors import ModelFormatError
 
-Message = dict[str, str]  # {"role": "user" | "assistant" | "system", "content": "..."}
+# {"role": "user" | "assistant" | "system" | "tool", "content": "...", and for tool calls
+# "tool_calls" / "tool_call_id" as OpenAI's messages carry them}
+Message = dict[str, Any]
 
 
 class ChatTokenizer:
@@ -48,14 +50,22 @@ class ChatTokenizer:
         return str(self.tokenizer.decode(list(ids), skip_special_tokens=True))
 
     def apply_chat_template(
-        self, messages: Sequence[Message], add_generation_prompt: bool = True
+        self,
+        messages: Sequence[Message],
+        add_generation_prompt: bool = True,
+        tools: Sequence[dict[str, Any]] | None = None,
     ) -> str:
-        """Render a conversation with the model's template (or a plain fallback without one)."""
+        """Render a conversation with the model's template (or a plain fallback without one).
+
+        `tools`: OpenAI's tool definitions, for a template that takes them (Hugging Face's
+        convention: a `tools` variable of `{"type": "function", "function": {...}}` items).
+        """
         if self.template_source is None:
             turns = [f"{m['role']}: {m['content']}" for m in messages]
             return "\n".join(turns) + ("\nassistant:" if add_generation_prompt else "")
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
         env.globals["raise_exception"] = _raise
+        env.filters["tojson"] = _tojson  # Hugging Face's: plain JSON, no HTML escapes
         try:
             template = env.from_string(self.template_source)
         except jinja2.TemplateError as e:
@@ -65,10 +75,25 @@ class ChatTokenizer:
             add_generation_prompt=add_generation_prompt,
             bos_token=self.bos_token or "",
             eos_token=self.eos_token or "",
+            tools=list(tools) if tools else None,
         )
 
-    def encode_chat(self, messages: Sequence[Message]) -> list[int]:
-        return self.encode(self.apply_chat_template(messages))
+    def encode_chat(
+        self, messages: Sequence[Message], tools: Sequence[dict[str, Any]] | None = None
+    ) -> list[int]:
+        return self.encode(self.apply_chat_template(messages, tools=tools))
+
+
+def _tojson(
+    value: object,
+    ensure_ascii: bool = False,
+    indent: int | None = None,
+    separators: tuple[str, str] | None = None,
+    sort_keys: bool = False,
+) -> str:
+    return json.dumps(
+        value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
+    )
 
 
 def _raise(message: str) -> None:
