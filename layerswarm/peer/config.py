@@ -19,6 +19,7 @@ from layerswarm.shards.scheduler_config import (
     SchedulerConfig,
 )
 from layerswarm.swarm.limits import ListenLimits
+from layerswarm.swarm.traversal import NatConfig
 
 QUANTS = ("none", "int8", "int4")
 LIMITS = "limits on strangers (each refusal tells the client why)"  # flag groups
@@ -260,6 +261,8 @@ class PeerConfig:
         default="",
         metadata=_opt(SUPPRESS, flag="--test-fault-injector", group=LIMITS),
     )
+    # reachability checks, relays and port mapping behind home routers (`swarm/traversal.py`)
+    nat: NatConfig = field(default_factory=NatConfig)
 
     def __post_init__(self) -> None:
         _check_peer(self)

@@ -12,6 +12,7 @@ import dataclasses
 import logging
 import socket
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
 from layerswarm.errors import LayerswarmError, PeerUnavailable
@@ -19,7 +20,7 @@ from layerswarm.peer.announce import reachable_addresses
 from layerswarm.peer.config import PeerConfig
 from layerswarm.swarm.discovery import dht_key
 from layerswarm.swarm.identity import Identity
-from layerswarm.swarm.records import PeerRecord, sign_record, stamped
+from layerswarm.swarm.records import PeerRecord, bundle, sign_record, stamped
 
 if TYPE_CHECKING:
     from layerswarm.swarm.dht import DhtNode
@@ -80,8 +81,16 @@ class RecordStore(Protocol):
 class DhtAnnouncer:
     """Publishes one peer's signed record under its model's DHT key (the `Announcer` protocol)."""
 
-    def __init__(self, node: RecordStore, identity: Identity, record_ttl: float = 60.0) -> None:
-        """`record_ttl` (s): each signed record's validity; it is re-put every third of it."""
+    def __init__(
+        self,
+        node: RecordStore,
+        identity: Identity,
+        record_ttl: float = 60.0,
+        carried: Callable[[], list[bytes]] = list,
+    ) -> None:
+        """`record_ttl` (s): each signed record's validity; it is re-put every third of it.
+        `carried`: other peers' signed records to publish with this one (a relay's reservation
+        holders', whom readers cannot dial: `swarm/relay.py`)."""
         if record_ttl <= 0:
             raise ValueError("record_ttl must be positive")
         self._node = node
@@ -90,6 +99,8 @@ class DhtAnnouncer:
         self._record: PeerRecord | None = None  # the last one put, as stamped
         self._key: str | None = None
         self._signed_at = 0.0  # monotonic s of the last put
+        self._carried = carried
+        self._carried_put: list[bytes] = []  # the carried records of the last put
 
     @property
     def refresh_interval(self) -> float:
@@ -126,7 +137,8 @@ class DhtAnnouncer:
         if dht_key(record.model_hash) != self._key:
             raise LayerswarmError("a peer's model does not change while it runs")
         due = time.monotonic() - self._signed_at >= self.refresh_interval
-        if due or _unstamped(record) != _unstamped(self._record):
+        carried_changed = self._carried() != self._carried_put
+        if due or carried_changed or _unstamped(record) != _unstamped(self._record):
             await self._put(record)
 
     async def close(self) -> None:
@@ -140,7 +152,9 @@ class DhtAnnouncer:
         record = stamped(record, self._record_ttl)
         signed = sign_record(record, self._identity)
         self._record, self._signed_at = record, time.monotonic()
-        await self._node.put_record(self._key, signed)
+        self._carried_put = self._carried()
+        value = bundle([signed, *self._carried_put]) if self._carried_put else signed
+        await self._node.put_record(self._key, value)
 
 
 def _unstamped(record: PeerRecord | None) -> PeerRecord | None:

@@ -50,15 +50,22 @@ from layerswarm.shards.device import resolve_device
 from layerswarm.shards.quantize import memory_bytes
 from layerswarm.shards.sizes import layer_weight_bytes
 from layerswarm.shards.weights import Progress, freeze_heap, model_fingerprint
-from layerswarm.swarm.discovery import DhtLookup, RecordSource, dht_key, wait_for_coverage
+from layerswarm.swarm.discovery import (
+    DhtLookup,
+    RecordSource,
+    dht_key,
+    merged,
+    wait_for_coverage,
+)
 from layerswarm.swarm.identity import Identity
 from layerswarm.swarm.listen import Server as TransportServer
 from layerswarm.swarm.listen import serve_connections
 from layerswarm.swarm.mdns import MdnsConfig
 from layerswarm.swarm.mdns_announce import MdnsAnnouncer
 from layerswarm.swarm.mdns_browse import MdnsBrowser
-from layerswarm.swarm.records import PeerRecord
-from layerswarm.swarm.transport import TransportConfig
+from layerswarm.swarm.records import PeerRecord, sign_record, stamped
+from layerswarm.swarm.transport import Address, TransportConfig, parse_address
+from layerswarm.swarm.traversal import Traversal
 
 if TYPE_CHECKING:
     from layerswarm.swarm.dht import DhtNode
@@ -159,8 +166,10 @@ async def serve_peer(
         forwarder = Forwarder(identity, transport, config.push_timeout)
         stack.push_async_callback(forwarder.aclose)
         handler.push = PushSteps(forwarder, config.push_timeout)
+        traversal = Traversal(config.nat, identity, transport, config.host)
+        stack.push_async_callback(traversal.aclose)
         server = await serve_connections(
-            handler,
+            traversal.handler(handler),
             config.host,
             config.port,
             identity,
@@ -169,9 +178,10 @@ async def serve_peer(
             limits=config.limits,
         )
         stack.push_async_callback(_close_server, server, table)
+        local = reachable_addresses(config.host, server.port)
         facts = PeerFacts(
             identity.peer_id,
-            reachable_addresses(config.host, server.port),
+            local,
             config.model_name,
             fingerprint,
             model_config.num_layers,
@@ -181,11 +191,18 @@ async def serve_peer(
             device_name(device),
             share.peers if share is not None else (lambda: 1),
         )
+        traversal.record_interval = config.record_ttl / 3
+        traversal.signed_record = lambda: sign_record(
+            stamped(_record(config, facts, handler, traversal), config.record_ttl), identity
+        )
+        await _cross_nat(traversal, server, local, discovery, identity.peer_id)
         announcers: list[Announcer] = []
         if discovery.mdns is not None:
             announcers.append(MdnsAnnouncer(identity, discovery.mdns))
         if discovery.dht is not None:
-            announcers.append(DhtAnnouncer(discovery.dht, identity, config.record_ttl))
+            announcers.append(
+                DhtAnnouncer(discovery.dht, identity, config.record_ttl, traversal.carried)
+            )
         log.info(
             "serving layers %s at %s:%d as %s",
             config.span,
@@ -202,13 +219,43 @@ async def serve_peer(
             server,
             stop or asyncio.Event(),
             announcers,
-            lambda: current_record(config, facts, handler.table),
+            lambda: _record(config, facts, handler, traversal),
             lambda: on_ready(line),
             _rebalancing(config, model_config, handler, discovery, fingerprint, speed, compute)
             if auto and config.rebalance_interval > 0 and discovery.others
             else None,
+            traversal.serve(),
         )
     log.info("stopped")
+
+
+async def _cross_nat(
+    traversal: Traversal,
+    server: TransportServer,
+    local: tuple[str, ...],
+    discovery: Discovery,
+    peer_id: str,
+) -> None:
+    """Learn whether others can dial this peer; relay, or reserve on relays (`swarm/traversal`)."""
+    if discovery.refresh is not None:
+        await discovery.refresh()
+
+    def heard_of() -> list[Address]:
+        return [
+            parse_address(f"{r.addresses[0]}/{r.peer_id}")
+            for r in merged(discovery.sources)
+            if r.peer_id != peer_id and r.addresses
+        ]
+
+    await traversal.start(server, local, server.port, heard_of)
+
+
+def _record(
+    config: PeerConfig, facts: PeerFacts, handler: RequestHandler, traversal: Traversal
+) -> PeerRecord:
+    """The record to announce, at the addresses the traversal found (public, relayed, local)."""
+    handler.extra["nat"] = traversal.summary()  # type: ignore[assignment]
+    return replace(current_record(config, facts, handler.table), addresses=traversal.addresses)
 
 
 async def _open_discovery(
@@ -300,6 +347,7 @@ async def _serve_until_stopped(
     record: Callable[[], PeerRecord],
     on_announced: Callable[[], None],
     rebalancing: Coroutine[Any, Any, None] | None,
+    traversal: Coroutine[Any, Any, None],
 ) -> None:
     loop = asyncio.get_running_loop()
     # A record must be re-put before it expires: at least every third of the DHT record's TTL.
@@ -315,6 +363,7 @@ async def _serve_until_stopped(
                 tasks.create_task(_expire_sessions(table, config.session_idle_timeout)),
                 tasks.create_task(serve_announcements(announcers, record, refresh, on_announced)),
             ]
+            background.append(tasks.create_task(traversal))
             if rebalancing is not None:
                 background.append(tasks.create_task(rebalancing))
             await stop.wait()

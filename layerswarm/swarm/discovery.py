@@ -8,7 +8,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Protocol
 
 from layerswarm.errors import InvalidRecord
-from layerswarm.swarm.records import PeerRecord, verify_record
+from layerswarm.swarm.records import PeerRecord, unbundle, verify_record
 
 
 def dht_key(model_hash: str) -> str:
@@ -30,14 +30,15 @@ class DhtLookup:
         self._records: dict[str, PeerRecord] = {}
 
     async def refresh(self) -> None:
-        for data in await self._fetch():
-            try:
-                record = verify_record(data)
-            except InvalidRecord:
-                continue  # tampered, forged, expired or from the future: not ours to use
-            held = self._records.get(record.peer_id)
-            if held is None or held.timestamp < record.timestamp:
-                self._records[record.peer_id] = record
+        for value in await self._fetch():
+            for data in unbundle(value):  # a relay's value carries its holders' records too
+                try:
+                    record = verify_record(data)
+                except InvalidRecord:
+                    continue  # tampered, forged, expired or from the future: not ours to use
+                held = self._records.get(record.peer_id)
+                if held is None or held.timestamp < record.timestamp:
+                    self._records[record.peer_id] = record
 
     def records(self, model_hash: str | None = None) -> list[PeerRecord]:
         now = time.time()

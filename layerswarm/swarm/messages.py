@@ -207,7 +207,13 @@ class DialBackReply:
 
 @dataclass(frozen=True)
 class Reserve:
-    """Ask a relay to hold (or renew) a reservation for this side's peer ID."""
+    """Ask a relay to hold (or renew) a reservation for this side's peer ID.
+
+    With `record`, the relay also carries this side's signed peer record (in the DHT, beside its
+    own: readers cannot dial a peer behind NAT to fetch it; `swarm/relay.py`).
+    """
+
+    record: bytes | None = None  # a signed PeerRecord of this side, at most 1024 bytes
 
 
 @dataclass(frozen=True)

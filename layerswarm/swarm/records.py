@@ -92,6 +92,28 @@ class PeerRecord:
     expires_at: float = 0.0  # unix s: readers drop the record from then on
 
 
+BUNDLE_TAG = "layerswarm-records-v1"  # a bundle's first element: several signed records in one
+
+
+def bundle(signed: list[bytes]) -> bytes:
+    """Several signed records as one value (a relay carries its reservation holders' records
+    beside its own in the DHT); each is still checked on its own by `unbundle`'s caller."""
+    return msgpack.packb([BUNDLE_TAG, signed], use_bin_type=True)
+
+
+def unbundle(data: bytes, max_records: int = 16) -> list[bytes]:
+    """The signed records in `data`: those of a bundle, or `data` itself (not checked here)."""
+    if not data.startswith(b"\x92"):  # a bundle is a msgpack array of two; a record of three
+        return [data]
+    try:
+        tag, items = msgpack.unpackb(data, raw=False, strict_map_key=True)
+    except Exception:  # msgpack raises many kinds: then it is no bundle
+        return [data]
+    if tag != BUNDLE_TAG or type(items) is not list:
+        return [data]
+    return [item for item in items[:max_records] if type(item) is bytes]
+
+
 def stamped(record: PeerRecord, ttl: float, now: float | None = None) -> PeerRecord:
     """`record` stamped as signed now and valid for `ttl` seconds (what a signer does first)."""
     now = time.time() if now is None else now

@@ -31,9 +31,16 @@ import logging
 import secrets
 import ssl
 import struct
+import time
 from dataclasses import dataclass, field
 
-from layerswarm.errors import PeerUnavailable, ProtocolError, RemoteError
+from layerswarm.errors import (
+    ConfigError,
+    InvalidRecord,
+    PeerUnavailable,
+    ProtocolError,
+    RemoteError,
+)
 from layerswarm.swarm.messages import (
     ErrorCode,
     ErrorReply,
@@ -45,12 +52,21 @@ from layerswarm.swarm.messages import (
     Reserved,
 )
 from layerswarm.swarm.protocol import decode_frame, encode
+from layerswarm.swarm.records import verify_record
 
 log = logging.getLogger(__name__)
 
 READY = b"R"  # the target's first byte through a joined relay: its TLS server is listening
+MAX_CARRIED = 8  # holders' records a relay publishes beside its own (each <= 1 KiB)
 MAX_CONTROL_FRAME_BYTES = 1024  # bytes: the largest frame on a relay port before joining
 _LENGTH = struct.Struct(">I")
+
+
+NAT_GROUP = "home routers (NAT): reachability, relays, port mapping"  # the flags' group
+
+
+def _flag(help: str, flag: str, metavar: str) -> dict[str, object]:
+    return {"help": help, "flag": flag, "metavar": metavar, "group": NAT_GROUP}
 
 
 @dataclass(frozen=True)
@@ -58,26 +74,54 @@ class RelayConfig:
     """A relay's limits (libp2p's defaults are 2 min and 128 KiB a connection, for hole punching
     only; ours carry inference, so they are longer and counted in bytes per second)."""
 
-    max_reservations: int = 128  # peers holding a reservation at once
-    max_connections_per_reservation: int = 16  # relayed connections at once to one target
-    max_bytes_per_s: int = 8 * 2**20  # bytes/s: each relayed connection, each way
-    max_duration: float = 3600.0  # unit: s a relayed connection may stay open
+    # peers holding a reservation at once
+    max_reservations: int = field(
+        default=128,
+        metadata=_flag("peers a relay holds reservations for", "--relay-max-reservations", "N"),
+    )
+    # relayed connections at once to one target
+    max_connections_per_reservation: int = field(
+        default=16,
+        metadata=_flag(
+            "relayed connections at once to one reservation holder",
+            "--relay-max-connections",
+            "N",
+        ),
+    )
+    # bytes/s: each relayed connection, each way
+    max_bytes_per_s: int = field(
+        default=8 * 2**20,
+        metadata=_flag(
+            "bytes per second each relayed connection may carry each way",
+            "--relay-max-bytes-per-s",
+            "B",
+        ),
+    )
+    # unit: s a relayed connection may stay open
+    max_duration: float = field(
+        default=3600.0,
+        metadata=_flag("seconds a relayed connection may stay open", "--relay-max-duration", "S"),
+    )
     reservation_ttl: float = 300.0  # unit: s a reservation holds unless renewed
     join_timeout: float = 10.0  # unit: s a dialer waits at the relay for its target to accept
 
     def __post_init__(self) -> None:
-        if min(self.max_reservations, self.max_connections_per_reservation) < 1:
-            raise ValueError("relay reservations and connections per reservation must be >= 1")
+        for name in ("max_reservations", "max_connections_per_reservation"):
+            if getattr(self, name) < 1:
+                raise ConfigError(name, "must be at least 1")
         if self.max_bytes_per_s < 1024:
-            raise ValueError("relay max_bytes_per_s must be at least 1024")
-        if min(self.max_duration, self.reservation_ttl, self.join_timeout) <= 0:
-            raise ValueError("relay durations must be positive")
+            raise ConfigError("max_bytes_per_s", "must be at least 1024")
+        for name in ("max_duration", "reservation_ttl", "join_timeout"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(name, "must be positive")
 
 
 @dataclass
 class _Reservation:
     peer_id: str
     expires_at: float  # unit: loop s
+    record: bytes | None = None  # the holder's signed record, carried for it (checked)
+    record_expires_at: float = 0.0  # unit: unix s, the record's own
     offers: asyncio.Queue[bytes] = field(default_factory=asyncio.Queue)  # tokens to take
     circuits: int = 0  # relayed connections open (or joining) now
 
@@ -109,12 +153,14 @@ class Relay:
         self._listener = await loop.create_server(lambda: _RelayLeg(self), host, port)
         self.port = self._listener.sockets[0].getsockname()[1]
 
-    def reserve(self, peer_id: str) -> Reserved:
-        """Hold or renew `peer_id`'s reservation.
+    def reserve(self, peer_id: str, record: bytes | None = None) -> Reserved:
+        """Hold or renew `peer_id`'s reservation; carry its signed `record`, if given.
 
         Raises:
-            RemoteError: RESOURCE_LIMIT when max_reservations other peers hold one.
+            RemoteError: RESOURCE_LIMIT when max_reservations other peers hold one; PROTOCOL
+                when `record` is invalid, expired or another peer's.
         """
+        checked = _checked_record(peer_id, record) if record is not None else None
         now = asyncio.get_running_loop().time()
         self._drop_expired(now)
         held = self._reservations.get(peer_id)
@@ -127,6 +173,8 @@ class Relay:
                 )
             held = self._reservations[peer_id] = _Reservation(peer_id, 0.0)
         held.expires_at = now + self.config.reservation_ttl
+        if checked is not None:
+            held.record, held.record_expires_at = record, checked
         c = self.config
         return Reserved(
             self.port,
@@ -152,6 +200,15 @@ class Relay:
                 ErrorCode.NO_RESERVATION, "the reservation expired: reserve again"
             ) from None
         return Relayed(token)
+
+    def carried(self) -> list[bytes]:
+        """The signed records of the live reservations' holders (to publish beside ours)."""
+        loop_now, now = asyncio.get_running_loop().time(), time.time()
+        return [
+            r.record
+            for r in self._reservations.values()
+            if r.record is not None and r.expires_at > loop_now and r.record_expires_at > now
+        ][:MAX_CARRIED]
 
     def holds(self, peer_id: str) -> bool:
         """Whether `peer_id` holds a live reservation here."""
@@ -231,6 +288,17 @@ class Relay:
     async def wait_closed(self) -> None:
         if self._listener is not None:
             await self._listener.wait_closed()
+
+
+def _checked_record(peer_id: str, record: bytes) -> float:
+    """`record`'s expiry, once it proved to be `peer_id`'s valid signed record."""
+    try:
+        checked = verify_record(record)
+    except InvalidRecord as exc:
+        raise RemoteError(ErrorCode.PROTOCOL, f"the record to carry is invalid: {exc}") from None
+    if checked.peer_id != peer_id:
+        raise RemoteError(ErrorCode.PROTOCOL, "the record to carry is another peer's")
+    return checked.expires_at
 
 
 class _RelayLeg(asyncio.Protocol):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 
 from layerswarm.errors import LayerswarmError, PeerUnavailable, ProtocolError
 from layerswarm.swarm.dial import Connection, open_connection
@@ -26,8 +27,16 @@ class Reservation:
     """One relay's reservation for this peer, and the relayed connections it brings."""
 
     def __init__(
-        self, relay: Address, identity: Identity, transport: TransportConfig, server: Server
+        self,
+        relay: Address,
+        identity: Identity,
+        transport: TransportConfig,
+        server: Server,
+        record: Callable[[], bytes | None] = lambda: None,
+        record_interval: float = 20.0,
     ) -> None:
+        """`record`: this peer's signed record for the relay to carry (None: none), renewed
+        every `record_interval` s at most (a third of its validity)."""
         if relay.peer_id is None:
             raise ValueError(f"a relay's address needs its peer ID: {relay}")
         self.relay = relay  # the relay's data-plane address, its peer ID pinned
@@ -36,6 +45,8 @@ class Reservation:
         self._identity = identity
         self._transport = transport
         self._server = server
+        self._record = record
+        self._record_interval = record_interval
 
     @property
     def address(self) -> str | None:
@@ -55,6 +66,8 @@ class Reservation:
         connection = await open_connection(self.relay, self._identity, self._transport)
         try:
             self.reserved = await self._reserve(connection)
+            # Again, now that the record to carry can name the relayed address just granted.
+            self.reserved = await self._reserve(connection)
             log.info("holding a reservation on relay %s: %s", self.relay, self.address)
             if on_held is not None:
                 on_held.set()
@@ -70,14 +83,14 @@ class Reservation:
             await connection.wait_closed()
 
     async def _reserve(self, connection: Connection) -> Reserved:
-        reply = await connection.request(Reserve())
+        reply = await connection.request(Reserve(self._record()))
         if not isinstance(reply, Reserved):
             raise ProtocolError(f"relay {self.relay} answered Reserve with {type(reply).__name__}")
         return reply
 
     async def _renew(self, connection: Connection, ttl: float) -> None:
         while True:
-            await asyncio.sleep(ttl / 2)
+            await asyncio.sleep(min(ttl / 2, self._record_interval))
             self.reserved = await self._reserve(connection)
 
     async def _next_dialer(self, connection: Connection, ttl: float) -> bytes | None:

@@ -140,6 +140,14 @@ _PORT = _int(1, 65535)
 _RELAY_TOKEN = _bytes(RELAY_TOKEN_BYTES)
 
 
+def _max_bytes(length: int) -> _Check:
+    def check(value: object, name: str) -> None:
+        if type(value) is not bytes or not 0 < len(value) <= length:
+            raise ProtocolError(f"{name} must be 1..{length} bytes")
+
+    return check
+
+
 def _bool(value: object, name: str) -> None:
     if type(value) is not bool:
         raise ProtocolError(f"{name} must be a bool, got {type(value).__name__}")
@@ -309,7 +317,9 @@ SCHEMAS: dict[type[Message], Schema] = {
             ("relay_port", _int(0, 65535)),
         ),
     ),
-    Reserve: Schema("reserve", ()),
+    Reserve: Schema(
+        "reserve", (("record", _optional(_max_bytes(1024))),), omitted_if_none=frozenset({"record"})
+    ),
     Reserved: Schema(
         "reserved",
         (

@@ -40,6 +40,6 @@ class SwarmServices:
                     "this peer is no relay (it is not publicly reachable, or runs --relay off)",
                 )
             if isinstance(msg, Reserve):
-                return self.relay.reserve(conn.peer_id)
+                return self.relay.reserve(conn.peer_id, msg.record)
             return await self.relay.await_relayed(conn.peer_id)
         return await self.inner(conn, msg)

@@ -22,7 +22,7 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from layerswarm.errors import LayerswarmError
+from layerswarm.errors import ConfigError, LayerswarmError
 from layerswarm.swarm.identity import Identity
 from layerswarm.swarm.listen import Handler, Server
 from layerswarm.swarm.reachability import (
@@ -34,14 +34,14 @@ from layerswarm.swarm.reachability import (
     Reachability,
     ask_dial_back,
 )
-from layerswarm.swarm.relay import Relay, RelayConfig
+from layerswarm.swarm.relay import NAT_GROUP, Relay, RelayConfig
 from layerswarm.swarm.reservation import Reservation
 from layerswarm.swarm.services import SwarmServices
 from layerswarm.swarm.transport import Address, TransportConfig, parse_address
 
 log = logging.getLogger(__name__)
 
-NAT = "home routers (NAT): reachability, relays, port mapping"  # the flags' group
+NAT = NAT_GROUP  # the flags' group
 RELAY_CHOICES = ("auto", "on", "off")
 
 
@@ -74,7 +74,7 @@ class NatConfig:
     )
     relay_port: int = field(
         default=0,
-        metadata=_opt("TCP port of the relay (0: pick a free one)", metavar="N"),
+        metadata=_opt("TCP port of the relay; 0 (the default) picks a free one", metavar="N"),
     )
     # host:port/PEERID of relays to reserve on when behind NAT, beside those found
     relays: tuple[str, ...] = field(
@@ -99,12 +99,18 @@ class NatConfig:
 
     def __post_init__(self) -> None:
         if self.relay not in RELAY_CHOICES:
-            raise ValueError(f"relay must be one of {', '.join(RELAY_CHOICES)}, not {self.relay}")
-        for text in (*self.reach_peers, *self.relays):
-            if parse_address(text).peer_id is None:
-                raise ValueError(f"{text}: name the peer ID, host:port/PEERID")
-        if self.max_relays < 1 or self.max_asked < 1:
-            raise ValueError("max_relays and max_asked must be at least 1")
+            raise ConfigError("relay", f"one of {', '.join(RELAY_CHOICES)}, not {self.relay}")
+        for name in ("reach_peers", "relays"):
+            for text in getattr(self, name):
+                try:
+                    pinned = parse_address(text).peer_id is not None
+                except ValueError as e:
+                    raise ConfigError(name, str(e)) from None
+                if not pinned:
+                    raise ConfigError(name, f"{text}: name the peer ID, host:port/PEERID")
+        for name in ("max_relays", "max_asked"):
+            if getattr(self, name) < 1:
+                raise ConfigError(name, "must be at least 1")
 
 
 class Traversal:
@@ -128,6 +134,9 @@ class Traversal:
         self._server: Server | None = None
         self._candidates: Callable[[], Sequence[Address]] = list
         self._holding: dict[str, asyncio.Task[None]] = {}  # relay peer ID -> its `_hold`, owned
+        # this peer's signed record, for relays to carry, and how often to renew it (s)
+        self.signed_record: Callable[[], bytes | None] = lambda: None
+        self.record_interval = 20.0
 
     def handler(self, inner: Handler) -> SwarmServices:
         """The handler to serve with: the swarm's requests here, the rest to `inner`."""
@@ -143,6 +152,10 @@ class Traversal:
         first += [r.address for r in self.reservations.values() if r.address]
         rest = [a for a in self.local if a not in first]
         return tuple([*first, *rest][:4])
+
+    def carried(self) -> list[bytes]:
+        """The records this peer's relay carries for its reservation holders."""
+        return self.relay.carried() if self.relay is not None else []
 
     def summary(self) -> dict[str, object]:
         """For the peer's info reply and `swarm-peer status`."""
@@ -233,7 +246,14 @@ class Traversal:
         started: list[asyncio.Event] = []
         for relay in self._relay_choices()[: self.config.max_relays - len(self.reservations)]:
             held = asyncio.Event()
-            reservation = Reservation(relay, self._identity, self._transport, self._server)
+            reservation = Reservation(
+                relay,
+                self._identity,
+                self._transport,
+                self._server,
+                self.signed_record,
+                self.record_interval,
+            )
             assert relay.peer_id is not None  # _relay_choices keeps pinned ones only
             self.reservations[relay.peer_id] = reservation
             self._holding[relay.peer_id] = asyncio.create_task(self._hold(reservation, held))
@@ -252,6 +272,8 @@ class Traversal:
             await reservation.serve(held)
         except (LayerswarmError, OSError) as exc:
             log.warning("lost the reservation on relay %s: %s", reservation.relay, exc)
+        except Exception:  # a bug here must not go unseen, nor stop the peer serving
+            log.exception("holding the reservation on relay %s failed", reservation.relay)
         finally:
             assert reservation.relay.peer_id is not None
             self.reservations.pop(reservation.relay.peer_id, None)
@@ -260,19 +282,19 @@ class Traversal:
                 self.status = PRIVATE
 
     async def serve(self) -> None:
-        """Keep reservations up (behind NAT) until cancelled; ask for dial-backs again if none."""
+        """Behind NAT, keep `max_relays` reservations up until cancelled (asking for dial-backs
+        again when no relay is left to try)."""
         try:
             while True:
                 await asyncio.sleep(self.config.retry_interval)
-                if self.status in (PRIVATE, RELAYED, UNKNOWN) and len(self.reservations) < (
-                    self.config.max_relays
-                ):
-                    if not self._relay_choices() and self._server is not None:
-                        port = int(self.local[0].rpartition(":")[2]) if self.local else 0
-                        if port:
-                            await self.check(port)
-                    if self.status != PUBLIC:
-                        await self._reserve_once()
+                if self.status not in (PRIVATE, RELAYED):
+                    continue  # public needs no relay; unknown has no peer that answered
+                if len(self.reservations) >= self.config.max_relays:
+                    continue
+                if not self.reservations and not self._relay_choices() and self.local:
+                    await self.check(int(self.local[0].rpartition(":")[2]))  # relays anew
+                if self.status != PUBLIC:
+                    await self._reserve_once()
         finally:
             await self.aclose()
 

@@ -1,0 +1,167 @@
+"""SmolLM2 served across real NAT: a public peer (DHT bootstrap and relay), a peer at home
+behind a masquerading router, and a client in another home; the reply is the local engine's.
+
+Namespaces and routers come from `tests/swarm/nat_world.py`; peers are `swarm-peer start`
+processes inside them, the client is `nat_client.py` inside its home.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "swarm"))  # tests/ is no package
+from nat_world import World, nat_unavailable, nat_world
+
+from layerswarm.peer.server import READY_PREFIX
+from layerswarm.routing.local import open_local_generator
+from layerswarm.routing.sampling import SamplingConfig
+
+CLIENT = Path(__file__).with_name("nat_client.py")
+QUESTION = "What is the capital of France?"
+TOKENS = 12
+READY = 240.0  # s: for a peer to load and announce on a loaded 2-core machine
+pytestmark = pytest.mark.skipif(nat_unavailable() is not None, reason=str(nat_unavailable()))
+
+
+class NsPeer:
+    """A `swarm-peer start` process in a namespace, and what its ready line said."""
+
+    def __init__(self, ns: str, host: str, model: Path, layers: str, work: Path, *args: str):
+        self.log = work / f"peer-{layers.replace(':', '-')}-{time.monotonic_ns()}.log"
+        cmd = [
+            "ip", "netns", "exec", ns, sys.executable, "-m", "layerswarm.cli.peer", "start",
+            "--model", str(model), "--layers", layers, "--host", host, "--port", "0",
+            "--key", str(self.log.with_suffix(".key")), "--mdns-interface", "none",
+            "--cache-memory", "16", *args,
+        ]  # fmt: skip
+        with open(self.log, "w") as err:
+            env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+            self.proc = subprocess.Popen(
+                cmd, stdout=subprocess.PIPE, stderr=err, text=True, env=env
+            )
+        self.info = self._ready()
+
+    def _ready(self) -> dict[str, Any]:
+        assert self.proc.stdout is not None
+        deadline = time.monotonic() + READY
+        while time.monotonic() < deadline and self.proc.poll() is None:
+            ready, _, _ = select.select([self.proc.stdout], [], [], 0.5)
+            if ready:
+                line = self.proc.stdout.readline()
+                if line.startswith(READY_PREFIX):
+                    info: dict[str, Any] = json.loads(line[len(READY_PREFIX) :])
+                    return info
+        self.stop(signal.SIGKILL)
+        raise AssertionError(f"peer did not start; its log ends:\n{self.log.read_text()[-3000:]}")
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+
+    def log_has(self, text: str) -> bool:
+        return text in self.log.read_text()
+
+
+@pytest.fixture(scope="module")
+def world() -> Iterator[World]:
+    with nat_world(homes=2) as w:
+        yield w
+
+
+def chat_from(world_ns: str, model: Path, bootstrap: str) -> dict[str, Any]:
+    out = subprocess.run(
+        ["ip", "netns", "exec", world_ns, sys.executable, str(CLIENT), str(model), bootstrap,
+         QUESTION, str(TOKENS)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    ours = "\n".join(line for line in out.stderr.splitlines() if "libp2p" not in line)
+    assert out.returncode == 0 and out.stdout, ours[-4000:]
+    reply: dict[str, Any] = json.loads(out.stdout.splitlines()[-1])
+    return reply
+
+
+SEEN = """
+import asyncio, sys, time
+from layerswarm.swarm.dht import DhtNode
+from layerswarm.swarm.discovery import DhtLookup, dht_key
+from layerswarm.swarm.identity import generate_identity
+from layerswarm.shards.weights import model_fingerprint
+
+async def main(host, bootstrap, model, want):
+    node = await DhtNode.start(generate_identity(), host, 0, [bootstrap], None)
+    lookup = DhtLookup(lambda: node.get_records(dht_key(model_fingerprint(model))))
+    deadline = time.monotonic() + 90
+    try:
+        while time.monotonic() < deadline:
+            await lookup.refresh()
+            if {r.peer_id for r in lookup.records()} >= set(want.split(",")):
+                print("seen")
+                return
+            await asyncio.sleep(1)
+    finally:
+        await node.close()
+
+asyncio.run(main(*sys.argv[1:5]))
+"""
+
+
+def wait_seen(ns: str, host: str, bootstrap: str, model: Path, peer_ids: Sequence[str]) -> None:
+    """Read the DHT from `ns` until every peer's record is there (a relay carries a NAT'd
+    peer's record once its next announcement runs)."""
+    out = subprocess.run(
+        ["ip", "netns", "exec", ns, sys.executable, "-c", SEEN, host, bootstrap, str(model),
+         ",".join(peer_ids)],
+        capture_output=True, text=True, timeout=150,
+    )  # fmt: skip
+    assert "seen" in out.stdout, out.stderr[-3000:]
+
+
+def relayed(addresses: Sequence[str]) -> list[str]:
+    return [a for a in addresses if "/p2p-circuit" in a]
+
+
+def test_client_in_one_home_gets_the_local_reply_from_a_peer_in_another_home_via_a_relay(
+    world: World, smollm2_dir: Path, tmp_path: Path
+) -> None:
+    local = open_local_generator(smollm2_dir)
+    greedy = SamplingConfig(max_new_tokens=TOKENS, temperature=0.0)
+    expected = "".join(local.chat([{"role": "user", "content": QUESTION}], greedy))
+    pub, home_a, home_b = world.public, world.homes[0], world.homes[1]
+    public = NsPeer(pub.name, pub.address, smollm2_dir, "0:15", tmp_path, "--dht", "--relay", "on")
+    try:
+        join = ["--bootstrap", public.info["multiaddr"]]
+        home = NsPeer(home_a.name, home_a.address, smollm2_dir, "15:30", tmp_path, *join)
+        try:
+            assert home.log_has("reachability: private"), home.log.read_text()[-2000:]
+            assert home.log_has("holding a reservation on relay")
+            bootstrap, both = (
+                public.info["multiaddr"],
+                [public.info["peer_id"], home.info["peer_id"]],
+            )
+            wait_seen(home_b.name, home_b.address, bootstrap, smollm2_dir, both)
+            got = chat_from(home_b.name, smollm2_dir, bootstrap)
+            assert got["reply"] == expected
+            home_link = [a for a in got["links"] if a.endswith(home.info["peer_id"])]
+            assert home_link and relayed(home_link), got["links"]
+        finally:
+            home.stop()
+    finally:
+        public.stop()
