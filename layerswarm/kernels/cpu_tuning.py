@@ -113,7 +113,8 @@ class Tuner:
         w = weights[0]
         key = cache_key(self.machine, w.dtype, w.shape[0], w.shape[1])
         plan = self._plans.get(key)
-        if plan is None:
+        layouts = {p.layout for p in candidates(w.dtype, w.shape[0], self.machine.threads).values()}
+        if plan is None or plan.layout not in layouts:  # none kept, or one no longer offered
             t0 = time.perf_counter()
             plan, times = time_candidates(weights, self.config)
             self.timed += 1

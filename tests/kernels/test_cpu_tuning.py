@@ -136,3 +136,12 @@ def test_a_plan_is_checked() -> None:
     lin = pack_linears(nn.Sequential(nn.Linear(8, 6)), lambda _w, _b: LinearPlan("trans"))[0]
     with pytest.raises(ValueError, match="blocks"):
         lin.set_weight(lin.weight, (4,))  # 6 outputs do not split in 4
+
+
+def test_a_cached_plan_no_longer_offered_is_measured_again(tmp_path: Path) -> None:
+    key = cache_key(HERE, torch.float32, 128, 40)
+    kept = {key: {"layout": "onednn", "bags": []}}  # fp32 oneDNN: once a candidate, now not
+    (tmp_path / cpu_tuning.CACHE_FILE).write_text(json.dumps(kept))
+    tuner = Tuner(TuningConfig(**{**QUICK.__dict__, "cache_dir": tmp_path}), HERE)
+    pack_linears(linears(torch.float32, n=1), tuner)
+    assert tuner.timed == 1 and tuner.chosen[key].layout != "onednn"
