@@ -105,7 +105,9 @@ def _heading(records: Sequence[PeerRecord], num_layers: int) -> str:
 
 
 def _row(r: PeerRecord, now: float) -> list[str]:
-    address = r.addresses[0] + (f" (+{len(r.addresses) - 1})" if len(r.addresses) > 1 else "")
+    address = _reach(r.addresses[0]) + (
+        f" (+{len(r.addresses) - 1})" if len(r.addresses) > 1 else ""
+    )
     dtype = SHORT_DTYPES.get(r.dtype, r.dtype) + ("" if r.quant == "none" else f"/{r.quant}")
     cache = f"{r.cache_tokens_free}/{r.cache_tokens_total}"
     return [
@@ -120,6 +122,13 @@ def _row(r: PeerRecord, now: float) -> list[str]:
         str(r.load),
         _age(now - r.timestamp),
     ]
+
+
+def _reach(address: str) -> str:
+    """An address as the table shows it: a relayed one as `relay RELAYHOST:PORT` (the peer is
+    behind NAT and reached through that relay, `swarm/relay.py`)."""
+    hostport, _, rest = address.partition("/")
+    return f"relay {hostport}" if rest.endswith("/p2p-circuit") else address
 
 
 def _table(header: Sequence[str], rows: list[list[str]], right: frozenset[str]) -> list[str]:

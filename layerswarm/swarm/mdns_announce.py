@@ -105,6 +105,11 @@ class MdnsAnnouncer:
             await zc.async_close()
 
     def _sign(self, record: PeerRecord) -> AsyncServiceInfo:
+        # On the LAN a peer behind NAT is reached directly: its relayed addresses go last.
+        relayed = [a for a in record.addresses if "/" in a]
+        direct = [a for a in record.addresses if "/" not in a]
+        if direct and relayed:
+            record = dataclasses.replace(record, addresses=tuple(direct + relayed))
         record = stamped(record, self._config.record_ttl)
         signed = sign_record(record, self._identity)
         self._record, self._signed_at = record, time.monotonic()

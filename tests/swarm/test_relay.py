@@ -303,3 +303,50 @@ def test_dial_back_reply_round_trips_and_a_peer_without_the_service_says_so() ->
                 )
 
     run("uvloop", main())
+
+
+def test_status_shows_a_relayed_peer_as_reached_through_its_relay() -> None:
+    from layerswarm.cli.status import render_status
+    from layerswarm.swarm.records import PeerRecord
+
+    relayed = f"203.0.113.7:4001/{RELAY.peer_id}/p2p-circuit"
+    record = PeerRecord(
+        TARGET.peer_id, (relayed, "192.168.1.5:7000"), "m", "0123456789abcdef", 0, 2, 2,
+        "float32", "0.1.0", 1, timestamp=1000.0, expires_at=2000.0,
+    )  # fmt: skip
+    text = render_status([record], 2, 1001.0)
+    assert "relay 203.0.113.7:4001 (+1)" in text
+
+
+def test_records_carry_relayed_addresses_and_relays_carry_records_in_bundles() -> None:
+    from layerswarm.errors import InvalidRecord
+    from layerswarm.swarm.records import (
+        PeerRecord,
+        bundle,
+        sign_record,
+        stamped,
+        unbundle,
+        verify_record,
+    )
+
+    relayed = f"203.0.113.7:4001/{RELAY.peer_id}/p2p-circuit"
+    record = PeerRecord(
+        TARGET.peer_id, (relayed, "192.168.1.5:7000"), "m", "0123456789abcdef", 0, 2, 2,
+        "float32", "0.1.0", 1,
+    )  # fmt: skip
+    signed = sign_record(stamped(record, 60.0), TARGET)
+    assert verify_record(signed).addresses == (relayed, "192.168.1.5:7000")
+    other = sign_record(
+        stamped(PeerRecord(RELAY.peer_id, *list(vars(record).values())[1:]), 60), RELAY
+    )
+    assert [verify_record(r).peer_id for r in unbundle(bundle([other, signed]))] == [
+        RELAY.peer_id,
+        TARGET.peer_id,
+    ]
+    assert unbundle(signed) == [signed]
+    for bad in (f"203.0.113.7:4001/{RELAY.peer_id}/p2p", "203.0.113.7:4001/nope/p2p-circuit"):
+        with pytest.raises(InvalidRecord, match="p2p-circuit"):
+            sign_record(
+                stamped(PeerRecord(TARGET.peer_id, (bad,), *list(vars(record).values())[2:]), 60),
+                TARGET,
+            )
