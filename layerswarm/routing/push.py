@@ -139,6 +139,9 @@ class PushStrategy:
             except HopStepFailed as f:
                 index, wire = f.index, f.wire
                 await route.replace(index, f.failure, budget)
+                # The hops after it may have taken the step already (a hop that sent NaN
+                # pushed it on): pushed again, it rolls them back to `start` first.
+                truncate = start
 
     async def _flow(
         self, pieces: list[tuple[int, Wire]], truncate: int | None = None
