@@ -31,8 +31,8 @@ from layerswarm.routing.peer_book import PeerBook
 from layerswarm.routing.session import RemoteSession
 from layerswarm.shards.config import Span
 from layerswarm.swarm.protocol import (
-    CloseSession,
     Closed,
+    CloseSession,
     Collect,
     ErrorCode,
     InfoReply,
