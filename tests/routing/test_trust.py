@@ -212,7 +212,7 @@ def test_a_garbage_reply_is_blamed_on_its_sender_and_the_step_redone(
     try:
         session = session_on(client, bad, swarm)
         at = 0
-        with caplog.at_level(logging.DEBUG, logger="layerswarm.routing.session"):
+        with caplog.at_level(logging.DEBUG, logger="layerswarm.routing"):  # the ban's line
             for hidden, want in zip(inputs, expected, strict=True):
                 got = session.forward(hidden, at)
                 at += hidden.shape[1]
