@@ -38,6 +38,7 @@ from layerswarm.swarm.relay import NAT_GROUP, Relay, RelayConfig
 from layerswarm.swarm.reservation import Reservation
 from layerswarm.swarm.services import SwarmServices
 from layerswarm.swarm.transport import Address, TransportConfig, parse_address
+from layerswarm.swarm.upnp import PortMappingError, UpnpMapper
 
 log = logging.getLogger(__name__)
 
@@ -126,6 +127,7 @@ class Traversal:
         self.reservations: dict[str, Reservation] = {}  # relay peer ID -> held reservation
         self.local: tuple[str, ...] = ()  # the addresses the peer listens at
         self.mapped: str | None = None  # host:port a UPnP mapping gave, if any
+        self._upnp = UpnpMapper() if config.upnp else None
         self._identity = identity
         self._transport = transport
         self._relay_host = relay_host
@@ -193,8 +195,16 @@ class Traversal:
             candidates: the data-plane addresses of peers heard of so far, pinned.
         """
         self._server, self.local, self._candidates = server, tuple(local), candidates
+        if self._upnp is not None:
+            try:
+                port = (await self._upnp.open(port)).external_port
+                self.mapped = self._upnp.mapping.address if self._upnp.mapping else None
+            except PortMappingError as exc:
+                log.warning("no UPnP port mapping: %s", exc)
         await self.check(port)
-        if self.config.relay == "on" or (self.config.relay == "auto" and self.status == PUBLIC):
+        # Behind a UPnP mapping only the data-plane port is forwarded: no relay port to offer.
+        public = self.status == PUBLIC and self.mapped is None
+        if self.config.relay == "on" or (self.config.relay == "auto" and public):
             await self._open_relay()
         if self.status != PUBLIC:
             await self._reserve_once()
@@ -299,7 +309,9 @@ class Traversal:
             await self.aclose()
 
     async def aclose(self) -> None:
-        """Drop every reservation and close the relay."""
+        """Drop every reservation, close the relay, and remove the UPnP mapping."""
+        if self._upnp is not None:
+            await self._upnp.close()
         for task in list(self._holding.values()):
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

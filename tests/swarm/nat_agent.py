@@ -1,10 +1,11 @@
 """A NAT test agent: one peer's swarm layer (no model) inside a namespace, run by `test_nat.py`.
 
-    ip netns exec NS python nat_agent.py serve HOST [--reach-peer A] [--relay on|off|auto]
+    ip netns exec NS python nat_agent.py serve HOST [--reach-peer A] [--relay on|off|auto] [--upnp]
     ip netns exec NS python nat_agent.py dial ADDRESS
 
 `serve` listens on HOST (port 0), runs `Traversal.start` and prints one JSON line: its address,
-reachability, announced addresses and relay port; it answers `InfoRequest`s until stdin closes.
+reachability, announced addresses and relay port; it answers `InfoRequest`s until stdin closes
+or a SIGTERM comes (then it closes its traversal: reservations, relay, UPnP mapping).
 `dial` dials ADDRESS (relayed or direct), asks for the peer's info, and prints
 `{"ok": true, "peer_id": ...}` or `{"ok": false, "error": ...}`.
 """
@@ -14,7 +15,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import signal
 import sys
+import threading
 
 from layerswarm.errors import LayerswarmError, RemoteError
 from layerswarm.swarm.dial import open_connection
@@ -35,7 +38,9 @@ async def answer(conn: ConnectionInfo, msg: Message) -> Message:
 
 
 async def serve(args: argparse.Namespace) -> None:
-    config = NatConfig(reach_peers=tuple(args.reach_peer), relay=args.relay, retry_interval=1.0)
+    config = NatConfig(
+        reach_peers=tuple(args.reach_peer), relay=args.relay, retry_interval=1.0, upnp=args.upnp
+    )
     traversal = Traversal(config, IDENTITY, TRANSPORT, args.host)
     server = await serve_connections(traversal.handler(answer), args.host, 0, IDENTITY, TRANSPORT)
     local = f"{args.host}:{server.port}"
@@ -47,12 +52,20 @@ async def serve(args: argparse.Namespace) -> None:
         "addresses": list(traversal.addresses),
         "relay_port": traversal.relay.port if traversal.relay is not None else 0,
         "observed": traversal.reachability.observed_host if traversal.reachability else None,
+        "mapped": traversal.mapped,
     }
     print(json.dumps(info), flush=True)
     loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    reader = threading.Thread(
+        target=lambda: (sys.stdin.read(), loop.call_soon_threadsafe(stop.set))
+    )
+    reader.daemon = True  # a SIGTERM ends the agent while the thread still reads
+    reader.start()
     async with asyncio.TaskGroup() as tasks:
         keeper = tasks.create_task(traversal.serve())
-        await loop.run_in_executor(None, sys.stdin.read)  # until the test closes stdin
+        await stop.wait()  # until the test closes stdin, or sends SIGTERM
         if traversal.relay is not None:
             print(json.dumps(traversal.summary()), flush=True)
         keeper.cancel()
@@ -78,6 +91,7 @@ def main() -> None:
     s.add_argument("host")
     s.add_argument("--reach-peer", action="append", default=[])
     s.add_argument("--relay", default="auto")
+    s.add_argument("--upnp", action="store_true")
     d = sub.add_parser("dial")
     d.add_argument("address")
     args = ap.parse_args()

@@ -9,8 +9,10 @@
 Each router namespace forwards between its home (`lan0`) and the public network (`wan0`, a
 port of a bridge in the public namespace) and masquerades what leaves `wan0` with nftables:
 outbound connections work, inbound ones to the home are refused, as behind a home router.
-`random_ports=True` makes it `masquerade random` (a port-randomizing NAT). Every namespace is
-deleted on the way out. Needs root, iproute2 and nft: `nat_unavailable()` says why not.
+`random_ports=True` makes it `masquerade random` (a port-randomizing NAT); `upnp=True` runs
+Debian's miniupnpd in each router (`upnp_unavailable()`), its chains hooked into the router's.
+Every namespace and daemon is gone on the way out. Needs root, iproute2 and nft:
+`nat_unavailable()` says why not.
 """
 
 from __future__ import annotations
@@ -25,7 +27,10 @@ from dataclasses import dataclass, field
 
 from netns import COMMAND_TIMEOUT, VETH_PREFIX, netns_unavailable
 
-PUBLIC_NET = "10.99.0"  # /24: the "internet"; the public namespace is .1, router i is .11+i
+# /24: the "internet"; the public namespace is .1, router i is .11+i. Not a private range:
+# miniupnpd refuses to map ports on a router whose outside address is private (RFC 1918), and
+# these namespaces reach nothing outside themselves anyway.
+PUBLIC_NET = "11.99.0"
 _counter = itertools.count()
 
 
@@ -59,6 +64,69 @@ def nat_unavailable() -> str | None:
     return None
 
 
+def upnp_unavailable() -> str | None:
+    """Why miniupnpd cannot run in a router here, or None if it can."""
+    if shutil.which("miniupnpd") is None:
+        return "UPnP tests need miniupnpd (apt-get install miniupnpd)"
+    try:
+        import miniupnpc  # noqa: F401
+    except ImportError:
+        return "UPnP tests need the miniupnpc package"
+    return None
+
+
+# A home router's rules: masquerade what leaves for the internet, forward only what the home
+# started (a chain may not be named "fwd": a keyword of nft's).
+RULES = """table ip nat {{
+ chain post {{ type nat hook postrouting priority 100; oifname "wan0" {masquerade}; }}
+}}
+table ip filter {{
+ chain forwarding {{ type filter hook forward priority 0; policy drop;
+  iifname "lan0" accept; ct state established,related accept; }}
+}}
+"""
+# The router's rules when it runs miniupnpd: its chains, named in MINIUPNPD_CONF, hooked in.
+UPNP_RULES = """table inet filter {{
+ chain forward {{ type filter hook forward priority 0; policy drop;
+  iifname "lan0" accept; ct state established,related accept; jump miniupnpd; }}
+ chain miniupnpd {{ }}
+ chain prerouting {{ type nat hook prerouting priority -100; policy accept;
+  jump prerouting_miniupnpd; }}
+ chain postrouting {{ type nat hook postrouting priority 100; policy accept;
+  jump postrouting_miniupnpd; oifname "wan0" {masquerade}; }}
+ chain prerouting_miniupnpd {{ }}
+ chain postrouting_miniupnpd {{ }}
+}}
+"""
+MINIUPNPD_CONF = """ext_ifname=wan0
+ext_ip={wan}
+listening_ip=lan0
+http_port=0
+enable_natpmp=yes
+enable_upnp=yes
+secure_mode=yes
+system_uptime=yes
+uuid=47ff5665-548b-4740-be4c-4aa28ba4463{n}
+lease_file={lease}
+upnp_table_name=filter
+upnp_nat_table_name=filter
+upnp_forward_chain=miniupnpd
+upnp_nat_chain=prerouting_miniupnpd
+upnp_nat_postrouting_chain=postrouting_miniupnpd
+allow 1024-65535 {lan}.0/24 1024-65535
+deny 0-65535 0.0.0.0/0 0-65535
+"""
+
+
+def mapped_ports(router: str) -> list[str]:
+    """The `dnat` rules miniupnpd holds in `router` now (one per mapping)."""
+    out = subprocess.run(
+        ["ip", "netns", "exec", router, "nft", "list", "ruleset"],
+        capture_output=True, text=True, check=True, timeout=COMMAND_TIMEOUT,
+    )  # fmt: skip
+    return [line.strip() for line in out.stdout.splitlines() if "dnat" in line]
+
+
 def sh(ns: str, *args: str) -> None:
     subprocess.run(
         ["ip", "netns", "exec", ns, *args], check=True, capture_output=True, timeout=COMMAND_TIMEOUT
@@ -70,10 +138,13 @@ def _ip(*args: str) -> None:
 
 
 @contextlib.contextmanager
-def nat_world(homes: int = 2, random_ports: bool = False) -> Iterator[World]:
+def nat_world(
+    homes: int = 2, random_ports: bool = False, upnp: bool = False, workdir: str = "/tmp"
+) -> Iterator[World]:
     """The public namespace and `homes` homes, each behind its own masquerading router."""
     tag = f"{os.getpid() % 100000}n{next(_counter)}"
     created: list[str] = []
+    daemons: list[subprocess.Popen[bytes]] = []
 
     def netns(name: str) -> str:
         _ip("netns", "add", name)
@@ -105,14 +176,7 @@ def nat_world(homes: int = 2, random_ports: bool = False) -> Iterator[World]:
             _ip("-n", home, "route", "add", "default", "via", f"{lan}.1")
             sh(router, "sysctl", "-qw", "net.ipv4.ip_forward=1")
             masquerade = "masquerade random" if random_ports else "masquerade"
-            rules = (
-                "table ip nat {\n chain post {\n  type nat hook postrouting priority 100;\n"
-                f'  oifname "wan0" {masquerade}\n }}\n}}\n'
-                "table ip filter {\n chain forwarding {\n  type filter hook forward priority 0;\n"
-                "  policy drop;\n"
-                '  iifname "lan0" accept\n'
-                "  ct state established,related accept\n }\n}\n"
-            )
+            rules = (UPNP_RULES if upnp else RULES).format(masquerade=masquerade)
             subprocess.run(
                 ["ip", "netns", "exec", router, "nft", "-f", "-"],
                 input=rules.encode(),
@@ -121,8 +185,26 @@ def nat_world(homes: int = 2, random_ports: bool = False) -> Iterator[World]:
                 timeout=COMMAND_TIMEOUT,
             )
             world.homes.append(Home(home, f"{lan}.2", router, wan))
+            if upnp:
+                conf = os.path.join(workdir, f"miniupnpd-{tag}-{i}.conf")
+                with open(conf, "w") as f:
+                    f.write(MINIUPNPD_CONF.format(wan=wan, lan=lan, n=i, lease=conf + ".leases"))
+                daemons.append(
+                    subprocess.Popen(
+                        ["ip", "netns", "exec", router, "miniupnpd", "-d", "-f", conf],
+                        stdout=subprocess.DEVNULL,
+                        stderr=subprocess.DEVNULL,
+                    )
+                )
         yield world
     finally:
+        for daemon in daemons:
+            daemon.terminate()
+            try:
+                daemon.wait(10)
+            except subprocess.TimeoutExpired:
+                daemon.kill()
+                daemon.wait()
         for name in reversed(created):
             with contextlib.suppress(subprocess.CalledProcessError, subprocess.TimeoutExpired):
                 _ip("netns", "delete", name)

@@ -9,6 +9,7 @@ dialing it directly is refused; a public peer learns that it is reachable.
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator, Sequence
@@ -19,7 +20,7 @@ from typing import Any
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))  # tests/ is no package: reach netns.py beside us
-from nat_world import World, nat_unavailable, nat_world
+from nat_world import World, mapped_ports, nat_unavailable, nat_world, upnp_unavailable
 from netns import run_in_netns
 
 AGENT = Path(__file__).with_name("nat_agent.py")
@@ -122,3 +123,24 @@ def test_public_peer_learns_it_is_reachable_and_becomes_a_relay(world: World) ->
             # A home peer asking a peer that relays not: behind NAT, with no relay to use.
             with agent(home_a.name, home_a.address, "--reach-peer", first["address"]) as (_, a):
                 assert a["status"] == "private" and not relayed(a["addresses"]), a
+
+
+@pytest.mark.skipif(upnp_unavailable() is not None, reason=str(upnp_unavailable()))
+def test_upnp_maps_a_port_the_peer_is_then_dialed_directly_and_sigterm_removes_it(
+    tmp_path: Path,
+) -> None:
+    with nat_world(homes=2, upnp=True, workdir=str(tmp_path)) as world:
+        pub, home_a, home_b = world.public, world.homes[0], world.homes[1]
+        with agent(pub.name, pub.address, "--relay", "on") as (_, relay):
+            args = ("--reach-peer", relay["address"], "--upnp")
+            with agent(home_a.name, home_a.address, *args) as (proc, a):
+                assert a["mapped"] is not None and a["mapped"].startswith(f"{home_a.wan}:"), a
+                assert a["status"] == "public" and a["addresses"][0] == a["mapped"], a
+                assert not relayed(a["addresses"])  # public: no reservation needed
+                assert len(mapped_ports(home_a.router)) == 1
+                direct = dial(home_b.name, f"{a['mapped']}/{a['peer_id']}")
+                assert direct == {"ok": True, "peer_id": a["peer_id"]}
+                proc.send_signal(signal.SIGTERM)
+                proc.wait(30)
+                assert proc.returncode == 0
+            assert mapped_ports(home_a.router) == []
