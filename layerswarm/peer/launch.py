@@ -81,7 +81,7 @@ def start_peer(
         LayerswarmError: the peer exited or did not get ready in time; its log is quoted.
     """
     peer = _spawn(model, span, workdir, extra_args)
-    _wait_ready(peer, time.monotonic() + ready_timeout)
+    wait_ready(peer, time.monotonic() + ready_timeout)
     return peer
 
 
@@ -106,7 +106,7 @@ def start_peers(
         ]
         deadline = time.monotonic() + ready_timeout
         for peer in swarm.peers:
-            _wait_ready(peer, deadline)
+            wait_ready(peer, deadline)
     except BaseException:
         swarm.stop()
         raise
@@ -152,7 +152,7 @@ def _spawn(
     return PeerProcess(span, proc, stderr_path=err_path)
 
 
-def _wait_ready(peer: PeerProcess, deadline: float) -> None:
+def wait_ready(peer: PeerProcess, deadline: float) -> None:
     proc = peer.process
     assert proc.stdout is not None  # spawned with a pipe
     while time.monotonic() < deadline:

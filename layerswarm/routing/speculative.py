@@ -28,7 +28,21 @@ from layerswarm.errors import LayerswarmError
 from layerswarm.routing.sampling import Sampler, SamplingConfig
 
 if TYPE_CHECKING:
-    from layerswarm.routing.generate import GenerationStats, Generator, Pipeline
+    from concurrent.futures import Executor
+
+    from layerswarm.routing.pipeline import GenerationStats, Pipeline
+    from layerswarm.routing.text import ChatTokenizer
+    from layerswarm.shards.blocks import ClientHead
+
+
+class HeadHolder(Protocol):
+    """What speculation needs of the generator (`generate.Generator`): its head, its
+    tokenizer and the thread the head runs on."""
+
+    head: ClientHead
+    tokenizer: ChatTokenizer
+    compute: Executor
+
 
 log = logging.getLogger(__name__)
 
@@ -182,7 +196,7 @@ def _draw(probs: torch.Tensor, sampler: Sampler) -> int:
 
 
 async def speculative_tokens(
-    gen: Generator,
+    gen: HeadHolder,
     drafter: Drafter,
     config: SpeculationConfig,
     forward: Forward,
@@ -232,7 +246,7 @@ async def speculative_tokens(
 
 
 def _verify_on_head(
-    gen: Generator, sampler: Sampler, hidden: torch.Tensor, context: list[int], draft: Draft
+    gen: HeadHolder, sampler: Sampler, hidden: torch.Tensor, context: list[int], draft: Draft
 ) -> list[int]:
     logits = gen.head.logits(hidden)[0]  # (k + 1, vocab) fp32
     return verify(sampler, logits, context, draft)
