@@ -9,6 +9,7 @@ at exit, no tracebacks).
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -54,6 +55,21 @@ def run(smollm2_dir: Path, name: str, *args: str) -> subprocess.CompletedProcess
     )
     assert out.returncode == 0, out.stderr[-3000:]
     return out
+
+
+LOG_RECORD = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ [A-Z]+ [\w.]+: ")
+PROGRESS = re.compile(r"^[\w ,./:-]+ \(\d+%\)$")  # loading layer 3/30 (20%)
+
+
+def only_records(stderr: str) -> None:
+    """A daemon's stderr: log records (and what they carry on their next lines), progress."""
+    bad = [
+        line
+        for line in stderr.splitlines()
+        if line.strip() and not LOG_RECORD.match(line) and not PROGRESS.match(line)
+    ]
+    assert not [line for line in bad if "nanobind" in line or "Traceback" in line], stderr
+    assert not bad, bad
 
 
 def quiet(stderr: str) -> None:
@@ -148,9 +164,11 @@ def test_swarm_api_in_front_of_peers_given_as_host_port(
     readme_peers: list[tuple[int, PeerProcess]],
     local_reply: str,
     open_api: Callable[..., AbstractContextManager[str]],
+    tmp_path: Path,
 ) -> None:
     peers = [f"127.0.0.1:{port}" for port, _ in readme_peers]
-    with open_api(smollm2_dir, peers) as url:
+    log = tmp_path / "api.log"
+    with open_api(smollm2_dir, peers, log=log) as url:
         client = openai.OpenAI(base_url=url, api_key="unused", max_retries=0)
         reply = client.chat.completions.create(
             model="smollm2-135m",
@@ -159,3 +177,13 @@ def test_swarm_api_in_front_of_peers_given_as_host_port(
             temperature=0,
         )
     assert reply.choices[0].message.content == local_reply.rstrip("\n")
+    only_records(log.read_text())  # stopped by SIGTERM above
+
+
+def test_the_peers_stop_with_only_log_records_and_progress_on_stderr(
+    readme_peers: list[tuple[int, PeerProcess]],
+) -> None:
+    for _, peer in readme_peers:
+        assert peer.stop() == 0  # SIGTERM: a clean stop
+        assert peer.stderr_path is not None
+        only_records(peer.stderr_path.read_text())
