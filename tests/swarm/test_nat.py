@@ -84,9 +84,11 @@ def relayed(addresses: Sequence[str]) -> list[str]:
     return [a for a in addresses if "/p2p-circuit" in a]
 
 
-@pytest.fixture(scope="module")
-def world() -> Iterator[World]:
-    with nat_world(homes=2) as w:
+@pytest.fixture(scope="module", params=["masquerade", "masquerade random"])
+def world(request: pytest.FixtureRequest) -> Iterator[World]:
+    """Homes behind endpoint-independent NAT (Linux keeps source ports), then behind a
+    port-randomizing one (where hole punching could not work; a relay still does)."""
+    with nat_world(homes=2, random_ports=request.param != "masquerade") as w:
         yield w
 
 
@@ -112,7 +114,12 @@ def test_home_peer_behind_nat_is_reached_through_a_relay_and_not_directly(world:
         assert summary["relay"]["circuits"] >= 1 and summary["relay"]["bytes_relayed"] > 0
 
 
-def test_public_peer_learns_it_is_reachable_and_becomes_a_relay(world: World) -> None:
+def test_public_peer_learns_it_is_reachable_and_becomes_a_relay() -> None:
+    with nat_world(homes=1) as world:
+        _public_peer_learns_it_is_reachable(world)
+
+
+def _public_peer_learns_it_is_reachable(world: World) -> None:
     pub, home_a = world.public, world.homes[0]
     with agent(pub.name, pub.address, "--relay", "off") as (_, first):
         assert first["status"] == "unknown" and first["relay_port"] == 0  # nobody to ask

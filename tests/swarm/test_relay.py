@@ -350,3 +350,25 @@ def test_records_carry_relayed_addresses_and_relays_carry_records_in_bundles() -
                 stamped(PeerRecord(TARGET.peer_id, (bad,), *list(vars(record).values())[2:]), 60),
                 TARGET,
             )
+
+
+def test_reserve_with_a_record_not_the_holders_own_is_refused_and_the_relay_serves_on() -> None:
+    from layerswarm.swarm.records import PeerRecord, sign_record, stamped
+
+    record = PeerRecord(
+        TARGET.peer_id, ("10.0.0.1:7000",), "m", "0123456789abcdef", 0, 2, 2, "float32", "0.1.0", 1
+    )
+    theirs = sign_record(stamped(record, 60.0), TARGET)
+
+    async def main() -> None:
+        async with relay_and_target() as setup:
+            async with await open_connection(setup.relay_address, CLIENT, TLS) as conn:
+                with pytest.raises(RemoteError, match=r"protocol: .*another peer's"):
+                    await conn.request(Reserve(theirs))
+                with pytest.raises(RemoteError, match=r"protocol: .*invalid"):
+                    await conn.request(Reserve(b"\x93" + b"x" * 40))
+            assert setup.relay.carried() == []
+            async with holding(setup) as reservation:
+                assert reservation.address is not None
+
+    run("uvloop", main())
