@@ -4,6 +4,7 @@ one JSON object or as server-sent events."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import weakref
 
 from starlette.responses import JSONResponse, Response
@@ -23,6 +24,7 @@ from layerswarm.cli.api_shapes import ReplyShape, collect, stream_events
 from layerswarm.errors import LayerswarmError
 from layerswarm.routing.generate import Generator
 from layerswarm.routing.grammar import Grammar, GrammarError, grammar_tokenizer
+from layerswarm.routing.sampling import Constraint, SamplingConfig
 from layerswarm.routing.text import ChatTokenizer
 
 
@@ -42,10 +44,11 @@ async def complete(
         prompt = await asyncio.to_thread(parse_prompt, gen.tokenizer, body)
         sampling = parse_sampling(body, len(prompt), limit, config.default_max_tokens)
         grammar = parse_grammar(body)
+        n = body.n or 1
         # The grammar's tokenizer takes 0.3 s once, a big schema's matcher up to a second.
-        constraint = (
-            None if grammar is None else await asyncio.to_thread(_open_grammar, gen, grammar)
-        )
+        constraints: list[Constraint | None] = [None] * n
+        if grammar is not None:
+            constraints = list(await asyncio.to_thread(_open_grammars, gen, grammar, n))
     except (ValueError, LayerswarmError) as e:
         raise as_api_error(e) from None
     if len(prompt) >= limit:
@@ -60,23 +63,50 @@ async def complete(
     texts = _token_texts(gen) if sampling.logprobs is not None else None
     shape = ReplyShape(chat, config.model_id, len(prompt), texts)
     await admission.enter()
-    pieces = admitted(admission, generate(gen, prompt, sampling, constraint))
+    # One turn for the request; each choice is a session of its own (n prefills: the peers
+    # cannot fork a session's KV pages yet), its seed the request's + its index.
+    turn = SharedTurn(admission, n)
+    replies = [
+        admitted(turn, generate(gen, prompt, _nth(sampling, i), constraints[i])) for i in range(n)
+    ]
     plan = parse_tools(body)
     tools = None if plan is None else plan.names
     if not body.stream:
-        return JSONResponse(await collect(pieces, shape, tools))
-    try:  # wait for the first piece, so that a failure to start gets its own status
-        first = await anext(pieces)
+        return JSONResponse(await collect(replies, shape, tools))
+    firsts = []
+    try:  # wait for the first pieces, so that a failure to start gets its own status
+        for reply in replies:
+            firsts.append(await anext(reply))
     except Exception as e:
-        await pieces.aclose()  # type: ignore[attr-defined]
+        for reply in replies:
+            await reply.aclose()  # type: ignore[attr-defined]
         raise as_api_error(e) from None
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
-    return EventStream(stream_events(first, pieces, shape, include_usage, tools))
+    return EventStream(stream_events(firsts, replies, shape, include_usage, tools))
 
 
-def _open_grammar(gen: Generator, grammar: str) -> Grammar:
+class SharedTurn:
+    """One turn of `Admission` held by `holders` replies: left when the last of them leaves."""
+
+    def __init__(self, admission: Admission, holders: int) -> None:
+        self.admission = admission
+        self.holders = holders
+
+    def leave(self) -> None:
+        self.holders -= 1
+        if self.holders == 0:
+            self.admission.leave()
+
+
+def _nth(sampling: SamplingConfig, index: int) -> SamplingConfig:
+    if index == 0 or sampling.seed is None:
+        return sampling
+    return dataclasses.replace(sampling, seed=sampling.seed + index)
+
+
+def _open_grammars(gen: Generator, grammar: str, n: int) -> list[Grammar]:
     try:
-        return Grammar(grammar_tokenizer(gen.tokenizer), grammar)
+        return [Grammar(grammar_tokenizer(gen.tokenizer), grammar) for _ in range(n)]
     except GrammarError as e:
         raise ApiError(400, f"the grammar does not compile: {e}", param="response_format") from None
 

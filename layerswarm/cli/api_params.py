@@ -2,8 +2,8 @@
 
 The schema is pydantic models of OpenAI's request fields (strict types: `true` is no number and
 `"0.5"` no float); every bad field raises `ApiError(400, ..., param=field)`. Unknown fields are
-allowed, as OpenAI's own server allows them. Fields the swarm cannot honour (n > 1, tools) are
-refused rather than ignored.
+allowed, as OpenAI's own server allows them. Fields the swarm cannot honour (`best_of` > 1,
+`echo`, `suffix`, the legacy `functions`) are refused rather than ignored.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from layerswarm.routing.sampling import MAX_LOGPROBS, SamplingConfig
 from layerswarm.routing.text import ChatTokenizer, Message
 
 MAX_STOPS = 4  # OpenAI's limit on stop strings
+MAX_CHOICES = 16  # unit: choices a request may ask for (`n`); each is a session of its own
 Number = Annotated[float, Field(strict=True)]  # an int or a float, never a bool or a string
 
 
@@ -64,7 +65,7 @@ class SamplingFields(_Body):
     repetition_penalty: Annotated[Number, Field(ge=1e-6, le=100.0)] | None = None
     seed: StrictInt | None = None
     stop: StrictStr | Annotated[list[StrictStr], Field(max_length=MAX_STOPS)] | None = None
-    n: Literal[1] | None = None
+    n: Annotated[StrictInt, Field(ge=1, le=MAX_CHOICES)] | None = None
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
     # chat: true or false, with top_logprobs; completions: how many alternatives to list

@@ -10,7 +10,7 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import anyio
 from starlette.responses import StreamingResponse
@@ -31,8 +31,8 @@ from layerswarm.metrics import (
     CLIENT_TOKENS,
     TOKEN_RATE,
 )
-from layerswarm.routing.generate import Generator
 from layerswarm.routing.failures import SwarmBusy
+from layerswarm.routing.generate import Generator
 from layerswarm.routing.sampling import Constraint, Sampler, SamplingConfig, TokenLogprob
 from layerswarm.routing.text import TextStream
 
@@ -158,8 +158,14 @@ class Admission:
         self._slots.release()
 
 
+class Turn(Protocol):
+    """A turn taken (of `Admission`, or a share of one), given back by `leave`."""
+
+    def leave(self) -> None: ...
+
+
 async def admitted(
-    admission: Admission, pieces: AsyncIterator[Piece | Finished]
+    admission: Turn, pieces: AsyncIterator[Piece | Finished]
 ) -> AsyncIterator[Piece | Finished]:
     """`pieces`, holding a turn of `admission` (taken already) until they end or are closed."""
     try:

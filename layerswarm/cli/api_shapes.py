@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
@@ -19,7 +20,7 @@ from layerswarm.routing.sampling import TokenLogprob
 
 @dataclass(frozen=True)
 class ReplyShape:
-    """The JSON of replies and chunks, chat or plain completion."""
+    """The JSON of replies and chunks, chat or plain completion, of one or more choices."""
 
     chat: bool
     model: str
@@ -27,7 +28,7 @@ class ReplyShape:
     texts: TokenTexts | None = None  # set when the request asked for logprobs
     id: str = ""
     created: int = 0
-    _offset: list[int] = field(default_factory=lambda: [0])  # completions' text_offset so far
+    _offsets: dict[int, int] = field(default_factory=dict)  # completions' text_offset a choice
 
     def __post_init__(self) -> None:
         prefix = "chatcmpl-" if self.chat else "cmpl-"
@@ -37,34 +38,37 @@ class ReplyShape:
     def envelope(self, obj: str) -> dict[str, Any]:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
 
-    def usage(self, done: Finished) -> dict[str, int]:
+    def usage(self, completion_tokens: int) -> dict[str, int]:
+        """The prompt once (its choices share it), and every choice's tokens."""
         return {
             "prompt_tokens": self.prompt_tokens,
-            "completion_tokens": done.completion_tokens,
-            "total_tokens": self.prompt_tokens + done.completion_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": self.prompt_tokens + completion_tokens,
         }
 
-    def logprobs(self, notes: Sequence[TokenLogprob]) -> dict[str, Any] | None:
+    def logprobs(self, notes: Sequence[TokenLogprob], index: int = 0) -> dict[str, Any] | None:
         """`choice.logprobs` for `notes`, the tokens that follow those shaped before."""
         if self.texts is None:
             return None
         if self.chat:
             return chat_logprobs(self.texts, notes)
-        shaped = completion_logprobs(self.texts, notes, self._offset[0])
-        self._offset[0] += sum(len(t) for t in shaped["tokens"])
+        shaped = completion_logprobs(self.texts, notes, self._offsets.get(index, 0))
+        self._offsets[index] = self._offsets.get(index, 0) + sum(len(t) for t in shaped["tokens"])
         return shaped
 
-    def whole(
+    def choice(
         self,
+        index: int,
         text: str,
         done: Finished,
         notes: Sequence[TokenLogprob] = (),
         calls: Sequence[ToolCall] = (),
     ) -> dict[str, Any]:
+        """One choice of a whole reply."""
         choice: dict[str, Any] = {
-            "index": 0,
+            "index": index,
             "finish_reason": "tool_calls" if calls else done.reason,
-            "logprobs": self.logprobs(notes),
+            "logprobs": self.logprobs(notes, index),
         }
         if self.chat:
             choice["message"] = {"role": "assistant", "content": text or (None if calls else "")}
@@ -72,17 +76,21 @@ class ReplyShape:
                 choice["message"]["tool_calls"] = [_without_index(c.json(0)) for c in calls]
         else:
             choice["text"] = text
+        return choice
+
+    def whole(self, choices: list[dict[str, Any]], completion_tokens: int) -> dict[str, Any]:
         obj = "chat.completion" if self.chat else "text_completion"
-        return self.envelope(obj) | {"choices": [choice], "usage": self.usage(done)}
+        return self.envelope(obj) | {"choices": choices, "usage": self.usage(completion_tokens)}
 
     def chunk(
         self,
         text: str | None,
         reason: str | None = None,
         notes: Sequence[TokenLogprob] = (),
+        index: int = 0,
     ) -> dict[str, Any]:
-        logprobs = self.logprobs(notes) if notes else None
-        choice: dict[str, Any] = {"index": 0, "finish_reason": reason, "logprobs": logprobs}
+        logprobs = self.logprobs(notes, index) if notes else None
+        choice: dict[str, Any] = {"index": index, "finish_reason": reason, "logprobs": logprobs}
         if self.chat:
             choice["delta"] = {} if text is None else {"content": text}
         else:
@@ -95,20 +103,35 @@ def _without_index(call: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in call.items() if k != "index"}
 
 
+Reply = AsyncIterator[Piece | Finished]
+
+
 async def collect(
-    pieces: AsyncIterator[Piece | Finished], shape: ReplyShape, tools: list[str] | None = None
+    replies: list[Reply], shape: ReplyShape, tools: list[str] | None = None
 ) -> dict[str, Any]:
-    """The whole reply of `pieces`, closed at its end (which frees the reply's turn at once);
-    with `tools` (their names), the calls it makes parsed out of its text."""
+    """The whole reply of every choice (generated at once), each closed at its end (the last
+    frees the request's turn); with `tools` (their names), the calls parsed out of the text."""
+    try:
+        done = await asyncio.gather(
+            *(_collect_one(r, shape, i, tools) for i, r in enumerate(replies))
+        )
+    finally:
+        for reply in replies:
+            await reply.aclose()  # type: ignore[attr-defined]
+    return shape.whole([c for c, _ in done], sum(n for _, n in done))
+
+
+async def _collect_one(
+    pieces: Reply, shape: ReplyShape, index: int, tools: list[str] | None
+) -> tuple[dict[str, Any], int]:
     text: list[str] = []
     notes: list[TokenLogprob] = []
     try:
         async for item in pieces:
             if isinstance(item, Finished):
-                content, calls = parse_tool_calls("".join(text), tools) if tools else ("", [])
-                if not calls:
-                    content = "".join(text)
-                return shape.whole(content, item, notes, calls)
+                whole = "".join(text)
+                content, calls = parse_tool_calls(whole, tools) if tools else (whole, [])
+                return shape.choice(index, content, item, notes, calls), item.completion_tokens
             text.append(item.text)
             notes += item.logprobs
     except Exception as e:
@@ -119,74 +142,124 @@ async def collect(
 
 
 async def stream_events(
-    first: Piece | Finished,
-    pieces: AsyncIterator[Piece | Finished],
+    firsts: list[Piece | Finished],
+    replies: list[Reply],
     shape: ReplyShape,
     include_usage: bool,
     tools: list[str] | None = None,
 ) -> AsyncIterator[dict[str, Any]]:
-    """The chunks of a streamed reply; a failure mid-reply becomes an error event.
+    """The chunks of a streamed reply, its choices' interleaved; a failure mid-reply becomes
+    an error event.
 
-    With `tools` (their names) the text is held to its end, then sent as content or as the
-    `delta.tool_calls` of the calls parsed out of it.
+    With `tools` (their names) a choice's text is held to its end, then sent as content or as
+    the `delta.tool_calls` of the calls parsed out of it.
     """
     if shape.chat:
-        yield shape.chunk("") | {
-            "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]
-        }
-    item = first
-    held: list[Piece] = []
+        for index in range(len(replies)):
+            yield shape.chunk("", index=index) | {
+                "choices": [{"index": index, "delta": {"role": "assistant", "content": ""}}]
+            }
+    held: dict[int, list[Piece]] = {i: [] for i in range(len(replies))}
+    tokens = 0
     try:
-        while True:
+        async for index, item in _merged(
+            [_after(f, r) for f, r in zip(firsts, replies, strict=True)]
+        ):
             if isinstance(item, Finished):
                 reason: str = item.reason
+                tokens += item.completion_tokens
                 if tools is not None:
-                    events = _held_events(shape, held, tools)
-                    reason = (
-                        "tool_calls"
-                        if any("tool_calls" in e["choices"][0]["delta"] for e in events)
-                        else reason
-                    )
+                    events = _held_events(shape, held[index], tools, index)
+                    if any("tool_calls" in e["choices"][0]["delta"] for e in events):
+                        reason = "tool_calls"
                     for event in events:
                         yield event
-                yield shape.chunk(None, reason)
-                if include_usage:
-                    yield shape.envelope(shape.chunk(None)["object"]) | {
-                        "choices": [],
-                        "usage": shape.usage(item),
-                    }
-                return
-            if tools is not None:
-                held.append(item)
+                yield shape.chunk(None, reason, index=index)
+            elif tools is not None:
+                held[index].append(item)
             else:
-                yield shape.chunk(item.text, None, item.logprobs)
-            item = await anext(pieces)
+                yield shape.chunk(item.text, None, item.logprobs, index)
+        if include_usage:
+            yield shape.envelope(shape.chunk(None)["object"]) | {
+                "choices": [],
+                "usage": shape.usage(tokens),
+            }
     except Exception as e:
         yield as_api_error(e).told().body()
     finally:  # shielded: a client that went away cancels this task, and its reply must stop
         with anyio.CancelScope(shield=True):
-            await pieces.aclose()  # type: ignore[attr-defined]
+            for reply in replies:
+                await reply.aclose()  # type: ignore[attr-defined]
 
 
-def _held_events(shape: ReplyShape, held: list[Piece], tools: list[str]) -> list[dict[str, Any]]:
+async def _after(first: Piece | Finished, rest: Reply) -> Reply:
+    yield first
+    if not isinstance(first, Finished):
+        async for item in rest:
+            yield item
+
+
+async def _merged(streams: list[Reply]) -> AsyncIterator[tuple[int, Piece | Finished]]:
+    """The items of every stream as they come, with the stream's index. One task a stream,
+    owned here: cancelled and awaited when the merge ends or is closed."""
+    if len(streams) == 1:  # the common case: no task
+        try:
+            async for item in streams[0]:
+                yield 0, item
+        finally:
+            await streams[0].aclose()  # type: ignore[attr-defined]
+        return
+    queue: asyncio.Queue[tuple[int, Piece | Finished | BaseException | None]] = asyncio.Queue()
+
+    async def pump(index: int, stream: Reply) -> None:
+        try:
+            async for item in stream:
+                await queue.put((index, item))
+        except Exception as e:
+            await queue.put((index, e))
+            return
+        await queue.put((index, None))
+
+    tasks = [asyncio.get_running_loop().create_task(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        live = len(streams)
+        while live:
+            index, got = await queue.get()
+            if got is None:
+                live -= 1
+            elif isinstance(got, BaseException):
+                raise got
+            else:
+                yield index, got
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for stream in streams:
+            await stream.aclose()  # type: ignore[attr-defined]
+
+
+def _held_events(
+    shape: ReplyShape, held: list[Piece], tools: list[str], index: int
+) -> list[dict[str, Any]]:
     """A held reply's chunks: its text, or its tool calls as OpenAI streams them (the name and
     id first, then the arguments)."""
     text = "".join(p.text for p in held)
     notes = [n for p in held for n in p.logprobs]
     content, calls = parse_tool_calls(text, tools)
     if not calls:
-        return [shape.chunk(text, None, notes)] if text or notes else []
-    events = [shape.chunk(content, None, notes)] if content else []
-    for index, call in enumerate(calls):
-        head = call.json(index) | {"function": {"name": call.name, "arguments": ""}}
-        events.append(_tool_chunk(shape, head))
+        return [shape.chunk(text, None, notes, index)] if text or notes else []
+    events = [shape.chunk(content, None, notes, index)] if content else []
+    for n, call in enumerate(calls):
+        head = call.json(n) | {"function": {"name": call.name, "arguments": ""}}
+        events.append(_tool_chunk(shape, head, index))
         events.append(
-            _tool_chunk(shape, {"index": index, "function": {"arguments": call.arguments}})
+            _tool_chunk(shape, {"index": n, "function": {"arguments": call.arguments}}, index)
         )
     return events
 
 
-def _tool_chunk(shape: ReplyShape, call: dict[str, Any]) -> dict[str, Any]:
-    chunk = shape.chunk(None)
+def _tool_chunk(shape: ReplyShape, call: dict[str, Any], index: int) -> dict[str, Any]:
+    chunk = shape.chunk(None, index=index)
     chunk["choices"][0]["delta"] = {"tool_calls": [call]}
     return chunk

@@ -67,7 +67,8 @@ BAD_CASES = [
     ({"top_p": 1.5}, "top_p"),
     ({"max_tokens": 0}, "max_tokens"),
     ({"max_tokens": True}, "max_tokens"),
-    ({"n": 2}, "n"),
+    ({"n": 0}, "n"),
+    ({"n": 17}, "n"),
     ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
     ({"seed": 1.5}, "seed"),
     ({"frequency_penalty": 3}, "frequency_penalty"),
@@ -252,10 +253,45 @@ def first_hops_in_flight(api_url: str) -> set[str]:
     return {r["hops"][0]["address"].split("/")[0] for r in state["routes"] if r["hops"]}
 
 
+STEPS = {
+    "type": "object",
+    "properties": {
+        "steps": {
+            "type": "array",
+            "items": {"type": "string", "maxLength": 40},
+            "minItems": 4,
+            "maxItems": 6,
+        }
+    },
+    "required": ["steps"],
+    "additionalProperties": False,
+}
+BREAD = [{"role": "user", "content": "List the steps to bake bread, as JSON."}]
+STEPS_FORMAT = {"type": "json_schema", "json_schema": {"name": "steps", "schema": STEPS}}
+
+
+def test_json_schema_and_a_forced_tool_call_through_the_swarm(client: Any, model: str) -> None:
+    import json
+
+    import jsonschema
+
+    reply = client.chat.completions.create(
+        model=model, messages=BREAD, response_format=STEPS_FORMAT, temperature=0, max_tokens=200
+    )
+    jsonschema.validate(json.loads(reply.choices[0].message.content), STEPS)
+    tool = {"type": "function", "function": {"name": "bake", "parameters": STEPS}}
+    called = client.chat.completions.create(
+        model=model, messages=BREAD, tools=[tool], tool_choice="required", max_tokens=200
+    )
+    call = called.choices[0].message.tool_calls[0]
+    assert called.choices[0].finish_reason == "tool_calls" and call.function.name == "bake"
+    jsonschema.validate(json.loads(call.function.arguments), STEPS)
+
+
 def test_stream_survives_kill_9_of_a_peer_in_use(
     client: Any, model: str, swarm: LocalSwarm, api_url: str
 ) -> None:
-    # Last in this file: it leaves the swarm one peer short.
+    # Near the end of this file: it leaves the swarm one peer short.
     args: dict[str, Any] = {"model": model, "messages": STORY, "temperature": 0, "max_tokens": 96}
     undisturbed = client.chat.completions.create(**args)
     assert undisturbed.choices[0].finish_reason == "length"  # the kill lands mid-reply
@@ -274,6 +310,39 @@ def test_stream_survives_kill_9_of_a_peer_in_use(
     assert first_hop[0].process.returncode == -signal.SIGKILL
     assert "".join(pieces) == undisturbed.choices[0].message.content
     assert reasons[-1] == "length"
+
+
+def test_a_json_schema_stream_survives_kill_9_of_its_last_hop(
+    client: Any, model: str, swarm: LocalSwarm, api_url: str
+) -> None:
+    """The grammar's state lives in the client's sampler: a failover leaves it as it was."""
+    import json
+
+    import jsonschema
+
+    args: dict[str, Any] = {
+        "model": model,
+        "messages": BREAD,
+        "response_format": STEPS_FORMAT,
+        "temperature": 0,
+        "max_tokens": 200,
+    }
+    undisturbed = client.chat.completions.create(**args)
+    assert undisturbed.usage.completion_tokens > 20  # the kill lands mid-reply
+    pieces = []
+    for n, chunk in enumerate(client.chat.completions.create(**args, stream=True)):
+        if n == 8:
+            root = api_url.rsplit("/v1", 1)[0]
+            auth = {"Authorization": f"Bearer {KEY}"}
+            state = httpx.get(f"{root}/dashboard/state", headers=auth, timeout=30).json()
+            in_use = {r["hops"][-1]["address"].split("/")[0] for r in state["routes"] if r["hops"]}
+            last_hop = [p for p in swarm.peers if p.address.split("/")[0] in in_use]
+            assert len(last_hop) == 1 and last_hop[0].span == Span(15, 30), in_use
+            last_hop[0].stop(signal.SIGKILL)
+        pieces.append(chunk.choices[0].delta.content or "")
+    assert last_hop[0].process.returncode == -signal.SIGKILL
+    assert "".join(pieces) == undisturbed.choices[0].message.content
+    jsonschema.validate(json.loads("".join(pieces)), STEPS)
 
 
 @pytest.fixture(scope="module")

@@ -424,3 +424,40 @@ def test_a_tool_result_goes_back_into_the_conversation(client: Any, model: str) 
     choice = reply.choices[0]
     assert choice.finish_reason in ("stop", "length", "tool_calls")
     assert choice.message.content or choice.message.tool_calls
+
+
+# --- several choices ------------------------------------------------------------------------
+
+
+def test_n_choices_sampled_apart_streamed_as_whole(client: Any, model: str) -> None:
+    args: dict[str, Any] = {
+        "model": model,
+        "messages": STORY,
+        "max_tokens": 10,
+        "temperature": 1.0,
+        "seed": 11,
+        "n": 3,
+    }
+    whole = client.chat.completions.create(**args)
+    assert [c.index for c in whole.choices] == [0, 1, 2]
+    texts = [c.message.content for c in whole.choices]
+    assert len(set(texts)) > 1  # each choice has a seed of its own
+    assert whole.usage.completion_tokens == 30
+    chunks = list(
+        client.chat.completions.create(**args, stream=True, stream_options={"include_usage": True})
+    )
+    streamed = ["", "", ""]
+    for chunk in chunks:
+        for choice in chunk.choices:
+            streamed[choice.index] += choice.delta.content or ""
+    assert streamed == texts  # the same seeds, the same replies
+    assert chunks[-1].usage.completion_tokens == 30
+
+
+def test_n_choices_under_a_schema_all_validate(client: Any, model: str) -> None:
+    import jsonschema
+
+    reply = ask_json(client, model, WEATHER, SCHEMA_PROMPTS[3][1], temperature=1.0, seed=2, n=2)
+    assert len(reply.choices) == 2
+    for choice in reply.choices:
+        jsonschema.validate(json.loads(choice.message.content), WEATHER)
