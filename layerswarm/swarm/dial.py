@@ -28,7 +28,7 @@ from layerswarm.swarm.protocol import (
     Hello,
     Message,
 )
-from layerswarm.swarm.relay import dial_through_relay, start_tls_channel
+from layerswarm.swarm.relay_ends import dial_through_relay, start_tls_channel
 from layerswarm.swarm.transport import (
     HANDSHAKE_ID,
     TELL_SERVER,

@@ -32,7 +32,8 @@ from layerswarm.swarm.protocol import (
     Hello,
     Message,
 )
-from layerswarm.swarm.relay import READY, start_tls_channel
+from layerswarm.swarm.relay import READY
+from layerswarm.swarm.relay_ends import start_tls_channel
 from layerswarm.swarm.transport import (
     HANDSHAKE_ID,
     TELL_CLIENT,

@@ -98,7 +98,8 @@ BUNDLE_TAG = "layerswarm-records-v1"  # a bundle's first element: several signed
 def bundle(signed: list[bytes]) -> bytes:
     """Several signed records as one value (a relay carries its reservation holders' records
     beside its own in the DHT); each is still checked on its own by `unbundle`'s caller."""
-    return msgpack.packb([BUNDLE_TAG, signed], use_bin_type=True)
+    packed: bytes = msgpack.packb([BUNDLE_TAG, signed], use_bin_type=True)
+    return packed
 
 
 def unbundle(data: bytes, max_records: int = 16) -> list[bytes]:

@@ -20,7 +20,8 @@ TLS (ARCHITECTURE.md). So the wire here is ours, and simpler than the spec's STO
    limited. The target writes one `READY` byte, then both run TLS 1.3 end to end (the dialer as
    client, checking the target's peer ID as on a direct dial): the relay sees only ciphertext.
 
-The outer frames use the wire protocol's framing (`protocol.encode`/`decode_frame`); any bad
+The dialer's and the target's ends are in `swarm/relay_ends.py`. The outer frames use the wire
+protocol's framing (`protocol.encode`/`decode_frame`); any bad
 frame gets an `ErrorReply` and closes that one connection, the relay keeps serving.
 """
 
@@ -29,7 +30,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
-import ssl
 import struct
 import time
 from dataclasses import dataclass, field
@@ -37,7 +37,6 @@ from dataclasses import dataclass, field
 from layerswarm.errors import (
     ConfigError,
     InvalidRecord,
-    PeerUnavailable,
     ProtocolError,
     RemoteError,
 )
@@ -59,7 +58,7 @@ log = logging.getLogger(__name__)
 READY = b"R"  # the target's first byte through a joined relay: its TLS server is listening
 MAX_CARRIED = 8  # holders' records a relay publishes beside its own (each <= 1 KiB)
 MAX_CONTROL_FRAME_BYTES = 1024  # bytes: the largest frame on a relay port before joining
-_LENGTH = struct.Struct(">I")
+LENGTH_FIELD = struct.Struct(">I")  # a frame's length field (`protocol`), read here before decoding
 
 
 NAT_GROUP = "home routers (NAT): reachability, relays, port mapping"  # the flags' group
@@ -348,15 +347,15 @@ class _RelayLeg(asyncio.Protocol):
             self.refuse(ErrorReply(exc.code, exc.message[:4096]))
 
     def _control_frame(self) -> Message | None:
-        if len(self._buffer) < _LENGTH.size:
+        if len(self._buffer) < LENGTH_FIELD.size:
             return None
-        (length,) = _LENGTH.unpack_from(self._buffer)
+        (length,) = LENGTH_FIELD.unpack_from(self._buffer)
         if length > MAX_CONTROL_FRAME_BYTES:
             raise ProtocolError(f"frame of {length} bytes exceeds {MAX_CONTROL_FRAME_BYTES}")
-        if len(self._buffer) < _LENGTH.size + length:
+        if len(self._buffer) < LENGTH_FIELD.size + length:
             return None
-        frame = bytes(self._buffer[: _LENGTH.size + length])
-        del self._buffer[: _LENGTH.size + length]
+        frame = bytes(self._buffer[: LENGTH_FIELD.size + length])
+        del self._buffer[: LENGTH_FIELD.size + length]
         _, msg = decode_frame(frame, MAX_CONTROL_FRAME_BYTES)
         return msg
 
@@ -449,170 +448,3 @@ class _RelayLeg(asyncio.Protocol):
         other = self.other
         if other is not None and other.transport is not None:
             other.transport.close()
-
-
-# --- the two ends: a dialer, and a reservation holder accepting ---------------------------------
-
-
-class _Held(asyncio.Protocol):
-    """Keeps what TLS decrypts before the channel is attached (a Hello may come that early)."""
-
-    def __init__(self) -> None:
-        self.data = bytearray()
-        self.lost: tuple[Exception | None] | None = None
-
-    def data_received(self, data: bytes) -> None:
-        self.data += data
-
-    def eof_received(self) -> bool | None:
-        return None
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.lost = (exc,)
-
-
-async def start_tls_channel(
-    raw: asyncio.Transport,
-    channel: asyncio.BufferedProtocol,
-    context: ssl.SSLContext,
-    server_side: bool,
-    timeout: float,
-) -> None:
-    """Run TLS over a joined relay stream, then attach `channel` with no byte lost.
-
-    `loop.start_tls` delivers data that arrives with the handshake's last flight before it
-    returns the transport; it is held here and fed to `channel` after `connection_made`.
-
-    Raises:
-        PeerUnavailable: the handshake failed or timed out (the stream is aborted).
-    """
-    held = _Held()
-    loop = asyncio.get_running_loop()
-    try:
-        tls = await loop.start_tls(
-            raw, held, context, server_side=server_side, ssl_handshake_timeout=timeout
-        )
-    except (OSError, ssl.SSLError, asyncio.TimeoutError, ConnectionError) as exc:
-        raw.abort()
-        raise PeerUnavailable(f"TLS through the relay failed: {exc!r}") from exc
-    if tls is None:
-        raw.abort()
-        raise PeerUnavailable("TLS through the relay did not start")
-    tls.set_protocol(channel)
-    channel.connection_made(tls)
-    data = memoryview(bytes(held.data))
-    while data:
-        target = channel.get_buffer(len(data))
-        n = min(len(target), len(data))
-        target[:n] = data[:n]
-        channel.buffer_updated(n)
-        data = data[n:]
-    if held.lost is not None:
-        channel.connection_lost(held.lost[0])
-
-
-class _ControlReader(asyncio.Protocol):
-    """Reads a relay port's control frames, then hands the transport on (no bytes lost)."""
-
-    def __init__(self) -> None:
-        self.transport: asyncio.Transport | None = None
-        self._buffer = bytearray()
-        self._changed: asyncio.Event = asyncio.Event()
-        self._lost: Exception | None = None
-        self._gone = False
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
-
-    def data_received(self, data: bytes) -> None:
-        self._buffer += data
-        self._changed.set()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._gone, self._lost = True, exc
-        self._changed.set()
-
-    async def read_frame(self) -> Message:
-        while True:
-            if len(self._buffer) >= _LENGTH.size:
-                (length,) = _LENGTH.unpack_from(self._buffer)
-                if length > MAX_CONTROL_FRAME_BYTES:
-                    raise ProtocolError(f"the relay sent a frame of {length} bytes")
-                if len(self._buffer) >= _LENGTH.size + length:
-                    frame = bytes(self._buffer[: _LENGTH.size + length])
-                    del self._buffer[: _LENGTH.size + length]
-                    return decode_frame(frame, MAX_CONTROL_FRAME_BYTES)[1]
-            await self._wait()
-
-    async def read_exactly(self, n: int) -> bytes:
-        while len(self._buffer) < n:
-            await self._wait()
-        data = bytes(self._buffer[:n])
-        del self._buffer[:n]
-        return data
-
-    async def _wait(self) -> None:
-        if self._gone:
-            raise PeerUnavailable(f"the relay closed the connection: {self._lost or 'EOF'}")
-        self._changed.clear()
-        await self._changed.wait()
-
-    def leftover(self) -> bytes:
-        return bytes(self._buffer)
-
-
-async def open_relay_stream(
-    host: str, port: int, first: RelayConnect | RelayAccept, timeout: float
-) -> tuple[asyncio.Transport, _ControlReader]:
-    """Open TCP to a relay port, send `first`, and wait for `RelayJoined`.
-
-    Returns:
-        The raw transport, joined, and its reader (still attached, holding what came after).
-
-    Raises:
-        PeerUnavailable: no connection, the relay refused (its code and message), or a timeout.
-        ProtocolError: the relay answered with something else.
-    """
-    loop = asyncio.get_running_loop()
-    try:
-        transport, reader = await asyncio.wait_for(
-            loop.create_connection(_ControlReader, host, port), timeout
-        )
-    except (OSError, asyncio.TimeoutError) as exc:
-        raise PeerUnavailable(f"cannot connect to relay {host}:{port}: {exc!r}") from exc
-    try:
-        transport.writelines(encode(first, 0))
-        reply = await asyncio.wait_for(reader.read_frame(), timeout)
-        if isinstance(reply, ErrorReply):
-            raise PeerUnavailable(f"relay {host}:{port} refused: {reply.code}: {reply.message}")
-        if not isinstance(reply, RelayJoined):
-            raise ProtocolError(f"relay {host}:{port} answered {type(reply).__name__}")
-    except asyncio.TimeoutError:
-        transport.abort()
-        raise PeerUnavailable(f"relay {host}:{port} did not join within {timeout:g} s") from None
-    except BaseException:
-        transport.abort()
-        raise
-    return transport, reader
-
-
-async def dial_through_relay(
-    host: str, port: int, target: str, timeout: float
-) -> asyncio.Transport:
-    """A dialer's raw stream to `target` through the relay at `host:port`, ready for TLS.
-
-    Raises:
-        PeerUnavailable: the relay refused or failed, or the target never said it was ready.
-    """
-    transport, reader = await open_relay_stream(host, port, RelayConnect(target), timeout)
-    try:
-        ready = await asyncio.wait_for(reader.read_exactly(len(READY)), timeout)
-        if ready != READY or reader.leftover():
-            raise PeerUnavailable(f"{target} sent {ready!r} through the relay, not ready")
-    except asyncio.TimeoutError:
-        transport.abort()
-        raise PeerUnavailable(f"{target} was not ready through the relay in time") from None
-    except BaseException:
-        transport.abort()
-        raise
-    return transport

@@ -17,7 +17,7 @@ from layerswarm.swarm.dial import Connection, open_connection
 from layerswarm.swarm.identity import Identity
 from layerswarm.swarm.listen import Server
 from layerswarm.swarm.messages import AwaitRelayed, RelayAccept, Relayed, Reserve, Reserved
-from layerswarm.swarm.relay import open_relay_stream
+from layerswarm.swarm.relay_ends import open_relay_stream
 from layerswarm.swarm.transport import CIRCUIT, Address, TransportConfig
 
 log = logging.getLogger(__name__)

@@ -93,9 +93,10 @@ class UpnpMapper:
         Raises:
             PortMappingError: no router answered, or it refused.
         """
-        self._upnp, self.mapping = await asyncio.to_thread(_open, port)
-        log.info("UPnP: the router forwards %s to port %d", self.mapping.address, port)
-        return self.mapping
+        self._upnp, mapping = await asyncio.to_thread(_open, port)
+        self.mapping = mapping
+        log.info("UPnP: the router forwards %s to port %d", mapping.address, port)
+        return mapping
 
     async def close(self) -> None:
         """Remove the mapping, if one is held."""

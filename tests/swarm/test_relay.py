@@ -30,7 +30,8 @@ from layerswarm.swarm.messages import (
 )
 from layerswarm.swarm.protocol import decode_frame, encode
 from layerswarm.swarm.reachability import PRIVATE, PUBLIC, DialBackService, ask_dial_back
-from layerswarm.swarm.relay import Relay, RelayConfig, open_relay_stream
+from layerswarm.swarm.relay import Relay, RelayConfig
+from layerswarm.swarm.relay_ends import open_relay_stream
 from layerswarm.swarm.reservation import Reservation
 from layerswarm.swarm.services import SwarmServices
 from layerswarm.swarm.transport import Address, TransportConfig, new_event_loop, parse_address
