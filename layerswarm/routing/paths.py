@@ -4,7 +4,8 @@ A path is a list of hops `(peer, span)` whose spans tile `[start, end)` exactly.
 shortest path over the layer boundaries, where using peer P for layers `[a, b)` (any part of
 what P serves) costs the time P needs for `b - a` layers at its current load, plus the round
 trip to P that this client measured itself (a peer's own claims about the network are not
-used).
+used). A relayed peer's rtt holds its detour through the relay; `RELAYED_HOP_S` on top makes
+a direct hop win where the two measure the same.
 
 Spreading sessions: when `rng` is given, each peer's costs are multiplied by an independent
 exponential draw for this path. In a race of exponentials the chance that a peer wins is its
@@ -37,6 +38,7 @@ class PeerView:
     dtype: str = "float32"  # the compute dtype it claims: activations travel in it, checks take
     # its tolerance
     quant: str = "none"  # the weight quantization it claims (checked only against its like)
+    relayed: bool = False  # reached through a relay (`swarm/relay.py`), not dialed directly
 
 
 @dataclass(frozen=True)
@@ -45,9 +47,19 @@ class PathHop:
     span: Span
 
 
+# unit: s added to a relayed hop's cost. Its extra link (relay to peer) is already in `rtt`,
+# which this client measured over the relayed connection itself: adding a full crossing again
+# would count the detour twice. What `rtt` leaves out is that every byte of the hop crosses the
+# relay's uplink twice (shared with its other reservations, capped by its --relay-max-* rate)
+# and that a third machine can fail; 1 ms prefers a direct hop of equal measured cost, yet a
+# relayed peer measured faster by more than that still wins.
+RELAYED_HOP_S = 0.001
+
+
 def hop_cost(peer: PeerView, layers: int) -> float:
     """Seconds one step through `layers` of the peer's layers is expected to take."""
-    return layers * peer.seconds_per_layer * (1.0 + peer.load) + peer.rtt
+    compute = layers * peer.seconds_per_layer * (1.0 + peer.load)
+    return compute + peer.rtt + (RELAYED_HOP_S if peer.relayed else 0.0)
 
 
 def missing_layers(

@@ -54,4 +54,5 @@ class PeerLink:
             rtt=self.rtt,
             dtype=info.dtype,
             quant=quant if isinstance(quant, str) else "none",
+            relayed=self.address.relay is not None,
         )

@@ -8,12 +8,27 @@ from collections import Counter
 import pytest
 
 from layerswarm.errors import NoRouteError
-from layerswarm.routing.paths import BanList, PeerView, choose_path, missing_layers
+from layerswarm.routing.paths import (
+    RELAYED_HOP_S,
+    BanList,
+    PeerView,
+    choose_path,
+    hop_cost,
+    missing_layers,
+)
 from layerswarm.shards.config import Span
 
 
-def peer(pid: str, start: int, end: int, spl: float = 0.01, load: float = 0.0, rtt: float = 0.001):
-    return PeerView(pid, f"127.0.0.1:1/{pid}", Span(start, end), spl, load, rtt)
+def peer(
+    pid: str,
+    start: int,
+    end: int,
+    spl: float = 0.01,
+    load: float = 0.0,
+    rtt: float = 0.001,
+    relayed: bool = False,
+) -> PeerView:
+    return PeerView(pid, f"127.0.0.1:1/{pid}", Span(start, end), spl, load, rtt, relayed=relayed)
 
 
 def route(path) -> list[tuple[str, int, int]]:  # type: ignore[no-untyped-def]
@@ -62,6 +77,59 @@ CASES = {
         [("x", 0, 8), ("y", 8, 25), ("z", 25, 30)],
     ),
 }
+
+
+# A relayed hop's round trip was measured through its relay; the router adds RELAYED_HOP_S.
+RELAYED_CASES = {
+    "equal measurements: the direct replica wins": (
+        [peer("relayed", 0, 30, relayed=True), peer("direct", 0, 30)],
+        [("direct", 0, 30)],
+    ),
+    "a relayed replica measured faster by more than the penalty still wins": (
+        [peer("relayed", 0, 30, relayed=True, rtt=0.001), peer("direct", 0, 30, rtt=0.01)],
+        [("relayed", 0, 30)],
+    ),
+    "a relayed-only span is used: relayed beats no route": (
+        [peer("a", 0, 15), peer("home", 15, 30, relayed=True)],
+        [("a", 0, 15), ("home", 15, 30)],
+    ),
+    "a relayed peer's extra link is counted per hop: one relayed hop beats two": (
+        [
+            peer("h1", 0, 15, relayed=True),
+            peer("h2", 15, 30, relayed=True),
+            peer("h12", 0, 30, relayed=True, spl=0.01005),
+        ],
+        [("h12", 0, 30)],
+    ),
+    "two direct hops beat one relayed hop that costs the same compute plus its relay": (
+        [
+            peer("d1", 0, 15, rtt=0.0005),
+            peer("d2", 15, 30, rtt=0.0005),
+            peer("r", 0, 30, relayed=True),
+        ],
+        [("d1", 0, 15), ("d2", 15, 30)],
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(RELAYED_CASES))
+def test_choose_path_prefers_direct_hops(case: str) -> None:
+    peers, expected = RELAYED_CASES[case]
+    assert route(choose_path(peers, Span(0, 30))) == expected
+
+
+@pytest.mark.parametrize(
+    ("view", "layers", "cost"),
+    [
+        (peer("d", 0, 30, spl=0.01, rtt=0.002), 10, 0.1 + 0.002),
+        (peer("r", 0, 30, spl=0.01, rtt=0.002, relayed=True), 10, 0.1 + 0.002 + RELAYED_HOP_S),
+        (peer("r", 0, 30, spl=0.01, load=1.0, rtt=0.0, relayed=True), 5, 0.1 + RELAYED_HOP_S),
+    ],
+)
+def test_hop_cost_counts_a_relayed_hops_extra_link_once(
+    view: PeerView, layers: int, cost: float
+) -> None:
+    assert hop_cost(view, layers) == pytest.approx(cost)
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
