@@ -14,7 +14,7 @@ import anyio
 from layerswarm.cli.api_logprobs import TokenTexts, chat_logprobs, completion_logprobs
 from layerswarm.cli.api_replies import Finished, Piece, as_api_error
 from layerswarm.cli.api_server import ApiError
-from layerswarm.cli.api_tools import ToolCall, parse_tool_calls
+from layerswarm.cli.api_tools import ToolCall, ToolStream, parse_tool_calls
 from layerswarm.routing.sampling import TokenLogprob
 
 
@@ -151,34 +151,24 @@ async def stream_events(
     """The chunks of a streamed reply, its choices' interleaved; a failure mid-reply becomes
     an error event.
 
-    With `tools` (their names) a choice's text is held to its end, then sent as content or as
-    the `delta.tool_calls` of the calls parsed out of it.
+    With `tools` (their names) a choice's text goes through a `ToolStream`: content as it
+    comes, each call as `delta.tool_calls` once it is whole.
     """
     if shape.chat:
         for index in range(len(replies)):
             yield shape.chunk("", index=index) | {
                 "choices": [{"index": index, "delta": {"role": "assistant", "content": ""}}]
             }
-    held: dict[int, list[Piece]] = {i: [] for i in range(len(replies))}
+    streams = [_ChoiceStream(shape, i, tools) for i in range(len(replies))]
     tokens = 0
     try:
         async for index, item in _merged(
             [_after(f, r) for f, r in zip(firsts, replies, strict=True)]
         ):
             if isinstance(item, Finished):
-                reason: str = item.reason
                 tokens += item.completion_tokens
-                if tools is not None:
-                    events = _held_events(shape, held[index], tools, index)
-                    if any("tool_calls" in e["choices"][0]["delta"] for e in events):
-                        reason = "tool_calls"
-                    for event in events:
-                        yield event
-                yield shape.chunk(None, reason, index=index)
-            elif tools is not None:
-                held[index].append(item)
-            else:
-                yield shape.chunk(item.text, None, item.logprobs, index)
+            for event in streams[index].events(item):
+                yield event
         if include_usage:
             yield shape.envelope(shape.chunk(None)["object"]) | {
                 "choices": [],
@@ -239,24 +229,42 @@ async def _merged(streams: list[Reply]) -> AsyncIterator[tuple[int, Piece | Fini
             await stream.aclose()  # type: ignore[attr-defined]
 
 
-def _held_events(
-    shape: ReplyShape, held: list[Piece], tools: list[str], index: int
-) -> list[dict[str, Any]]:
-    """A held reply's chunks: its text, or its tool calls as OpenAI streams them (the name and
-    id first, then the arguments)."""
-    text = "".join(p.text for p in held)
-    notes = [n for p in held for n in p.logprobs]
-    content, calls = parse_tool_calls(text, tools)
-    if not calls:
-        return [shape.chunk(text, None, notes, index)] if text or notes else []
-    events = [shape.chunk(content, None, notes, index)] if content else []
-    for n, call in enumerate(calls):
-        head = call.json(n) | {"function": {"name": call.name, "arguments": ""}}
-        events.append(_tool_chunk(shape, head, index))
-        events.append(
-            _tool_chunk(shape, {"index": n, "function": {"arguments": call.arguments}}, index)
-        )
-    return events
+class _ChoiceStream:
+    """One choice's chunks, as its pieces come."""
+
+    def __init__(self, shape: ReplyShape, index: int, tools: list[str] | None) -> None:
+        self.shape = shape
+        self.index = index
+        self.tools = None if tools is None else ToolStream(tools)
+        self.notes: list[TokenLogprob] = []  # not yet sent with a chunk
+        self.calls = 0  # tool calls sent
+
+    def events(self, item: Piece | Finished) -> list[dict[str, Any]]:
+        shape, index = self.shape, self.index
+        if self.tools is None:
+            if isinstance(item, Finished):
+                return [shape.chunk(None, item.reason, index=index)]
+            return [shape.chunk(item.text, None, item.logprobs, index)]
+        if isinstance(item, Finished):
+            out = self._chunks(self.tools.finish())
+            reason = "tool_calls" if self.calls else item.reason
+            return [*out, shape.chunk(None, reason, self.notes, index)]
+        self.notes += item.logprobs
+        return self._chunks(self.tools.push(item.text))
+
+    def _chunks(self, sent: list[str | ToolCall]) -> list[dict[str, Any]]:
+        out = []
+        for part in sent:
+            notes, self.notes = self.notes, []
+            if isinstance(part, str):
+                out.append(self.shape.chunk(part, None, notes, self.index))
+                continue
+            head = part.json(self.calls) | {"function": {"name": part.name, "arguments": ""}}
+            out.append(_tool_chunk(self.shape, head, self.index))
+            args = {"index": self.calls, "function": {"arguments": part.arguments}}
+            out.append(_tool_chunk(self.shape, args, self.index))
+            self.calls += 1
+        return out
 
 
 def _tool_chunk(shape: ReplyShape, call: dict[str, Any], index: int) -> dict[str, Any]:

@@ -203,3 +203,79 @@ def forced_call_grammar(tools: list[dict[str, Any]], parallel: bool) -> str:
         f"body: %json {options_json}\n"
     )
     return lark_grammar(lark)
+
+
+# --- streaming ----------------------------------------------------------------------------------
+
+HERMES_OPEN, HERMES_CLOSE = "<tool_call>", "</tool_call>"
+
+
+class ToolStream:
+    """A reply's text as it streams, split into content to show now and calls as each ends.
+
+    Content streams as it comes, less a tail that could begin `<tool_call>`. A Hermes call is
+    sent when its `</tool_call>` arrives. A reply that opens like JSON or Llama's tag may be a
+    call written bare: it is held to its end, then parsed whole.
+    """
+
+    def __init__(self, names: list[str]) -> None:
+        self.names = names
+        self.text = ""  # everything so far
+        self.sent = 0  # characters of `text` already sent as content or calls
+        self.bare = False  # the reply may be a bare call: hold it all
+        self.calls = 0  # calls parsed out so far
+
+    def push(self, piece: str) -> list[str | ToolCall]:
+        """What to send now of the text `piece` adds: content, and calls that ended."""
+        self.text += piece
+        if self.bare:
+            return []
+        if self.sent == 0:
+            head = self.text.lstrip()
+            if head[:1] in ("{", "[") or head.startswith(LLAMA_TAG):
+                self.bare = bool(head)
+                return []
+            if not head or LLAMA_TAG.startswith(head):  # nothing yet, or maybe the tag
+                return []
+        return self._scan(final=False)
+
+    def finish(self) -> list[str | ToolCall]:
+        """What is left to send at the reply's end."""
+        if self.bare:
+            content, calls = parse_tool_calls(self.text, self.names)
+            self.calls += len(calls)
+            return [*([content] if content else []), *calls] if calls else [self.text]
+        return self._scan(final=True)
+
+    def _scan(self, final: bool) -> list[str | ToolCall]:
+        out: list[str | ToolCall] = []
+        while True:
+            rest = self.text[self.sent :]
+            at = rest.find(HERMES_OPEN)
+            if at == -1:
+                ready = len(rest) - (0 if final else _partial_suffix(rest, HERMES_OPEN))
+                self._content(out, rest[:ready])
+                self.sent += ready
+                return out
+            self._content(out, rest[:at])
+            end = rest.find(HERMES_CLOSE, at)
+            if end == -1 and not final:  # a call still arriving
+                self.sent += at
+                return out
+            block = rest[at : end + len(HERMES_CLOSE)] if end != -1 else rest[at:]
+            _, calls = parse_tool_calls(block, self.names)
+            out.extend(calls or [block])
+            self.calls += len(calls)
+            self.sent += at + len(block)
+
+    def _content(self, out: list[str | ToolCall], text: str) -> None:
+        if text and (self.calls == 0 or text.strip()):  # no blank lines between calls
+            out.append(text)
+
+
+def _partial_suffix(text: str, marker: str) -> int:
+    """How many trailing characters of `text` could begin `marker`."""
+    for n in range(min(len(marker) - 1, len(text)), 0, -1):
+        if text.endswith(marker[:n]):
+            return n
+    return 0

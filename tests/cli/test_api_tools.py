@@ -115,3 +115,48 @@ def test_a_template_without_tools_gets_them_and_the_round_trip_as_hermes_text() 
         "role": "user",
         "content": '<tool_response>\n{"celsius": 21}\n</tool_response>',
     }
+
+
+def streamed(text: str, size: int = 3) -> list[Any]:
+    """`text` through a ToolStream in pieces of `size` characters: content runs merged."""
+    from layerswarm.cli.api_tools import ToolStream
+
+    stream = ToolStream(NAMES)
+    out: list[Any] = []
+    for i in range(0, len(text), size):
+        out += stream.push(text[i : i + size])
+    out += stream.finish()
+    merged: list[Any] = []
+    for part in out:
+        if isinstance(part, str) and merged and isinstance(merged[-1], str):
+            merged[-1] += part
+        else:
+            merged.append(
+                part if isinstance(part, str) else (part.name, json.loads(part.arguments))
+            )
+    return merged
+
+
+@pytest.mark.parametrize("size", [1, 3, 50])
+def test_streamed_text_shows_content_at_once_and_each_call_when_it_ends(size: int) -> None:
+    text = PARSE_CASES[1][1]  # words, then two Hermes calls
+    assert streamed(text, size) == [
+        "Let me check.\n",
+        ("get_weather", {"city": "Paris"}),
+        ("search", {"q": "Paris events"}),
+    ]
+    assert streamed("Just words, <b>bold</b>.", size) == ["Just words, <b>bold</b>."]
+    assert streamed(PARSE_CASES[3][1], size) == [("search", {"q": "a"}), ("search", {"q": "b"})]
+    assert streamed('{"not": "a call"}', size) == ['{"not": "a call"}']
+
+
+def test_content_streams_before_the_reply_ends() -> None:
+    from layerswarm.cli.api_tools import ToolStream
+
+    stream = ToolStream(NAMES)
+    assert stream.push("The weather ") == ["The weather "]
+    assert stream.push("is <tool") == ["is "]  # "<tool" may open a call: held
+    assert stream.push('_call>\n{"name": "search", ') == []
+    calls = stream.push('"arguments": {"q": "x"}}\n</tool_call>')
+    assert [c.name for c in calls] == ["search"]  # type: ignore[union-attr]
+    assert stream.finish() == []
