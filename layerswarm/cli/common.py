@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import contextlib
 import logging
 import os
 import sys
@@ -172,10 +173,9 @@ def exit_now(code: int | str | None) -> None:
     atexit._run_exitfuncs()  # what was registered to run at exit still runs (CPython's own call)
     logging.shutdown()
     for stream in (sys.stdout, sys.stderr):
-        try:
+        # a closed pipe: nothing more reaches the reader anyway
+        with contextlib.suppress(OSError, ValueError):
             stream.flush()
-        except (OSError, ValueError):  # a closed pipe: nothing more reaches the reader anyway
-            pass
     os._exit(code or 0)
 
 

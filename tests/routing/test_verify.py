@@ -11,7 +11,9 @@ import pytest
 import torch
 
 from layerswarm.errors import LayerswarmError, ProtocolError
+from layerswarm.routing.failures import reply_fault
 from layerswarm.routing.kept_inputs import context_slice
+from layerswarm.routing.peer_book import NormBounds
 from layerswarm.routing.peer_link import PeerLink
 from layerswarm.routing.peer_stats import (
     MAX_SECONDS_PER_LAYER,
@@ -20,8 +22,6 @@ from layerswarm.routing.peer_stats import (
     claimed_seconds_per_layer,
 )
 from layerswarm.routing.trust import TrustLedger
-from layerswarm.routing.failures import reply_fault
-from layerswarm.routing.peer_book import NormBounds
 from layerswarm.routing.verify import relative_error, tolerance
 from layerswarm.swarm.protocol import InfoReply, decode_frame, encode
 from layerswarm.swarm.transport import parse_address
