@@ -131,8 +131,9 @@ def local_reply(smollm2_dir: Path) -> str:
         ("host:port/ID", "host:port"),
         ("relay", "host:port"),
         ("speculate", "lookup"),
+        ("speculate", "draft"),
     ],
-    ids=["push", "with-an-ID", "relay", "speculate-lookup"],
+    ids=["push", "with-an-ID", "relay", "speculate-lookup", "speculate-draft"],
 )
 def test_swarm_chat_through_peers_given_as_the_readme_writes_them(
     smollm2_dir: Path,
@@ -147,8 +148,10 @@ def test_swarm_chat_through_peers_given_as_the_readme_writes_them(
         peers[0] = f"127.0.0.1:{first_port}/{first.peer_id}"
     elif how[0] == "relay":
         extra = ["--relay"]
-    elif how[0] == "speculate":
+    elif how == ("speculate", "lookup"):
         extra = ["--speculate", "lookup"]
+    elif how == ("speculate", "draft"):
+        extra = ["--speculate", "draft", "--draft-model", "smollm2-135m"]
     out = run(
         smollm2_dir,
         "swarm-chat",
