@@ -53,6 +53,7 @@ class Finished:
 
     completion_tokens: int
     reason: str  # "stop" (EOS or a stop string) or "length"
+    raw: str = ""  # the reply's text with its special tokens (gpt-oss writes calls in them)
 
 
 async def generate(
@@ -109,7 +110,8 @@ async def _reply(
             yield Piece("", tuple(notes))
         finished = True
         CLIENT_REPLIES.labels(reason=reason).inc()
-        yield Finished(count, reason)
+        raw = str(gen.tokenizer.tokenizer.decode(text.ids, skip_special_tokens=False))
+        yield Finished(count, reason, raw)
     except (GeneratorExit, asyncio.CancelledError):
         # Closed or cancelled before its end: the client went away (a server cancels the
         # response's task; the cancellation reaches this loop through `net.call`).

@@ -131,6 +131,9 @@ async def _collect_one(
             if isinstance(item, Finished):
                 whole = "".join(text)
                 content, calls = parse_tool_calls(whole, tools) if tools else (whole, [])
+                if tools and not calls and item.raw != whole:  # calls in special tokens?
+                    content, calls = parse_tool_calls(item.raw, tools)
+                    content = content if calls else whole
                 return shape.choice(index, content, item, notes, calls), item.completion_tokens
             text.append(item.text)
             notes += item.logprobs
@@ -247,6 +250,9 @@ class _ChoiceStream:
             return [shape.chunk(item.text, None, item.logprobs, index)]
         if isinstance(item, Finished):
             out = self._chunks(self.tools.finish())
+            if not self.calls and item.raw != self.tools.text:  # calls in special tokens?
+                _, calls = parse_tool_calls(item.raw, self.tools.names)
+                out += self._chunks(list(calls))
             reason = "tool_calls" if self.calls else item.reason
             return [*out, shape.chunk(None, reason, self.notes, index)]
         self.notes += item.logprobs

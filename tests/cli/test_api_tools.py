@@ -160,3 +160,38 @@ def test_content_streams_before_the_reply_ends() -> None:
     calls = stream.push('"arguments": {"q": "x"}}\n</tool_call>')
     assert [c.name for c in calls] == ["search"]  # type: ignore[union-attr]
     assert stream.finish() == []
+
+
+HARMONY_RAW = PARSE_CASES[4][1]
+
+
+async def harmony_reply() -> Any:
+    """A gpt-oss reply as swarm-api sees it: its visible text without the special tokens that
+    carry the call, and the whole text with them at the end."""
+    from layerswarm.cli.api_replies import Finished, Piece
+
+    yield Piece("analysisNeed the weather.")
+    yield Finished(12, "stop", HARMONY_RAW)
+
+
+def test_calls_written_in_special_tokens_are_found_whole_and_streamed() -> None:
+    import asyncio
+
+    from layerswarm.cli.api_shapes import ReplyShape, collect, stream_events
+
+    shape = ReplyShape(chat=True, model="m", prompt_tokens=3)
+    whole = asyncio.run(collect([harmony_reply()], shape, NAMES))
+    choice = whole["choices"][0]
+    assert choice["finish_reason"] == "tool_calls"
+    assert choice["message"]["tool_calls"][0]["function"]["name"] == "get_weather"
+
+    async def events() -> list[Any]:
+        reply = harmony_reply()
+        first = await anext(reply)
+        return [e async for e in stream_events([first], [reply], shape, False, NAMES)]
+
+    chunks = asyncio.run(events())
+    deltas = [d for c in chunks for d in c["choices"][0]["delta"].get("tool_calls", [])]
+    assert deltas[0]["function"]["name"] == "get_weather"
+    assert json.loads(deltas[1]["function"]["arguments"]) == {"city": "Oslo"}
+    assert chunks[-1]["choices"][0]["finish_reason"] == "tool_calls"
