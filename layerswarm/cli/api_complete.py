@@ -13,6 +13,7 @@ from layerswarm.cli.api_logprobs import TokenTexts
 from layerswarm.cli.api_params import (
     ChatRequest,
     SamplingFields,
+    parse_choices,
     parse_grammar,
     parse_prompt,
     parse_sampling,
@@ -44,7 +45,10 @@ async def complete(
         prompt = await asyncio.to_thread(parse_prompt, gen.tokenizer, body)
         sampling = parse_sampling(body, len(prompt), limit, config.default_max_tokens)
         grammar = parse_grammar(body)
-        n = body.n or 1
+        n, keep = parse_choices(body)
+        asked_logprobs = sampling.logprobs is not None
+        if n > keep and not asked_logprobs:  # best_of ranks the choices by their logprobs
+            sampling = dataclasses.replace(sampling, logprobs=0)
         # The grammar's tokenizer takes 0.3 s once, a big schema's matcher up to a second.
         constraints: list[Constraint | None] = [None] * n
         if grammar is not None:
@@ -60,7 +64,7 @@ async def complete(
         )
     if any(not 0 <= t < gen.head.config.vocab_size for t in prompt):
         raise ApiError(400, "the prompt has token ids outside the vocabulary", param="prompt")
-    texts = _token_texts(gen) if sampling.logprobs is not None else None
+    texts = _token_texts(gen) if asked_logprobs else None
     shape = ReplyShape(chat, config.model_id, len(prompt), texts)
     await admission.enter()
     # One turn for the request; each choice is a session of its own (n prefills: the peers
@@ -72,7 +76,7 @@ async def complete(
     plan = parse_tools(body)
     tools = None if plan is None else plan.names
     if not body.stream:
-        return JSONResponse(await collect(replies, shape, tools))
+        return JSONResponse(await collect(replies, shape, tools, keep if n > keep else 0))
     firsts = []
     try:  # wait for the first pieces, so that a failure to start gets its own status
         for reply in replies:

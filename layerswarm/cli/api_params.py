@@ -2,8 +2,8 @@
 
 The schema is pydantic models of OpenAI's request fields (strict types: `true` is no number and
 `"0.5"` no float); every bad field raises `ApiError(400, ..., param=field)`. Unknown fields are
-allowed, as OpenAI's own server allows them. Fields the swarm cannot honour (`best_of` > 1,
-`echo`, `suffix`, the legacy `functions`) are refused rather than ignored.
+allowed, as OpenAI's own server allows them. Fields the swarm cannot honour (`echo`, `suffix`,
+the legacy `functions`) are refused rather than ignored.
 """
 
 from __future__ import annotations
@@ -176,7 +176,7 @@ class CompletionRequest(SamplingFields):
     )
     echo: StrictBool | None = None
     suffix: StrictStr | None = None
-    best_of: Literal[1] | None = None
+    best_of: Annotated[StrictInt, Field(ge=1, le=MAX_CHOICES)] | None = None
 
 
 Model = TypeVar("Model", bound=BaseModel)
@@ -353,3 +353,20 @@ def _response_schema(form: ResponseFormat) -> dict[str, Any]:
     if form.json_schema is None:
         raise ApiError(400, "response_format.json_schema is missing", param="response_format")
     return form.json_schema.schema_ or {"type": "object"}
+
+
+def parse_choices(request: SamplingFields) -> tuple[int, int]:
+    """(choices to generate, choices to return): `best_of` and `n`.
+
+    Raises:
+        ApiError: 400 for `best_of` < `n`, or `best_of` > `n` streamed (OpenAI's rules).
+    """
+    n = request.n or 1
+    best_of = getattr(request, "best_of", None) or n
+    if best_of < n:
+        raise ApiError(400, "best_of must be at least n", param="best_of")
+    if best_of > n and request.stream:
+        raise ApiError(400, "best_of > n cannot be streamed", param="best_of")
+    if best_of > MAX_CHOICES:
+        raise ApiError(400, f"best_of may be {MAX_CHOICES} at most", param="best_of")
+    return best_of, n

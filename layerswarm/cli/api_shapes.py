@@ -107,10 +107,12 @@ Reply = AsyncIterator[Piece | Finished]
 
 
 async def collect(
-    replies: list[Reply], shape: ReplyShape, tools: list[str] | None = None
+    replies: list[Reply], shape: ReplyShape, tools: list[str] | None = None, keep: int = 0
 ) -> dict[str, Any]:
     """The whole reply of every choice (generated at once), each closed at its end (the last
-    frees the request's turn); with `tools` (their names), the calls parsed out of the text."""
+    frees the request's turn); with `tools` (their names), the calls parsed out of the text.
+    `keep` > 0: only the `keep` choices of the highest log-probability (`best_of`; the replies
+    must have been sampled with logprobs noted), as OpenAI ranks them."""
     try:
         done = await asyncio.gather(
             *(_collect_one(r, shape, i, tools) for i, r in enumerate(replies))
@@ -118,12 +120,17 @@ async def collect(
     finally:
         for reply in replies:
             await reply.aclose()  # type: ignore[attr-defined]
-    return shape.whole([c for c, _ in done], sum(n for _, n in done))
+    choices = [c for c, _, _ in done]
+    if keep:
+        best = sorted(range(len(done)), key=lambda i: -done[i][2])[:keep]
+        choices = [choices[i] | {"index": n} for n, i in enumerate(best)]
+    return shape.whole(choices, sum(n for _, n, _ in done))
 
 
 async def _collect_one(
     pieces: Reply, shape: ReplyShape, index: int, tools: list[str] | None
-) -> tuple[dict[str, Any], int]:
+) -> tuple[dict[str, Any], int, float]:
+    """One choice, its tokens, and their log-probability per token."""
     text: list[str] = []
     notes: list[TokenLogprob] = []
     try:
@@ -134,7 +141,12 @@ async def _collect_one(
                 if tools and not calls and item.raw != whole:  # calls in special tokens?
                     content, calls = parse_tool_calls(item.raw, tools)
                     content = content if calls else whole
-                return shape.choice(index, content, item, notes, calls), item.completion_tokens
+                score = sum(n.logprob for n in notes) / max(len(notes), 1)
+                return (
+                    shape.choice(index, content, item, notes, calls),
+                    item.completion_tokens,
+                    score,
+                )
             text.append(item.text)
             notes += item.logprobs
     except Exception as e:

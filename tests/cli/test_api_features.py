@@ -461,3 +461,21 @@ def test_n_choices_under_a_schema_all_validate(client: Any, model: str) -> None:
     assert len(reply.choices) == 2
     for choice in reply.choices:
         jsonschema.validate(json.loads(choice.message.content), WEATHER)
+
+
+def test_best_of_returns_the_likeliest_of_its_choices(client: Any, model: str) -> None:
+    args: dict[str, Any] = {
+        "model": model,
+        "prompt": "Once upon a time",
+        "max_tokens": 6,
+        "temperature": 1.0,
+        "seed": 4,
+    }
+    every = client.completions.create(**args, n=3, logprobs=0)
+    mean = [sum(c.logprobs.token_logprobs) / 6 for c in every.choices]
+    best = client.completions.create(**args, n=1, best_of=3)
+    assert len(best.choices) == 1 and best.choices[0].logprobs is None
+    assert best.choices[0].text == every.choices[mean.index(max(mean))].text
+    assert best.usage.completion_tokens == 18
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(**args, n=2, best_of=1)
