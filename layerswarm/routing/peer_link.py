@@ -15,7 +15,8 @@ from layerswarm.routing.peer_stats import (
 from layerswarm.shards.config import Span
 from layerswarm.swarm.dial import Connection
 from layerswarm.swarm.protocol import InfoReply
-from layerswarm.swarm.transport import Address
+from layerswarm.swarm.records import PeerRecord
+from layerswarm.swarm.transport import Address, parse_address
 
 
 @dataclass
@@ -31,6 +32,20 @@ class PeerLink:
     skipped: str | None = None  # why its last answer made it unusable; None: it was fine
     skipped_error: LayerswarmError | None = None  # the error behind `skipped`
     told: str | None = None  # the `skipped` reason last logged (each new reason once)
+    # every address its record lists, best first, pinned to its ID (discovered links): tried in
+    # turn when `address` cannot be dialed, so a dead relay leaves the peer's others to use
+    addresses: tuple[Address, ...] = ()
+
+    def candidates(self) -> list[Address]:
+        """Where to dial, in order: the address that worked last, then the record's others."""
+        return [self.address, *(a for a in self.addresses if a != self.address)]
+
+    @property
+    def key(self) -> object:
+        """What makes two links one peer: a relayed address names the peer's ID (peers behind
+        one relay share its host and port); a direct one its host and port (a peer given as
+        `host:port` has no ID until it is dialed)."""
+        return link_key(self.address)
 
     @property
     def live(self) -> bool:
@@ -56,3 +71,26 @@ class PeerLink:
             quant=quant if isinstance(quant, str) else "none",
             relayed=self.address.relay is not None,
         )
+
+
+def link_key(address: Address) -> object:
+    """`PeerLink.key` of a link at `address`."""
+    if address.relay is not None:
+        return address.peer_id
+    return (address.host, address.port)
+
+
+def record_addresses(record: PeerRecord) -> tuple[Address, ...]:
+    """A record's addresses in its order, each pinned to the record's peer ID; addresses that
+    cannot be dialed (a host name we do not dial, another peer's ID) are left out."""
+    found: list[Address] = []
+    for text in record.addresses:
+        try:
+            address = parse_address(text)
+        except ValueError:
+            continue
+        if address.peer_id is None:
+            address = replace(address, peer_id=record.peer_id)
+        if address.peer_id == record.peer_id and address not in found:
+            found.append(address)
+    return tuple(found)

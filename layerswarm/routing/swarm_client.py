@@ -29,7 +29,7 @@ from layerswarm.routing.hop_calls import HopCalls
 from layerswarm.routing.loop import BackgroundLoop
 from layerswarm.routing.paths import BanList, PeerView
 from layerswarm.routing.peer_book import NormBounds, PeerBook
-from layerswarm.routing.peer_link import PeerLink
+from layerswarm.routing.peer_link import PeerLink, link_key, record_addresses
 from layerswarm.routing.peer_stats import PeerStats
 from layerswarm.routing.session import RemoteSession
 from layerswarm.routing.text import ChatTokenizer
@@ -164,8 +164,9 @@ class SwarmClient:
                 log.warning("reading the DHT failed: %r", e)
 
     def _adopt_discovered(self) -> None:
-        """Add a link to each discovered peer not known yet (its first address, its peer ID);
-        drop discovered links whose record is gone and that are not connected."""
+        """Add a link to each discovered peer not known yet (its first address, its peer ID),
+        refresh known links' other addresses from their records, and drop discovered links
+        whose record is gone and that are not connected."""
         records = merged(self.sources, self.fingerprint)
         current = {r.peer_id for r in records}
         self.links = [
@@ -173,17 +174,22 @@ class SwarmClient:
             for link in self.links
             if not link.discovered or link.live or link.address.peer_id in current
         ]
-        known: set[object] = {(link.address.host, link.address.port) for link in self.links}
-        known |= {link.address.peer_id or (link.conn and link.conn.peer_id) for link in self.links}
+        by_id = {
+            link.address.peer_id or (link.conn and link.conn.peer_id): link for link in self.links
+        }
+        known: set[object] = {link.key for link in self.links} | set(by_id)
         for record in records:
-            try:
-                address = parse_address(f"{record.addresses[0]}/{record.peer_id}")
-            except ValueError:  # a host name with characters we do not dial
+            addresses = record_addresses(record)
+            if record.peer_id in by_id:
+                if by_id[record.peer_id].discovered and addresses:
+                    by_id[record.peer_id].addresses = addresses
                 continue
-            if record.peer_id in known or (address.host, address.port) in known:
+            if not addresses or link_key(addresses[0]) in known:
                 continue
-            self.links.append(PeerLink(address, discovered=True))
-            known |= {record.peer_id, (address.host, address.port)}
+            link = PeerLink(addresses[0], discovered=True, addresses=addresses)
+            self.links.append(link)
+            by_id[record.peer_id] = link
+            known |= {record.peer_id, link.key}
 
     async def refresh(self) -> None:
         """Dial every peer not connected now (discovered ones too) and ask each what it serves.
@@ -232,9 +238,7 @@ class SwarmClient:
                 if link.conn is not None:  # a leaving peer's connection: replaced, so closed
                     link.conn.close()
                 link.leaving = False
-                link.conn = await open_connection(
-                    link.address, self.identity, self.transport, on_goodbye=self._goodbye
-                )
+                link.conn = await self._dial(link)
                 self.book.back(link.conn.peer_id)  # it is back: usable again
             conn = link.conn
             if conn is None:
@@ -256,6 +260,29 @@ class SwarmClient:
             if link.conn is not None:
                 link.conn.close()
             link.conn = None
+
+    async def _dial(self, link: PeerLink) -> Connection:
+        """Connect to a link's peer: its current address, else its record's others in turn.
+
+        Raises:
+            PeerUnavailable: no address answered (the last one's error).
+        """
+        error: PeerUnavailable | OSError | None = None
+        for address in link.candidates():
+            try:
+                conn = await open_connection(
+                    address, self.identity, self.transport, on_goodbye=self._goodbye
+                )
+            except (PeerUnavailable, OSError) as e:
+                log.debug("peer at %s is unreachable: %s", address, e)
+                error = e
+                continue
+            if address != link.address:
+                log.info("peer at %s reached at %s instead", link.address, address)
+                link.address = address
+            return conn
+        assert error is not None  # candidates() holds link.address at least
+        raise error
 
     async def add_peers(self, addresses: Sequence[str]) -> None:
         """Add peers by address (`host:port[/PEERID]`) and read what they serve."""

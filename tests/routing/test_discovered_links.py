@@ -1,0 +1,89 @@
+"""Links to discovered peers: one per peer, relayed ones told apart by peer ID, and every
+address of a record kept to dial in turn."""
+
+from __future__ import annotations
+
+import time
+
+from layerswarm.routing.peer_link import PeerLink, link_key, record_addresses
+from layerswarm.routing.swarm_client import SwarmClient
+from layerswarm.swarm.identity import generate_identity
+from layerswarm.swarm.records import PeerRecord
+from layerswarm.swarm.transport import parse_address
+
+MODEL = "0123456789abcdef"
+RELAY, RELAY2, HOME_A, HOME_B, PUBLIC = (generate_identity().peer_id for _ in range(5))
+
+
+def record(peer_id: str, *addresses: str) -> PeerRecord:
+    return PeerRecord(
+        peer_id=peer_id,
+        addresses=addresses,
+        model="m",
+        model_hash=MODEL,
+        span_start=0,
+        span_end=30,
+        num_layers=30,
+        dtype="float32",
+        software_version="0.1.0",
+        protocol_version=1,
+        timestamp=time.time(),
+        expires_at=time.time() + 60.0,
+    )
+
+
+class Records:
+    def __init__(self, *records: PeerRecord) -> None:
+        self.held = list(records)
+
+    def records(self, model_hash: str | None = None) -> list[PeerRecord]:
+        return [r for r in self.held if model_hash in (None, r.model_hash)]
+
+
+def client_with(source: Records, given: list[str] = ()) -> SwarmClient:  # type: ignore[assignment]
+    client = SwarmClient.__new__(SwarmClient)  # no network: only the link bookkeeping runs
+    client.sources, client.fingerprint = [source], MODEL
+    client.links = [PeerLink(parse_address(a)) for a in given]
+    return client
+
+
+def test_two_peers_behind_one_relay_get_a_link_each() -> None:
+    via = f"11.99.0.1:4001/{RELAY}/p2p-circuit"
+    client = client_with(Records(record(HOME_A, via), record(HOME_B, via)))
+    client._adopt_discovered()
+    assert sorted(str(link.address) for link in client.links) == sorted(
+        [f"{via}/{HOME_A}", f"{via}/{HOME_B}"]
+    )
+
+
+def test_a_peer_given_by_host_and_port_is_not_added_again_by_discovery() -> None:
+    client = client_with(Records(record(PUBLIC, "11.99.0.1:5000")), ["11.99.0.1:5000"])
+    client._adopt_discovered()
+    assert [str(link.address) for link in client.links] == ["11.99.0.1:5000"]
+
+
+def test_a_records_other_addresses_are_kept_and_follow_a_newer_record() -> None:
+    first, second = (f"11.99.0.{n}:4001/{r}/p2p-circuit" for n, r in ((1, RELAY), (2, RELAY2)))
+    source = Records(record(HOME_A, first, second, "10.101.0.2:7000"))
+    client = client_with(source)
+    client._adopt_discovered()
+    (link,) = client.links
+    assert [str(a) for a in link.candidates()] == [
+        f"{first}/{HOME_A}",
+        f"{second}/{HOME_A}",
+        f"10.101.0.2:7000/{HOME_A}",
+    ]
+    source.held = [record(HOME_A, second)]  # the first relay is gone: a newer record says so
+    client._adopt_discovered()
+    assert client.links == [link]
+    assert [str(a) for a in link.candidates()] == [f"{first}/{HOME_A}", f"{second}/{HOME_A}"]
+
+
+def test_record_addresses_pins_the_records_peer_and_leaves_out_what_cannot_be_dialed() -> None:
+    got = record_addresses(
+        record(HOME_A, "host:port", f"11.99.0.1:4001/{PUBLIC}", "11.99.0.1:4001", "11.99.0.1:4001")
+    )
+    assert [str(a) for a in got] == [f"11.99.0.1:4001/{HOME_A}"]
+    relayed = parse_address(f"11.99.0.1:4001/{RELAY}/p2p-circuit/{HOME_A}")
+    assert link_key(relayed) == HOME_A
+    assert link_key(parse_address("11.99.0.1:4001")) == ("11.99.0.1", 4001)
