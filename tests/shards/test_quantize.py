@@ -122,3 +122,25 @@ def test_memory_bytes_counts_a_shared_tensor_once() -> None:
 def test_unknown_mode_is_refused() -> None:
     with pytest.raises(ValueError, match="mode"):
         quantize(tiny_span(), "int3")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_decode_takes_torchs_int8_kernel_in_fp32_too(
+    dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """fp32 models once dequantized every weight every step; now their decode GEMVs run the
+    packed kernel on bf16-rounded inputs, and the product comes back in the model's dtype."""
+    q = QuantLinear.from_linear(nn.Linear(64, 32).to(dtype), "int8")
+    calls: list[torch.dtype] = []
+    real = torch._weight_int8pack_mm
+
+    def counting(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        calls.append(x.dtype)
+        return real(x, w, s)
+
+    monkeypatch.setattr(torch, "_weight_int8pack_mm", counting)
+    x = torch.randn(1, 64).to(dtype)
+    want = nn.functional.linear(x.float(), q.weight.float() * q.scales.float()[:, None])
+    got = q(x)
+    assert calls == [torch.bfloat16] and got.dtype == dtype
+    torch.testing.assert_close(got.float(), want + q.bias.float(), atol=0.05, rtol=0.02)
