@@ -243,9 +243,9 @@ def _with_bags(linears: list[nn.Module], bags: tuple[int, ...]) -> list[nn.Modul
     """`linears` themselves without bags; else shallow copies (the same weights) with them."""
     if not bags:
         return linears
-    out = []
+    out: list[nn.Module] = []
     for m in linears:
-        assert isinstance(m, ArenaLinear)
+        assert isinstance(m, ArenaLinear)  # a "trans" layout's linears are all ArenaLinears
         twin = copy.copy(m)  # its own attributes, the same parameters
         twin.bag_blocks, twin.bag_rows = bags, len(bags)
         out.append(twin)
