@@ -25,6 +25,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from layerswarm.shards.config import Span
+from layerswarm.swarm.records import PeerRecord
+from layerswarm.swarm.transport import CIRCUIT
 
 
 @dataclass(frozen=True)
@@ -34,6 +36,26 @@ class Server:
     peer_id: str
     span: Span
     speed: float  # unit: decode steps/s of one layer (its measured throughput)
+
+
+# A peer reachable only through a relay counts at this share of its speed: every step to it
+# also crosses the relay (5 link crossings a token instead of 3 on a two-hop path, as
+# scripts/bench_nat.py counts them), the relay's rate limit caps it, and the relay can fail
+# beneath it. At half, new peers load its layers too instead of taking them as covered, as
+# Petals penalises relay-only servers when it rebalances.
+RELAYED_ONLY_SHARE = 0.5
+
+
+def record_server(record: PeerRecord) -> Server:
+    """Placement's view of a peer from its record: relayed-only peers at RELAYED_ONLY_SHARE.
+
+    Relayed-only: its best address (records list them best first, `swarm/traversal.py`) is a
+    relayed one; the local addresses a peer behind NAT lists after it reach only its own LAN.
+    """
+    speed = record.decode_steps_per_s_per_layer or 1.0
+    relayed = bool(record.addresses) and f"/{CIRCUIT}" in record.addresses[0]
+    span = Span(record.span_start, record.span_end)
+    return Server(record.peer_id, span, speed * (RELAYED_ONLY_SHARE if relayed else 1.0))
 
 
 # unit: bytes of a GPU's free memory a peer leaves for the CUDA context, the kernels' code, a

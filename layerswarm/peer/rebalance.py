@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable, Sequence
 
 from layerswarm.peer.config import PeerConfig
 from layerswarm.peer.handler import RequestHandler
-from layerswarm.peer.placement import Server, should_move
+from layerswarm.peer.placement import Server, record_server, should_move
 from layerswarm.shards.blocks import SpanModel
 from layerswarm.shards.config import ModelConfig, Span
 from layerswarm.swarm.discovery import RecordSource, merged
@@ -47,9 +47,7 @@ async def serve_rebalancing(
             await refresh()
         current = handler.table.model.span
         others = [
-            Server(r.peer_id, Span(r.span_start, r.span_end), r.decode_steps_per_s_per_layer or 1.0)
-            for r in merged(sources, fingerprint)
-            if r.peer_id != handler.peer_id
+            record_server(r) for r in merged(sources, fingerprint) if r.peer_id != handler.peer_id
         ]
         me = Server(handler.peer_id, current, speed)
         target = should_move([*others, me], model_config.num_layers, me)

@@ -41,7 +41,12 @@ from layerswarm.peer.measure import (
     measure_tflops,
     memory_total_bytes,
 )
-from layerswarm.peer.placement import Server, choose_span, layers_that_fit, memory_budget
+from layerswarm.peer.placement import (
+    choose_span,
+    layers_that_fit,
+    memory_budget,
+    record_server,
+)
 from layerswarm.peer.rebalance import serve_rebalancing
 from layerswarm.peer.sessions import SessionTable, open_compute_thread
 from layerswarm.shards.blocks import SpanModel
@@ -313,10 +318,7 @@ async def _auto_span(
         model_config.num_layers,
         config.discovery_wait if discovery.others else 0.0,
     )
-    servers = [
-        Server(r.peer_id, Span(r.span_start, r.span_end), r.decode_steps_per_s_per_layer or 1.0)
-        for r in records
-    ]
+    servers = [record_server(r) for r in records]
     device = torch.device(config.device)
     loading = share.peers(LOADING) if share is not None else 1
     budget = config.memory_budget_bytes or memory_budget(

@@ -5,14 +5,17 @@ from __future__ import annotations
 import pytest
 
 from layerswarm.peer.placement import (
+    RELAYED_ONLY_SHARE,
     Server,
     choose_span,
     device_share,
     layers_that_fit,
     memory_budget,
+    record_server,
     should_move,
 )
 from layerswarm.shards.config import Span
+from layerswarm.swarm.records import PeerRecord
 
 
 def srv(pid: str, start: int, end: int, speed: float = 1.0) -> Server:
@@ -147,3 +150,46 @@ SHARES = {
 def test_peers_sharing_a_gpu_announce_an_equal_part(case: str) -> None:
     free, total, peers, want_free, want_total = SHARES[case]
     assert device_share(free, total, peers) == (want_free, want_total)
+
+
+def _record(peer_id: str, span: Span, *addresses: str) -> PeerRecord:
+    return PeerRecord(
+        peer_id=peer_id,
+        addresses=addresses,
+        model="m",
+        model_hash="0123456789abcdef",
+        span_start=span.start,
+        span_end=span.end,
+        num_layers=30,
+        dtype="float32",
+        software_version="0.1.0",
+        protocol_version=1,
+        decode_steps_per_s_per_layer=100.0,
+    )
+
+
+RELAY_ID = "12D3KooWE1vaqiNT9YerddmeqsQu7fkyuTKxgqw3Vxxps7CZtVLE"
+CIRCUIT_ADDRESS = f"11.99.0.1:4001/{RELAY_ID}/p2p-circuit"
+
+
+@pytest.mark.parametrize(
+    ("addresses", "speed"),
+    [
+        (("11.99.0.1:5000",), 100.0),
+        (("11.99.0.1:5000", CIRCUIT_ADDRESS), 100.0),  # public first: dialed directly
+        ((CIRCUIT_ADDRESS,), 100.0 * RELAYED_ONLY_SHARE),
+        # behind NAT: relayed first, then its home LAN's address, which others cannot reach
+        ((CIRCUIT_ADDRESS, "10.101.0.2:5000"), 100.0 * RELAYED_ONLY_SHARE),
+        ((CIRCUIT_ADDRESS, CIRCUIT_ADDRESS.replace(".1:", ".2:")), 100.0 * RELAYED_ONLY_SHARE),
+    ],
+)
+def test_a_relayed_only_peer_counts_at_a_share_of_its_speed(
+    addresses: tuple[str, ...], speed: float
+) -> None:
+    assert record_server(_record("p", Span(0, 15), *addresses)).speed == speed
+
+
+def test_a_new_peer_loads_the_layers_of_a_relayed_only_peer_before_a_public_ones() -> None:
+    public = record_server(_record("pub", Span(0, 15), "11.99.0.1:5000"))
+    home = record_server(_record("home", Span(15, 30), CIRCUIT_ADDRESS))
+    assert choose_span([public, home], 30, 15) == Span(15, 30)
