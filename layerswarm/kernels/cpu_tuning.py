@@ -142,7 +142,7 @@ class Tuner:
         try:
             raw = json.loads(path.read_text())
             return {k: LinearPlan(v["layout"], tuple(v["bags"])) for k, v in raw.items()}
-        except (ValueError, KeyError, TypeError) as e:  # a damaged file: measure again
+        except (OSError, ValueError, KeyError, TypeError) as e:  # damaged or unreadable: measure
             log.warning("ignoring the CPU linear plans in %s: %s", path, e)
             return {}
 
@@ -150,8 +150,15 @@ class Tuner:
         path = self._path()
         if path is None:
             return
+        try:
+            self._write_to(path)
+        except OSError as e:  # a read-only folder: the choices still hold for this process
+            log.warning("could not keep the CPU linear plans in %s: %s", path, e)
+
+    def _write_to(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        raw = {k: {"layout": p.layout, "bags": list(p.bags)} for k, p in self._plans.items()}
+        plans = {**self._read(), **self._plans}  # what another peer kept meanwhile, and ours
+        raw = {k: {"layout": p.layout, "bags": list(p.bags)} for k, p in plans.items()}
         tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # another peer may write too
         tmp.write_text(json.dumps(raw, indent=1, sort_keys=True))
         tmp.replace(path)

@@ -145,3 +145,11 @@ def test_a_cached_plan_no_longer_offered_is_measured_again(tmp_path: Path) -> No
     tuner = Tuner(TuningConfig(**{**QUICK.__dict__, "cache_dir": tmp_path}), HERE)
     pack_linears(linears(torch.float32, n=1), tuner)
     assert tuner.timed == 1 and tuner.chosen[key].layout != "onednn"
+
+
+def test_two_tuners_sharing_a_folder_keep_each_others_choices(tmp_path: Path) -> None:
+    config = TuningConfig(**{**QUICK.__dict__, "cache_dir": tmp_path})
+    a, b = Tuner(config, HERE), Tuner(config, HERE)  # both read the (empty) file first
+    pack_linears(linears(torch.float32, n=1), a)
+    pack_linears(nn.Sequential(nn.Linear(40, 24)), b)
+    assert len(json.loads((tmp_path / cpu_tuning.CACHE_FILE).read_text())) == 2
