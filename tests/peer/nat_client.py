@@ -1,6 +1,11 @@
 """A client inside a test namespace (`test_nat_swarm.py`): one greedy chat reply, as JSON.
 
-ip netns exec NS python nat_client.py MODEL_DIR BOOTSTRAP_MULTIADDR QUESTION MAX_TOKENS
+ip netns exec NS python nat_client.py MODEL_DIR BOOTSTRAPS QUESTION MAX_TOKENS [pause]
+
+BOOTSTRAPS: multiaddrs, comma-separated.
+
+With `pause`, it prints `{"first": ..., "links": [...]}` after the first piece of the reply and
+waits for a line on stdin before going on (the test kills a relay in between).
 """
 
 from __future__ import annotations
@@ -18,11 +23,20 @@ from layerswarm.routing.swarm_client import open_swarm_generator
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(name)s %(levelname)s %(message)s")
     model_dir, bootstrap, question, max_tokens = sys.argv[1:5]
-    config = ClientConfig(connect_timeout=5.0, discovery_timeout=30.0, bootstrap=(bootstrap,))
+    pause = sys.argv[5:6] == ["pause"]
+    bootstraps = tuple(bootstrap.split(","))
+    config = ClientConfig(connect_timeout=5.0, discovery_timeout=30.0, bootstrap=bootstraps)
     gen = open_swarm_generator(Path(model_dir), [], config=config)
     try:
         greedy = SamplingConfig(max_new_tokens=int(max_tokens), temperature=0.0)
-        reply = "".join(gen.chat([{"role": "user", "content": question}], greedy))
+        pieces: list[str] = []
+        for piece in gen.chat([{"role": "user", "content": question}], greedy):
+            if pause and not pieces:
+                links = [str(link.address) for link in gen.client.links]  # type: ignore[attr-defined]
+                print(json.dumps({"first": piece, "links": links}), flush=True)
+                sys.stdin.readline()
+            pieces.append(piece)
+        reply = "".join(pieces)
         links = [str(link.address) for link in gen.client.links]  # type: ignore[attr-defined]
     finally:
         gen.client.close()  # type: ignore[attr-defined]

@@ -105,30 +105,37 @@ from layerswarm.swarm.discovery import DhtLookup, dht_key
 from layerswarm.swarm.identity import generate_identity
 from layerswarm.shards.weights import model_fingerprint
 
-async def main(host, bootstrap, model, want):
-    node = await DhtNode.start(generate_identity(), host, 0, [bootstrap], None)
+async def main(host, bootstrap, model, want, relayed=""):
+    node = await DhtNode.start(generate_identity(), host, 0, bootstrap.split(","), None)
+    holder, _, count = relayed.partition("=")
     lookup = DhtLookup(lambda: node.get_records(dht_key(model_fingerprint(model))))
     deadline = time.monotonic() + 90
     try:
         while time.monotonic() < deadline:
             await lookup.refresh()
-            if {r.peer_id for r in lookup.records()} >= set(want.split(",")):
+            records = {r.peer_id: r for r in lookup.records()}
+            held = records[holder].addresses if holder in records else ()
+            circuits = [a for a in held if "p2p-circuit" in a]
+            if set(records) >= set(want.split(",")) and len(circuits) >= int(count or 0):
                 print("seen")
                 return
             await asyncio.sleep(1)
     finally:
         await node.close()
 
-asyncio.run(main(*sys.argv[1:5]))
+asyncio.run(main(*sys.argv[1:6]))
 """
 
 
-def wait_seen(ns: str, host: str, bootstrap: str, model: Path, peer_ids: Sequence[str]) -> None:
+def wait_seen(
+    ns: str, host: str, bootstrap: str, model: Path, peer_ids: Sequence[str], relayed: str = ""
+) -> None:
     """Read the DHT from `ns` until every peer's record is there (a relay carries a NAT'd
-    peer's record once its next announcement runs)."""
+    peer's record once its next announcement runs); `relayed` "PEERID=N": until that peer's
+    record lists N relayed addresses."""
     out = subprocess.run(
         ["ip", "netns", "exec", ns, sys.executable, "-c", SEEN, host, bootstrap, str(model),
-         ",".join(peer_ids)],
+         ",".join(peer_ids), relayed],
         capture_output=True, text=True, timeout=150,
     )  # fmt: skip
     assert "seen" in out.stdout, out.stderr[-3000:]
@@ -165,3 +172,67 @@ def test_client_in_one_home_gets_the_local_reply_from_a_peer_in_another_home_via
             home.stop()
     finally:
         public.stop()
+
+
+def test_a_relay_killed_mid_reply_leaves_the_reply_identical_through_the_other_relay(
+    world: World, smollm2_dir: Path, tmp_path: Path
+) -> None:
+    """Two public peers, each a relay serving 0:15; a home peer serving 15:30 holds a
+    reservation on both. The client in another home pauses after its first token, the relay
+    its link to the home peer goes through is SIGKILLed, and the reply goes on: the home peer
+    through its record's other relayed address, layers 0:15 on the surviving public peer."""
+    local = open_local_generator(smollm2_dir)
+    greedy = SamplingConfig(max_new_tokens=TOKENS, temperature=0.0)
+    expected = "".join(local.chat([{"role": "user", "content": QUESTION}], greedy))
+    pub, home_a, home_b = world.public, world.homes[0], world.homes[1]
+    peers: list[NsPeer] = []
+    client: subprocess.Popen[str] | None = None
+    try:
+        first = NsPeer(
+            pub.name, pub.address, smollm2_dir, "0:15", tmp_path, "--dht", "--relay", "on"
+        )
+        peers.append(first)
+        boot = ["--bootstrap", first.info["multiaddr"]]
+        peers.append(
+            NsPeer(pub.name, pub.address, smollm2_dir, "0:15", tmp_path, *boot, "--relay", "on")
+        )
+        relays = {p.info["peer_id"]: p for p in peers}
+        reserve = [arg for p in peers for arg in ("--reserve-on", p.info["address"])]
+        home = NsPeer(home_a.name, home_a.address, smollm2_dir, "15:30", tmp_path, *boot, *reserve)
+        peers.append(home)
+        bootstraps = ",".join(p.info["multiaddr"] for p in relays.values())
+        ids = [p.info["peer_id"] for p in peers]
+        wait_seen(home_b.name, home_b.address, bootstraps, smollm2_dir, ids, f"{ids[2]}=2")
+        client_log = tmp_path / "client.log"
+        with open(client_log, "w") as err:  # a file: a full stderr pipe would stall the client
+            client = subprocess.Popen(
+                ["ip", "netns", "exec", home_b.name, sys.executable, str(CLIENT),
+                 str(smollm2_dir), bootstraps, QUESTION, str(TOKENS), "pause"],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, text=True,
+            )  # fmt: skip
+        assert client.stdin is not None and client.stdout is not None
+        paused = json.loads(client.stdout.readline() or "{}")
+        (via,) = [a for a in paused.get("links", []) if a.endswith(home.info["peer_id"])] or [""]
+        assert "/p2p-circuit/" in via, (paused, client_log.read_text()[-3000:])
+        killed = relays[via.split("/")[1]]
+        killed.stop(signal.SIGKILL)
+        client.stdin.write("go\n")
+        client.stdin.flush()
+        out, _ = client.communicate(timeout=300)
+        assert client.returncode == 0, client_log.read_text()[-4000:]
+        got = json.loads(out.splitlines()[-1])
+        assert got["reply"] == expected and expected.startswith(paused["first"])
+        (now,) = [a for a in got["links"] if a.endswith(home.info["peer_id"])]
+        assert "/p2p-circuit/" in now and killed.info["peer_id"] not in now, got["links"]
+    finally:
+        try:
+            if client is not None:
+                if client.poll() is None:
+                    client.kill()
+                client.wait()
+                for stream in (client.stdin, client.stdout):
+                    if stream is not None and not stream.closed:
+                        stream.close()
+        finally:
+            for p in reversed(peers):
+                p.stop()
