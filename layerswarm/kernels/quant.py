@@ -166,6 +166,7 @@ def int8_linear(
     scales: torch.Tensor,
     bias: torch.Tensor | None = None,
     backend: str | None = None,
+    kernel_scales: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """`x @ (weight * scales).T + bias` without materializing the float weight where it pays.
 
@@ -173,6 +174,8 @@ def int8_linear(
         x: `(..., in)` in the model dtype.
         weight: `(out, in)` int8; scales: `(out,)` in the model dtype.
         backend: "torch" or "triton" to force one (tests); None: Triton on CUDA, else torch.
+        kernel_scales: `scales` already in `CPU_KERNEL_DTYPE`, for the CPU kernel (a
+            `QuantLinear` keeps one, so an fp32 model does not convert them every step).
     Returns:
         `(..., out)` in `x.dtype`.
     """
@@ -181,13 +184,15 @@ def int8_linear(
     if _use_triton(x, backend):
         out = _triton().int8_matmul(x2, weight, scales, bias)
     else:
-        out = _int8_torch(x2, weight, scales)
+        out = _int8_torch(x2, weight, scales, kernel_scales)
         if bias is not None:
             out = out + bias
     return out.reshape(*x.shape[:-1], weight.shape[0])
 
 
-def _int8_torch(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+def _int8_torch(
+    x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, kernel_scales: torch.Tensor | None
+) -> torch.Tensor:
     # `_weight_int8pack_mm` crashed (SIGSEGV) on torch 2.13 CPU for bf16 inputs whose in_features
     # is not a multiple of 16 (72, 50, 40, 8 tried): use it only when that holds.
     packed_ok = (
@@ -198,7 +203,8 @@ def _int8_torch(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> 
     )
     if packed_ok:
         k = CPU_KERNEL_DTYPE
-        out = torch._weight_int8pack_mm(x.to(k).contiguous(), weight, scales.to(k))
+        ks = scales.to(k) if kernel_scales is None else kernel_scales
+        out = torch._weight_int8pack_mm(x.to(k).contiguous(), weight, ks)
         return out.to(x.dtype)
     return F.linear(x, dequantize_int8(weight, scales.to(x.dtype)))
 
@@ -211,6 +217,7 @@ def int4_linear(
     bias: torch.Tensor | None = None,
     layout: str = "rows",
     backend: str | None = None,
+    kernel_scales_zeros: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """`x @ W.T + bias` for an int4 weight `W` (see the module docstring for the format).
 
@@ -219,6 +226,8 @@ def int4_linear(
         weight: `(out, in / 2)` uint8 in `layout` ("rows", or "cpu" for torch's CPU kernel).
         scales_zeros: `(in / group_size, out, 2)` in the model dtype.
         backend: "torch" or "triton" to force one (tests); None: Triton on CUDA, else torch.
+        kernel_scales_zeros: `scales_zeros` already in `CPU_KERNEL_DTYPE`, for the "cpu"
+            layout's kernel (as `int8_linear`'s `kernel_scales`).
     Returns:
         `(..., out)` in `x.dtype`.
     """
@@ -229,7 +238,7 @@ def int4_linear(
         if x2.dtype not in _QUANT_DTYPES:
             raise ValueError(f"int4 on CPU takes fp32/fp16/bf16 inputs, not {x2.dtype}")
         k = CPU_KERNEL_DTYPE if x2.dtype in _CPU_KERNEL_INPUTS else x2.dtype
-        sz = scales_zeros.to(k)
+        sz = scales_zeros.to(k) if kernel_scales_zeros is None else kernel_scales_zeros
         out = torch.ops.aten._weight_int4pack_mm_for_cpu(
             x2.to(k).contiguous(), weight, group_size, sz
         )

@@ -102,10 +102,26 @@ class QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """`x (..., in_features)` -> `(..., out_features)` in `x.dtype`."""
         if self.mode == "int8":
-            return quant.int8_linear(x, self.weight, self.scales, self.bias, self.backend)
+            return quant.int8_linear(
+                x, self.weight, self.scales, self.bias, self.backend, self._kernel_copy(self.scales)
+            )
         return quant.int4_linear(
-            x, self.weight, self.scales_zeros, self.group_size, self.bias, self.layout, self.backend
-        )
+            x, self.weight, self.scales_zeros, self.group_size, self.bias, self.layout,
+            self.backend, self._kernel_copy(self.scales_zeros),
+        )  # fmt: skip
+
+    def _kernel_copy(self, src: torch.Tensor) -> torch.Tensor | None:
+        """`src` (the scales) in the CPU kernels' input dtype, for an fp32 model on a CPU: kept
+        until `src` is replaced or changed in place (its version counter), not cast each step
+        (an fp32 int4 layer's scales and zeros: ~110k values a SmolLM2 layer)."""
+        if src.dtype != torch.float32 or not src.is_cpu:
+            return None
+        key = (src, src._version)
+        cached = self.__dict__.get("_kernel_cache")
+        if cached is None or cached[0][0] is not src or cached[0][1] != src._version:
+            cached = (key, src.to(quant.CPU_KERNEL_DTYPE))
+            self.__dict__["_kernel_cache"] = cached
+        return cached[1]
 
     def _fit_device(self) -> None:
         """Repack int4 weights for torch's CPU kernel when they sit on a CPU and it pays."""
