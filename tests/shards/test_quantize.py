@@ -144,3 +144,16 @@ def test_cpu_decode_takes_torchs_int8_kernel_in_fp32_too(
     got = q(x)
     assert calls == [torch.bfloat16] and got.dtype == dtype
     torch.testing.assert_close(got.float(), want + q.bias.float(), atol=0.05, rtol=0.02)
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_the_kernels_copy_of_the_scales_follows_them(mode: str) -> None:
+    q = QuantLinear.from_linear(nn.Linear(64, 32, bias=False), mode, group_size=32)  # type: ignore[arg-type]
+    x = torch.randn(1, 64)
+    before = q(x)
+    scales = q.scales if mode == "int8" else q.scales_zeros
+    scales.mul_(2)  # in place: the kept bf16 copy must not be used stale
+    torch.testing.assert_close(q(x), 2 * before, atol=0.05, rtol=0.02)
+    if mode == "int8":
+        q.scales = q.scales / 2  # replaced
+        torch.testing.assert_close(q(x), before, atol=0.05, rtol=0.02)
