@@ -89,18 +89,19 @@ class LinkProxy:
         up: LinkConfig,
         down: LinkConfig | None = None,
         host: str = "127.0.0.1",
+        port: int = 0,
     ) -> None:
         self.target = (target_host, target_port)
         self.up, self.down = up, down or up
         self.host = host
-        self.port = 0  # the port listened on, once started
+        self.port = port  # the port listened on (0: a free one, known once started)
         self.bytes_up = 0  # bytes relayed towards the target, over all connections
         self.bytes_down = 0
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[object]] = set()
 
     async def start(self) -> LinkProxy:
-        self._server = await asyncio.start_server(self._accept, self.host, 0)
+        self._server = await asyncio.start_server(self._accept, self.host, self.port)
         self.port = self._server.sockets[0].getsockname()[1]
         return self
 
