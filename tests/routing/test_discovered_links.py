@@ -3,13 +3,20 @@ address of a record kept to dial in turn."""
 
 from __future__ import annotations
 
+import asyncio
+import socket
 import time
 
+import pytest
+
+from layerswarm.errors import PeerUnavailable
 from layerswarm.routing.peer_link import PeerLink, link_key, record_addresses
 from layerswarm.routing.swarm_client import SwarmClient
 from layerswarm.swarm.identity import generate_identity
+from layerswarm.swarm.listen import ConnectionInfo, serve_connections
+from layerswarm.swarm.protocol import Message
 from layerswarm.swarm.records import PeerRecord
-from layerswarm.swarm.transport import parse_address
+from layerswarm.swarm.transport import Address, TransportConfig, parse_address
 
 MODEL = "0123456789abcdef"
 RELAY, RELAY2, HOME_A, HOME_B, PUBLIC = (generate_identity().peer_id for _ in range(5))
@@ -87,3 +94,35 @@ def test_record_addresses_pins_the_records_peer_and_leaves_out_what_cannot_be_di
     relayed = parse_address(f"11.99.0.1:4001/{RELAY}/p2p-circuit/{HOME_A}")
     assert link_key(relayed) == HOME_A
     assert link_key(parse_address("11.99.0.1:4001")) == ("11.99.0.1", 4001)
+
+
+async def _answer(conn: ConnectionInfo, msg: Message) -> Message:
+    raise AssertionError(msg)  # only dialed here
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_a_link_dials_its_records_next_address_when_the_one_that_worked_last_is_dead() -> None:
+    peer, me = generate_identity(), generate_identity()
+    transport = TransportConfig(connect_timeout=2.0, handshake_timeout=2.0, close_timeout=1.0)
+
+    async def main() -> None:
+        async with await serve_connections(_answer, "127.0.0.1", 0, peer, transport) as server:
+            client = client_with(Records())
+            client.identity, client.transport = me, transport
+            dead = Address("127.0.0.1", _closed_port(), peer.peer_id)
+            live = Address("127.0.0.1", server.port, peer.peer_id)
+            link = PeerLink(dead, discovered=True, addresses=(dead, live))
+            conn = await client._dial(link)
+            assert conn.peer_id == peer.peer_id and link.address == live
+            conn.close()
+            await conn.wait_closed()
+            lost = PeerLink(dead, discovered=True, addresses=(dead,))
+            with pytest.raises(PeerUnavailable):
+                await client._dial(lost)
+
+    asyncio.run(asyncio.wait_for(main(), 20))
