@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
-from layerswarm.errors import LayerswarmError
+from layerswarm.errors import LayerswarmError, PeerUnavailable
 from layerswarm.routing.paths import PeerView
 from layerswarm.routing.peer_stats import (
     MAX_LOAD,
@@ -13,10 +15,13 @@ from layerswarm.routing.peer_stats import (
     claimed_seconds_per_layer,
 )
 from layerswarm.shards.config import Span
-from layerswarm.swarm.dial import Connection
+from layerswarm.swarm.dial import Connection, open_connection
+from layerswarm.swarm.identity import Identity
 from layerswarm.swarm.protocol import InfoReply
 from layerswarm.swarm.records import PeerRecord
-from layerswarm.swarm.transport import Address, parse_address
+from layerswarm.swarm.transport import Address, TransportConfig, parse_address
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -94,3 +99,31 @@ def record_addresses(record: PeerRecord) -> tuple[Address, ...]:
         if address.peer_id == record.peer_id and address not in found:
             found.append(address)
     return tuple(found)
+
+
+async def open_link(
+    link: PeerLink,
+    identity: Identity,
+    transport: TransportConfig,
+    on_goodbye: Callable[[Connection, str], None] | None = None,
+) -> Connection:
+    """Connect to a link's peer: the address that worked last, else its record's others in turn
+    (the one that answers becomes `link.address`).
+
+    Raises:
+        PeerUnavailable: no address answered (the last one's error); OSError likewise.
+    """
+    error: PeerUnavailable | OSError | None = None
+    for address in link.candidates():
+        try:
+            conn = await open_connection(address, identity, transport, on_goodbye=on_goodbye)
+        except (PeerUnavailable, OSError) as e:
+            log.debug("peer at %s is unreachable: %s", address, e)
+            error = e
+            continue
+        if address != link.address:
+            log.info("peer at %s reached at %s instead", link.address, address)
+            link.address = address
+        return conn
+    assert error is not None  # candidates() holds link.address at least
+    raise error

@@ -29,7 +29,7 @@ from layerswarm.routing.hop_calls import HopCalls
 from layerswarm.routing.loop import BackgroundLoop
 from layerswarm.routing.paths import BanList, PeerView
 from layerswarm.routing.peer_book import NormBounds, PeerBook
-from layerswarm.routing.peer_link import PeerLink, link_key, record_addresses
+from layerswarm.routing.peer_link import PeerLink, link_key, open_link, record_addresses
 from layerswarm.routing.peer_stats import PeerStats
 from layerswarm.routing.session import RemoteSession
 from layerswarm.routing.text import ChatTokenizer
@@ -38,7 +38,7 @@ from layerswarm.routing.verify_local import LocalSpans
 from layerswarm.shards.config import ModelConfig
 from layerswarm.shards.quantize import pack_linears
 from layerswarm.shards.weights import load_client_head, model_fingerprint
-from layerswarm.swarm.dial import Connection, open_connection
+from layerswarm.swarm.dial import Connection
 from layerswarm.swarm.discovery import (
     DhtLookup,
     RecordSource,
@@ -238,7 +238,7 @@ class SwarmClient:
                 if link.conn is not None:  # a leaving peer's connection: replaced, so closed
                     link.conn.close()
                 link.leaving = False
-                link.conn = await self._dial(link)
+                link.conn = await open_link(link, self.identity, self.transport, self._goodbye)
                 self.book.back(link.conn.peer_id)  # it is back: usable again
             conn = link.conn
             if conn is None:
@@ -260,29 +260,6 @@ class SwarmClient:
             if link.conn is not None:
                 link.conn.close()
             link.conn = None
-
-    async def _dial(self, link: PeerLink) -> Connection:
-        """Connect to a link's peer: its current address, else its record's others in turn.
-
-        Raises:
-            PeerUnavailable: no address answered (the last one's error).
-        """
-        error: PeerUnavailable | OSError | None = None
-        for address in link.candidates():
-            try:
-                conn = await open_connection(
-                    address, self.identity, self.transport, on_goodbye=self._goodbye
-                )
-            except (PeerUnavailable, OSError) as e:
-                log.debug("peer at %s is unreachable: %s", address, e)
-                error = e
-                continue
-            if address != link.address:
-                log.info("peer at %s reached at %s instead", link.address, address)
-                link.address = address
-            return conn
-        assert error is not None  # candidates() holds link.address at least
-        raise error
 
     async def add_peers(self, addresses: Sequence[str]) -> None:
         """Add peers by address (`host:port[/PEERID]`) and read what they serve."""

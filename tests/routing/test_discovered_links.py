@@ -10,7 +10,7 @@ import time
 import pytest
 
 from layerswarm.errors import PeerUnavailable
-from layerswarm.routing.peer_link import PeerLink, link_key, record_addresses
+from layerswarm.routing.peer_link import PeerLink, link_key, open_link, record_addresses
 from layerswarm.routing.swarm_client import SwarmClient
 from layerswarm.swarm.identity import generate_identity
 from layerswarm.swarm.listen import ConnectionInfo, serve_connections
@@ -112,17 +112,15 @@ def test_a_link_dials_its_records_next_address_when_the_one_that_worked_last_is_
 
     async def main() -> None:
         async with await serve_connections(_answer, "127.0.0.1", 0, peer, transport) as server:
-            client = client_with(Records())
-            client.identity, client.transport = me, transport
             dead = Address("127.0.0.1", _closed_port(), peer.peer_id)
             live = Address("127.0.0.1", server.port, peer.peer_id)
             link = PeerLink(dead, discovered=True, addresses=(dead, live))
-            conn = await client._dial(link)
+            conn = await open_link(link, me, transport)
             assert conn.peer_id == peer.peer_id and link.address == live
             conn.close()
             await conn.wait_closed()
             lost = PeerLink(dead, discovered=True, addresses=(dead,))
             with pytest.raises(PeerUnavailable):
-                await client._dial(lost)
+                await open_link(lost, me, transport)
 
     asyncio.run(asyncio.wait_for(main(), 20))
