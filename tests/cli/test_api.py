@@ -235,7 +235,8 @@ def test_a_missing_span_is_a_503(
     smollm2_dir: Path, swarm: LocalSwarm, model: str, open_api: OpenApi
 ) -> None:
     first_half = [p.address for p in swarm.peers if p.span == Span(0, 15)]
-    with open_api(smollm2_dir, first_half) as url:
+    # the layers are waited for up to --route-wait before the 503 (30 s by default)
+    with open_api(smollm2_dir, first_half, ("--route-wait", "1")) as url:
         client = openai.OpenAI(base_url=url, api_key="unused", max_retries=0)
         for stream in (False, True):
             with pytest.raises(openai.InternalServerError) as e:
