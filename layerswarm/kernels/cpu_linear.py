@@ -179,7 +179,13 @@ def bag_blocks(out_features: int, threads: int) -> int:
 def default_plan(weights: Sequence[torch.Tensor], has_bias: bool) -> LinearPlan:
     """The fixed rule, for where nothing was measured: bf16 packed by oneDNN on a CPU with bf16
     instructions (`native_bf16`), fp16 in rows, everything else transposed with the bag GEMVs
-    of up to `BAG_ROWS` (`BAG_ROWS_CACHED` for a weight an L3 holds) tokens, a block a thread."""
+    of up to `BAG_ROWS` (`BAG_ROWS_CACHED` for a weight an L3 holds) tokens, one block.
+
+    One block (one thread a bag), as in the last rounds: a block a thread was 1.9x slower on a
+    shared 2-core host with 7-9 runnable processes (a two-thread GEMV waits out every time
+    slice the other core is taken; docs/design.md, CPU speed), and the test suite runs several
+    peers on one machine. Where more blocks win, the `cpu_tuning.Tuner` measures it and picks
+    them."""
     w = weights[0]
     if w.dtype == torch.bfloat16 and native_bf16():
         return LinearPlan("onednn")
@@ -189,8 +195,7 @@ def default_plan(weights: Sequence[torch.Tensor], has_bias: bool) -> LinearPlan:
         # 115 ms against 8.5), and prefill would pay that.
         return LinearPlan("rows")
     cached = w.numel() * w.element_size() <= CACHED_TABLE
-    blocks = bag_blocks(w.shape[0], torch.get_num_threads())
-    return LinearPlan("trans", (blocks,) * (BAG_ROWS_CACHED if cached else BAG_ROWS))
+    return LinearPlan("trans", (1,) * (BAG_ROWS_CACHED if cached else BAG_ROWS))
 
 
 class ArenaLinear(nn.Linear):
