@@ -134,6 +134,9 @@ class Route:
                 self.failed(e, avoid)
                 await self.calls.close(opened)
                 budget.spend(e)
+            except LayerswarmError:  # our bug, or a code no peer answers differently
+                await self.calls.close(opened)
+                raise
 
     async def choose(self, span: Span, avoid: set[str]) -> list[PathHop]:
         """A path for `span`, trying harder as usable peers run out.
