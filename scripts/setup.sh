@@ -8,7 +8,8 @@
 #
 #   scripts/setup.sh          # runtime dependencies
 #   scripts/setup.sh dev      # plus test tools (pytest, ruff, mypy, hypothesis, transformers,
-#                             # triton, playwright) and Debian's chromium for the browser test
+#                             # triton, playwright), Debian's chromium for the browser test and
+#                             # miniupnpd for the UPnP tests
 set -euo pipefail
 cd "$(dirname "$0")/.."
 TORCH_VERSION="${LAYERSWARM_TORCH_VERSION:-2.13.0}"
@@ -32,6 +33,14 @@ target="."
 [[ $extra == dev ]] && target=".[dev]"
 echo "setup: installing layerswarm${extra:+ with [$extra]}" >&2
 "$VPY" -m pip install --disable-pip-version-check -q -e "$target"
+if [[ $extra == dev ]] && ! command -v miniupnpd >/dev/null && [[ $(id -u) == 0 ]] &&
+    command -v apt-get >/dev/null; then
+    # The --upnp tests run Debian's miniupnpd as the home router (tests/swarm/nat_world.py).
+    # Not fatal: without it those tests skip, and say why.
+    echo "setup: installing miniupnpd (apt)" >&2
+    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq miniupnpd >/dev/null; } ||
+        echo "setup: could not install miniupnpd; the UPnP tests will skip" >&2
+fi
 if [[ $extra == dev ]] && ! command -v chromium >/dev/null; then
     # The dashboard's browser test drives Debian's chromium with Playwright (no browser download).
     if [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null; then
