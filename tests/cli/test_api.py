@@ -282,7 +282,12 @@ def test_json_schema_and_a_forced_tool_call_through_the_swarm(client: Any, model
     jsonschema.validate(json.loads(reply.choices[0].message.content), STEPS)
     tool = {"type": "function", "function": {"name": "bake", "parameters": STEPS}}
     called = client.chat.completions.create(
-        model=model, messages=BREAD, tools=[tool], tool_choice="required", max_tokens=200
+        model=model,
+        messages=BREAD,
+        tools=[tool],
+        tool_choice="required",
+        temperature=0,  # sampled, a call can outrun max_tokens before it closes (seen once)
+        max_tokens=200,
     )
     call = called.choices[0].message.tool_calls[0]
     assert called.choices[0].finish_reason == "tool_calls" and call.function.name == "bake"
