@@ -28,8 +28,8 @@ from layerswarm.cli.common import (
 )
 from layerswarm.cli.repl import Events
 from layerswarm.peer.launch import LocalSwarm, even_spans, start_peer, start_peers
+from layerswarm.routing.client import Client
 from layerswarm.routing.sampling import SamplingConfig
-from layerswarm.routing.swarm_client import ClientConfig, open_swarm_generator
 from layerswarm.shards.config import ModelConfig
 
 
@@ -65,9 +65,11 @@ def _main(argv: list[str] | None) -> None:
             say(f"peers ready in {time.monotonic() - t0:.1f} s (bootstrap: {first.multiaddr}):")
             for p in swarm.peers:
                 say(f"  layers {p.span}  at {p.address}")
-            config = ClientConfig(bootstrap=(first.multiaddr or "",))
             route_libp2p_logs(args.verbose)  # else its warnings print raw, mid-reply
-            gen = open_swarm_generator(model_dir, [], config=config, on_event=events)
+            client = Client.connect(
+                str(model_dir), bootstrap=[first.multiaddr or ""], on_event=events
+            )
+            gen = client.generator
             say(f"\n> {args.prompt}")
             show(
                 gen.chat(
