@@ -183,7 +183,7 @@ class ClientSource:
                 await client.net.call(client.refresh())
             except Exception as e:  # none answers: the page says so through their states
                 note_event("info", f"refreshing the swarm failed: {e}")
-        banned = client.bans.banned() | set(client.trust.liars)  # failed, or caught lying
+        banned = client.book.banned()  # failed (for a while), or caught lying
         return [_link_row(link, banned) for link in client.links]
 
 

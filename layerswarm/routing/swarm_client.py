@@ -28,9 +28,8 @@ from layerswarm.routing.generate import Generator, Pipeline
 from layerswarm.routing.hop_calls import HopCalls
 from layerswarm.routing.loop import BackgroundLoop
 from layerswarm.routing.paths import BanList, PeerView
-from layerswarm.routing.peer_book import NormBounds, PeerBook
+from layerswarm.routing.peer_book import PeerBook
 from layerswarm.routing.peer_link import PeerLink, link_key, open_link, record_addresses
-from layerswarm.routing.peer_stats import PeerStats
 from layerswarm.routing.session import RemoteSession
 from layerswarm.routing.text import ChatTokenizer
 from layerswarm.routing.trust import TrustLedger
@@ -322,14 +321,6 @@ class SwarmClient:
     @property
     def trust(self) -> TrustLedger:
         return self.book.trust
-
-    @property
-    def stats(self) -> PeerStats:
-        return self.book.stats
-
-    @property
-    def norms(self) -> NormBounds:
-        return self.book.norms
 
     async def open_pipeline(self, max_length: int) -> Pipeline:
         """A session across the swarm with room for `max_length` tokens (on `net`'s loop)."""
