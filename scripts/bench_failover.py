@@ -6,7 +6,8 @@ before the kill, as in `scripts/bench_swarm.py`), kills the second hop's peer af
 tokens, and measures the time from the kill to the next token and the reroute's own cost
 (opening the new session and replaying the kept inputs). The killed peer is restarted between
 runs. Every kill point goes into one table: runs recovered (the reply went on to its last
-token), kill to next token (median, max), reroute + replay (median), tokens replayed.
+token, equal to the same reply with no kill, generated first), kill to next token (median,
+max), reroute + replay (median), tokens replayed.
 
     python scripts/bench_failover.py [--runs 5] [--kill-at 32 500 1000]
 """
@@ -43,20 +44,28 @@ TARGETS = {32: 1.0, 1000: 3.0}  # unit: s from the kill to the next token, by ki
 class Run:
     """One reply with a kill in it."""
 
-    recovered: bool = False  # every token of the reply came, the kill notwithstanding
+    recovered: bool = False  # every token came, equal to the undisturbed reply's
     gap: float = float("nan")  # unit: s from the kill to the next token
     reroute: float = float("nan")  # unit: s the reroute took, replay included
     replayed: int = 0  # unit: tokens replayed into the new hop
 
 
-def one_run(gen: Generator, kill_at: int, swarm: LocalSwarm) -> Run:
+def undisturbed(gen: Generator, kill_at: int) -> list[int]:
+    """The greedy reply of `kill_at + TAIL` tokens with no kill: what every run must give."""
+    cfg = SamplingConfig(max_new_tokens=kill_at + TAIL, temperature=0.0)
+    return list(gen.tokens(gen.tokenizer.encode_chat(STORY), cfg))
+
+
+def one_run(gen: Generator, kill_at: int, swarm: LocalSwarm, reference: list[int]) -> Run:
     """Generate `kill_at + TAIL` tokens, killing the second hop's peer after `kill_at`."""
     prompt = gen.tokenizer.encode_chat(STORY)
     cfg = SamplingConfig(max_new_tokens=kill_at + TAIL, temperature=0.0)
-    run, t_kill, n = Run(), 0.0, 0
+    run, t_kill = Run(), 0.0
+    tokens: list[int] = []
     session: RemoteSession | None = None
     try:
-        for n, _token in enumerate(gen.tokens(prompt, cfg), start=1):
+        for n, token in enumerate(gen.tokens(prompt, cfg), start=1):
+            tokens.append(token)
             if n == kill_at:
                 assert isinstance(gen.active, RemoteSession)
                 session = gen.active
@@ -74,7 +83,7 @@ def one_run(gen: Generator, kill_at: int, swarm: LocalSwarm) -> Run:
                     run.reroute = session.reroute_seconds[-1]
     except Exception:  # a run that did not recover is a result, not the end of the benchmark
         traceback.print_exc()
-    run.recovered = n == kill_at + TAIL
+    run.recovered = tokens == reference  # a reply cut short or changed did not recover
     return run
 
 
@@ -114,10 +123,14 @@ def main() -> None:
     results: dict[int, list[Run]] = {}
     with tempfile.TemporaryDirectory() as tmp, start_peers(model_dir, spans, Path(tmp)) as swarm:
         for kill_at in args.kill_at:
+            gen = open_swarm_generator(model_dir, swarm.addresses)
+            gen.tokenizer.eos_ids = frozenset()
+            reference = undisturbed(gen, kill_at)
+            gen.client.close()  # type: ignore[attr-defined]
             for i in range(args.runs):
                 gen = open_swarm_generator(model_dir, swarm.addresses)
                 gen.tokenizer.eos_ids = frozenset()  # the reply must reach the kill and go on
-                run = one_run(gen, kill_at, swarm)
+                run = one_run(gen, kill_at, swarm, reference)
                 gen.client.close()  # type: ignore[attr-defined]
                 print(f"kill at {kill_at}, run {i + 1}: {run}", file=sys.stderr)
                 results.setdefault(kill_at, []).append(run)
