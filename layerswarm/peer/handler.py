@@ -126,11 +126,17 @@ class RequestHandler:
         except ValueError as e:
             raise RemoteError(ErrorCode.BAD_SPAN, str(e)) from None
         session = await self.table.open(
-            owner(conn), client(conn), msg.session_id, layers, msg.max_length
+            owner(conn),
+            client(conn),
+            msg.session_id,
+            layers,
+            msg.max_length,
+            prefix=msg.prefix or (),
+            fork_of=msg.fork_of,
         )
         session.push_key = msg.push_key
         log.debug("opened session %s for %s on layers %s", msg.session_id, conn.peer_id, layers)
-        return SessionOpened(msg.session_id)
+        return SessionOpened(msg.session_id, cached_tokens=session.cache.length)
 
     def info(self) -> InfoReply:
         span = self.table.model.span

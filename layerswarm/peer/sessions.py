@@ -5,6 +5,16 @@ prefill. KV pages are taken as sessions grow, so admission cannot be a one-off r
 a new session is let in while the pages in use (at least one a session) plus a reserve kept for
 open sessions to grow leave room; otherwise it waits in a bounded queue for a session to close,
 and only then hears "cache full". A running session that cannot grow hears "session full".
+
+Pages are shared where that saves a prefill (`PagedKVCache`, copy on write):
+- a session opened with `fork_of` holds what its parent holds (`n` choices of one prompt);
+- a session opened with a prefix's hash chain (`OpenSession.prefix`) starts with the pages this
+  peer keeps for that chain, a finished session's or a live one's, and its own full pages of
+  the chain are kept in turn as its steps fill them. Kept pages are scoped to the client (its
+  peer ID) and the layers: a peer never sees tokens, only their hashes, so a client that lied
+  about its hashes could poison another client's replies if pages were shared across clients.
+  A session counts its shared pages as its own in admission, as it would hold them without
+  the sharing; pages that only the cache keeps count as free.
 """
 
 from __future__ import annotations
@@ -33,6 +43,7 @@ from layerswarm.shards.config import Span
 from layerswarm.shards.kv_cache import PagedKVCache, SessionCache
 from layerswarm.shards.scheduler import StepScheduler
 from layerswarm.shards.scheduler_config import PositionGap
+from layerswarm.swarm.messages import PREFIX_BLOCK_TOKENS
 from layerswarm.swarm.protocol import ErrorCode
 
 log = logging.getLogger(__name__)
@@ -53,6 +64,12 @@ class Session:
         default_factory=dict
     )
     handed_on: asyncio.Future[None] | None = None  # set once the last pushed step was sent on
+    prefix: tuple[bytes, ...] = ()  # the hash chain of its first blocks (`OpenSession.prefix`)
+    kept: int = 0  # blocks of `prefix` whose pages the cache keeps (taken from it, or given)
+
+    def prefix_key(self, block: int) -> tuple[str, int, int, bytes]:
+        """The cache's key of the session's page `block`: scoped to the client and layers."""
+        return (self.client, self.layers.start, self.layers.end, self.prefix[block])
 
 
 class SessionTable:
@@ -79,6 +96,9 @@ class SessionTable:
         self._waiters: deque[asyncio.Future[None]] = deque()  # opens waiting for memory
         self._promised = 0  # sessions: waiters woken and not yet opened
         self.truncating_steps = 0  # steps that came with `truncate_to` (pushed ones too)
+        self.computed_tokens = 0  # unit: tokens the span ran (sessions' steps, all together)
+        self.cached_tokens = 0  # unit: tokens that sessions took from kept pages at open
+        self.forks = 0  # sessions opened as forks of another
         metrics.watch_peer(self.scheduler, lambda: self.cache, lambda: len(self.sessions))
 
     @property
@@ -103,13 +123,25 @@ class SessionTable:
         return self._pages_used() + 1 + self.reserve_pages <= self.cache.num_pages
 
     async def open(
-        self, owner: str, client: str, session_id: str, layers: Span, max_length: int
+        self,
+        owner: str,
+        client: str,
+        session_id: str,
+        layers: Span,
+        max_length: int,
+        prefix: tuple[bytes, ...] = (),
+        fork_of: str | None = None,
     ) -> Session:
-        """Open a session (no pages taken yet), waiting for memory if it is short.
+        """Open a session, waiting for memory if it is short.
+
+        It holds no pages, or those of a kept `prefix` (its hash chain), or, with `fork_of`,
+        every page of that session of the same connection.
 
         Raises:
             RemoteError: BAD_SPAN, PROTOCOL (already open), BUSY (a limit of this client),
-                CACHE_FULL (no memory after `admission_timeout`, or the wait queue is full).
+                CACHE_FULL (no memory after `admission_timeout`, or the wait queue is full),
+                UNKNOWN_SESSION or BAD_POSITION (a fork of no such session, or of a session
+                with steps queued, or on other layers).
         """
         span = self.model.span
         if layers.start < span.start or layers.end > span.end:
@@ -124,12 +156,54 @@ class SessionTable:
             except RemoteError:
                 self._wake_waiters()  # the room goes to the next in line
                 raise
-        cache = self.cache.open_session(max_length)
+        try:
+            if fork_of is not None:
+                cache = self._fork(owner, fork_of, layers, max_length)
+            else:
+                cache = self.cache.open_session(max_length)
+        except RemoteError:
+            if waited:
+                self._wake_waiters()
+            raise
         session = Session((owner, session_id), client, layers, cache, time.monotonic())
+        if fork_of is None and prefix and self.cache.page_size == PREFIX_BLOCK_TOKENS:
+            session.prefix = prefix
+            pages = self.cache.cached_pages([session.prefix_key(i) for i in range(len(prefix))])
+            self.cache.attach(cache, pages)
+            session.kept = len(pages)
+            self.cached_tokens += cache.length
         self.sessions[session.key] = session
         if waited:
             self._wake_waiters()  # room may remain for the next in line
         return session
+
+    def _fork(self, owner: str, parent_id: str, layers: Span, max_length: int) -> SessionCache:
+        parent = self.get(owner, parent_id)
+        if parent.layers != layers:
+            raise RemoteError(
+                ErrorCode.BAD_SPAN,
+                f"session {parent_id!r} runs layers {parent.layers}: a fork runs the same",
+            )
+        if parent.queued_length > parent.cache.length:
+            raise RemoteError(
+                ErrorCode.BAD_POSITION,
+                f"session {parent_id!r} has steps under way: fork it between steps",
+            )
+        try:
+            cache = self.cache.fork(parent.cache, max_length)
+        except ContextOverflow as e:
+            raise RemoteError(ErrorCode.BAD_POSITION, str(e)) from None
+        except CacheFull as e:
+            raise RemoteError(ErrorCode.CACHE_FULL, f"{e}; no room to fork") from None
+        self.forks += 1
+        return cache
+
+    def _keep_prefix(self, session: Session) -> None:
+        """Give the cache the session's pages of its prefix that its steps have filled."""
+        full = min(len(session.prefix), session.cache.length // self.cache.page_size)
+        while session.kept < full:
+            self.cache.keep(session.cache, session.kept, session.prefix_key(session.kept))
+            session.kept += 1
 
     def _check_new(self, owner: str, client: str, session_id: str) -> None:
         if (owner, session_id) in self.sessions:
@@ -265,6 +339,9 @@ class SessionTable:
             metrics.PEER_STEP_ERRORS.inc()
             raise _as_remote(e, session) from None
         metrics.step_done(hidden.shape[1], time.perf_counter() - t0)
+        self.computed_tokens += hidden.shape[1]
+        if session.kept < len(session.prefix):
+            self._keep_prefix(session)
         return out
 
     def _check_step(self, session: Session, hidden: torch.Tensor, start: int) -> None:
@@ -316,6 +393,10 @@ class SessionTable:
             "truncating_steps": self.truncating_steps,
             "session_tokens": sum(s.cache.length for s in self.sessions.values()),
             "kv_pages_used": self.cache.num_pages - self.cache.pages_free,
+            "kv_pages_cached": self.cache.pages_cached,
+            "computed_tokens": self.computed_tokens,
+            "cached_tokens": self.cached_tokens,
+            "forked_sessions": self.forks,
         }
 
     async def serve_steps(self) -> None:

@@ -15,16 +15,27 @@ the page after its last one when that page is free, and a new session starts in 
 largest free gap (or at its start, when nobody sits before it), leaving room to grow on both
 sides. Each run is a plain view of the pool, so attention on a CPU reads keys run by run and never
 gathers (copies) a session's whole context; a one-run session is the common case.
+
+Pages are reference-counted, so sessions can share them:
+- a fork (`fork`, for `n` choices of one prompt) shares every page of its parent;
+- a new session may take pages that a prefix index keeps (`prefix_cache.PrefixIndex`:
+  `keep`, `cached_pages`, `attach`), a finished session's or a live one's.
+Only full pages are shared for writing's sake: a session writes at its end, so the page it
+writes into is its own. Where a session's end falls inside a shared page (a fork of a session
+mid-page, a rollback into shared pages), that page is copied first (copy on write). Pages that
+only the index holds count as free: they are evicted, least recently used first, when a session
+needs room, so the cache never refuses a session that would fit without it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
 from layerswarm.errors import CacheFull, ContextOverflow
+from layerswarm.shards.prefix_cache import PrefixIndex
 
 DEFAULT_PAGE_SIZE = 16  # unit: tokens per page; small pages waste little of a session's last one
 
@@ -79,8 +90,12 @@ class PagedKVCache:
         # reads and writes every layer's, and each view made again costs ops' time on a CPU.
         self._k_slots = list(self.k.flatten(1, 2))
         self._v_slots = list(self.v.flatten(1, 2))
-        self._free = [True] * num_pages
+        self._free = [True] * num_pages  # held by nobody (`_refs` 0): the allocator's map
         self._n_free = num_pages
+        self._refs = [0] * num_pages  # sessions holding each page, and the index (one)
+        self.prefixes = PrefixIndex()  # pages kept for reuse (see the module)
+        self._n_evictable = 0  # pages that only the index holds
+        self.copied_pages = 0  # pages copied on write (a fork's or a rollback's shared page)
 
     @classmethod
     def bytes_per_token(
@@ -95,11 +110,72 @@ class PagedKVCache:
 
     @property
     def tokens_free(self) -> int:
-        return self._n_free * self.page_size
+        return self.pages_free * self.page_size
 
     @property
     def pages_free(self) -> int:
-        return self._n_free
+        """Pages a session may take now: free ones, and those only the prefix index holds."""
+        return self._n_free + self._n_evictable
+
+    @property
+    def pages_cached(self) -> int:
+        """Pages the prefix index keeps (some of which sessions hold too)."""
+        return len(self.prefixes)
+
+    def _ref(self, page: int) -> None:
+        if self._refs[page] == 0:
+            self._free[page] = False
+            self._n_free -= 1
+        elif self._refs[page] == 1 and page in self.prefixes:
+            self._n_evictable -= 1
+        self._refs[page] += 1
+
+    def _unref(self, page: int) -> None:
+        self._refs[page] -= 1
+        if self._refs[page] == 0:
+            self._free[page] = True
+            self._n_free += 1
+        elif self._refs[page] == 1 and page in self.prefixes:
+            self._n_evictable += 1
+
+    def _room(self, pages: int) -> None:
+        """Make `pages` pages free, evicting pages only the index holds, oldest first.
+
+        Raises:
+            CacheFull: fewer pages than that are free or evictable.
+        """
+        if pages > self.pages_free:
+            raise CacheFull(
+                f"cache full: {pages} more pages needed, "
+                f"{self.pages_free} of {self.num_pages} are free"
+            )
+        for page in self.prefixes.oldest():
+            if self._n_free >= pages:
+                return
+            if self._refs[page] == 1:
+                self.prefixes.remove(page)
+                self._n_evictable -= 1
+                self._unref(page)
+
+    def _new_page(self, after: int) -> int:
+        """Take a free page: the one after page `after` when it is free, else a new run's."""
+        if after >= 0 and after + 1 < self.num_pages and self._free[after + 1]:
+            page = after + 1
+        else:
+            page = self._place()
+        self._ref(page)
+        return page
+
+    def _set_pages(self, session: SessionCache, pages: list[int]) -> None:
+        session.pages = pages
+        runs: list[tuple[int, int]] = []
+        for p in pages:
+            if runs and runs[-1][0] + runs[-1][1] == p:
+                runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+            else:
+                runs.append((p, 1))
+        session.runs = runs
+        session.block_table = torch.tensor(pages, dtype=torch.int32, device=self.k.device)
 
     def pages_for(self, tokens: int) -> int:
         """Pages that hold `tokens` tokens."""
@@ -136,24 +212,14 @@ class PagedKVCache:
         need = self.pages_for(length) - len(session.pages)
         if need <= 0:
             return
-        if need > self._n_free:
-            raise CacheFull(
-                f"cache full: {length} tokens need {need} more pages, "
-                f"{self._n_free} of {self.num_pages} are free"
-            )
+        try:
+            self._room(need)
+        except CacheFull as e:
+            raise CacheFull(f"cache full: {length} tokens need {need} more pages ({e})") from None
+        pages = list(session.pages)
         for _ in range(need):
-            last = session.pages[-1] if session.pages else -1
-            if last >= 0 and last + 1 < self.num_pages and self._free[last + 1]:
-                page = last + 1
-                first, n = session.runs[-1]
-                session.runs[-1] = (first, n + 1)
-            else:
-                page = self._place()
-                session.runs.append((page, 1))
-            self._free[page] = False
-            session.pages.append(page)
-        self._n_free -= need
-        session.block_table = torch.tensor(session.pages, dtype=torch.int32, device=self.k.device)
+            pages.append(self._new_page(pages[-1] if pages else -1))
+        self._set_pages(session, pages)
 
     def _place(self) -> int:
         """Where a new run starts: the largest free gap, in its middle when a run ends before it
@@ -182,29 +248,105 @@ class PagedKVCache:
         dropped = max(0, session.length - length)
         session.length -= dropped
         keep = self.pages_for(length)
-        if keep >= len(session.pages):
-            return dropped
-        for p in session.pages[keep:]:
-            self._free[p] = True
-        self._n_free += len(session.pages) - keep
-        session.pages = session.pages[:keep]
-        runs, left = [], keep
-        for first, n in session.runs:
-            if left <= 0:
-                break
-            runs.append((first, min(n, left)))
-            left -= n
-        session.runs = runs
-        session.block_table = session.block_table[:keep]
+        if keep < len(session.pages):
+            for p in session.pages[keep:]:
+                self._unref(p)
+            self._set_pages(session, session.pages[:keep])
+        self._own_tail(session)
         return dropped
+
+    def _own_tail(self, session: SessionCache) -> None:
+        """Copy the page the session writes into next when others hold it too (copy on write:
+        a fork's or a rollback's page that its end falls inside).
+
+        Raises:
+            CacheFull: no page is free for the copy.
+        """
+        if session.length % self.page_size == 0 or not session.pages:
+            return
+        at = session.length // self.page_size
+        old = session.pages[at]
+        if self._refs[old] == 1:
+            return
+        self._room(1)
+        new = self._new_page(session.pages[at - 1] if at else -1)
+        self.k[:, new] = self.k[:, old]
+        self.v[:, new] = self.v[:, old]
+        self._unref(old)
+        self.copied_pages += 1
+        self._set_pages(session, [*session.pages[:at], new, *session.pages[at + 1 :]])
 
     def free(self, session: SessionCache) -> None:
         for p in session.pages:
-            self._free[p] = True
-        self._n_free += len(session.pages)
+            self._unref(p)
         session.pages = []
         session.runs = []
         session.block_table = session.block_table[:0]
+
+    def fork(self, parent: SessionCache, max_length: int | None = None) -> SessionCache:
+        """A new session that holds what `parent` holds, sharing its pages (copy on write).
+
+        Raises:
+            ContextOverflow: the parent holds more than `max_length`.
+            CacheFull: the parent's last page is partly filled and no page is free to copy it.
+        """
+        child = self.open_session(max_length or parent.max_length)
+        if parent.length > child.max_length:
+            raise ContextOverflow(
+                f"the session holds {parent.length} tokens, more than the fork's "
+                f"max_length {child.max_length}"
+            )
+        shared = parent.pages[: self.pages_for(parent.length)]
+        for p in shared:
+            self._ref(p)
+        self._set_pages(child, list(shared))
+        child.length = parent.length
+        try:
+            self._own_tail(child)
+        except CacheFull:
+            self.free(child)
+            raise
+        return child
+
+    def keep(self, session: SessionCache, index: int, key: Hashable) -> bool:
+        """Keep the session's full page `index` in the prefix index under `key`; False when the
+        key (or the page) is kept already."""
+        if (index + 1) * self.page_size > session.length:
+            raise ValueError(f"page {index} of the session is not full")
+        page = session.pages[index]
+        self._ref(page)  # before it is kept: a page the index holds alone counts as evictable
+        if not self.prefixes.add(key, page):
+            self._unref(page)
+            return False
+        return True
+
+    def cached_pages(self, keys: Sequence[Hashable]) -> list[int]:
+        """The pages kept under the longest run of `keys` from the first."""
+        pages = []
+        for key in keys:
+            page = self.prefixes.get(key)
+            if page is None:
+                break
+            pages.append(page)
+        return pages
+
+    def attach(self, session: SessionCache, pages: Sequence[int]) -> None:
+        """Give an empty session these full pages (from `cached_pages`) as its first ones."""
+        if session.pages or session.length:
+            raise ValueError("only a session that holds nothing yet takes cached pages")
+        pages = list(pages)[: session.max_length // self.page_size]
+        for p in pages:
+            self._ref(p)
+        self._set_pages(session, pages)
+        session.length = len(pages) * self.page_size
+
+    def drop_prefixes(self) -> None:
+        """Forget every kept page (those no session holds go back to the pool)."""
+        for page in self.prefixes.oldest():
+            self.prefixes.remove(page)
+            if self._refs[page] == 1:
+                self._n_evictable -= 1
+            self._unref(page)
 
     def _segments(self, session: SessionCache, start: int, end: int) -> list[tuple[int, int, int]]:
         """`(slot, from, to)`: positions `from .. to` (within `start .. end`) sit at pool slots

@@ -25,6 +25,10 @@ PUSH_TOKEN_BYTES = 32  # bytes: a pushed step's token (HMAC-SHA256, see `swarm/p
 MAX_ROUTE_HOPS = 64  # hops: the longest route a step may carry
 MAX_SCALES = 8192  # scales a compressed step may carry (4 bytes each, in the header)
 RELAY_TOKEN_BYTES = 16  # bytes: names one relayed connection between a relay and its target
+PREFIX_BLOCK_TOKENS = 16  # tokens a prefix hash covers (`OpenSession.prefix`): a KV page's
+PREFIX_HASH_BYTES = 16  # bytes: one link of a prefix's hash chain
+MAX_PREFIX_BLOCKS = 2048  # hashes an open may carry: 32,768 tokens, 36 KiB of header
+MAX_PUNCH_ADDRESSES = 4  # addresses a hole punch's `HolePunch` may name
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -102,11 +106,21 @@ class OpenSession:
     # PUSH_KEY_BYTES: the secret that tokens of steps pushed into this session are made with
     # (by the client, which gives each token to the hop before this one); None: no pushes
     push_key: bytes | None = None
+    # PREFIX_HASH_BYTES each: the hash chain of the session's first blocks of
+    # PREFIX_BLOCK_TOKENS tokens (`routing/prefix.py`); a peer that keeps pages of that prefix
+    # (for this client and these layers) starts the session with them. None: no reuse
+    prefix: tuple[bytes, ...] | None = None
+    # A session of this connection to fork: the new one holds what it holds, its pages shared
+    # copy-on-write (`n` choices of one prompt cost one prefill). None: a new session
+    fork_of: str | None = None
 
 
 @dataclass(frozen=True)
 class SessionOpened:
     session_id: str
+    # unit: tokens the session already holds (a cached prefix, or a fork's parent's); the
+    # client's first step starts there. None: an older peer's reply, read as 0
+    cached_tokens: int | None = None
 
 
 class PushHop(NamedTuple):
@@ -255,6 +269,24 @@ class RelayAccept:
 class RelayJoined:
     """The relay's answer to `RelayConnect`/`RelayAccept`: from here on, bytes pass through."""
 
+    observed: str | None = None  # host:port this leg came from, as the relay saw it (a NAT's)
+
+
+@dataclass(frozen=True)
+class HolePunch:
+    """DCUtR's Connect, both ways over a relayed connection: the dialer's observed addresses
+    (request), then the target's (reply); `swarm/punch.py`."""
+
+    addresses: tuple[str, ...]  # host:port, the sender as relays saw it, best first
+
+
+@dataclass(frozen=True)
+class HolePunchSync:
+    """DCUtR's Sync: the target opens TCP to the dialer's addresses at once (the dialer half a
+    round trip later); its reply says whether that connected."""
+
+    connected: bool = False  # in the reply: the target's simultaneous open connected
+
 
 Message: TypeAlias = (
     Hello
@@ -279,6 +311,8 @@ Message: TypeAlias = (
     | RelayConnect
     | RelayAccept
     | RelayJoined
+    | HolePunch
+    | HolePunchSync
 )
 REQUEST_TYPES: tuple[type[Message], ...] = (
     InfoRequest,
@@ -289,4 +323,6 @@ REQUEST_TYPES: tuple[type[Message], ...] = (
     DialBack,
     Reserve,
     AwaitRelayed,
+    HolePunch,
+    HolePunchSync,
 )

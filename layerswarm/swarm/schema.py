@@ -17,10 +17,12 @@ from layerswarm.swarm.compress import groups
 from layerswarm.swarm.messages import (
     MAX_DIM,
     MAX_LAYERS,
+    MAX_PUNCH_ADDRESSES,
     MAX_REQUEST_ID,
     MAX_ROUTE_HOPS,
     MAX_SCALES,
     MAX_TOKENS,
+    PREFIX_HASH_BYTES,
     PSK_PROOF_BYTES,
     PUSH_KEY_BYTES,
     PUSH_TOKEN_BYTES,
@@ -34,6 +36,8 @@ from layerswarm.swarm.messages import (
     ErrorReply,
     Goodbye,
     Hello,
+    HolePunch,
+    HolePunchSync,
     InfoReply,
     InfoRequest,
     Message,
@@ -134,9 +138,11 @@ _LAYER = _int(0, MAX_LAYERS)
 _TOKENS = _int(0, MAX_TOKENS)
 _ADDRESS = _str(300, min_len=3)
 _PUSH_TOKEN = _bytes(PUSH_TOKEN_BYTES)
+_PREFIX_HASH = _bytes(PREFIX_HASH_BYTES)
 
 
 _PORT = _int(1, 65535)
+_HOST_PORT = _str(64, min_len=3)
 _RELAY_TOKEN = _bytes(RELAY_TOKEN_BYTES)
 
 
@@ -176,6 +182,24 @@ def _check_route(value: object, name: str) -> None:
             raise ProtocolError(f"{name}[{i}].address must name the peer ID (host:port/ID)")
         _SESSION_ID(hop[1], f"{name}[{i}].session_id")
         _PUSH_TOKEN(hop[2], f"{name}[{i}].token")
+
+
+def _check_punch_addresses(value: object, name: str) -> None:
+    if not isinstance(value, (list, tuple)) or not 0 < len(value) <= MAX_PUNCH_ADDRESSES:
+        raise ProtocolError(f"{name} must be a list of 1..{MAX_PUNCH_ADDRESSES} addresses")
+    for i, address in enumerate(value):
+        _HOST_PORT(address, f"{name}[{i}]")
+        if ":" not in address:
+            raise ProtocolError(f"{name}[{i}] must be host:port")
+
+
+def _check_prefix(value: object, name: str) -> None:
+    if not isinstance(value, (list, tuple)):
+        raise ProtocolError(f"{name} must be a list, got {type(value).__name__}")
+    if len(value) > MAX_PREFIX_BLOCKS:
+        raise ProtocolError(f"{name} has {len(value)} hashes, at most {MAX_PREFIX_BLOCKS}")
+    for i, link in enumerate(value):
+        _PREFIX_HASH(link, f"{name}[{i}]")
 
 
 def _route_from_wire(value: Any) -> tuple[PushHop, ...]:
@@ -272,11 +296,18 @@ SCHEMAS: dict[type[Message], Schema] = {
             ("span_end", _LAYER),
             ("max_length", _int(1, MAX_TOKENS)),
             ("push_key", _optional(_bytes(PUSH_KEY_BYTES))),
+            ("prefix", _optional(_check_prefix)),
+            ("fork_of", _optional(_SESSION_ID)),
         ),
         check=_check_open_session,
-        omitted_if_none=frozenset({"push_key"}),
+        omitted_if_none=frozenset({"push_key", "prefix", "fork_of"}),
+        from_wire=(("prefix", tuple),),
     ),
-    SessionOpened: Schema("session_opened", (("session_id", _SESSION_ID),)),
+    SessionOpened: Schema(
+        "session_opened",
+        (("session_id", _SESSION_ID), ("cached_tokens", _optional(_TOKENS))),
+        omitted_if_none=frozenset({"cached_tokens"}),
+    ),
     Step: Schema(
         "step",
         (
@@ -334,7 +365,17 @@ SCHEMAS: dict[type[Message], Schema] = {
     Relayed: Schema("relayed", (("token", _RELAY_TOKEN),)),
     RelayConnect: Schema("relay_connect", (("target", _str(128, min_len=1)),)),
     RelayAccept: Schema("relay_accept", (("token", _RELAY_TOKEN),)),
-    RelayJoined: Schema("relay_joined", ()),
+    RelayJoined: Schema(
+        "relay_joined",
+        (("observed", _optional(_HOST_PORT)),),
+        omitted_if_none=frozenset({"observed"}),
+    ),
+    HolePunch: Schema(
+        "hole_punch",
+        (("addresses", _check_punch_addresses),),
+        from_wire=(("addresses", tuple),),
+    ),
+    HolePunchSync: Schema("hole_punch_sync", (("connected", _bool),)),
 }
 SCHEMA_BY_NAME = {schema.name: (cls, schema, schema.keys) for cls, schema in SCHEMAS.items()}
 # The hidden-state tensors are (batch=1, T, hidden): one session is one sequence.
