@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import socket
 import ssl
 from collections.abc import Callable
 
@@ -56,6 +57,8 @@ class Connection:
         self.address = address
         self.peer_id = ""  # the peer's ID, proven by TLS (claimed in plaintext mode)
         self.goodbye_reason: str | None = None  # set when the peer said Goodbye
+        # relayed: host:port this side came from, as the relay saw it (`swarm/punch.py`)
+        self.observed: str | None = None
         self._config = config
         self._on_goodbye = on_goodbye
         self._channel = Channel(
@@ -65,6 +68,13 @@ class Connection:
         self._ids = itertools.count(HANDSHAKE_ID + 1)
         self._last_id = HANDSHAKE_ID  # the newest request ID sent
         self._failure: str | None = None  # why the connection is unusable, once it is
+
+    @property
+    def sockname(self) -> tuple[str, int] | None:
+        """This side's host and port of the TCP connection (of its relay leg, if relayed)."""
+        transport = self._channel.transport
+        name = transport.get_extra_info("sockname") if transport is not None else None
+        return (str(name[0]), int(name[1])) if name else None
 
     @property
     def closed(self) -> bool:
@@ -175,6 +185,7 @@ async def open_connection(
     config: TransportConfig | None = None,
     *,
     on_goodbye: Callable[[Connection, str], None] | None = None,
+    sock: socket.socket | None = None,
 ) -> Connection:
     """Connect to a peer, check who it is, and exchange Hellos.
 
@@ -183,6 +194,7 @@ async def open_connection(
         identity: this side's identity, proven to the peer with a TLS client certificate.
         config: timeouts and limits; TransportConfig() if None.
         on_goodbye: called (from the event loop, must not block) when the peer says Goodbye.
+        sock: a TCP socket connected to `address` already (a hole punch's); TLS runs over it.
 
     Returns:
         An open connection whose `peer_id` is the ID the peer proved.
@@ -193,7 +205,6 @@ async def open_connection(
         ProtocolError: the peer speaks another protocol version or refused our Hello.
     """
     config = config or TransportConfig()
-    loop = asyncio.get_running_loop()
     connection = Connection(address, config, on_goodbye)
     context = None if config.insecure_plaintext else tls_context(identity, server=False)
     try:
@@ -201,14 +212,7 @@ async def open_connection(
             await _open_relayed(connection, address, context, config)
         else:
             await asyncio.wait_for(
-                loop.create_connection(
-                    lambda: connection._channel,
-                    address.host,
-                    address.port,
-                    ssl=context,
-                    ssl_handshake_timeout=config.handshake_timeout if context else None,
-                    ssl_shutdown_timeout=config.close_timeout if context else None,
-                ),
+                _open_tcp(connection, sock, context, config),
                 config.connect_timeout + config.handshake_timeout,
             )
     except asyncio.TimeoutError as exc:
@@ -227,6 +231,36 @@ async def open_connection(
     return connection
 
 
+async def _open_tcp(
+    connection: Connection,
+    sock: socket.socket | None,
+    context: ssl.SSLContext | None,
+    config: TransportConfig,
+) -> None:
+    """TCP (and TLS) to `connection.address`, or over `sock`, connected already."""
+    loop = asyncio.get_running_loop()
+    handshake = config.handshake_timeout if context else None
+    shutdown = config.close_timeout if context else None
+    if sock is not None:
+        await loop.create_connection(
+            lambda: connection._channel,
+            sock=sock,
+            ssl=context,
+            server_hostname="" if context else None,  # no host to check: the ID is checked
+            ssl_handshake_timeout=handshake,
+            ssl_shutdown_timeout=shutdown,
+        )
+        return
+    await loop.create_connection(
+        lambda: connection._channel,
+        connection.address.host,
+        connection.address.port,
+        ssl=context,
+        ssl_handshake_timeout=handshake,
+        ssl_shutdown_timeout=shutdown,
+    )
+
+
 async def _open_relayed(
     connection: Connection,
     address: Address,
@@ -241,7 +275,9 @@ async def _open_relayed(
     if address.peer_id is None:
         raise PeerUnavailable(f"a relayed address needs the target's peer ID: {address}")
     timeout = config.connect_timeout + config.handshake_timeout
-    raw = await dial_through_relay(address.host, address.port, address.peer_id, timeout)
+    raw, connection.observed = await dial_through_relay(
+        address.host, address.port, address.peer_id, timeout
+    )
     channel = connection._channel
     if context is None:
         raw.set_protocol(channel)

@@ -8,6 +8,7 @@ import asyncio
 import collections
 import contextlib
 import logging
+import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Protocol
@@ -73,6 +74,8 @@ class ConnectionInfo:
     peer_id: str
     host: str
     port: int
+    local_port: int = 0  # this side's port of the connection (of its relay leg, if relayed)
+    observed: str | None = None  # relayed: this side's host:port as the relay saw it
 
 
 class Handler(Protocol):
@@ -99,6 +102,7 @@ class _ServerConnection:
         self._ip: str | None = None  # counted against the caps under this address, once held
         self._refusal: str | None = None  # why this connection is refused (told at its Hello)
         self._last_frame = 0.0  # unit: loop s of the last request, for the idle timeout
+        self.observed: str | None = None  # relayed: this side as the relay saw it
         # Until its Hello, a client may send a Hello's worth of bytes, nothing larger.
         self.channel.limit_frames(server._limits.max_hello_frame_bytes)
 
@@ -186,7 +190,9 @@ class _ServerConnection:
             self.channel.limit_frames(server._config.max_frame_bytes)
             peername = transport.get_extra_info("peername") if transport else None
             host, port = (peername[0], peername[1]) if peername else ("?", 0)
-            self.info = ConnectionInfo(msg.peer_id, host, port)
+            local = transport.get_extra_info("sockname") if transport else None
+            local_port = local[1] if local else 0
+            self.info = ConnectionInfo(msg.peer_id, host, port, local_port, self.observed)
             self.channel.peer_max_frame_bytes = msg.max_frame_bytes
             proof = None
             if swarm_key is not None:
@@ -300,15 +306,17 @@ class Server:
     def _new_connection(self) -> Channel:
         return _ServerConnection(self).channel
 
-    async def accept_relayed(self, transport: asyncio.Transport) -> None:
-        """Serve a connection joined through a relay (`swarm/relay.py`) as one accepted here.
+    async def accept_relayed(self, transport: asyncio.Transport, observed: str | None) -> None:
+        """Serve a connection joined through a relay (`swarm/relay.py`) as one accepted here;
+        `observed`: this side's address as the relay saw it (RelayJoined's).
 
         Writes the relay's READY byte, then runs the TLS server end over the joined stream.
 
         Raises:
             PeerUnavailable: the TLS handshake through the relay failed or timed out.
         """
-        channel = self._new_connection()
+        accepted = _ServerConnection(self)
+        accepted.observed, channel = observed, accepted.channel
         transport.write(READY)  # nothing is read before start_tls takes the transport over
         if self._config.insecure_plaintext:
             transport.set_protocol(channel)
@@ -317,6 +325,17 @@ class Server:
         context = tls_context(self._identity, server=True)
         timeout = self._config.handshake_timeout
         await start_tls_channel(transport, channel, context, True, timeout)
+
+    async def accept_punched(self, sock: socket.socket) -> None:
+        """Serve a hole-punched TCP connection (`swarm/punch.py`) as one accepted here, this
+        side the TLS server as on the relayed connection it replaces."""
+        context = None if self._config.insecure_plaintext else tls_context(self._identity, True)
+        await asyncio.get_running_loop().connect_accepted_socket(
+            self._new_connection,
+            sock,
+            ssl=context,
+            ssl_handshake_timeout=self._config.handshake_timeout if context else None,
+        )
 
     async def say_goodbye(self, reason: str) -> None:
         """Tell every client this peer is about to stop; new clients are refused from now on."""

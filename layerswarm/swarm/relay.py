@@ -16,9 +16,11 @@ TLS (ARCHITECTURE.md). So the wire here is ours, and simpler than the spec's STO
 2. A dialer opens plain TCP to the relay's relay port and sends `RelayConnect(target)`.
 3. The relay answers the target's `AwaitRelayed` with `Relayed(token)`; the target opens a fresh
    TCP connection to the relay port (outbound: its NAT lets it) and sends `RelayAccept(token)`.
-4. The relay sends `RelayJoined` on both and from then on copies bytes, counted and rate
-   limited. The target writes one `READY` byte, then both run TLS 1.3 end to end (the dialer as
-   client, checking the target's peer ID as on a direct dial): the relay sees only ciphertext.
+4. The relay sends `RelayJoined` on both, each naming the address that leg came from, and
+   from then on copies bytes, counted and rate limited. The target writes one `READY` byte,
+   then both run TLS 1.3 end to end (the dialer as client, checking the target's peer ID as on
+   a direct dial): the relay sees only ciphertext. Then the two may punch a direct connection
+   and leave the relay (`swarm/punch.py`).
 
 The dialer's and the target's ends are in `swarm/relay_ends.py`. The outer frames use the wire
 protocol's framing (`protocol.encode`/`decode_frame`); any bad
@@ -289,6 +291,11 @@ class Relay:
             await self._listener.wait_closed()
 
 
+def host_port(host: str, port: int) -> str:
+    """`host:port`, an IPv6 host in brackets."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def _checked_record(peer_id: str, record: bytes) -> float:
     """`record`'s expiry, once it proved to be `peer_id`'s valid signed record."""
     try:
@@ -375,7 +382,10 @@ class _RelayLeg(asyncio.Protocol):
     def join(self, other: _RelayLeg) -> None:
         self.other = other
         self._window_start = asyncio.get_running_loop().time()
-        self._send(RelayJoined())
+        # Each end learns where it came from (libp2p identify's observedAddr): its NAT's
+        # mapping, the address a hole punch aims the other end at (`swarm/punch.py`).
+        peer = self.transport.get_extra_info("peername") if self.transport else None
+        self._send(RelayJoined(host_port(peer[0], peer[1]) if peer else None))
         if self._buffer:  # a dialer's early bytes (it should have waited): passed on
             data, self._buffer = bytes(self._buffer), bytearray()
             self._forward(data)

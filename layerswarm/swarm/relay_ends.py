@@ -4,6 +4,7 @@ target accepting (the relay itself and the wire are in `swarm/relay.py`)."""
 from __future__ import annotations
 
 import asyncio
+import socket
 import ssl
 
 from layerswarm.errors import PeerUnavailable, ProtocolError
@@ -119,13 +120,37 @@ class _ControlReader(asyncio.Protocol):
         return bytes(self._buffer)
 
 
+def reusable_socket(host: str) -> socket.socket:
+    """A TCP socket (non-blocking) whose local port another may bind too: a hole punch opens
+    its simultaneous connection from the port the NAT mapped for the relay leg (`punch.py`)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if hasattr(socket, "SO_REUSEPORT"):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.setblocking(False)
+    return sock
+
+
+async def _connect(host: str, port: int) -> socket.socket:
+    sock = reusable_socket(host)
+    try:
+        await asyncio.get_running_loop().sock_connect(sock, (host, port))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
 async def open_relay_stream(
     host: str, port: int, first: RelayConnect | RelayAccept, timeout: float
-) -> tuple[asyncio.Transport, _ControlReader]:
-    """Open TCP to a relay port, send `first`, and wait for `RelayJoined`.
+) -> tuple[asyncio.Transport, _ControlReader, str | None]:
+    """Open TCP to a relay port (from a reusable local port), send `first`, and wait for
+    `RelayJoined`.
 
     Returns:
-        The raw transport, joined, and its reader (still attached, holding what came after).
+        The raw transport, joined; its reader (still attached, holding what came after); and
+        the address this side came from as the relay saw it (None from a relay that says not).
 
     Raises:
         PeerUnavailable: no connection, the relay refused (its code and message), or a timeout.
@@ -133,9 +158,8 @@ async def open_relay_stream(
     """
     loop = asyncio.get_running_loop()
     try:
-        transport, reader = await asyncio.wait_for(
-            loop.create_connection(_ControlReader, host, port), timeout
-        )
+        sock = await asyncio.wait_for(_connect(host, port), timeout)
+        transport, reader = await loop.create_connection(_ControlReader, sock=sock)
     except (OSError, asyncio.TimeoutError) as exc:
         raise PeerUnavailable(f"cannot connect to relay {host}:{port}: {exc!r}") from exc
     try:
@@ -151,18 +175,19 @@ async def open_relay_stream(
     except BaseException:
         transport.abort()
         raise
-    return transport, reader
+    return transport, reader, reply.observed
 
 
 async def dial_through_relay(
     host: str, port: int, target: str, timeout: float
-) -> asyncio.Transport:
-    """A dialer's raw stream to `target` through the relay at `host:port`, ready for TLS.
+) -> tuple[asyncio.Transport, str | None]:
+    """A dialer's raw stream to `target` through the relay at `host:port`, ready for TLS, and
+    the address it came from as the relay saw it.
 
     Raises:
         PeerUnavailable: the relay refused or failed, or the target never said it was ready.
     """
-    transport, reader = await open_relay_stream(host, port, RelayConnect(target), timeout)
+    transport, reader, observed = await open_relay_stream(host, port, RelayConnect(target), timeout)
     try:
         ready = await asyncio.wait_for(reader.read_exactly(len(READY)), timeout)
         if ready != READY or reader.leftover():
@@ -173,4 +198,4 @@ async def dial_through_relay(
     except BaseException:
         transport.abort()
         raise
-    return transport
+    return transport, observed

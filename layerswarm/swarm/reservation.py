@@ -110,10 +110,10 @@ class Reservation:
             return
         timeout = self._transport.connect_timeout + self._transport.handshake_timeout
         try:
-            transport, _ = await open_relay_stream(
+            transport, _, observed = await open_relay_stream(
                 self.relay.host, reserved.relay_port, RelayAccept(token), timeout
             )
-            await self._server.accept_relayed(transport)
+            await self._server.accept_relayed(transport, observed)
         except (LayerswarmError, OSError) as exc:
             log.info("could not accept a dialer through relay %s: %s", self.relay, exc)
             return

@@ -1,15 +1,25 @@
-"""The swarm's own requests beside a peer's: dial-backs and relay reservations, then the rest.
+"""The swarm's own requests beside a peer's: dial-backs, relay reservations and hole punches,
+then the rest.
 
-`SwarmServices(inner, dial_back, relay)` is a `listen.Handler`: it answers `DialBack`, `Reserve`
-and `AwaitRelayed`, and hands every other request to `inner` (the peer's request handler), so
-the peer's handler needs to know nothing of NAT.
+`SwarmServices(inner, dial_back, punch)` is a `listen.Handler`: it answers `DialBack`,
+`Reserve`, `AwaitRelayed`, `HolePunch` and `HolePunchSync`, and hands every other request to
+`inner` (the peer's request handler), so the peer's handler needs to know nothing of NAT.
 """
 
 from __future__ import annotations
 
 from layerswarm.errors import RemoteError
 from layerswarm.swarm.listen import ConnectionInfo, Handler
-from layerswarm.swarm.messages import AwaitRelayed, DialBack, ErrorCode, Message, Reserve
+from layerswarm.swarm.messages import (
+    AwaitRelayed,
+    DialBack,
+    ErrorCode,
+    HolePunch,
+    HolePunchSync,
+    Message,
+    Reserve,
+)
+from layerswarm.swarm.punch import HolePunchService
 from layerswarm.swarm.reachability import DialBackService
 from layerswarm.swarm.relay import Relay
 
@@ -17,9 +27,15 @@ from layerswarm.swarm.relay import Relay
 class SwarmServices:
     """Answers the swarm's requests; passes the others on."""
 
-    def __init__(self, inner: Handler, dial_back: DialBackService | None) -> None:
+    def __init__(
+        self,
+        inner: Handler,
+        dial_back: DialBackService | None,
+        punch: HolePunchService | None = None,
+    ) -> None:
         self.inner = inner
         self.dial_back = dial_back  # None: this peer does not dial back
+        self.punch = punch  # None: this peer does not answer hole punches
         self.relay: Relay | None = None  # set once this peer serves as a relay (`serve_relay`)
 
     def serve_relay(self, relay: Relay | None) -> None:
@@ -33,6 +49,12 @@ class SwarmServices:
             if self.dial_back is None:
                 raise RemoteError(ErrorCode.PROTOCOL, "this peer does not answer dial-backs")
             return await self.dial_back.answer(conn, msg)
+        if isinstance(msg, (HolePunch, HolePunchSync)):
+            if self.punch is None:
+                raise RemoteError(ErrorCode.PROTOCOL, "this peer does not answer hole punches")
+            if isinstance(msg, HolePunch):
+                return await self.punch.connect(conn, msg)
+            return await self.punch.sync(conn, msg)
         if isinstance(msg, (Reserve, AwaitRelayed)):
             if self.relay is None:
                 raise RemoteError(

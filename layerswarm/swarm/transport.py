@@ -71,6 +71,9 @@ class TransportConfig:
     max_concurrent_requests: int = 256  # requests: a server stops reading a connection past this
     insecure_plaintext: bool = False  # no TLS: IDs are claimed, not proven; trusted LANs only
     swarm_key: bytes | None = None  # 32 bytes: talk only to peers that hold it; None: anyone
+    # s: a hole punch's simultaneous TCP open (`swarm/punch.py`); 0: relayed stays relayed.
+    # 3 s covers a SYN the other router dropped, resent after Linux's initial 1 s RTO.
+    punch_timeout: float = 3.0
 
     def __post_init__(self) -> None:
         if self.swarm_key is not None:
@@ -83,6 +86,8 @@ class TransportConfig:
         for name in ("connect_timeout", "handshake_timeout", "request_timeout", "close_timeout"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be positive")
+        if self.punch_timeout < 0:
+            raise ValueError("punch_timeout must be >= 0")
         if self.max_frame_bytes < 1024 or self.max_concurrent_requests < 1:
             raise ValueError("max_frame_bytes must be >= 1024, max_concurrent_requests >= 1")
 

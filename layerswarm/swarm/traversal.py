@@ -7,7 +7,8 @@ first, and serves as a relay with `relay` `auto` or `on`. Not dialed back: it is
 keeps reservations on up to `max_relays` of the relays among those it asked, announcing
 `host:port/RELAYID/p2p-circuit` addresses first (`relayed`); a lost relay is replaced in the
 background. With `upnp`, a port mapping comes first (`swarm/upnp.py`), and the dial-back then
-says whether the router honoured it.
+says whether the router honoured it. A dialer that reached this peer through a relay may punch
+a direct connection to it: `Traversal.punch` answers its side (`swarm/punch.py`).
 
 Why relays are on by default (`auto`) on public peers: a swarm of home peers needs some, only
 public peers can be relays, and the limits (`RelayConfig`) bound what one costs; Petals runs
@@ -25,6 +26,7 @@ from dataclasses import dataclass, field
 from layerswarm.errors import ConfigError, LayerswarmError
 from layerswarm.swarm.identity import Identity
 from layerswarm.swarm.listen import Handler, Server
+from layerswarm.swarm.punch import HolePunchService
 from layerswarm.swarm.reachability import (
     PRIVATE,
     PUBLIC,
@@ -132,6 +134,7 @@ class Traversal:
         self._transport = transport
         self._relay_host = relay_host
         self._dial_back = DialBackService(identity, transport, config.dial_back_timeout)
+        self.punch = HolePunchService(transport)  # answers dialers that reached it relayed
         self._services: SwarmServices | None = None
         self._server: Server | None = None
         self._candidates: Callable[[], Sequence[Address]] = list
@@ -142,7 +145,7 @@ class Traversal:
 
     def handler(self, inner: Handler) -> SwarmServices:
         """The handler to serve with: the swarm's requests here, the rest to `inner`."""
-        self._services = SwarmServices(inner, self._dial_back)
+        self._services = SwarmServices(inner, self._dial_back, self.punch)
         return self._services
 
     @property
@@ -175,6 +178,9 @@ class Traversal:
             }
         if self.reservations:
             info["relays"] = [r.address or "" for r in self.reservations.values()]
+        punches = self.punch.stats
+        if punches.punched or punches.failed:
+            info["punched"], info["punch_failed"] = punches.punched, punches.failed
         if self.mapped:
             info["upnp"] = self.mapped
         return info
@@ -195,6 +201,7 @@ class Traversal:
             candidates: the data-plane addresses of peers heard of so far, pinned.
         """
         self._server, self.local, self._candidates = server, tuple(local), candidates
+        self.punch.server = server
         if self._upnp is not None:
             try:
                 port = (await self._upnp.open(port)).external_port

@@ -1,13 +1,15 @@
 """A NAT test agent: one peer's swarm layer (no model) inside a namespace, run by `test_nat.py`.
 
     ip netns exec NS python nat_agent.py serve HOST [--reach-peer A] [--relay on|off|auto] [--upnp]
-    ip netns exec NS python nat_agent.py dial ADDRESS
+    ip netns exec NS python nat_agent.py dial ADDRESS [--punch] [--requests N]
 
 `serve` listens on HOST (port 0), runs `Traversal.start` and prints one JSON line: its address,
 reachability, announced addresses and relay port; it answers `InfoRequest`s until stdin closes
-or a SIGTERM comes (then it closes its traversal: reservations, relay, UPnP mapping).
-`dial` dials ADDRESS (relayed or direct), asks for the peer's info, and prints
-`{"ok": true, "peer_id": ...}` or `{"ok": false, "error": ...}`.
+or a SIGTERM comes (then it prints its traversal's summary, relay and hole punches, and closes
+it: reservations, relay, UPnP mapping).
+`dial` dials ADDRESS (relayed or direct; with `--punch`, then a hole punch), asks for the peer's
+info N times (1), and prints `{"ok": true, "peer_id": ..., "via": ...}` (via: where the
+connection goes, a relayed address unless punched) or `{"ok": false, "error": ...}`.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from layerswarm.swarm.dial import open_connection
 from layerswarm.swarm.identity import generate_identity
 from layerswarm.swarm.listen import ConnectionInfo, serve_connections
 from layerswarm.swarm.messages import ErrorCode, InfoReply, InfoRequest, Message
+from layerswarm.swarm.punch import open_punched
 from layerswarm.swarm.transport import TransportConfig, new_event_loop, parse_address
 from layerswarm.swarm.traversal import NatConfig, Traversal
 
@@ -66,8 +69,7 @@ async def serve(args: argparse.Namespace) -> None:
     async with asyncio.TaskGroup() as tasks:
         keeper = tasks.create_task(traversal.serve())
         await stop.wait()  # until the test closes stdin, or sends SIGTERM
-        if traversal.relay is not None:
-            print(json.dumps(traversal.summary()), flush=True)
+        print(json.dumps(traversal.summary()), flush=True)
         keeper.cancel()
     server.close()
     await server.wait_closed()
@@ -75,11 +77,13 @@ async def serve(args: argparse.Namespace) -> None:
 
 async def dial(args: argparse.Namespace) -> None:
     try:
-        address = parse_address(args.address)
-        async with await open_connection(address, generate_identity(), TRANSPORT) as conn:
-            reply = await conn.request(InfoRequest())
-        assert isinstance(reply, InfoReply)
-        print(json.dumps({"ok": True, "peer_id": conn.peer_id}), flush=True)
+        address, identity = parse_address(args.address), generate_identity()
+        opened = open_punched if args.punch else open_connection
+        async with await opened(address, identity, TRANSPORT) as conn:
+            for _ in range(args.requests):
+                reply = await conn.request(InfoRequest())
+                assert isinstance(reply, InfoReply)
+        print(json.dumps({"ok": True, "peer_id": conn.peer_id, "via": str(conn.address)}))
     except LayerswarmError as exc:
         print(json.dumps({"ok": False, "error": f"{type(exc).__name__}: {exc}"}), flush=True)
 
@@ -94,6 +98,8 @@ def main() -> None:
     s.add_argument("--upnp", action="store_true")
     d = sub.add_parser("dial")
     d.add_argument("address")
+    d.add_argument("--punch", action="store_true")
+    d.add_argument("--requests", type=int, default=1)
     args = ap.parse_args()
     with asyncio.Runner(loop_factory=new_event_loop) as runner:
         runner.run(serve(args) if args.command == "serve" else dial(args))

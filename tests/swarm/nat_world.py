@@ -8,7 +8,9 @@
 
 Each router namespace forwards between its home (`lan0`) and the public network (`wan0`, a
 port of a bridge in the public namespace) and masquerades what leaves `wan0` with nftables:
-outbound connections work, inbound ones to the home are refused, as behind a home router.
+outbound connections work, inbound ones to the home are dropped unanswered, as home routers do
+(a RST from the router's own stack would refuse the first SYN of a hole punch's simultaneous
+open: `swarm/punch.py`).
 `random_ports=True` makes it `masquerade random` (a port-randomizing NAT); `upnp=True` runs
 Debian's miniupnpd in each router (`upnp_unavailable()`), its chains hooked into the router's.
 Every namespace and daemon is gone on the way out. Needs root, iproute2 and nft:
@@ -47,6 +49,7 @@ class World:
     public_name: str  # the public namespace
     public_address: str
     homes: list[Home] = field(default_factory=list)
+    random_ports: bool = False  # the routers `masquerade random` (hole punching cannot cross)
 
     @property
     def public(self) -> Home:
@@ -76,19 +79,24 @@ def upnp_unavailable() -> str | None:
 
 
 # A home router's rules: masquerade what leaves for the internet, forward only what the home
-# started (a chain may not be named "fwd": a keyword of nft's).
+# started, and drop what else comes in for the router itself, unanswered (a chain may not be
+# named "fwd": a keyword of nft's).
 RULES = """table ip nat {{
  chain post {{ type nat hook postrouting priority 100; oifname "wan0" {masquerade}; }}
 }}
 table ip filter {{
  chain forwarding {{ type filter hook forward priority 0; policy drop;
   iifname "lan0" accept; ct state established,related accept; }}
+ chain input {{ type filter hook input priority 0; policy accept;
+  iifname "wan0" ct state established,related accept; iifname "wan0" drop; }}
 }}
 """
 # The router's rules when it runs miniupnpd: its chains, named in MINIUPNPD_CONF, hooked in.
 UPNP_RULES = """table inet filter {{
  chain forward {{ type filter hook forward priority 0; policy drop;
   iifname "lan0" accept; ct state established,related accept; jump miniupnpd; }}
+ chain input {{ type filter hook input priority 0; policy accept;
+  iifname "wan0" ct state established,related accept; iifname "wan0" drop; }}
  chain miniupnpd {{ }}
  chain prerouting {{ type nat hook prerouting priority -100; policy accept;
   jump prerouting_miniupnpd; }}
@@ -154,7 +162,7 @@ def nat_world(
 
     try:
         public = netns(f"lsnat-{tag}-pub")
-        world = World(public, f"{PUBLIC_NET}.1")
+        world = World(public, f"{PUBLIC_NET}.1", random_ports=random_ports)
         _ip("-n", public, "link", "add", "br0", "type", "bridge")
         _ip("-n", public, "addr", "add", f"{world.public_address}/24", "dev", "br0")
         _ip("-n", public, "link", "set", "br0", "up")

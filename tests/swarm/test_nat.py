@@ -3,7 +3,8 @@
 
 A peer at home learns it is behind NAT (its router's address is what others see), holds a
 reservation on a public relay, and a peer in another home reaches it through that relay, while
-dialing it directly is refused; a public peer learns that it is reachable.
+dialing it directly gets no answer; the two homes then punch a direct connection where the NAT
+keeps ports, and stay relayed where it does not; a public peer learns that it is reachable.
 """
 
 from __future__ import annotations
@@ -68,9 +69,9 @@ def _line(proc: subprocess.Popen[str]) -> dict[str, Any]:
     return info
 
 
-def dial(ns: str, address: str) -> dict[str, Any]:
+def dial(ns: str, address: str, *args: str) -> dict[str, Any]:
     out = subprocess.run(
-        ["ip", "netns", "exec", ns, sys.executable, str(AGENT), "dial", address],
+        ["ip", "netns", "exec", ns, sys.executable, str(AGENT), "dial", address, *args],
         capture_output=True,
         text=True,
         timeout=WAIT,
@@ -107,11 +108,44 @@ def test_home_peer_behind_nat_is_reached_through_a_relay_and_not_directly(world:
             assert not direct["ok"] and "PeerUnavailable" in direct["error"], direct
             # Through the relay, from another home: TLS end to end proves home A's ID.
             through = dial(home_b.name, f"{circuit[0]}/{a['peer_id']}")
-            assert through == {"ok": True, "peer_id": a["peer_id"]}
+            assert through["ok"] and through["peer_id"] == a["peer_id"], through
         assert relay_proc.stdin is not None
         relay_proc.stdin.close()
         summary = _line(relay_proc)
         assert summary["relay"]["circuits"] >= 1 and summary["relay"]["bytes_relayed"] > 0
+
+
+REQUESTS = 100  # info requests over the dialed connection: ~40 KB, were it relayed
+
+
+def test_two_homes_hole_punch_where_the_nat_keeps_ports_and_stay_relayed_where_not(
+    world: World,
+) -> None:
+    """A peer in home B dials home A through the relay, then punches (`swarm/punch.py`).
+    Behind endpoint-independent NAT the direct connection replaces the relayed one: it goes
+    to home A's router, and the relay carries only the control traffic (TLS, Hello, the
+    punch), not the requests. Behind `masquerade random` the punch times out: the same
+    requests pass through the relay, and every answer still comes."""
+    pub, home_a, home_b = world.public, world.homes[0], world.homes[1]
+    with agent(pub.name, pub.address, "--relay", "on") as (relay_proc, relay):
+        with agent(home_a.name, home_a.address, "--reach-peer", relay["address"]) as (a_proc, a):
+            (circuit, *_) = relayed(a["addresses"])
+            got = dial(home_b.name, f"{circuit}/{a['peer_id']}", "--punch", "--requests",
+                       str(REQUESTS))  # fmt: skip
+            assert got["ok"] and got["peer_id"] == a["peer_id"], got
+            assert a_proc.stdin is not None
+            a_proc.stdin.close()
+            punches = _line(a_proc)
+        assert relay_proc.stdin is not None
+        relay_proc.stdin.close()
+        carried = _line(relay_proc)["relay"]["bytes_relayed"]
+    if world.random_ports:
+        assert "/p2p-circuit" in got["via"] and punches.get("punch_failed") == 1, punches
+        assert carried > REQUESTS * 300  # every request and its answer crossed the relay
+    else:
+        assert got["via"].startswith(f"{home_a.wan}:"), got  # home A's router, directly
+        assert punches.get("punched") == 1, punches
+        assert carried < 30_000, carried  # TLS handshake, Hellos, HolePunch and Sync only
 
 
 def test_public_peer_learns_it_is_reachable_and_becomes_a_relay() -> None:
@@ -146,7 +180,7 @@ def test_upnp_maps_a_port_the_peer_is_then_dialed_directly_and_sigterm_removes_i
                 assert not relayed(a["addresses"])  # public: no reservation needed
                 assert len(mapped_ports(home_a.router)) == 1
                 direct = dial(home_b.name, f"{a['mapped']}/{a['peer_id']}")
-                assert direct == {"ok": True, "peer_id": a["peer_id"]}
+                assert direct["ok"] and direct["peer_id"] == a["peer_id"], direct
                 proc.send_signal(signal.SIGTERM)
                 proc.wait(30)
                 assert proc.returncode == 0

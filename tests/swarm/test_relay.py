@@ -22,6 +22,8 @@ from layerswarm.swarm.messages import (
     DialBackReply,
     ErrorCode,
     ErrorReply,
+    HolePunch,
+    HolePunchSync,
     InfoReply,
     InfoRequest,
     Message,
@@ -29,6 +31,7 @@ from layerswarm.swarm.messages import (
     Reserve,
 )
 from layerswarm.swarm.protocol import decode_frame, encode
+from layerswarm.swarm.punch import HolePunchService, open_punched
 from layerswarm.swarm.reachability import PRIVATE, PUBLIC, DialBackService, ask_dial_back
 from layerswarm.swarm.relay import Relay, RelayConfig
 from layerswarm.swarm.relay_ends import open_relay_stream
@@ -70,15 +73,21 @@ class RelaySetup:
 
 
 @asynccontextmanager
-async def relay_and_target(config: RelayConfig | None = None) -> AsyncIterator[RelaySetup]:
+async def relay_and_target(
+    config: RelayConfig | None = None, punch: HolePunchService | None = None
+) -> AsyncIterator[RelaySetup]:
+    """A relay and a target (answering hole punches with `punch`, if given), on loopback."""
     relay = Relay(config or RelayConfig())
     await relay.open("127.0.0.1", 0)
     services = SwarmServices(info_handler(RELAY.peer_id), DialBackService(RELAY, TLS, 5.0))
     services.serve_relay(relay)
     relay_server = await serve_connections(services, "127.0.0.1", 0, RELAY, TLS)
-    target_server = await serve_connections(
-        info_handler(TARGET.peer_id), "127.0.0.1", 0, TARGET, TLS
-    )
+    target_handler = info_handler(TARGET.peer_id)
+    if punch is not None:
+        target_handler = SwarmServices(target_handler, None, punch)
+    target_server = await serve_connections(target_handler, "127.0.0.1", 0, TARGET, TLS)
+    if punch is not None:
+        punch.server = target_server
     try:
         yield RelaySetup(relay, relay_server, target_server)
     finally:
@@ -119,6 +128,55 @@ def test_dials_a_reserved_peer_through_the_relay_with_tls_to_the_target(loop_nam
             assert reservation.accepted == 1
 
     run(loop_name, main())
+
+
+@pytest.mark.parametrize("loop_name", LOOPS)
+def test_a_hole_punch_replaces_the_relayed_connection_and_the_relay_carries_no_more(
+    loop_name: str,
+) -> None:
+    """On loopback nothing stops the simultaneous open: the direct connection proves the
+    target's ID, the target sees the client's, and steps no longer cross the relay."""
+
+    async def main() -> None:
+        punch = HolePunchService(TLS)
+        async with relay_and_target(punch=punch) as setup, holding(setup) as reservation:
+            address = parse_address(f"{reservation.address}/{TARGET.peer_id}")
+            async with await open_punched(address, CLIENT, TLS) as conn:
+                assert conn.address.relay is None and conn.peer_id == TARGET.peer_id
+                assert punch.stats.punched == 1
+                relayed = setup.relay.stats.bytes_relayed
+                for _ in range(20):
+                    reply = await conn.request(InfoRequest())
+                    assert isinstance(reply, InfoReply) and reply.extra["from"] == CLIENT.peer_id
+                assert setup.relay.stats.bytes_relayed == relayed
+
+    run(loop_name, main())
+
+
+def test_a_target_that_does_not_punch_leaves_the_connection_relayed_and_working() -> None:
+    async def main() -> None:
+        async with relay_and_target() as setup, holding(setup) as reservation:
+            address = parse_address(f"{reservation.address}/{TARGET.peer_id}")
+            async with await open_punched(address, CLIENT, TLS) as conn:
+                assert conn.address.relay == RELAY.peer_id
+                assert isinstance(await conn.request(InfoRequest()), InfoReply)
+
+    run("uvloop", main())
+
+
+def test_hole_punch_requests_off_a_relayed_connection_are_refused_and_the_peer_serves_on() -> None:
+    async def main() -> None:
+        punch = HolePunchService(TLS)
+        async with relay_and_target(punch=punch) as setup:
+            target = Address("127.0.0.1", setup.target_server.port, TARGET.peer_id)
+            async with await open_connection(target, CLIENT, TLS) as conn:
+                with pytest.raises(RemoteError, match="relayed connections only"):
+                    await conn.request(HolePunch(("127.0.0.1:9",)))
+                with pytest.raises(RemoteError, match="before hole_punch"):
+                    await conn.request(HolePunchSync())
+                assert isinstance(await conn.request(InfoRequest()), InfoReply)
+
+    run("uvloop", main())
 
 
 def test_a_relay_that_joins_another_peer_cannot_pose_as_the_target() -> None:
@@ -254,6 +312,11 @@ BAD_DATA_PLANE = {
     "dial_back extra field": {"type": "dial_back", "id": 1, "port": 80, "host": "10.0.0.1"},
     "reserve with a field": {"type": "reserve", "id": 1, "peer": "x"},
     "await_relayed with a field": {"type": "await_relayed", "id": 1, "token": b"x"},
+    "hole_punch no address": {"type": "hole_punch", "id": 1, "addresses": []},
+    "hole_punch five addresses": {"type": "hole_punch", "id": 1, "addresses": ["1.2.3.4:5"] * 5},
+    "hole_punch address an int": {"type": "hole_punch", "id": 1, "addresses": [80]},
+    "hole_punch address no port": {"type": "hole_punch", "id": 1, "addresses": ["host"]},
+    "hole_punch_sync connected str": {"type": "hole_punch_sync", "id": 1, "connected": "y"},
 }
 
 
