@@ -111,7 +111,12 @@ def _main(argv: list[str] | None) -> None:
     )
     model_dir = resolve_model_cli(args.model, default_cache_dir())
     name = args.model if "/" not in args.model else model_dir.name
-    config = dataclasses.replace(config, model_dir=model_dir, model_name=name)
+    config = dataclasses.replace(
+        config,
+        model_dir=model_dir,
+        model_name=name,
+        cpu_plans_dir=config.cpu_plans_dir or default_cache_dir(),
+    )
     identity = load_or_create_identity(key_path)
 
     if config.uses_dht:

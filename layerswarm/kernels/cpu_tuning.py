@@ -18,12 +18,24 @@ the closest to what the kernel does on the cores it was given.
 
 Choices are kept in memory and, where `TuningConfig.cache_dir` is set, in a JSON file there,
 under a key of the CPU model (and its flags), the torch version, the thread count, the dtype
-and the shape: a restart, or a second peer on the same machine, times nothing, and peers on the
-same machine pick the same bits.
+and the shape: a restart, or a second peer on the same machine, times nothing.
+
+The contract with the exact-match tests (the swarm's tokens against the local engine's, bit for
+bit): processes on one machine that keep their plans in one folder run each shape with the same
+bits. The plans differ in bits by layout and by the token counts the bags take (the bag block
+count does not change them), so:
+- a shape missing from the file is timed under an exclusive lock of the file, after reading it
+  again: peers starting together do not each time and pick, the first times and the others
+  read its choice;
+- a shape already chosen on this CPU and torch for another thread count keeps that choice's
+  layout and bag token counts; only the blocks are timed again (`within`).
+A process that keeps no file (`cache_dir` None) or the fixed rule (`cpu_linear.default_plan`)
+may get other bits than one that measures.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
@@ -31,7 +43,7 @@ import logging
 import os
 import platform
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,7 +55,31 @@ from layerswarm.kernels.cpu_linear import ArenaLinear, LinearPlan, PackedLinear,
 log = logging.getLogger(__name__)
 
 CACHE_FILE = "cpu-linear-plans.json"
+LOCK_FILE = "cpu-linear-plans.lock"
 PREFILL_SLACK = 1.25  # a layout whose prefill GEMM is this much slower than the best's loses
+
+
+PLAN_MODES = ("measure", "fixed")  # a peer's and the local engine's choice: Tuner or default_plan
+
+
+def default_plans_dir() -> Path:
+    """Where plans are kept when no folder is given: the user's cache, the one the models are
+    converted into (`~/.cache/layerswarm`; the command line passes its `$LAYERSWARM_CACHE`)."""
+    return Path.home() / ".cache" / "layerswarm"
+
+
+def open_chooser(mode: str, cache_dir: Path | None) -> Tuner | None:
+    """The chooser of `mode`: a `Tuner` keeping its plans in `cache_dir` (None: the default
+    folder) for "measure", None (the fixed rule) for "fixed".
+
+    Raises:
+        ValueError: another mode.
+    """
+    if mode not in PLAN_MODES:
+        raise ValueError(f"unknown CPU plan mode {mode!r}; choose one of {PLAN_MODES}")
+    if mode == "fixed":
+        return None
+    return Tuner(TuningConfig(cache_dir=cache_dir or default_plans_dir()))
 
 
 @dataclass(frozen=True)
@@ -112,24 +148,82 @@ class Tuner:
     def __call__(self, weights: Sequence[torch.Tensor], has_bias: bool) -> LinearPlan:
         w = weights[0]
         key = cache_key(self.machine, w.dtype, w.shape[0], w.shape[1])
-        plan = self._plans.get(key)
-        layouts = {p.layout for p in candidates(w.dtype, w.shape[0], self.machine.threads).values()}
-        if plan is None or plan.layout not in layouts:  # none kept, or one no longer offered
-            t0 = time.perf_counter()
-            plan, times = time_candidates(weights, self.config)
-            self.timed += 1
-            self._plans[key] = plan
-            self._write()
-            log.info(
-                "CPU linear %s: %s (timed in %.2f s; fastest us by rows: %s)",
-                key, plan.describe(), time.perf_counter() - t0, _brief(times),
-            )  # fmt: skip
+        plan = self._kept(key, w)
+        if plan is None:
+            with self._locked():
+                self._plans.update(self._read())  # another process may have timed it meanwhile
+                plan = self._kept(key, w)
+                if plan is None:
+                    plan = self._time(key, weights)
         self.chosen[key] = plan
         return plan
+
+    def _kept(self, key: str, w: torch.Tensor, plan: LinearPlan | None = None) -> LinearPlan | None:
+        """The kept plan of `key` (or `plan`), if its layout is still a candidate here."""
+        plan = plan or self._plans.get(key)
+        layouts = {p.layout for p in candidates(w.dtype, w.shape[0], self.machine.threads).values()}
+        return plan if plan is not None and plan.layout in layouts else None
+
+    def _time(self, key: str, weights: Sequence[torch.Tensor]) -> LinearPlan:
+        t0 = time.perf_counter()
+        w = weights[0]
+        within = self._sibling(key)
+        if within is not None and self._kept(key, w, within) is None:
+            within = None  # a layout no longer offered: measured afresh
+        plan, times = time_candidates(weights, self.config, within)
+        self.timed += 1
+        self._plans[key] = plan
+        self._write()
+        log.info(
+            "CPU linear %s: %s (timed in %.2f s%s; fastest us by rows: %s)",
+            key, plan.describe(), time.perf_counter() - t0,
+            f", the bits of {within.describe()} kept" if within else "", _brief(times),
+        )  # fmt: skip
+        return plan
+
+    def _sibling(self, key: str) -> LinearPlan | None:
+        """The plan this CPU and torch keep for the shape at another thread count, if any."""
+        cpu, version, _threads, shape = key.split(" | ")
+        for other, plan in sorted(self._plans.items()):
+            o_cpu, o_version, _, o_shape = other.split(" | ")
+            if other != key and (o_cpu, o_version, o_shape) == (cpu, version, shape):
+                return plan
+        return None
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        """An exclusive lock of the plans' folder (Linux and macOS; elsewhere none)."""
+        d = self.config.cache_dir
+        try:
+            import fcntl
+        except ImportError:  # Windows: no flock; peers starting together may pick apart
+            fcntl = None  # type: ignore[assignment]
+        if d is None or fcntl is None:
+            yield
+            return
+        try:
+            d.mkdir(parents=True, exist_ok=True)
+            f = open(d / LOCK_FILE, "a")  # noqa: SIM115  # closed below
+        except OSError as e:
+            log.warning("could not lock the CPU linear plans in %s: %s", d, e)
+            yield
+            return
+        with f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
 
     def report(self) -> list[str]:
         """One line a shape: what this tuner chose, for a start-up log."""
         return [f"{key.rsplit(' | ', 1)[-1]}: {p.describe()}" for key, p in self.chosen.items()]
+
+    def summary(self) -> str:
+        """One line for a start-up log: every shape's plan, and how many were timed now."""
+        kept = len(self.chosen) - self.timed
+        where = f"kept in {self._path()}" if self._path() else "in memory"
+        return f"{'; '.join(self.report())} ({self.timed} timed now, {kept} read; {where})"
 
     def _path(self) -> Path | None:
         d = self.config.cache_dir
@@ -185,15 +279,22 @@ def candidates(dtype: torch.dtype, out_features: int, threads: int) -> dict[str,
 
 
 def time_candidates(
-    weights: Sequence[torch.Tensor], config: TuningConfig
+    weights: Sequence[torch.Tensor], config: TuningConfig, within: LinearPlan | None = None
 ) -> tuple[LinearPlan, Times]:
-    """Time every candidate on (a pool of) `weights`; the chosen plan and the times."""
+    """Time every candidate on (a pool of) `weights`; the chosen plan and the times.
+
+    `within`: a plan whose bits must stay (its layout, and its bags' token counts): then only
+    the candidates of its layout are timed, and only the bags' blocks are chosen."""
     w = weights[0]
     out_features, in_features = w.shape
     nbytes = w.numel() * w.element_size()
     pool = list(weights[: max(1, config.pool_bytes // nbytes)])
     plans = candidates(w.dtype, out_features, torch.get_num_threads())
-    rows = list(range(1, config.rows + 1))
+    if within is not None:
+        plans = {n: p for n, p in plans.items() if p.layout == within.layout}
+        if not within.bags:
+            return within, {}
+    rows = list(range(1, max(config.rows, len(within.bags) if within else 0) + 1))
     counts = [*rows, config.prefill_rows]
     gen = torch.Generator().manual_seed(0)
     inputs = [torch.randn(r, in_features, generator=gen).to(w.dtype) for r in counts]
@@ -201,7 +302,7 @@ def time_candidates(
     # One copy of the pool a layout (the bag candidates share the transposed one), so that
     # the candidates can take turns: a burst of load on the machine then hits them all.
     laid = {p.layout: _laid_out(pool, p) for p in plans.values() if not p.bags}
-    runs = {n: _with_bags(laid[p.layout], p.bags * config.rows) for n, p in plans.items()}
+    runs = {n: _with_bags(laid[p.layout], p.bags * len(rows)) for n, p in plans.items()}
     with torch.inference_mode():
         for j, x in enumerate(inputs):
             names = [n for n, p in plans.items() if not (p.bags and j == len(rows))]
@@ -213,6 +314,8 @@ def time_candidates(
                     _run(runs[name], x)
                     dt = (time.perf_counter() - t0) / len(pool)
                     times[name][j] = min(times[name][j], dt)
+    if within is not None:
+        return pick_blocks(times, len(within.bags)), times
     return pick(times, len(rows)), times
 
 
@@ -237,6 +340,13 @@ def pick(times: Times, rows: int) -> LinearPlan:
                 break
             bags.append(int(fastest.removeprefix("bags")))
     return LinearPlan(layout, tuple(bags))
+
+
+def pick_blocks(times: Times, bag_rows: int) -> LinearPlan:
+    """A "trans" plan with bags for 1..`bag_rows` tokens, each of the fastest block count."""
+    bag_names = [n for n in times if n.startswith("bags")]
+    blocks = [min(bag_names, key=lambda n: times[n][r]) for r in range(bag_rows)]
+    return LinearPlan("trans", tuple(int(n.removeprefix("bags")) for n in blocks))
 
 
 def _laid_out(pool: Sequence[torch.Tensor], plan: LinearPlan) -> list[nn.Module]:

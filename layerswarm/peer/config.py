@@ -22,6 +22,7 @@ from layerswarm.swarm.limits import ListenLimits
 from layerswarm.swarm.traversal import NatConfig
 
 QUANTS = ("none", "int8", "int4")
+CPU_PLANS = ("measure", "fixed")  # as `kernels.cpu_tuning.PLAN_MODES` (config imports no torch)
 LIMITS = "limits on strangers (each refusal tells the client why)"  # flag groups
 DHT = "WAN discovery (DHT) and private swarms"
 SUPPRESS = "==SUPPRESS=="  # argparse.SUPPRESS: a flag left out of --help
@@ -99,6 +100,28 @@ class PeerConfig:
     quant: str = field(
         default="none",
         metadata=_opt("weight-only quantization of the span at load time", choices=list(QUANTS)),
+    )
+    # how the CPU linears' layouts are chosen: "measure" times them at load (`kernels.cpu_tuning`,
+    # kept per CPU, torch and shape), "fixed" the rule of `kernels.cpu_linear.default_plan`.
+    # Processes that keep their plans in one folder get the same bits for a shape (exact-match
+    # tests compare peers with the local engine); a fixed and a measuring one may differ
+    cpu_plans: str = field(
+        default="measure",
+        metadata=_opt(
+            "measure: time each CPU linear's layouts at load, once per CPU, torch and shape "
+            "(kept in --cpu-plans-dir); fixed: a fixed rule, no timing",
+            choices=list(CPU_PLANS),
+        ),
+    )
+    # the folder of the measured CPU plans' file; None: the user's cache (~/.cache/layerswarm;
+    # the command line gives its cache dir, $LAYERSWARM_CACHE if set)
+    cpu_plans_dir: Path | None = field(
+        default=None,
+        metadata=_opt(
+            "folder where the CPU layouts measured at load are kept (default: the model cache)",
+            metavar="DIR",
+            parse=Path,
+        ),
     )
     # unit: inputs per int4 scale (32 matches a Q4 GGUF's grid)
     quant_group_size: int = field(
@@ -306,6 +329,8 @@ def _check_peer(c: PeerConfig) -> None:
         raise ConfigError("kernels", f"must be one of {', '.join(KERNEL_CHOICES)}")
     if c.quant not in QUANTS:
         raise ConfigError("quant", f"must be one of {', '.join(QUANTS)}")
+    if c.cpu_plans not in CPU_PLANS:
+        raise ConfigError("cpu_plans", f"must be one of {', '.join(CPU_PLANS)}")
     for name in POSITIVE:
         if not getattr(c, name) > 0:
             raise ConfigError(name, "must be positive")

@@ -12,7 +12,13 @@ from layerswarm.shards.blocks import SpanModel
 from layerswarm.shards.config import DTYPES, ModelConfig, Span
 from layerswarm.shards.cuda_graphs import enable_cuda_graphs
 from layerswarm.shards.kv_cache import PagedKVCache
-from layerswarm.shards.quantize import QuantLinear, memory_bytes, pack_linears, quantize
+from layerswarm.shards.quantize import (
+    QuantLinear,
+    memory_bytes,
+    open_chooser,
+    pack_linears,
+    quantize,
+)
 from layerswarm.shards.weights import Progress, load_span
 
 log = logging.getLogger(__name__)
@@ -64,7 +70,12 @@ def load_peer_model(
         model.to_device(device)  # the CPU: kernels as asked (Triton only in the interpreter)
         if config.quant != "none":
             quantize(model, config.quant, config.quant_group_size)  # type: ignore[arg-type]
-        pack_linears(model)  # the linears quantization left: the fast CPU layouts
+        # The linears quantization left: the fast CPU layouts, measured here (or read from the
+        # plans this machine kept) unless the config fixes them.
+        tuner = open_chooser(config.cpu_plans, config.cpu_plans_dir)
+        pack_linears(model, tuner)
+        if tuner is not None:
+            log.info("CPU linear plans: %s", tuner.summary())
     if config.kernels != "auto":
         for module in model.modules():
             if isinstance(module, QuantLinear):

@@ -21,7 +21,7 @@ from layerswarm.shards.blocks import SpanModel
 from layerswarm.shards.config import ModelConfig, Span, parse_dtype
 from layerswarm.shards.cuda_graphs import enable_cuda_graphs
 from layerswarm.shards.kv_cache import PagedKVCache, SessionCache
-from layerswarm.shards.quantize import pack_linears
+from layerswarm.shards.quantize import open_chooser, pack_linears
 from layerswarm.shards.scheduler import StepScheduler
 from layerswarm.shards.scheduler_config import SchedulerConfig
 from layerswarm.shards.weights import Progress, load_client_head, load_span
@@ -99,6 +99,8 @@ def open_local_generator(
     progress: Progress | None = None,
     cache_bytes: int = DEFAULT_CACHE_BYTES,
     device: torch.device | str = "cpu",
+    cpu_plans: str = "measure",
+    cpu_plans_dir: Path | None = None,
 ) -> Generator:
     """Load a whole model (a folder in Hugging Face layout) for generation in this process.
 
@@ -106,15 +108,25 @@ def open_local_generator(
         cache_bytes: the KV cache of every session together.
         device: where the layers, the KV cache, the embedding and the head live; on CUDA the
             layers run the Triton kernels and decode steps replay CUDA graphs.
+        cpu_plans: "measure" (the layers' CPU layouts timed at load, or read from what this
+            machine kept) or "fixed" (a fixed rule), as `PeerConfig.cpu_plans`.
+        cpu_plans_dir: where measured plans are kept; None: the user's cache, as a peer's.
+    Raises:
+        ValueError: an unknown `cpu_plans`.
     """
     device = torch.device(device)
+    tuner = open_chooser(cpu_plans, cpu_plans_dir)
     config = ModelConfig.from_file(model_dir)
     tokenizer = ChatTokenizer(model_dir)
     head = load_client_head(model_dir, dtype, config).to(device)
     model = load_span(model_dir, Span(0, config.num_layers), dtype, config, progress=progress)
     model.to_device(device)
-    pack_linears(head)  # CPU layouts; a no-op on a GPU
-    pack_linears(model)
+    # CPU layouts; a no-op on a GPU. The layers measure theirs as a peer does, into the same
+    # folder, so that a swarm of peers on this machine gives the local engine's bits (tests
+    # compare the two token for token). The head keeps the fixed rule: a swarm client's head
+    # (`swarm_client.open_swarm_generator`) does, and the two must pick the same tokens.
+    pack_linears(head)
+    pack_linears(model, tuner)
     enable_cuda_graphs(model)  # a no-op off CUDA
     # The head and the layers share one compute thread: two OpenMP teams only fight.
     compute = ThreadPoolExecutor(1, thread_name_prefix="layerswarm-compute")

@@ -7,7 +7,8 @@ the KV cache keep the model's dtype. There is no second model class: the layers'
 
 `pack_linears` is the other transform of a loaded model, for the CPU: the linears quantization
 left get their fast memory layouts (`kernels.cpu_linear`); apply it after `quantize`. It is
-offered here so that the client and the peer, which may not reach into `kernels`, apply it.
+offered here so that the client and the peer, which may not reach into `kernels`, apply it,
+with `open_chooser` (the plans measured at load, `kernels.cpu_tuning`).
 """
 
 from __future__ import annotations
@@ -21,6 +22,9 @@ from torch import nn
 
 from layerswarm.kernels import quant
 from layerswarm.kernels.cpu_linear import pack_linears as pack_linears
+from layerswarm.kernels.cpu_tuning import PLAN_MODES as PLAN_MODES
+from layerswarm.kernels.cpu_tuning import Tuner as Tuner
+from layerswarm.kernels.cpu_tuning import open_chooser as open_chooser
 
 log = logging.getLogger(__name__)
 

@@ -153,3 +153,29 @@ def test_two_tuners_sharing_a_folder_keep_each_others_choices(tmp_path: Path) ->
     pack_linears(linears(torch.float32, n=1), a)
     pack_linears(nn.Sequential(nn.Linear(40, 24)), b)
     assert len(json.loads((tmp_path / cpu_tuning.CACHE_FILE).read_text())) == 2
+
+
+def test_a_tuner_reads_what_another_timed_since_it_started(tmp_path: Path) -> None:
+    config = TuningConfig(**{**QUICK.__dict__, "cache_dir": tmp_path})
+    a, b = Tuner(config, HERE), Tuner(config, HERE)  # two peers starting together
+    pack_linears(linears(torch.float32, n=1), a)
+    pack_linears(linears(torch.float32, n=1), b)
+    assert (a.timed, b.timed) == (1, 0) and b.chosen == a.chosen  # the same bits on both
+    assert "0 timed now, 1 read" in b.summary() and str(tmp_path) in b.summary()
+
+
+def test_another_thread_count_keeps_the_bits_of_the_first_choice(tmp_path: Path) -> None:
+    config = TuningConfig(**{**QUICK.__dict__, "cache_dir": tmp_path})
+    key = cache_key(HERE, torch.float32, 128, 40)
+    first = LinearPlan("trans", (1, 1))  # bags for 1 and 2 tokens: F.linear from 3
+    (tmp_path / cpu_tuning.CACHE_FILE).write_text(
+        json.dumps({key: {"layout": "trans", "bags": [1, 1]}})
+    )
+    four = Tuner(config, Machine(HERE.cpu, HERE.torch_version, 4))
+    pack_linears(linears(torch.float32, n=1), four)
+    (plan,) = four.chosen.values()
+    assert four.timed == 1  # the blocks, timed for 4 threads
+    assert plan.layout == first.layout and len(plan.bags) == len(first.bags)
+    other_torch = Tuner(config, Machine(HERE.cpu, "9.9.9", 2))  # another torch: its own pick
+    pack_linears(linears(torch.float32, n=1), other_torch)
+    assert other_torch.timed == 1
