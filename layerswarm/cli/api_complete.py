@@ -23,7 +23,7 @@ from layerswarm.cli.api_replies import Admission, EventStream, admitted, as_api_
 from layerswarm.cli.api_server import ApiConfig, ApiError
 from layerswarm.cli.api_shapes import ReplyShape, collect, stream_events
 from layerswarm.errors import LayerswarmError
-from layerswarm.routing.generate import Generator
+from layerswarm.routing.generate import Choices, Generator
 from layerswarm.routing.grammar import Grammar, GrammarError, grammar_tokenizer
 from layerswarm.routing.sampling import Constraint, SamplingConfig
 from layerswarm.routing.text import ChatTokenizer
@@ -67,11 +67,14 @@ async def complete(
     texts = _token_texts(gen) if asked_logprobs else None
     shape = ReplyShape(chat, config.model_id, len(prompt), texts)
     await admission.enter()
-    # One turn for the request; each choice is a session of its own (n prefills: the peers
-    # cannot fork a session's KV pages yet), its seed the request's + its index.
+    # One turn for the request. The choices share one prefill: the first forks its session
+    # for the others (the peers share the prompt's KV pages); each samples with the request's
+    # seed + its index.
     turn = SharedTurn(admission, n)
+    group = Choices(n) if n > 1 else None
     replies = [
-        admitted(turn, generate(gen, prompt, _nth(sampling, i), constraints[i])) for i in range(n)
+        admitted(turn, generate(gen, prompt, _nth(sampling, i), constraints[i], group))
+        for i in range(n)
     ]
     plan = parse_tools(body)
     tools = None if plan is None else plan.names

@@ -32,7 +32,7 @@ from layerswarm.metrics import (
     TOKEN_RATE,
 )
 from layerswarm.routing.failures import SwarmBusy
-from layerswarm.routing.generate import Generator
+from layerswarm.routing.generate import Choices, Generator
 from layerswarm.routing.sampling import Constraint, Sampler, SamplingConfig, TokenLogprob
 from layerswarm.routing.text import TextStream
 
@@ -61,11 +61,13 @@ async def generate(
     prompt: list[int],
     sampling: SamplingConfig,
     constraint: Constraint | None = None,
+    choices: Choices | None = None,
 ) -> AsyncIterator[Piece | Finished]:
     """Text pieces, then a `Finished`. The reply runs on the generator's loop with every other
     reply (no thread of its own); closing this iterator early ends its session. `constraint`:
-    what may come next (a grammar), this reply's own."""
-    pieces = gen.net.iterate(_reply(gen, prompt, sampling, constraint))
+    what may come next (a grammar), this reply's own; `choices`: the replies to the same
+    prompt that share its prefill (`n`)."""
+    pieces = gen.net.iterate(_reply(gen, prompt, sampling, constraint, choices))
     try:
         async for item in pieces:
             yield item
@@ -74,12 +76,16 @@ async def generate(
 
 
 async def _reply(
-    gen: Generator, prompt: list[int], sampling: SamplingConfig, constraint: Constraint | None
+    gen: Generator,
+    prompt: list[int],
+    sampling: SamplingConfig,
+    constraint: Constraint | None,
+    choices: Choices | None,
 ) -> AsyncIterator[Piece | Finished]:
     """`generate` on the generator's loop; counts tokens itself (`last_stats` is shared)."""
     text = TextStream(gen.tokenizer, sampling.stop)
     sampler = Sampler(sampling, len(prompt), constraint)
-    tokens = gen.atokens(prompt, sampling, sampler)
+    tokens = gen.atokens(prompt, sampling, sampler, choices)
     count, reason, finished = 0, "length", False
     notes: list[TokenLogprob] = []  # of tokens whose text is not out yet
     CLIENT_TOKENS.labels(kind="prompt").inc(len(prompt))

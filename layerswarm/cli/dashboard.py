@@ -25,6 +25,7 @@ from starlette.staticfiles import StaticFiles
 
 from layerswarm.metrics import EVENTS, TOKEN_RATE, note_event
 from layerswarm.routing.generate import Generator, Pipeline
+from layerswarm.routing.pipeline import Prefix, cached_tokens, fork_pipeline
 from layerswarm.swarm.records import PeerRecord
 
 STATIC = Path(__file__).with_name("static")
@@ -115,8 +116,11 @@ class InFlight:
         self._lock = threading.Lock()
         gen.open_pipeline = self.open_pipeline
 
-    async def open_pipeline(self, max_length: int) -> Pipeline:
-        pipeline = await self._open(max_length)
+    async def open_pipeline(self, max_length: int, prefix: Prefix | None = None) -> Pipeline:
+        pipeline = await self._open(max_length, prefix)
+        return self.track(pipeline)
+
+    def track(self, pipeline: Pipeline) -> Pipeline:
         flight = Flight(next(self._ids), pipeline)
         with self._lock:
             self._flights[flight.id] = flight
@@ -147,6 +151,16 @@ class _Tracked:
     @property
     def route(self) -> object:
         return getattr(self.inner, "route", None)
+
+    @property
+    def cached(self) -> int:
+        return cached_tokens(self.inner)
+
+    async def afork(self) -> Pipeline:
+        child = await fork_pipeline(self.inner)
+        if child is None:
+            raise NotImplementedError("this pipeline cannot fork")
+        return self.flights.track(child)
 
     async def aforward(self, hidden: Any, start: int) -> Any:
         out = await self.inner.aforward(hidden, start)

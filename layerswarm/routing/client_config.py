@@ -44,6 +44,9 @@ class ClientConfig:
     # unit: tokens; with push, a longer prompt goes down the hops in steps of this many, so
     # the second hop computes one while the first computes the next. 0: in one step
     prefill_chunk_tokens: int = 256
+    # a session opens on the KV pages that peers keep for its prompt's first tokens (this
+    # client's earlier sessions'), sending only the rest; False: every prompt in full
+    prefix_cache: bool = True
     insecure_plaintext: bool = False  # no TLS; trusted LANs and measurements only
     mdns_interfaces: tuple[str, ...] | None = None  # browse mDNS here (() = every one); None: off
     refresh_interval: float = 5.0  # unit: s; a new session first re-reads the swarm if older

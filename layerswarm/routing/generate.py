@@ -6,6 +6,7 @@ a chain of peers (the swarm client) looks the same to it.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
@@ -19,6 +20,7 @@ from layerswarm.routing.loop import BackgroundLoop
 from layerswarm.routing.pipeline import GenerationStats as GenerationStats
 from layerswarm.routing.pipeline import OpenPipeline as OpenPipeline
 from layerswarm.routing.pipeline import Pipeline as Pipeline
+from layerswarm.routing.pipeline import Prefix, cached_tokens, fork_pipeline
 from layerswarm.routing.sampling import Sampler, SamplingConfig
 from layerswarm.routing.speculative import (
     Forward,
@@ -110,12 +112,17 @@ class Generator:
         return self.net.iterate_sync(self.atokens(prompt, sampling))
 
     async def atokens(
-        self, prompt: Sequence[int], sampling: SamplingConfig, sampler: Sampler | None = None
+        self,
+        prompt: Sequence[int],
+        sampling: SamplingConfig,
+        sampler: Sampler | None = None,
+        choices: Choices | None = None,
     ) -> AsyncGenerator[int, None]:
         """Yield new token ids one by one (EOS included, then stop). Runs on `net`'s loop.
 
         `sampler`: the reply's, for a caller that reads what it notes (`Sampler.logprobs`) or
-        constrains it; None: a new one for `sampling`.
+        constrains it; None: a new one for `sampling`. `choices`: the group of replies to the
+        same prompt that this one belongs to (they share one prefill).
         """
         limit = self.head.config.max_position_embeddings
         if not prompt:
@@ -129,9 +136,17 @@ class Generator:
         stats = self.last_stats = GenerationStats(prompt_tokens=len(prompt))
         if sampling.max_new_tokens == 0:
             return
-        pipeline = self.active = await self.open_pipeline(max_length)
         sampler = sampler or Sampler(sampling, len(prompt))
-        context, sent = list(prompt), 0
+        context, first = list(prompt), None
+        if self.speculator is not None:  # its drafter holds the prompt too: no cache, no fork
+            pipeline = await self.open_pipeline(max_length)
+        elif choices is not None:
+            pipeline, first = await choices.join(self, prompt, max_length)
+        else:
+            pipeline = await self.open_pipeline(max_length, self.prefix(prompt))
+        self.active = pipeline
+        sent = len(prompt) if first is not None else cached_tokens(pipeline)
+        stats.reused_tokens = sent if first is None else 0
         try:
             if self.speculator is not None:
                 forward = HeldSequence(pipeline, self._embed)
@@ -142,9 +157,12 @@ class Generator:
                 return
             t0 = time.perf_counter()
             for step in range(max_length - len(prompt)):
-                # Embedding is a row lookup: on the loop, with no thread hop.
-                hidden = await pipeline.aforward(self._embed(context[sent:]), sent)
-                sent = len(context)
+                if first is not None and step == 0:
+                    hidden = first  # the prompt's, prefilled once for every choice
+                else:
+                    # Embedding is a row lookup: on the loop, with no thread hop.
+                    hidden = await pipeline.aforward(self._embed(context[sent:]), sent)
+                    sent = len(context)
                 token = await self.heads.pick(sampler, hidden[:, -1:], context)
                 stats.passes += 1
                 t0 = _count(stats, step, t0)
@@ -185,6 +203,15 @@ class Generator:
     def _embed(self, ids: Sequence[int]) -> torch.Tensor:
         return self.head.embed_tokens(torch.tensor([list(ids)], dtype=torch.long))
 
+    def prefix(self, prompt: Sequence[int]) -> Prefix:
+        """What a pipeline needs to start on pages that peers keep for `prompt`."""
+        return Prefix(prompt, self._embed)
+
+    async def prefill(self, pipeline: Pipeline, prompt: Sequence[int]) -> torch.Tensor:
+        """Run what `pipeline` does not hold of `prompt`; the last position's hidden state."""
+        start = cached_tokens(pipeline)
+        return (await pipeline.aforward(self._embed(prompt[start:]), start))[:, -1:]
+
     def _pick(self, sampler: Sampler, hidden: torch.Tensor, context: Sequence[int]) -> int:
         return sampler(self.head.logits(hidden)[0, 0], context)
 
@@ -224,3 +251,41 @@ def _count(stats: GenerationStats, step: int, t0: float) -> float:
         stats.decode_seconds += now - t0
     stats.new_tokens += 1
     return now
+
+
+class Choices:
+    """`n` replies to one prompt that share its prefill (the API's `n`): the first to start
+    opens a pipeline, runs the prompt, and forks the pipeline for each other one (`afork`:
+    the peers share the prompt's KV pages); each reply then samples on its own from the
+    prompt's last hidden state. Where the pipeline cannot fork, the others prefill on their
+    own. Runs on the generator's loop."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self._ready: asyncio.Future[torch.Tensor] | None = None
+        self._forks: list[Pipeline] = []
+
+    async def join(
+        self, gen: Generator, prompt: Sequence[int], max_length: int
+    ) -> tuple[Pipeline, torch.Tensor | None]:
+        """A pipeline for one more reply, and the prompt's last hidden state when it holds the
+        prompt already (None: the reply runs the prompt itself)."""
+        if self._ready is None:
+            self._ready = asyncio.get_running_loop().create_future()
+            try:
+                pipeline = await gen.open_pipeline(max_length, gen.prefix(prompt))
+                hidden = await gen.prefill(pipeline, prompt)
+                for _ in range(self.n - 1):  # between steps: nothing else runs on it yet
+                    child = await fork_pipeline(pipeline)
+                    if child is None:
+                        break
+                    self._forks.append(child)
+            except BaseException as e:
+                self._ready.set_exception(e)
+                raise
+            self._ready.set_result(hidden)
+            return pipeline, hidden
+        hidden = await asyncio.shield(self._ready)
+        if self._forks:
+            return self._forks.pop(), hidden
+        return await gen.open_pipeline(max_length, gen.prefix(prompt)), None

@@ -30,6 +30,7 @@ from layerswarm.swarm.protocol import (
     InfoRequest,
     Message,
     OpenSession,
+    SessionOpened,
     Step,
     StepResult,
 )
@@ -44,11 +45,39 @@ class HopCalls:
         self.config = config
         self.stats = stats
 
-    async def open(self, hop: ActiveHop, max_length: int, push: bool) -> None:
-        """Open the hop's session (with its push key when steps are pushed into it)."""
+    async def open(
+        self,
+        hop: ActiveHop,
+        max_length: int,
+        push: bool,
+        prefix: tuple[bytes, ...] = (),
+        fork_of: str | None = None,
+    ) -> None:
+        """Open the hop's session (with its push key when steps are pushed into it), as a fork
+        of the session `fork_of` of the same peer, or taking the pages the peer keeps for
+        `prefix` (a hash chain). `hop.cached` says what it then holds.
+
+        Raises:
+            HopFailed, ClientBug: as `await_reply`.
+        """
         key = hop.push_key if push else None
-        opening = OpenSession(hop.session_id, hop.span.start, hop.span.end, max_length, key)
-        await self.request(hop, opening, self.config.request_timeout)
+        opening = OpenSession(
+            hop.session_id,
+            hop.span.start,
+            hop.span.end,
+            max_length,
+            key,
+            prefix=prefix or None,
+            fork_of=fork_of,
+        )
+        reply = await self.request(hop, opening, self.config.request_timeout)
+        if not isinstance(reply, SessionOpened):
+            raise HopFailed(hop.view.peer_id, f"peer {hop.view.address} sent a malformed reply")
+        hop.cached = reply.cached_tokens or 0
+        if hop.cached > max_length or (not prefix and fork_of is None and hop.cached):
+            raise HopFailed(
+                hop.view.peer_id, f"peer {hop.view.address} claims {hop.cached} tokens cached"
+            )
 
     async def step(
         self, hop: ActiveHop, hidden: torch.Tensor, start: int, truncate: int | None = None

@@ -26,3 +26,4 @@ class ActiveHop:
     session_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     # The key of the tokens that let steps pushed by the hop before into this session.
     push_key: bytes = field(default_factory=lambda: secrets.token_bytes(PUSH_KEY_BYTES))
+    cached: int = 0  # unit: tokens its session held when it opened (a kept prefix, a fork's)

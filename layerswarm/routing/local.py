@@ -16,6 +16,7 @@ import torch
 
 from layerswarm.routing.generate import Generator, Pipeline
 from layerswarm.routing.loop import BackgroundLoop
+from layerswarm.routing.pipeline import Prefix
 from layerswarm.routing.text import ChatTokenizer
 from layerswarm.shards.blocks import SpanModel
 from layerswarm.shards.config import ModelConfig, Span, parse_dtype
@@ -78,16 +79,29 @@ class LocalEngine:
 
         await self.net.call(free())
 
+    async def fork(self, seq: SessionCache) -> SessionCache:
+        """A session holding what `seq` holds, its pages shared (on the scheduler's loop,
+        where the pool is changed)."""
+
+        async def fork() -> SessionCache:
+            return self.cache.fork(seq)
+
+        return await self.net.call(fork())
+
 
 class LocalPipeline:
     """One session of the local engine."""
 
-    def __init__(self, engine: LocalEngine, max_length: int) -> None:
+    def __init__(self, engine: LocalEngine, max_length: int, seq: SessionCache | None = None):
         self.engine = engine
-        self.seq = engine.cache.open_session(max_length)  # pages come as it grows
+        self.seq = seq or engine.cache.open_session(max_length)  # pages come as it grows
 
     async def aforward(self, hidden: torch.Tensor, start: int) -> torch.Tensor:
         return await self.engine.run(self.seq, hidden, start)
+
+    async def afork(self) -> LocalPipeline:
+        """A pipeline holding what this one holds, its KV pages shared (copy on write)."""
+        return LocalPipeline(self.engine, self.seq.max_length, await self.engine.fork(self.seq))
 
     async def aclose(self) -> None:
         await self.engine.free(self.seq)
@@ -133,8 +147,8 @@ def open_local_generator(
     net = BackgroundLoop()
     engine = LocalEngine(model, cache_bytes, compute, net)
 
-    async def open_pipeline(max_length: int) -> Pipeline:
-        return LocalPipeline(engine, max_length)
+    async def open_pipeline(max_length: int, prefix: Prefix | None = None) -> Pipeline:
+        return LocalPipeline(engine, max_length)  # every session computes its whole prompt
 
     gen = Generator(head, tokenizer, open_pipeline, net, compute)
     gen.engine = engine  # type: ignore[attr-defined]  # for close_generator

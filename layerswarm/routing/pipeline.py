@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -23,7 +23,38 @@ class Pipeline(Protocol):
     async def aclose(self) -> None: ...
 
 
-OpenPipeline = Callable[[int], Awaitable[Pipeline]]  # max_length -> a pipeline with room for it
+@dataclass(frozen=True)
+class Prefix:
+    """The prompt a pipeline is opened for, so that it may start with KV pages that peers keep
+    for its first tokens (`routing/prefix.py`). A pipeline that did says so in its `cached`
+    attribute: the tokens it already holds, which the first step then starts after."""
+
+    tokens: Sequence[int]
+    embed: Callable[[Sequence[int]], torch.Tensor]  # token ids -> (1, tokens, hidden)
+
+
+# (max_length, prefix=None) -> a pipeline with room for `max_length` tokens. A pipeline may also
+# have `cached` (see `Prefix`) and `afork()` (a new pipeline holding what it holds, for `n`
+# choices of one prompt); the generator works without either.
+OpenPipeline = Callable[..., Awaitable[Pipeline]]
+
+
+async def fork_pipeline(pipeline: Pipeline) -> Pipeline | None:
+    """A new pipeline holding what `pipeline` holds (`afork`), or None where it cannot fork."""
+    fork = getattr(pipeline, "afork", None)
+    if fork is None:
+        return None
+    try:
+        child: Pipeline = await fork()
+    except NotImplementedError:
+        return None
+    return child
+
+
+def cached_tokens(pipeline: Pipeline) -> int:
+    """Tokens of its prompt the pipeline already held when it opened (0 for most)."""
+    cached = getattr(pipeline, "cached", 0)
+    return cached if isinstance(cached, int) else 0
 
 
 @dataclass

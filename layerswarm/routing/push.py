@@ -131,6 +131,7 @@ class PushStrategy:
         only to a step that starts there (a prompt's first chunk)."""
         route = self.route
         truncate = truncate if truncate == start else None
+        first = wire
         route.keep(route.hops[0].span.start, start, wire.seen)
         index = 0
         while True:
@@ -138,7 +139,9 @@ class PushStrategy:
                 return await self._push_from(index, wire, start, truncate)
             except HopStepFailed as f:
                 index, wire = f.index, f.wire
-                await route.replace(index, f.failure, budget)
+                if await route.recover(index, f.failure, budget, start):  # a new path
+                    index, wire = 0, first
+                    route.keep(route.hops[0].span.start, start, wire.seen)
                 # The hops after it may have taken the step already (a hop that sent NaN
                 # pushed it on): pushed again, it rolls them back to `start` first.
                 truncate = start

@@ -36,7 +36,7 @@ class RelayStrategy:
         """
         route, budget = self.route, self.route.budget()
         swarm = route.swarm
-        i = 0
+        first, i = hidden, 0
         while i < len(route.hops):
             route.keep(route.hops[i].span.start, start, hidden)
             while True:
@@ -48,6 +48,8 @@ class RelayStrategy:
                     swarm.book.served(hop.view.peer_id)
                     break
                 except HopFailed as e:
-                    await route.replace(i, e, budget)
+                    if await route.recover(i, e, budget, start):  # a new path: from its start
+                        i, hidden = -1, first
+                        break
             i += 1
         return hidden

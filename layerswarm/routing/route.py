@@ -11,6 +11,12 @@ and stepping together), so a step can never nest retries inside retries. Full or
 do not spend it: the route waits for room, up to `busy_wait_timeout`. Layers that no live peer
 serves at the moment (the only replica restarting) are waited for, up to `route_wait`, the
 swarm re-read now and then; only then does the step fail.
+
+A session that opened on a prefix the peers keep (`open` with its hash chain) never sent the
+cached positions: the route keeps them at the first boundary only (the client embeds them
+again), and the later boundaries lack them (`lacking`). A hop at such a boundary that fails
+cannot be rebuilt alone, so `recover` rebuilds the whole path from the first boundary's inputs
+(`restart`); a check there first runs them through the hops before it again (`fill`).
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ from layerswarm.routing.client_config import ClientConfig
 from layerswarm.routing.failures import HopFailed, SwarmBusy
 from layerswarm.routing.hop_calls import HopCalls
 from layerswarm.routing.hops import ActiveHop, host
-from layerswarm.routing.kept_inputs import merge_inputs, truncate_inputs
+from layerswarm.routing.kept_inputs import KeptInputs, merge_inputs, truncate_inputs
 from layerswarm.routing.paths import PathHop, PeerView, choose_path, missing_layers
 from layerswarm.routing.peer_book import PeerBook
 from layerswarm.shards.config import Span
@@ -103,15 +109,26 @@ class Route:
         # Inputs sent into the layer boundary `b`: every (start, hidden) in position order.
         self.history: dict[int, list[tuple[int, torch.Tensor]]] = {}
         self.reroute_seconds: list[float] = []  # unit: s each reroute took, replay included
+        # Boundaries whose kept inputs lack the positions a cached prefix skipped (the module)
+        self.lacking: set[int] = set()
 
     def budget(self) -> Budget:
         return Budget(self.config)
 
-    async def open(self, span: Span) -> None:
-        self.hops = await self.open_path(span, set(), self.budget())
+    async def open(self, span: Span, prefix: tuple[bytes, ...] = ()) -> int:
+        """Open the session on a path for `span`; with a prefix's hash chain, on the pages the
+        peers keep for it. Returns how many tokens every hop holds from the start (0 without).
+        A hop that holds more drops the rest when the first step starts before its end."""
+        self.hops = await self.open_path(span, set(), self.budget(), prefix)
+        cached = min(h.cached for h in self.hops) if prefix else 0
+        self.lacking = {h.span.start for h in self.hops[1:]} if cached else set()
+        return cached
 
-    async def open_path(self, span: Span, avoid: set[str], budget: Budget) -> list[ActiveHop]:
-        """Choose a path for `span` and open the session on each hop.
+    async def open_path(
+        self, span: Span, avoid: set[str], budget: Budget, prefix: tuple[bytes, ...] = ()
+    ) -> list[ActiveHop]:
+        """Choose a path for `span` and open the session on each hop (with `prefix`: see
+        `open`).
 
         Hops opened before a later one failed are closed, so no reservation leaks.
 
@@ -127,7 +144,7 @@ class Route:
             opened: list[ActiveHop] = []
             try:
                 for hop in hops:
-                    await self.calls.open(hop, self.max_length, self.config.push)
+                    await self.calls.open(hop, self.max_length, self.config.push, prefix)
                     opened.append(hop)
                 return hops
             except HopFailed as e:
@@ -201,6 +218,17 @@ class Route:
             log.debug("moving away from %s: %s", failure.peer_id, failure)
         avoid.add(failure.peer_id)
 
+    async def recover(self, index: int, failure: HopFailed, budget: Budget, start: int) -> bool:
+        """Rebuild around the failed hop `index`: `replace` it, or, where its boundary lacks a
+        cached prefix's inputs, `restart` the whole path. Returns whether it restarted (the
+        step then goes again from the first hop, its input kept anew)."""
+        if self.hops[index].span.start not in self.lacking:
+            await self.replace(index, failure, budget)
+            return False
+        self.swarm.on_event(f"rebuilding the route without the cached prefix ({failure})")
+        await self.restart(failure, start, budget)
+        return True
+
     async def replace(self, index: int, failure: HopFailed, budget: Budget) -> None:
         """Put new hop(s), rebuilt from the kept inputs, in place of the failed hop `index`.
 
@@ -212,6 +240,8 @@ class Route:
             LayerswarmError, NoRouteError, SwarmBusy: the step's budget ran out, or no path.
         """
         old = self.hops[index]
+        if old.span.start in self.lacking:  # `recover` restarts instead
+            raise LayerswarmError(f"layers {old.span} lack a cached prefix's inputs: restart")
         t0 = time.perf_counter()
         avoid: set[str] = set()
         self.failed(failure, avoid)
@@ -253,6 +283,7 @@ class Route:
                 await self.calls.close(new)
                 budget.spend(e)
         self.hops = new
+        self.lacking = set()  # every boundary's inputs came from the replay
 
     async def replay(self, hops: list[ActiveHop], inputs: list[tuple[int, torch.Tensor]]) -> None:
         """Send past inputs through new hops, merged into steps of up to `replay_chunk_tokens`.
@@ -266,8 +297,50 @@ class Route:
         for n, hop in enumerate(hops):
             if n:
                 self.history[hop.span.start] = list(inputs)
-            outputs = [await self.calls.step(hop, h, start) for start, h in inputs]
-            inputs = [(start, out) for (start, _), out in zip(inputs, outputs, strict=True)]
+            inputs = await self._through(hop, inputs)
+
+    async def _through(self, hop: ActiveHop, inputs: KeptInputs) -> KeptInputs:
+        outputs = [await self.calls.step(hop, h, start) for start, h in inputs]
+        return [(start, out) for (start, _), out in zip(inputs, outputs, strict=True)]
+
+    async def fill(self, index: int) -> None:
+        """Give the boundary of hop `index` the inputs a cached prefix skipped: every input
+        kept at the first boundary runs through the hops before it again (they start over
+        from position 0, a prefill), and each boundary on the way keeps what comes out.
+
+        Raises:
+            HopFailed: a hop before it failed (the boundary still lacks them).
+        """
+        boundary = self.hops[index].span.start
+        if boundary not in self.lacking:
+            return
+        first = self.hops[0].span.start
+        inputs = merge_inputs(self.history.get(first, []), self.config.replay_chunk_tokens)
+        for hop in self.hops[:index]:
+            inputs = await self._through(hop, inputs)
+            self.history[hop.span.end] = list(inputs)
+            self.lacking.discard(hop.span.end)
+
+    async def fork(self) -> Route:
+        """A route for a fork of this session: the same hops, each session forked there
+        (sharing its pages), the kept inputs shared. Where a fork fails, the new route is
+        rebuilt from the kept inputs on a path of its own.
+
+        Raises:
+            LayerswarmError, NoRouteError, SwarmBusy: as `restart`; ClientBug.
+        """
+        child = Route(self.swarm, self.max_length)
+        child.history = {b: list(kept) for b, kept in self.history.items()}
+        child.lacking = set(self.lacking)
+        child.hops = [ActiveHop(h.view, h.span, h.conn) for h in self.hops]
+        try:
+            for hop, parent in zip(child.hops, self.hops, strict=True):
+                await self.calls.open(
+                    hop, self.max_length, self.config.push, fork_of=parent.session_id
+                )
+        except HopFailed as e:
+            await child.restart(e, 2**62, child.budget())  # every kept input, on new hops
+        return child
 
     def keep(self, boundary: int, start: int, hidden: torch.Tensor) -> None:
         """Keep an input of `boundary`, in position order (chunks may come out of order)."""

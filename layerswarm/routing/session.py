@@ -26,6 +26,8 @@ import torch
 from layerswarm.errors import LayerswarmError
 from layerswarm.routing.hops import ActiveHop
 from layerswarm.routing.loop import BackgroundLoop
+from layerswarm.routing.pipeline import Prefix
+from layerswarm.routing.prefix import prefix_hashes
 from layerswarm.routing.push import PushStrategy, wire_dtype
 from layerswarm.routing.relay import RelayStrategy
 from layerswarm.routing.route import Route
@@ -50,17 +52,18 @@ class RemoteSession:
     the hop calls, and how to re-read the swarm.
     """
 
-    def __init__(self, swarm: SessionSwarm, max_length: int) -> None:
+    def __init__(self, swarm: SessionSwarm, max_length: int, route: Route | None = None) -> None:
         self.swarm = swarm
         self.config = swarm.config
         self.max_length = max_length
-        self.route_state = Route(swarm, max_length)
+        self.route_state = route or Route(swarm, max_length)
         self.verifier = Verifier(self.route_state, swarm)  # checks some steps on replicas
         self.relay = RelayStrategy(self.route_state, self.verifier.step)
         self.push = PushStrategy(self.route_state)
         self.length = 0  # unit: tokens the hops hold (sent so far, less what was rolled back)
         self.rolled_back = 0  # unit: tokens every hop was asked to drop, all steps together
         self.truncations = 0  # steps that asked every hop to roll back
+        self.cached = 0  # unit: tokens of the prompt the peers held at open (`Prefix`)
 
     @property
     def hops(self) -> list[ActiveHop]:
@@ -78,14 +81,33 @@ class RemoteSession:
     def route(self) -> list[tuple[str, Span]]:
         return [(h.view.address, h.span) for h in self.route_state.hops]
 
-    async def open(self) -> None:
+    async def open(self, prefix: Prefix | None = None) -> None:
+        """Open the session on a path through every layer; with the prompt (`prefix`) and
+        `ClientConfig.prefix_cache`, on the KV pages the peers keep for its first tokens:
+        `cached` says how many, and the first step starts there."""
         if time.monotonic() - self.swarm.last_refresh > self.config.refresh_interval:
             # Peers that joined since are used by new sessions; loads are fresh for spreading.
             try:
                 await self.swarm.refresh()
             except LayerswarmError as e:  # none answers now: the route waits for some
                 log.debug("refresh before a session: %s", e)
-        await self.route_state.open(Span(0, self.swarm.model_config.num_layers))
+        use = prefix is not None and self.config.prefix_cache
+        hashes = prefix_hashes(prefix.tokens) if use and prefix is not None else ()
+        span = Span(0, self.swarm.model_config.num_layers)
+        cached = await self.route_state.open(span, hashes)
+        if cached and prefix is not None:
+            # The skipped positions' inputs, kept as if sent: failover replays them.
+            hops = self.route_state.hops
+            hidden = prefix.embed(prefix.tokens[:cached])
+            self.route_state.keep(0, 0, hidden.to(wire_dtype(self.config.wire_dtype, hops)))
+            self.length = self.cached = cached
+
+    async def afork(self) -> RemoteSession:
+        """A new session that holds what this one holds: the peers fork their sessions,
+        sharing the KV pages (`n` choices of one prompt, one prefill). Call it between steps."""
+        child = RemoteSession(self.swarm, self.max_length, await self.route_state.fork())
+        child.length = self.length
+        return child
 
     def forward(self, hidden: torch.Tensor, start: int) -> torch.Tensor:
         """`aforward` for synchronous callers."""

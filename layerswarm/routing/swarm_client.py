@@ -30,6 +30,7 @@ from layerswarm.routing.loop import BackgroundLoop
 from layerswarm.routing.paths import BanList, PeerView
 from layerswarm.routing.peer_book import PeerBook
 from layerswarm.routing.peer_link import PeerLink, link_key, open_link, record_addresses
+from layerswarm.routing.pipeline import Prefix
 from layerswarm.routing.session import RemoteSession
 from layerswarm.routing.text import ChatTokenizer
 from layerswarm.routing.trust import TrustLedger
@@ -322,10 +323,11 @@ class SwarmClient:
     def trust(self) -> TrustLedger:
         return self.book.trust
 
-    async def open_pipeline(self, max_length: int) -> Pipeline:
-        """A session across the swarm with room for `max_length` tokens (on `net`'s loop)."""
+    async def open_pipeline(self, max_length: int, prefix: Prefix | None = None) -> Pipeline:
+        """A session across the swarm with room for `max_length` tokens (on `net`'s loop),
+        on the KV pages peers keep for `prefix`'s first tokens where they do."""
         session = RemoteSession(self, max_length)
-        await session.open()
+        await session.open(prefix)
         return session
 
     def close(self) -> None:

@@ -13,7 +13,9 @@ replica decides; the one that disagrees with the two others is banned for good w
 
 KV caches make a decode step impossible to check on a replica that lacks the session's context.
 The shadow session gets that context lazily: before a checked step it is fed the inputs kept
-since it was last fed (`RemoteSession.history`), merged into one chunked step. Between checks it
+since it was last fed (`RemoteSession.history`), merged into one chunked step. Where the
+session began on a prefix the peers kept, the hop's boundary lacks those inputs: the hops
+before it first compute them again (`Route.fill`, one prefill, once a session). Between checks it
 costs nothing; each check costs one chunk of the tokens since the previous check (~50 tokens at
 2%, about one decode step's time on a CPU, as decode reads the same weights) plus the step, run
 at the same time as the hop's own step. See docs/design.md for the figures.
@@ -270,6 +272,11 @@ class Verifier:
         key = (hop.span, peer.peer_id)
         shadow = self.shadows.get(key)
         tokens = hidden.shape[1]
+        if hop.span.start in route.lacking and hop in route.hops:
+            try:  # a cached prefix skipped these inputs: the hops before it compute them again
+                await route.fill(route.hops.index(hop))
+            except HopFailed as e:  # that hop's failure shows in its own next step
+                return e
         try:
             last = shadow.last if shadow is not None else None
             if last is not None and last[:2] == (start, tokens):
