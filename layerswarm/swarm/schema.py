@@ -17,6 +17,7 @@ from layerswarm.swarm.compress import groups
 from layerswarm.swarm.messages import (
     MAX_DIM,
     MAX_LAYERS,
+    MAX_PREFIX_BLOCKS,
     MAX_PUNCH_ADDRESSES,
     MAX_REQUEST_ID,
     MAX_ROUTE_HOPS,
