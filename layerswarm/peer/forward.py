@@ -5,8 +5,9 @@ A pushed step comes from the client (on the first hop) or from the hop before (w
 see `swarm/push.py`). The peer runs it, puts the output where the client's `Collect` finds it
 (the client learns every hop's input for failover, off the critical path), then sends the
 same step on to the next hop of its route, over a connection of its own dialled pinned to
-that hop's peer ID. The reply (`Pushed`) goes back once the whole rest of the route took the
-step, so a failure further down comes back to the client as `forward_failed`, naming the hop.
+that hop's peer ID (through a relay, then punched direct where the NATs let it). The reply
+(`Pushed`) goes back once the whole rest of the route took the step, so a failure further down
+comes back to the client as `forward_failed`, naming the hop.
 """
 
 from __future__ import annotations
@@ -20,9 +21,10 @@ import torch
 
 from layerswarm.errors import LayerswarmError, ProtocolError, RemoteError
 from layerswarm.peer.sessions import Session, SessionTable
-from layerswarm.swarm.dial import Connection, open_connection
+from layerswarm.swarm.dial import Connection
 from layerswarm.swarm.identity import Identity
 from layerswarm.swarm.protocol import ErrorCode, Pushed, Step
+from layerswarm.swarm.punch import open_punched
 from layerswarm.swarm.push import forward_failure, token_matches
 from layerswarm.swarm.transport import TransportConfig, parse_address
 
@@ -51,7 +53,9 @@ class Forwarder:
         return await asyncio.shield(dialing)
 
     async def _dial(self, address: str) -> Connection:
-        return await open_connection(parse_address(address), self.identity, self.transport)
+        # A relayed next hop: punched direct where the NATs let it (`swarm/punch.py`), so
+        # pushes between peers behind NAT leave the relay.
+        return await open_punched(parse_address(address), self.identity, self.transport)
 
     async def push(self, step: Step, out: Activations, sent: asyncio.Future[None]) -> None:
         """Hand `out` on to the first hop of `step.route`, as the same step; `sent` is set

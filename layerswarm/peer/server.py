@@ -259,7 +259,7 @@ def _record(
     config: PeerConfig, facts: PeerFacts, handler: RequestHandler, traversal: Traversal
 ) -> PeerRecord:
     """The record to announce, at the addresses the traversal found (public, relayed, local)."""
-    handler.extra["nat"] = traversal.summary()  # type: ignore[assignment]
+    handler.extra["nat"] = traversal.summary()
     return replace(current_record(config, facts, handler.table), addresses=traversal.addresses)
 
 

@@ -15,9 +15,10 @@ from layerswarm.routing.peer_stats import (
     claimed_seconds_per_layer,
 )
 from layerswarm.shards.config import Span
-from layerswarm.swarm.dial import Connection, open_connection
+from layerswarm.swarm.dial import Connection
 from layerswarm.swarm.identity import Identity
 from layerswarm.swarm.protocol import InfoReply
+from layerswarm.swarm.punch import open_punched
 from layerswarm.swarm.records import PeerRecord
 from layerswarm.swarm.transport import Address, TransportConfig, parse_address
 
@@ -53,6 +54,16 @@ class PeerLink:
         return link_key(self.address)
 
     @property
+    def reach(self) -> str:
+        """How this client reaches the peer: "direct", "relayed", or "punched" (a direct
+        connection after a hole punch, `swarm/punch.py`, its address still the relayed one)."""
+        if self.address.relay is None:
+            return "direct"
+        if self.conn is not None and self.conn.address.relay is None:
+            return "punched"
+        return "relayed"
+
+    @property
     def live(self) -> bool:
         return self.conn is not None and not self.conn.closed and not self.leaving
 
@@ -74,7 +85,9 @@ class PeerLink:
             rtt=self.rtt,
             dtype=info.dtype,
             quant=quant if isinstance(quant, str) else "none",
-            relayed=self.address.relay is not None,
+            # the connection's, not the address's: a punched one no longer crosses the relay,
+            # while the route still names the relayed address (the next hop dials, and punches)
+            relayed=self.conn.address.relay is not None,
         )
 
 
@@ -108,7 +121,8 @@ async def open_link(
     on_goodbye: Callable[[Connection, str], None] | None = None,
 ) -> Connection:
     """Connect to a link's peer: the address that worked last, else its record's others in turn
-    (the one that answers becomes `link.address`).
+    (the one that answers becomes `link.address`); a relayed one then tries a hole punch, and
+    the direct connection replaces the relayed one where it opens.
 
     Raises:
         PeerUnavailable: no address answered (the last one's error); OSError likewise.
@@ -116,7 +130,7 @@ async def open_link(
     error: PeerUnavailable | OSError | None = None
     for address in link.candidates():
         try:
-            conn = await open_connection(address, identity, transport, on_goodbye=on_goodbye)
+            conn = await open_punched(address, identity, transport, on_goodbye)
         except (PeerUnavailable, OSError) as e:
             log.debug("peer at %s is unreachable: %s", address, e)
             error = e

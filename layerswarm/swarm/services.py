@@ -8,6 +8,9 @@ then the rest.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import replace
+
 from layerswarm.errors import RemoteError
 from layerswarm.swarm.listen import ConnectionInfo, Handler
 from layerswarm.swarm.messages import (
@@ -16,6 +19,8 @@ from layerswarm.swarm.messages import (
     ErrorCode,
     HolePunch,
     HolePunchSync,
+    InfoReply,
+    JsonValue,
     Message,
     Reserve,
 )
@@ -36,6 +41,8 @@ class SwarmServices:
         self.inner = inner
         self.dial_back = dial_back  # None: this peer does not dial back
         self.punch = punch  # None: this peer does not answer hole punches
+        # what an InfoReply's extra says under "nat", fresh at each request (relay counters)
+        self.nat_summary: Callable[[], dict[str, JsonValue]] | None = None
         self.relay: Relay | None = None  # set once this peer serves as a relay (`serve_relay`)
 
     def serve_relay(self, relay: Relay | None) -> None:
@@ -64,4 +71,7 @@ class SwarmServices:
             if isinstance(msg, Reserve):
                 return self.relay.reserve(conn.peer_id, msg.record)
             return await self.relay.await_relayed(conn.peer_id)
-        return await self.inner(conn, msg)
+        reply = await self.inner(conn, msg)
+        if isinstance(reply, InfoReply) and self.nat_summary is not None:
+            reply = replace(reply, extra={**reply.extra, "nat": self.nat_summary()})
+        return reply

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from layerswarm.errors import ConfigError, LayerswarmError
 from layerswarm.swarm.identity import Identity
 from layerswarm.swarm.listen import Handler, Server
+from layerswarm.swarm.messages import JsonValue
 from layerswarm.swarm.punch import HolePunchService
 from layerswarm.swarm.reachability import (
     PRIVATE,
@@ -146,6 +147,7 @@ class Traversal:
     def handler(self, inner: Handler) -> SwarmServices:
         """The handler to serve with: the swarm's requests here, the rest to `inner`."""
         self._services = SwarmServices(inner, self._dial_back, self.punch)
+        self._services.nat_summary = self.summary
         return self._services
 
     @property
@@ -162,9 +164,9 @@ class Traversal:
         """The records this peer's relay carries for its reservation holders."""
         return self.relay.carried() if self.relay is not None else []
 
-    def summary(self) -> dict[str, object]:
-        """For the peer's info reply and `swarm-peer status`."""
-        info: dict[str, object] = {"reachability": self.status}
+    def summary(self) -> dict[str, JsonValue]:
+        """For the peer's info reply (fresh at each) and `swarm-peer status`."""
+        info: dict[str, JsonValue] = {"reachability": self.status}
         if self.reachability is not None and self.reachability.observed_host:
             info["observed_host"] = self.reachability.observed_host
         if self.relay is not None:

@@ -1,5 +1,6 @@
-"""SmolLM2 served across real NAT: a public peer (DHT bootstrap and relay), a peer at home
-behind a masquerading router, and a client in another home; the reply is the local engine's.
+"""SmolLM2 served across real NAT: a public peer (DHT bootstrap and relay), peers at home
+behind masquerading routers, and a client in another home; the reply is the local engine's,
+with the home peers punched direct where the NAT keeps ports, and relayed where it does not.
 
 Namespaces and routers come from `tests/swarm/nat_world.py`; peers are `swarm-peer start`
 processes inside them, the client is `nat_client.py` inside its home.
@@ -82,7 +83,15 @@ class NsPeer:
 
 @pytest.fixture(scope="module")
 def world() -> Iterator[World]:
-    with nat_world(homes=2) as w:
+    """Three homes behind endpoint-independent NAT (Linux masquerade keeps source ports)."""
+    with nat_world(homes=3) as w:
+        yield w
+
+
+@pytest.fixture(scope="module")
+def random_world() -> Iterator[World]:
+    """Two homes behind port-randomizing NAT (`masquerade random`): no punch crosses it."""
+    with nat_world(homes=2, random_ports=True) as w:
         yield w
 
 
@@ -145,42 +154,57 @@ def relayed(addresses: Sequence[str]) -> list[str]:
     return [a for a in addresses if "/p2p-circuit" in a]
 
 
-def test_client_in_one_home_gets_the_local_reply_from_a_peer_in_another_home_via_a_relay(
+CONTROL_BYTES = 12_000  # bytes a relayed connection carries before its punch: TLS, Hellos, punch
+
+
+def test_home_peers_punch_direct_and_the_reply_leaves_the_relay_but_for_control_traffic(
     world: World, smollm2_dir: Path, tmp_path: Path
 ) -> None:
+    """A public peer (DHT, relay, layers 0:10), two peers in two homes (10:20, 20:30), and a
+    client in a third home. Every connection to a home peer opens through the relay and is
+    punched direct: the client's, the public peer's push to the first home and that home's
+    push to the second. The reply is the local engine's, and the relay carried only what each
+    connection sent before its punch, none of the hidden states."""
     local = open_local_generator(smollm2_dir)
     greedy = SamplingConfig(max_new_tokens=TOKENS, temperature=0.0)
     expected = "".join(local.chat([{"role": "user", "content": QUESTION}], greedy))
-    pub, home_a, home_b = world.public, world.homes[0], world.homes[1]
-    public = NsPeer(pub.name, pub.address, smollm2_dir, "0:15", tmp_path, "--dht", "--relay", "on")
+    pub, home_a, home_b, home_c = world.public, *world.homes
+    peers: list[NsPeer] = []
     try:
+        public = NsPeer(pub.name, pub.address, smollm2_dir, "0:10", tmp_path, "--dht",
+                        "--relay", "on")  # fmt: skip
+        peers.append(public)
         join = ["--bootstrap", public.info["multiaddr"]]
-        home = NsPeer(home_a.name, home_a.address, smollm2_dir, "15:30", tmp_path, *join)
-        try:
-            assert home.log_has("reachability: private"), home.log.read_text()[-2000:]
-            assert home.log_has("holding a reservation on relay")
-            bootstrap, both = (
-                public.info["multiaddr"],
-                [public.info["peer_id"], home.info["peer_id"]],
-            )
-            wait_seen(home_b.name, home_b.address, bootstrap, smollm2_dir, both)
-            got = chat_from(home_b.name, smollm2_dir, bootstrap)
-            assert got["reply"] == expected
-            home_link = [a for a in got["links"] if a.endswith(home.info["peer_id"])]
-            assert home_link and relayed(home_link), got["links"]
-        finally:
-            home.stop()
+        for home, layers in ((home_a, "10:20"), (home_b, "20:30")):
+            peers.append(NsPeer(home.name, home.address, smollm2_dir, layers, tmp_path, *join))
+        ids = [p.info["peer_id"] for p in peers]
+        bootstrap = public.info["multiaddr"]
+        wait_seen(home_c.name, home_c.address, bootstrap, smollm2_dir, ids)
+        got = chat_from(home_c.name, smollm2_dir, bootstrap)
     finally:
-        public.stop()
+        for p in reversed(peers):
+            p.stop()
+    assert got["reply"] == expected
+    for home_peer in peers[1:]:
+        (link,) = [a for a in got["links"] if a.endswith(home_peer.info["peer_id"])]
+        assert relayed([link]), got["links"]  # its record's address: the relay's
+        assert got["reach"][home_peer.info["peer_id"]] == "punched", got["reach"]
+    nat = got["nat"]
+    relay = nat[ids[0]]["relay"]
+    # the client's two, the public peer's push to home A and home A's push to home B
+    assert nat[ids[1]].get("punched", 0) >= 2 and nat[ids[2]].get("punched", 0) >= 2, nat
+    assert relay["bytes_relayed"] < CONTROL_BYTES * relay["circuits"], relay
 
 
 def test_a_relay_killed_mid_reply_leaves_the_reply_identical_through_the_other_relay(
-    world: World, smollm2_dir: Path, tmp_path: Path
+    random_world: World, smollm2_dir: Path, tmp_path: Path
 ) -> None:
-    """Two public peers, each a relay serving 0:15; a home peer serving 15:30 holds a
-    reservation on both. The client in another home pauses after its first token, the relay
-    its link to the home peer goes through is SIGKILLed, and the reply goes on: the home peer
-    through its record's other relayed address, layers 0:15 on the surviving public peer."""
+    """Behind port-randomizing NAT, where no punch crosses and relays carry the reply: two
+    public peers, each a relay serving 0:15; a home peer serving 15:30 holds a reservation on
+    both. The client in another home pauses after its first token, the relay its link to the
+    home peer goes through is SIGKILLed, and the reply goes on: the home peer through its
+    record's other relayed address, layers 0:15 on the surviving public peer."""
+    world = random_world
     local = open_local_generator(smollm2_dir)
     greedy = SamplingConfig(max_new_tokens=TOKENS, temperature=0.0)
     expected = "".join(local.chat([{"role": "user", "content": QUESTION}], greedy))
@@ -224,6 +248,7 @@ def test_a_relay_killed_mid_reply_leaves_the_reply_identical_through_the_other_r
         assert got["reply"] == expected and expected.startswith(paused["first"])
         (now,) = [a for a in got["links"] if a.endswith(home.info["peer_id"])]
         assert "/p2p-circuit/" in now and killed.info["peer_id"] not in now, got["links"]
+        assert got["reach"][home.info["peer_id"]] == "relayed", got["reach"]  # the punch failed
     finally:
         try:
             if client is not None:

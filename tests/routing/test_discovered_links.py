@@ -12,6 +12,7 @@ import pytest
 from layerswarm.errors import PeerUnavailable
 from layerswarm.routing.peer_link import PeerLink, link_key, open_link, record_addresses
 from layerswarm.routing.swarm_client import SwarmClient
+from layerswarm.swarm.dial import Connection
 from layerswarm.swarm.identity import generate_identity
 from layerswarm.swarm.listen import ConnectionInfo, serve_connections
 from layerswarm.swarm.protocol import Message
@@ -124,3 +125,20 @@ def test_a_link_dials_its_records_next_address_when_the_one_that_worked_last_is_
                 await open_link(lost, me, transport)
 
     asyncio.run(asyncio.wait_for(main(), 20))
+
+
+def test_a_link_says_whether_it_reaches_its_peer_directly_relayed_or_punched() -> None:
+    """A punched link keeps its relayed address (routes name it, the next hop dials it) but
+    its connection goes direct: the router's view no longer counts the relay's detour."""
+
+    async def main() -> None:  # a Connection needs a running loop, even unconnected
+        via = parse_address(f"11.99.0.1:4001/{RELAY}/p2p-circuit/{HOME_A}")
+        link = PeerLink(via)
+        assert link.reach == "relayed"
+        link.conn = Connection(via, TransportConfig(), None)
+        assert link.reach == "relayed"
+        link.conn = Connection(Address("11.99.0.12", 40001, HOME_A), TransportConfig(), None)
+        assert link.reach == "punched"
+        assert PeerLink(Address("11.99.0.1", 7000, PUBLIC)).reach == "direct"
+
+    asyncio.run(main())

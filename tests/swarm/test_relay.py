@@ -379,7 +379,7 @@ def test_status_shows_a_relayed_peer_as_reached_through_its_relay() -> None:
         "float32", "0.1.0", 1, timestamp=1000.0, expires_at=2000.0,
     )  # fmt: skip
     text = render_status([record], 2, 1001.0)
-    assert "relay 203.0.113.7:4001 (+1)" in text
+    assert "relay 203.0.113.7:4001 (+1)  relayed" in text
 
 
 def test_records_carry_relayed_addresses_and_relays_carry_records_in_bundles() -> None:
