@@ -23,6 +23,7 @@ from starlette.responses import FileResponse, JSONResponse, RedirectResponse, Re
 from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 
+from layerswarm.cli.status import reach as record_reach
 from layerswarm.metrics import EVENTS, TOKEN_RATE, note_event
 from layerswarm.routing.generate import Generator, Pipeline
 from layerswarm.routing.pipeline import Prefix, cached_tokens, fork_pipeline
@@ -57,8 +58,10 @@ def peer_row(
     cache_total: int = 0,
     load: float = 0,
     queued_tokens: int = 0,
+    reach: str = "",
 ) -> dict[str, Any]:
-    """One peer as the page shows it; `state`: live | banned | leaving | down."""
+    """One peer as the page shows it; `state`: live | banned | leaving | down; `reach`:
+    direct | relayed | punched (direct after a hole punch), "?" when unknown."""
     kind = SHORT_DTYPES.get(dtype, dtype) + ("" if quant in ("none", "") else f"/{quant}")
     return {
         "peer_id": peer_id,
@@ -75,6 +78,7 @@ def peer_row(
         "cache_total": cache_total,
         "load": load,
         "queued_tokens": queued_tokens,
+        "reach": reach or "?",
     }
 
 
@@ -225,6 +229,7 @@ def _link_row(link: Any, banned: set[str]) -> dict[str, Any]:
         cache_total=info.cache_tokens_total,
         load=info.active_sessions,
         queued_tokens=int(_num(extra.get("queued_tokens"))),
+        reach=str(getattr(link, "reach", "")),
     )
 
 
@@ -270,6 +275,7 @@ def _record_row(r: PeerRecord, state: str) -> dict[str, Any]:
         cache_free=r.cache_tokens_free,
         cache_total=r.cache_tokens_total,
         load=r.load,
+        reach=record_reach(r),
     )
 
 

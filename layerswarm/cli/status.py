@@ -41,10 +41,10 @@ FEW_REPLICAS = 10  # peers per layer shown as a digit; this many or more show as
 SHORT_ID = 8  # characters of a peer ID shown (its end: the start is the same for every peer)
 SHORT_DTYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 COLUMNS = (
-    "PEER", "ADDRESS", "LAYERS", "DTYPE", "FREE MEM", "TFLOPS", "STEPS/S/LAYER",
+    "PEER", "ADDRESS", "REACH", "LAYERS", "DTYPE", "FREE MEM", "TFLOPS", "STEPS/S/LAYER",
     "CACHE FREE/TOTAL", "LOAD", "AGE",
 )  # fmt: skip
-RIGHT_ALIGNED = frozenset(COLUMNS[4:])  # the numbers
+RIGHT_ALIGNED = frozenset(COLUMNS[5:])  # the numbers
 
 
 # --- rendering: pure functions of the records ---------------------------------------------------
@@ -113,6 +113,7 @@ def _row(r: PeerRecord, now: float) -> list[str]:
     return [
         "…" + r.peer_id[-SHORT_ID:],
         address,
+        reach(r),
         f"{r.span_start}:{r.span_end}",
         dtype,
         _bytes(r.free_memory_bytes),
@@ -122,6 +123,13 @@ def _row(r: PeerRecord, now: float) -> list[str]:
         str(r.load),
         _age(now - r.timestamp),
     ]
+
+
+def reach(r: PeerRecord) -> str:
+    """How a record's peer is reached, as its best address says: "direct" (it listens there:
+    public, or on this LAN) or "relayed" (behind NAT, through a relay; a client then tries a
+    hole punch, and its own view says "punched" where that went direct)."""
+    return "relayed" if r.addresses and "/p2p-circuit" in r.addresses[0] else "direct"
 
 
 def _reach(address: str) -> str:

@@ -45,6 +45,20 @@ def test_peer_row_shortens_ids_and_dtypes() -> None:
     )
 
 
+def test_peer_rows_say_how_the_peer_is_reached() -> None:
+    from layerswarm.cli.dashboard import _record_row
+    from layerswarm.swarm.records import PeerRecord
+
+    assert peer_row("p", "h:1", (0, 4))["reach"] == "?"
+    assert peer_row("p", "h:1", (0, 4), reach="punched")["reach"] == "punched"
+    relayed = "203.0.113.7:4001/12D3KooWRelay/p2p-circuit"
+    record = PeerRecord(
+        "12D3KooWxxxxAbCdEfGh", (relayed,), "m", "0123456789abcdef", 0, 2, 2, "float32",
+        "0.1.0", 1, timestamp=1000.0, expires_at=2000.0,
+    )  # fmt: skip
+    assert _record_row(record, "live")["reach"] == "relayed"
+
+
 def test_token_rate_averages_per_bucket_over_the_window() -> None:
     rate = TokenRate(window=20)
     for i in range(10):  # 30 tokens over seconds 1000-1004

@@ -26,7 +26,8 @@ function drawPeers(state) {
     const tr = el("tr", "peer");
     tr.dataset.state = p.state;
     const cells = [
-      [p.short_id, ""], [p.address, ""], [`${p.span[0]}:${p.span[1]}`, ""],
+      [p.short_id, ""], [p.address, ""], [p.reach, "reach-" + p.reach],
+      [`${p.span[0]}:${p.span[1]}`, ""],
       [p.state, "state-" + p.state], [p.device, ""], [p.dtype, ""],
       [`${layerswarm.bytes(p.memory_free)} / ${layerswarm.bytes(p.memory_total)}`, "num"],
       [p.steps_per_s_per_layer ? p.steps_per_s_per_layer.toFixed(1) : "?", "num"],
