@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from pathlib import Path
+from typing import Any
 
 import openai
 import pytest
@@ -140,3 +141,68 @@ def test_users_get_the_quiet_replies_while_peers_are_killed_and_restarted(
     assert replies
     wrong = [(q, got) for q, got in replies if got != quiet[q]]
     assert not wrong, wrong
+
+
+def test_a_streamed_tool_call_survives_kill_9_of_its_last_hop(
+    smollm2_dir: Path,
+    replicas: list[Replica],
+    open_api: Callable[..., AbstractContextManager[str]],
+) -> None:
+    """A forced tool call, streamed, whose last hop dies mid-reply: the grammar's state lives in
+    the client's sampler, so the call completes, validates, and equals the undisturbed one. The
+    reply starts on the pages its undisturbed twin left on the peers (the prefix cache), so the
+    route is rebuilt whole from the first boundary (`Route.recover`)."""
+    import json
+
+    import httpx
+    import jsonschema
+
+    from tests.cli.test_api import BREAD, STEPS
+
+    tool = {"type": "function", "function": {"name": "bake", "parameters": STEPS}}
+    args: dict[str, Any] = {
+        "model": "smollm2-135m",
+        "messages": BREAD,
+        "tools": [tool],
+        "tool_choice": "required",
+        "temperature": 0,
+        "max_tokens": 200,
+    }
+    with open_api(smollm2_dir, [r.address for r in replicas]) as url:
+        client = openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=300)
+        undisturbed = client.chat.completions.create(**args).choices[0]
+        assert undisturbed.finish_reason == "tool_calls"
+        assert (
+            undisturbed.message.tool_calls
+            and len(json.loads(undisturbed.message.tool_calls[0].function.arguments)) > 0
+        )
+        killed: list[Span] = []
+        state_url = url.rsplit("/v1", 1)[0] + "/dashboard/state"
+
+        def kill_mid_reply() -> None:
+            deadline = time.monotonic() + 120
+            while not killed and time.monotonic() < deadline:
+                for route in httpx.get(state_url, timeout=30).json()["routes"]:
+                    if route["steps"] >= 10 and route["hops"]:
+                        address = route["hops"][-1]["address"].split("/")[0]
+                        victim = next(r for r in replicas if r.address == address)
+                        victim.kill()
+                        killed.append(victim.span)
+                        return
+                time.sleep(0.05)
+
+        killer = threading.Thread(target=kill_mid_reply)
+        killer.start()
+        name, arguments, reasons = "", "", []
+        for chunk in client.chat.completions.create(**args, stream=True):
+            for choice in chunk.choices:
+                reasons.append(choice.finish_reason)
+                for call in choice.delta.tool_calls or []:
+                    name += call.function.name or ""
+                    arguments += call.function.arguments or ""
+        killer.join()
+    assert killed == [Span(15, 30)]  # the kill landed while the call was being generated
+    expected = undisturbed.message.tool_calls[0].function
+    assert (name, arguments) == (expected.name, expected.arguments)
+    jsonschema.validate(json.loads(arguments), STEPS)
+    assert reasons[-1] == "tool_calls"
