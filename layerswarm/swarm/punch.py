@@ -9,8 +9,8 @@ Semantics from libp2p's DCUtR spec (`relay/DCUtR.md`), over our own transport:
    to A's address; A does the same to B's address half a round trip after sending, so the two
    SYNs leave together. Each router has seen its own side's SYN go out when the other's comes
    in, and lets it through: a TCP simultaneous open. Home routers drop unsolicited SYNs; one
-   that answers with a RST refuses the first SYN, so a refused open is tried again until
-   `punch_timeout`.
+   that answers with a RST refuses the first SYN, so A tries a refused open again (backing
+   off) until `punch_timeout`, and B listens on its port too.
 3. A runs TLS as the client over its socket, pinned to B's peer ID as on any dial; B serves it
    as a connection accepted like any other. A closes the relayed connection: from then on the
    data plane (steps, pushes) does not cross the relay.
@@ -48,7 +48,9 @@ from layerswarm.swarm.transport import Address, TransportConfig, parse_address
 
 log = logging.getLogger(__name__)
 
-REFUSED_RETRY = 0.05  # unit: s between simultaneous opens a router refused (RST), until timeout
+# unit: s before a refused (RST) simultaneous open is tried again, doubling each time: ~6 SYNs
+# in 3 s at most, so a peer that names someone else's address gets no SYN flood aimed there
+REFUSED_RETRY = 0.05
 MAX_PUNCHES = 8  # punches a peer answers at once; more are told BUSY
 
 
@@ -68,9 +70,11 @@ def _host_port(text: str) -> tuple[str, int]:
     return address.host, address.port
 
 
-async def connect_from(port: int, remote: tuple[str, int], timeout: float) -> socket.socket:
+async def connect_from(
+    port: int, remote: tuple[str, int], timeout: float, retry: bool = True
+) -> socket.socket:
     """A TCP connection from local `port` (bound with reuse) to `remote`: one end of a
-    simultaneous open.
+    simultaneous open; `retry`: try again after a refusal (backing off), until `timeout`.
 
     Raises:
         PeerUnavailable: no connection within `timeout` (the NAT maps the port elsewhere, or
@@ -79,6 +83,7 @@ async def connect_from(port: int, remote: tuple[str, int], timeout: float) -> so
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     wildcard = "::" if ":" in remote[0] else "0.0.0.0"
+    pause = REFUSED_RETRY
     while True:
         sock = reusable_socket(remote[0])
         try:
@@ -87,9 +92,10 @@ async def connect_from(port: int, remote: tuple[str, int], timeout: float) -> so
             return sock
         except ConnectionRefusedError:  # a router that RSTs, before the other SYN opened it
             sock.close()
-            if loop.time() + REFUSED_RETRY >= deadline:
+            if not retry or loop.time() + pause >= deadline:
                 raise PeerUnavailable(f"simultaneous open to {remote} refused") from None
-            await asyncio.sleep(REFUSED_RETRY)
+            await asyncio.sleep(pause)
+            pause *= 2
         except (OSError, asyncio.TimeoutError) as exc:
             sock.close()
             raise PeerUnavailable(f"simultaneous open to {remote} failed: {exc!r}") from None
@@ -129,7 +135,8 @@ async def open_simultaneous(port: int, remote: tuple[str, int], timeout: float) 
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     accepting = asyncio.ensure_future(_accept_from(port, remote))
-    connecting = asyncio.ensure_future(connect_from(port, remote, timeout))
+    # no retry: once refused, the listener waits for the dialer's next SYN instead
+    connecting = asyncio.ensure_future(connect_from(port, remote, timeout, retry=False))
     winner: socket.socket | None = None
     try:
         pending = {accepting, connecting}

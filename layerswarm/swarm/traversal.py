@@ -96,7 +96,8 @@ class NatConfig:
     upnp: bool = field(
         default=False,
         metadata=_opt(
-            "ask the router for a port mapping over UPnP-IGD (removed when the peer stops)"
+            "ask the router for a port mapping over UPnP-IGD, else NAT-PMP (removed when "
+            "the peer stops)"
         ),
     )
     limits: RelayConfig = field(default_factory=RelayConfig)  # a relay's limits
@@ -130,6 +131,7 @@ class Traversal:
         self.reservations: dict[str, Reservation] = {}  # relay peer ID -> held reservation
         self.local: tuple[str, ...] = ()  # the addresses the peer listens at
         self.mapped: str | None = None  # host:port a UPnP mapping gave, if any
+        self.mapped_by = ""  # the protocol that mapped it: UPnP-IGD or NAT-PMP
         self._upnp = UpnpMapper() if config.upnp else None
         self._identity = identity
         self._transport = transport
@@ -184,7 +186,7 @@ class Traversal:
         if punches.punched or punches.failed:
             info["punched"], info["punch_failed"] = punches.punched, punches.failed
         if self.mapped:
-            info["upnp"] = self.mapped
+            info["upnp"], info["mapped_by"] = self.mapped, self.mapped_by
         return info
 
     async def start(
@@ -208,6 +210,7 @@ class Traversal:
             try:
                 port = (await self._upnp.open(port)).external_port
                 self.mapped = self._upnp.mapping.address if self._upnp.mapping else None
+                self.mapped_by = self._upnp.protocol
             except PortMappingError as exc:
                 log.warning("no UPnP port mapping: %s", exc)
         await self.check(port)
@@ -306,6 +309,7 @@ class Traversal:
         try:
             while True:
                 await asyncio.sleep(self.config.retry_interval)
+                await self._renew_mapping()
                 if self.status not in (PRIVATE, RELAYED):
                     continue  # public needs no relay; unknown has no peer that answered
                 if len(self.reservations) >= self.config.max_relays:
@@ -316,6 +320,14 @@ class Traversal:
                     await self._reserve_once()
         finally:
             await self.aclose()
+
+    async def _renew_mapping(self) -> None:
+        if self._upnp is None:
+            return
+        try:
+            await self._upnp.renew()
+        except PortMappingError as exc:
+            log.warning("could not renew the port mapping %s: %s", self.mapped, exc)
 
     async def aclose(self) -> None:
         """Drop every reservation, close the relay, and remove the UPnP mapping."""

@@ -56,6 +56,7 @@ async def serve(args: argparse.Namespace) -> None:
         "relay_port": traversal.relay.port if traversal.relay is not None else 0,
         "observed": traversal.reachability.observed_host if traversal.reachability else None,
         "mapped": traversal.mapped,
+        "mapped_by": traversal.mapped_by,
     }
     print(json.dumps(info), flush=True)
     loop = asyncio.get_running_loop()

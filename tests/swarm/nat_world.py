@@ -12,7 +12,8 @@ outbound connections work, inbound ones to the home are dropped unanswered, as h
 (a RST from the router's own stack would refuse the first SYN of a hole punch's simultaneous
 open: `swarm/punch.py`).
 `random_ports=True` makes it `masquerade random` (a port-randomizing NAT); `upnp=True` runs
-Debian's miniupnpd in each router (`upnp_unavailable()`), its chains hooked into the router's.
+Debian's miniupnpd in each router (`upnp_unavailable()`), its chains hooked into the router's,
+speaking UPnP-IGD and NAT-PMP (NAT-PMP only with `natpmp_only=True`).
 Every namespace and daemon is gone on the way out. Needs root, iproute2 and nft:
 `nat_unavailable()` says why not.
 """
@@ -111,7 +112,7 @@ ext_ip={wan}
 listening_ip=lan0
 http_port=0
 enable_natpmp=yes
-enable_upnp=yes
+enable_upnp={upnp}
 secure_mode=yes
 system_uptime=yes
 uuid=47ff5665-548b-4740-be4c-4aa28ba4463{n}
@@ -147,9 +148,14 @@ def _ip(*args: str) -> None:
 
 @contextlib.contextmanager
 def nat_world(
-    homes: int = 2, random_ports: bool = False, upnp: bool = False, workdir: str = "/tmp"
+    homes: int = 2,
+    random_ports: bool = False,
+    upnp: bool = False,
+    workdir: str = "/tmp",
+    natpmp_only: bool = False,
 ) -> Iterator[World]:
-    """The public namespace and `homes` homes, each behind its own masquerading router."""
+    """The public namespace and `homes` homes, each behind its own masquerading router;
+    `natpmp_only`: its miniupnpd (`upnp`) answers NAT-PMP, not UPnP-IGD."""
     tag = f"{os.getpid() % 100000}n{next(_counter)}"
     created: list[str] = []
     daemons: list[subprocess.Popen[bytes]] = []
@@ -196,7 +202,15 @@ def nat_world(
             if upnp:
                 conf = os.path.join(workdir, f"miniupnpd-{tag}-{i}.conf")
                 with open(conf, "w") as f:
-                    f.write(MINIUPNPD_CONF.format(wan=wan, lan=lan, n=i, lease=conf + ".leases"))
+                    f.write(
+                        MINIUPNPD_CONF.format(
+                            wan=wan,
+                            lan=lan,
+                            n=i,
+                            lease=conf + ".leases",
+                            upnp="no" if natpmp_only else "yes",
+                        )
+                    )
                 daemons.append(
                     subprocess.Popen(
                         ["ip", "netns", "exec", router, "miniupnpd", "-d", "-f", conf],

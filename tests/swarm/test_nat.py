@@ -167,15 +167,20 @@ def _public_peer_learns_it_is_reachable(world: World) -> None:
 
 
 @pytest.mark.skipif(upnp_unavailable() is not None, reason=str(upnp_unavailable()))
+@pytest.mark.parametrize("protocol", ["UPnP-IGD", "NAT-PMP"])
 def test_upnp_maps_a_port_the_peer_is_then_dialed_directly_and_sigterm_removes_it(
-    tmp_path: Path,
+    tmp_path: Path, protocol: str
 ) -> None:
-    with nat_world(homes=2, upnp=True, workdir=str(tmp_path)) as world:
+    """`--upnp` against miniupnpd in the router: over UPnP-IGD, and over NAT-PMP (RFC 6886)
+    where the router answers no IGD discovery."""
+    natpmp_only = protocol == "NAT-PMP"
+    with nat_world(homes=2, upnp=True, workdir=str(tmp_path), natpmp_only=natpmp_only) as world:
         pub, home_a, home_b = world.public, world.homes[0], world.homes[1]
         with agent(pub.name, pub.address, "--relay", "on") as (_, relay):
             args = ("--reach-peer", relay["address"], "--upnp")
             with agent(home_a.name, home_a.address, *args) as (proc, a):
                 assert a["mapped"] is not None and a["mapped"].startswith(f"{home_a.wan}:"), a
+                assert a["mapped_by"] == protocol, a
                 assert a["status"] == "public" and a["addresses"][0] == a["mapped"], a
                 assert not relayed(a["addresses"])  # public: no reservation needed
                 assert len(mapped_ports(home_a.router)) == 1
