@@ -76,7 +76,8 @@ class Forwarder:
             route=rest,
             token=nxt.token,
         )
-        peer_id = nxt.address.partition("/")[2]
+        # checked by `_check_route`: pinned; a relayed address names its relay's ID first
+        peer_id = parse_address(nxt.address).peer_id or nxt.address
         try:
             conn = await self.connection(nxt.address)
             request = asyncio.ensure_future(conn.request(forwarded, self.timeout))
