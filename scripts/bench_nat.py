@@ -1,5 +1,6 @@
-"""Benchmark crossing home routers: direct and relayed paths over emulated links, and how long a
-peer behind NAT takes from `swarm-peer start` to a first token for a client in another home.
+"""Benchmark crossing home routers: direct, relayed and hole-punched paths over emulated links,
+and how long a peer behind NAT takes from `swarm-peer start` to a first token for a client in
+another home.
 
 Real NAT, as the tests build it (`tests/swarm/nat_world.py`: network namespaces, nftables
 masquerade). A public peer A (layers 0:N/2) is also the relay; a home peer H (N/2:N) sits behind
@@ -10,7 +11,12 @@ public address, and H reserves through it, so its leg to the relay crosses a lin
 with push then costs `compute + crossings x delay`:
 
 - direct (A, D): client -> A, A -> D, D -> client: 3 crossings;
-- relayed (A, H): client -> A, A -> relay -> H (2), H -> relay -> client (2): 5 crossings.
+- relayed (A, H): client -> A, A -> relay -> H (2), H -> relay -> client (2): 5 crossings (the
+  relay sees the proxies' addresses, not the routers', so no punch can succeed here);
+- punched (A, P): a second home peer P reserves on A's own address; the client and A reach it
+  through the relay, then punch (`swarm/punch.py`): client -> A, A -> P, P -> client, 3
+  crossings of which only client -> A crosses an emulated link (the punched ones go router to
+  router: a TCP proxy cannot sit in a simultaneous open, and this kernel has no netem).
 
 Compute is the local engine's (one process, same model and prompt). Then the time from
 `swarm-peer start` of H (with only A up) until a client in the other home, that started looking
@@ -48,7 +54,8 @@ from layerswarm.shards.config import ModelConfig
 PROMPT = "Write a story about a lighthouse keeper and a storm."
 PROXY_ADDRESS = f"{PUBLIC_NET}.2"  # the proxies' public address, beside the peers' .1
 A_PORT, RELAY_PORT, D_PORT = 7100, 7101, 7200
-CROSSINGS = {"direct": 3, "relayed": 5}  # link crossings a token, with push (module docstring)
+# link crossings a token with push, and how many of them cross an emulated link (docstring)
+CROSSINGS = {"direct": (3, 3), "relayed": (5, 5), "punched": (3, 1)}
 
 PROXIES = """
 import asyncio, sys
@@ -82,9 +89,10 @@ try:
             runs.append({"ttft": s.prefill_seconds, "tok_s": s.decode_tokens_per_second,
                          "ms_token": 1e3 * s.decode_seconds / max(1, s.new_tokens - 1)})
     links = [str(link.address) for link in gen.client.links]
+    reach = [link.reach for link in gen.client.links]
 finally:
     gen.client.close()
-print(json.dumps({"runs": runs, "reply": reply, "links": links}), flush=True)
+print(json.dumps({"runs": runs, "reply": reply, "links": links, "reach": reach}), flush=True)
 """
 
 # Look for the swarm through the DHT until a first token comes; print when (unix s).
@@ -119,7 +127,7 @@ def in_ns(ns: str, *cmd: str) -> list[str]:
 
 
 def peer_cmd(ns: str, host: str, model: Path, layers: str, port: int, work: Path, *args: str):  # type: ignore[no-untyped-def]
-    key = work / f"{layers.replace(':', '-')}-{port}.key"
+    key = work / f"{ns}-{layers.replace(':', '-')}-{port}.key"  # one identity a peer
     return in_ns(
         ns, sys.executable, "-m", "layerswarm.cli.peer", "start", "--model", str(model),
         "--layers", layers, "--host", host, "--port", str(port), "--key", str(key),
@@ -157,7 +165,7 @@ def local_compute(model: Path, args: argparse.Namespace) -> dict[str, float]:
 
 
 def bench(world: World, model: Path, args: argparse.Namespace, work: Path) -> None:
-    pub, home, client_home = world.public, world.homes[0], world.homes[1]
+    pub, home, client_home, punched_home = world.public, *world.homes
     half = ModelConfig.from_file(model).num_layers // 2
     low, high = f"0:{half}", f"{half}:{2 * half}"
     subprocess.run(
@@ -204,6 +212,20 @@ def bench(world: World, model: Path, args: argparse.Namespace, work: Path) -> No
             [f"{PROXY_ADDRESS}:{A_PORT}/{a['peer_id']}",
              f"{PROXY_ADDRESS}:{RELAY_PORT}/{a['peer_id']}/p2p-circuit/{h['peer_id']}"],
         )  # fmt: skip
+        p_proc, p_line = start_ready(
+            peer_cmd(punched_home.name, punched_home.address, model, high, 0, work, "--relay",
+                     "off", "--bootstrap", a["multiaddr"], "--reach-peer", a["address"],
+                     "--reserve-on", a["address"]),
+            READY_PREFIX, work / "p.log", timeout=300,
+        )  # fmt: skip
+        procs.append(p_proc)
+        p = json.loads(p_line)
+        punched = run_client(
+            client_home.name, model, args,
+            [f"{PROXY_ADDRESS}:{A_PORT}/{a['peer_id']}",
+             f"{pub.address}:{RELAY_PORT}/{a['peer_id']}/p2p-circuit/{p['peer_id']}"],
+        )  # fmt: skip
+        stop(p_proc)
         d_proc, d_line = start_ready(
             peer_cmd(pub.name, pub.address, model, high, D_PORT, work, "--relay", "off"),
             READY_PREFIX, work / "d.log", timeout=300,
@@ -219,7 +241,8 @@ def bench(world: World, model: Path, args: argparse.Namespace, work: Path) -> No
         for proc in reversed(procs):
             stop(proc)
     compute = local_compute(model, args)
-    report(args, compute, {"direct": direct, "relayed": relayed}, h_ready, first)
+    results = {"direct": direct, "relayed": relayed, "punched": punched}
+    report(args, compute, results, h_ready, first)
 
 
 def report(
@@ -233,21 +256,22 @@ def report(
     print(f"\n{args.model}, {args.new_tokens} new tokens, {args.repeats} runs (median), "
           f"{delay:g} ms one-way a link; local engine: first token {1e3 * compute['ttft']:.0f} "
           f"ms, {compute['ms_token']:.1f} ms a token")  # fmt: skip
-    print("| path | crossings a token | first token, ms | floor, ms | decode tok/s | ms a token "
-          "| floor, ms | over the floor |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|---|")
+    print("| path | crossings a token (emulated) | first token, ms | floor, ms | decode tok/s "
+          "| ms a token | floor, ms | over the floor | reach |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|")
     for name, result in results.items():
         runs = result["runs"]
-        n = CROSSINGS[name]
+        crossings, n = CROSSINGS[name]
         ttft = 1e3 * statistics.median(r["ttft"] for r in runs)
         ms = statistics.median(r["ms_token"] for r in runs)
         tok_s = statistics.median(r["tok_s"] for r in runs)
         ttft_floor = 1e3 * compute["ttft"] + n * delay
         floor = compute["ms_token"] + n * delay
-        print(f"| {name} | {n} | {ttft:.0f} | {ttft_floor:.0f} | {tok_s:.1f} | {ms:.1f} "
-              f"| {floor:.1f} | {ms / floor:.2f}x |")  # fmt: skip
-    same = results["direct"]["reply"] == results["relayed"]["reply"]
-    print(f"\ndirect and relayed replies identical: {same}")
+        reach = "/".join(result.get("reach", []))
+        print(f"| {name} | {crossings} ({n}) | {ttft:.0f} | {ttft_floor:.0f} | {tok_s:.1f} "
+              f"| {ms:.1f} | {floor:.1f} | {ms / floor:.2f}x | {reach} |")  # fmt: skip
+    same = len({result["reply"] for result in results.values()}) == 1
+    print(f"\ndirect, relayed and punched replies identical: {same}")
     print(
         f"swarm-peer start behind NAT -> ready (reserved, announced): {h_ready:.1f} s; "
         f"-> first token for a client in another home: {first:.1f} s"
@@ -264,7 +288,7 @@ def main() -> None:
     if why := nat_unavailable():
         sys.exit(f"bench_nat needs a NAT world: {why}")
     model = resolve_model_cli(args.model, default_cache_dir())
-    with tempfile.TemporaryDirectory() as tmp, nat_world(homes=2, workdir=tmp) as world:
+    with tempfile.TemporaryDirectory() as tmp, nat_world(homes=3, workdir=tmp) as world:
         os.chmod(tmp, 0o755)
         bench(world, Path(model), args, Path(tmp))
 
