@@ -115,7 +115,9 @@ def test_home_peer_behind_nat_is_reached_through_a_relay_and_not_directly(world:
         assert summary["relay"]["circuits"] >= 1 and summary["relay"]["bytes_relayed"] > 0
 
 
-REQUESTS = 100  # info requests over the dialed connection: ~40 KB, were it relayed
+# info requests over the dialed connection: 49.6 KB through the relay with control, measured
+# behind masquerade random; 4.3 KB (control only) punched behind masquerade
+REQUESTS = 100
 
 
 def test_two_homes_hole_punch_where_the_nat_keeps_ports_and_stay_relayed_where_not(
@@ -145,7 +147,7 @@ def test_two_homes_hole_punch_where_the_nat_keeps_ports_and_stay_relayed_where_n
     else:
         assert got["via"].startswith(f"{home_a.wan}:"), got  # home A's router, directly
         assert punches.get("punched") == 1, punches
-        assert carried < 30_000, carried  # TLS handshake, Hellos, HolePunch and Sync only
+        assert carried < 10_000, carried  # TLS handshake, Hellos, HolePunch and Sync only
 
 
 def test_public_peer_learns_it_is_reachable_and_becomes_a_relay() -> None:
