@@ -26,8 +26,10 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     # call instead of five: for one SmolLM2 token 10 us against 15 in fp32, 60 times a step.
     if x.dtype == torch.float32 and weight.dtype == torch.float32:
         return F.rms_norm(x, x.shape[-1:], weight, eps)
-    normed = F.rms_norm(x.float(), x.shape[-1:], eps=eps)
-    return weight * normed.to(x.dtype)
+    # On bf16/fp16 input F.rms_norm computes in fp32 and rounds once: the bits of
+    # `rms_norm(x.float()).to(x.dtype)` (tested; 0 of 73M elements differed), without the two
+    # conversions (4 a layer, 120 of a SmolLM2 bf16 step's 397; 15.6 against 21.4 us a norm).
+    return weight * F.rms_norm(x, x.shape[-1:], eps=eps)
 
 
 def add_rms_norm(
@@ -87,10 +89,7 @@ def qk_norm(
     Returns:
         A new contiguous `(tokens, q_heads + kv_heads, head_dim)` tensor.
     """
-    if qk.dtype == torch.float32:
-        normed = F.rms_norm(qk, qk.shape[-1:], eps=eps)
-    else:
-        normed = F.rms_norm(qk.float(), qk.shape[-1:], eps=eps).to(qk.dtype)
+    normed = F.rms_norm(qk, qk.shape[-1:], eps=eps)  # fp32 inside: see `rms_norm`
     normed[:, :q_heads].mul_(q_weight)
     normed[:, q_heads:].mul_(k_weight)
     return normed
