@@ -59,7 +59,9 @@ LOCK_FILE = "cpu-linear-plans.lock"
 PREFILL_SLACK = 1.25  # a layout whose prefill GEMM is this much slower than the best's loses
 
 
-PLAN_MODES = ("measure", "fixed")  # a peer's and the local engine's choice: Tuner or default_plan
+# A peer's and the local engine's choice: a Tuner that reads what was kept ("measure") or times
+# every shape again and replaces what was kept ("remeasure"), or `default_plan` ("fixed").
+PLAN_MODES = ("measure", "remeasure", "fixed")
 
 
 def default_plans_dir() -> Path:
@@ -70,7 +72,7 @@ def default_plans_dir() -> Path:
 
 def open_chooser(mode: str, cache_dir: Path | None) -> Tuner | None:
     """The chooser of `mode`: a `Tuner` keeping its plans in `cache_dir` (None: the default
-    folder) for "measure", None (the fixed rule) for "fixed".
+    folder) for "measure" and "remeasure" (its `retime`), None (the fixed rule) for "fixed".
 
     Raises:
         ValueError: another mode.
@@ -79,7 +81,8 @@ def open_chooser(mode: str, cache_dir: Path | None) -> Tuner | None:
         raise ValueError(f"unknown CPU plan mode {mode!r}; choose one of {PLAN_MODES}")
     if mode == "fixed":
         return None
-    return Tuner(TuningConfig(cache_dir=cache_dir or default_plans_dir()))
+    config = TuningConfig(cache_dir=cache_dir or default_plans_dir())
+    return Tuner(config, retime=mode == "remeasure")
 
 
 @dataclass(frozen=True)
@@ -135,21 +138,36 @@ class Tuner:
     """A `kernels.cpu_linear.Chooser` that times the candidates once per machine and shape.
 
     `timed` counts the shapes it had to time (the rest came from its memory or the file);
-    `chosen` maps each key it answered to the plan, for a peer to report.
+    `chosen` maps each key it answered to the plan, for a peer to report. With `retime`, every
+    shape is timed once again and replaces what was kept, for this and every other thread
+    count (a choice timed on a loaded machine stays otherwise: the pick of this machine's first
+    load, during other sessions' tests, ran fp32 at 0.41x transformers); processes that loaded
+    the old plans give other bits until they load again.
     """
 
-    def __init__(self, config: TuningConfig | None = None, machine: Machine | None = None):
+    def __init__(
+        self,
+        config: TuningConfig | None = None,
+        machine: Machine | None = None,
+        retime: bool = False,
+    ):
         self.config = config or TuningConfig()
         self.machine = machine or Machine.here()
+        self.retime = retime
         self.timed = 0
         self.chosen: dict[str, LinearPlan] = {}
+        self._dropped: set[str] = set()  # keys replaced by a retiming, left out when written
         self._plans = self._read()
 
     def __call__(self, weights: Sequence[torch.Tensor], has_bias: bool) -> LinearPlan:
         w = weights[0]
         key = cache_key(self.machine, w.dtype, w.shape[0], w.shape[1])
         plan = self._kept(key, w)
-        if plan is None:
+        if self.retime and key not in self.chosen:
+            with self._locked():
+                self._drop_shape(key)
+                plan = self._time(key, weights)
+        elif plan is None:
             with self._locked():
                 self._plans.update(self._read())  # another process may have timed it meanwhile
                 plan = self._kept(key, w)
@@ -157,6 +175,14 @@ class Tuner:
                     plan = self._time(key, weights)
         self.chosen[key] = plan
         return plan
+
+    def _drop_shape(self, key: str) -> None:
+        """Forget this shape's kept plans at every thread count (`retime`)."""
+        self._plans.update(self._read())
+        shape = _shape_part(key)
+        for other in [k for k in self._plans if _shape_part(k) == shape]:
+            del self._plans[other]
+            self._dropped.add(other)
 
     def _kept(self, key: str, w: torch.Tensor, plan: LinearPlan | None = None) -> LinearPlan | None:
         """The kept plan of `key` (or `plan`), if its layout is still a candidate here."""
@@ -252,10 +278,17 @@ class Tuner:
     def _write_to(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         plans = {**self._read(), **self._plans}  # what another peer kept meanwhile, and ours
+        plans = {k: p for k, p in plans.items() if k not in self._dropped or k in self._plans}
         raw = {k: {"layout": p.layout, "bags": list(p.bags)} for k, p in plans.items()}
         tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # another peer may write too
         tmp.write_text(json.dumps(raw, indent=1, sort_keys=True))
         tmp.replace(path)
+
+
+def _shape_part(key: str) -> tuple[str, ...]:
+    """A key without its thread count: the CPU, torch, dtype and shape."""
+    cpu, version, _threads, shape = key.split(" | ")
+    return cpu, version, shape
 
 
 Times = dict[str, list[float]]  # candidate name -> seconds a linear for rows 1..n, then prefill

@@ -22,7 +22,8 @@ from layerswarm.swarm.limits import ListenLimits
 from layerswarm.swarm.traversal import NatConfig
 
 QUANTS = ("none", "int8", "int4")
-CPU_PLANS = ("measure", "fixed")  # as `kernels.cpu_tuning.PLAN_MODES` (config imports no torch)
+# as `kernels.cpu_tuning.PLAN_MODES` (config imports no torch)
+CPU_PLANS = ("measure", "remeasure", "fixed")
 LIMITS = "limits on strangers (each refusal tells the client why)"  # flag groups
 DHT = "WAN discovery (DHT) and private swarms"
 SUPPRESS = "==SUPPRESS=="  # argparse.SUPPRESS: a flag left out of --help
@@ -102,14 +103,16 @@ class PeerConfig:
         metadata=_opt("weight-only quantization of the span at load time", choices=list(QUANTS)),
     )
     # how the CPU linears' layouts are chosen: "measure" times them at load (`kernels.cpu_tuning`,
-    # kept per CPU, torch and shape), "fixed" the rule of `kernels.cpu_linear.default_plan`.
+    # kept per CPU, torch and shape; "remeasure" times them again and replaces what was kept),
+    # "fixed" the rule of `kernels.cpu_linear.default_plan`.
     # Processes that keep their plans in one folder get the same bits for a shape (exact-match
     # tests compare peers with the local engine); a fixed and a measuring one may differ
     cpu_plans: str = field(
         default="measure",
         metadata=_opt(
             "measure: time each CPU linear's layouts at load, once per CPU, torch and shape "
-            "(kept in --cpu-plans-dir); fixed: a fixed rule, no timing",
+            "(kept in --cpu-plans-dir); remeasure: time them again and replace what was kept "
+            "(on a quiet machine); fixed: a fixed rule, no timing",
             choices=list(CPU_PLANS),
         ),
     )

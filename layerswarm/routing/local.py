@@ -123,7 +123,8 @@ def open_local_generator(
         device: where the layers, the KV cache, the embedding and the head live; on CUDA the
             layers run the Triton kernels and decode steps replay CUDA graphs.
         cpu_plans: "measure" (the layers' CPU layouts timed at load, or read from what this
-            machine kept) or "fixed" (a fixed rule), as `PeerConfig.cpu_plans`.
+            machine kept), "remeasure" (timed again, replacing what was kept) or "fixed" (a
+            fixed rule), as `PeerConfig.cpu_plans`.
         cpu_plans_dir: where measured plans are kept; None: the user's cache, as a peer's.
     Raises:
         ValueError: an unknown `cpu_plans`.

@@ -179,3 +179,21 @@ def test_another_thread_count_keeps_the_bits_of_the_first_choice(tmp_path: Path)
     other_torch = Tuner(config, Machine(HERE.cpu, "9.9.9", 2))  # another torch: its own pick
     pack_linears(linears(torch.float32, n=1), other_torch)
     assert other_torch.timed == 1
+
+
+def test_a_retiming_replaces_the_kept_plans_at_every_thread_count(tmp_path: Path) -> None:
+    config = TuningConfig(**{**QUICK.__dict__, "cache_dir": tmp_path})
+    key = cache_key(HERE, torch.float32, 128, 40)
+    at_four = cache_key(Machine(HERE.cpu, HERE.torch_version, 4), torch.float32, 128, 40)
+    other = cache_key(HERE, torch.float32, 24, 40)
+    stale = {"layout": "rows", "bags": []}
+    kept = {key: stale, at_four: stale, other: stale}
+    (tmp_path / cpu_tuning.CACHE_FILE).write_text(json.dumps(kept))
+    tuner = Tuner(config, HERE, retime=True)
+    pack_linears(linears(torch.float32, n=2), tuner)
+    assert tuner.timed == 1  # two linears of one shape: timed once
+    saved = json.loads((tmp_path / cpu_tuning.CACHE_FILE).read_text())
+    assert at_four not in saved  # its bits were the old pick's: measured again when loaded
+    assert saved[other] == stale and key in saved  # another shape: kept
+    assert cpu_tuning.open_chooser("remeasure", tmp_path).retime  # type: ignore[union-attr]
+    assert cpu_tuning.open_chooser("fixed", tmp_path) is None
