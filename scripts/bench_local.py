@@ -165,6 +165,7 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--shape", default="", help="1b: a Llama-3.2-1B-shaped random model")
     ap.add_argument("--llamacpp", action="store_true", help="llama.cpp's llama-bench, A B A B")
+    ap.add_argument("--plans-dir", type=Path, help="folder of the tuned plans (default: the cache)")
     ap.add_argument("--repeats", type=int, default=3, help="runs per cell; the median is shown")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--dtypes", default="fp32,bf16", help="comma-separated: fp32, bf16")
@@ -189,7 +190,7 @@ def main() -> None:
     ids = torch.randint(
         100, config.vocab_size, (1, PROMPT_TOKENS), generator=torch.Generator().manual_seed(0)
     )
-    tuner = Tuner(TuningConfig(cache_dir=cache))
+    tuner = Tuner(TuningConfig(cache_dir=args.plans_dir or cache))
     plans: dict[str, Chooser] = {"default": default_plan, "tuned": tuner, "one-bag": one_bag}
     engines: list[tuple[str, Callable[[Path, torch.dtype, torch.Tensor], Run]]] = []
     for plan in args.plans.split(","):
