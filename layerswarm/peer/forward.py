@@ -30,7 +30,11 @@ from layerswarm.swarm.transport import TransportConfig, parse_address
 
 log = logging.getLogger(__name__)
 
-KEPT_OUTPUTS = 16  # outputs a session keeps uncollected; older ones are dropped
+KEPT_OUTPUTS = 16  # finished outputs a session keeps uncollected; older ones are dropped
+# Slots of a session in all, finished or awaited (a flowing prefill's chunks each have one
+# while they run, and their collects wait on them: an 8,192-token prompt in 256-token chunks
+# is 32); past this, the oldest goes, whatever its state
+MAX_OUTPUT_SLOTS = 256
 Activations = tuple[torch.Tensor, bytes | None]  # hidden states as sent, and their int8 scales
 RunStep = Callable[[Session, Step], Awaitable[Activations]]
 
@@ -202,7 +206,11 @@ class PushSteps:
         future = outputs.get(start)
         if future is None or (fresh and future.done()):
             future = outputs[start] = asyncio.get_running_loop().create_future()
-        while len(outputs) > KEPT_OUTPUTS:  # a client that never collects: drop the oldest
+        if len(outputs) > KEPT_OUTPUTS:  # a client that never collects: drop the oldest
+            finished = [at for at, f in outputs.items() if f.done() and f is not future]
+            for at in finished[: len(finished) - KEPT_OUTPUTS]:
+                del outputs[at]
+        while len(outputs) > MAX_OUTPUT_SLOTS:
             old = outputs.pop(next(iter(outputs)))
             if not old.done():
                 old.set_exception(RemoteError(ErrorCode.TIMEOUT, "output dropped uncollected"))
