@@ -275,11 +275,9 @@ class Choices:
             try:
                 pipeline = await gen.open_pipeline(max_length, gen.prefix(prompt))
                 hidden = await gen.prefill(pipeline, prompt)
-                for _ in range(self.n - 1):  # between steps: nothing else runs on it yet
-                    child = await fork_pipeline(pipeline)
-                    if child is None:
-                        break
-                    self._forks.append(child)
+                # Between steps (nothing else runs on it yet), every fork at once.
+                forks = await asyncio.gather(*(fork_pipeline(pipeline) for _ in range(self.n - 1)))
+                self._forks = [child for child in forks if child is not None]
             except BaseException as e:
                 self._ready.set_exception(e)
                 raise
