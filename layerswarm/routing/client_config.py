@@ -46,7 +46,14 @@ class ClientConfig:
     prefill_chunk_tokens: int = 256
     # a session opens on the KV pages that peers keep for its prompt's first tokens (this
     # client's earlier sessions'), sending only the rest; False: every prompt in full
-    prefix_cache: bool = True
+    prefix_cache: bool = field(
+        default=True,
+        metadata={
+            "help": "send every prompt in full instead of starting on the KV pages the peers "
+            "keep for its first tokens (a system prompt sent before)",
+            "flag": "--no-prefix-cache",
+        },
+    )
     insecure_plaintext: bool = False  # no TLS; trusted LANs and measurements only
     mdns_interfaces: tuple[str, ...] | None = None  # browse mDNS here (() = every one); None: off
     refresh_interval: float = 5.0  # unit: s; a new session first re-reads the swarm if older

@@ -100,6 +100,11 @@ def test_the_swarm_client_options_of_swarm_chat_reach_swarm_api() -> None:
     args = parse_args(["--peer", "127.0.0.1:1", *client, "--device", "cpu"])
     assert args.relay and args.verify_fraction == 0.1 and args.verify_locally
     assert args.speculate == "lookup" and args.device == "cpu"
+    from layerswarm.cli.chat import client_config
+
+    assert client_config(args, False).prefix_cache  # on unless asked
+    plain = parse_args(["--peer", "127.0.0.1:1", "--no-prefix-cache"])
+    assert not client_config(plain, False).prefix_cache
 
 
 # --- the server in front of a swarm --------------------------------------------------------------
