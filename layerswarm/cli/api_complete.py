@@ -19,9 +19,9 @@ from layerswarm.cli.api_params import (
     parse_sampling,
     parse_tools,
 )
-from layerswarm.cli.api_replies import Admission, EventStream, admitted, as_api_error, generate
+from layerswarm.cli.api_replies import Admission, Admitted, EventStream, as_api_error, generate
 from layerswarm.cli.api_server import ApiConfig, ApiError
-from layerswarm.cli.api_shapes import ReplyShape, collect, stream_events
+from layerswarm.cli.api_shapes import Reply, ReplyShape, collect, stream_events
 from layerswarm.errors import LayerswarmError
 from layerswarm.routing.generate import Choices, Generator
 from layerswarm.routing.grammar import Grammar, GrammarError, grammar_tokenizer
@@ -70,10 +70,10 @@ async def complete(
     # One turn for the request. The choices share one prefill: the first forks its session
     # for the others (the peers share the prompt's KV pages); each samples with the request's
     # seed + its index.
-    turn = SharedTurn(admission, n)
     group = Choices(n) if n > 1 else None
-    replies = [
-        admitted(turn, generate(gen, prompt, _nth(sampling, i), constraints[i], group))
+    turn = SharedTurn(admission, n, gen, group)
+    replies: list[Reply] = [
+        Admitted(turn, generate(gen, prompt, _nth(sampling, i), constraints[i], group))
         for i in range(n)
     ]
     plan = parse_tools(body)
@@ -93,16 +93,26 @@ async def complete(
 
 
 class SharedTurn:
-    """One turn of `Admission` held by `holders` replies: left when the last of them leaves."""
+    """One turn of `Admission` held by `holders` replies: left when the last of them leaves,
+    and the forks that no choice took (it ended before it began) are closed then."""
 
-    def __init__(self, admission: Admission, holders: int) -> None:
+    def __init__(
+        self, admission: Admission, holders: int, gen: Generator, group: Choices | None
+    ) -> None:
         self.admission = admission
         self.holders = holders
+        self.gen, self.group = gen, group
 
     def leave(self) -> None:
         self.holders -= 1
         if self.holders == 0:
             self.admission.leave()
+            if self.group is not None:
+                _CLOSING.add(task := asyncio.ensure_future(self.gen.net.call(self.group.aclose())))
+                task.add_done_callback(_CLOSING.discard)
+
+
+_CLOSING: set[asyncio.Future[None]] = set()  # forks being closed (a task needs a reference)
 
 
 def _nth(sampling: SamplingConfig, index: int) -> SamplingConfig:

@@ -172,16 +172,33 @@ class Turn(Protocol):
     def leave(self) -> None: ...
 
 
-async def admitted(
-    admission: Turn, pieces: AsyncIterator[Piece | Finished]
-) -> AsyncIterator[Piece | Finished]:
-    """`pieces`, holding a turn of `admission` (taken already) until they end or are closed."""
-    try:
-        async for item in pieces:
-            yield item
-    finally:
-        admission.leave()
-        await pieces.aclose()  # type: ignore[attr-defined]
+class Admitted:
+    """`pieces`, holding a turn of `admission` (taken already) until they end or are closed.
+
+    A class, not an async generator: closing a generator that never started runs none of its
+    body, so a reply closed before its first piece (the request failed on another choice)
+    would keep its turn for good.
+    """
+
+    def __init__(self, admission: Turn, pieces: AsyncIterator[Piece | Finished]) -> None:
+        self.admission: Turn | None = admission
+        self.pieces = pieces
+
+    def __aiter__(self) -> Admitted:
+        return self
+
+    async def __anext__(self) -> Piece | Finished:
+        try:
+            return await anext(self.pieces)
+        except BaseException:
+            await self.aclose()
+            raise
+
+    async def aclose(self) -> None:
+        if self.admission is not None:
+            self.admission.leave()
+            self.admission = None
+            await self.pieces.aclose()  # type: ignore[attr-defined]
 
 
 def as_api_error(e: Exception) -> ApiError:

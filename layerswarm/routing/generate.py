@@ -287,3 +287,8 @@ class Choices:
         if self._forks:
             return self._forks.pop(), hidden
         return await gen.open_pipeline(max_length, gen.prefix(prompt)), None
+
+    async def aclose(self) -> None:
+        """Close the forks that no reply took (those replies ended before they began)."""
+        forks, self._forks = self._forks, []
+        await asyncio.gather(*(f.aclose() for f in forks), return_exceptions=True)
