@@ -162,7 +162,22 @@ class PushStrategy:
             for s, w in pieces
         ]
         try:
-            return list(await asyncio.gather(*steps))
+            await asyncio.wait(steps, return_when=asyncio.FIRST_EXCEPTION)
+            failed = [i for i, step in enumerate(steps) if step.done() and step.exception()]
+            if not failed:
+                return [step.result() for step in steps]
+            error = steps[failed[0]].exception()
+            if not isinstance(error, HopStepFailed):
+                # A hop that failed one chunk holds a gap, so it refuses the chunks after it
+                # (`bad_position`): not this client's bug if an earlier chunk failed there.
+                if failed[0]:
+                    await asyncio.wait(steps[: failed[0]])
+                for step in steps[: failed[0]]:
+                    if isinstance(step.exception(), HopStepFailed):
+                        error = step.exception()
+                        break
+            assert error is not None
+            raise error
         finally:
             for step in steps:
                 step.cancel()

@@ -352,6 +352,17 @@ def test_a_flowing_prefill_restarts_after_a_failure_and_gives_the_same_reply() -
     assert any("during a prefill" in e for e in swarm.events)
 
 
+def test_a_hop_busy_at_a_flowing_prefills_first_chunk_is_waited_out_not_called_our_bug() -> None:
+    """The chunks after the refused one reach that hop with a gap before them (`bad_position`,
+    our bug if alone): the earlier chunk's failure is what happened (found by hypothesis)."""
+    swarm = FakeSwarm(config(True, 2), TWO_REPLICAS)
+    swarm.hops["hop-3-6-0"].faults.append(Fault(1, "busy"))
+    outs = asyncio.run(run_reply(swarm))
+    for got, want in zip(outs, reference(), strict=True):
+        torch.testing.assert_close(got, want)
+    check_invariants(swarm, set())
+
+
 def test_our_own_malformed_request_is_raised_at_once_not_retried() -> None:
     swarm = FakeSwarm(config(push=True), TWO_REPLICAS)
     hop = swarm.hops["hop-0-3-0"]

@@ -129,7 +129,9 @@ def test_a_liar_is_recorded_once_with_its_evidence() -> None:
 def test_the_router_sees_bounded_claims_until_its_own_measurements_replace_them() -> None:
     claim = {"decode_s_per_layer": 1e-30, "quant": "int8"}
     info = InfoReply("p", "m@h", 0, 4, 4, "bfloat16", 0, 0, 10**9, claim)  # type: ignore[arg-type]
-    link = PeerLink(parse_address("127.0.0.1:1"), SimpleNamespace(peer_id="p"), info)  # type: ignore[arg-type]
+    address = parse_address("127.0.0.1:1")
+    conn = SimpleNamespace(peer_id="p", address=address)  # a connection as a link reads it
+    link = PeerLink(address, conn, info)  # type: ignore[arg-type]
     stats = PeerStats()
     view = link.view(stats)
     assert view.seconds_per_layer == MIN_SECONDS_PER_LAYER  # "infinitely fast": clamped
