@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import signal
 import sys
+import threading
 from collections.abc import Iterable
 from pathlib import Path
 from typing import TextIO
@@ -59,21 +61,39 @@ class Events:
 
 def show(pieces: Iterable[str], events: Events | None = None) -> str:
     """Print pieces as they come; return the whole reply. A Ctrl-C stops reading and is raised
-    again with what was shown so far (as `Stopped`)."""
+    again with what was shown so far (as `Stopped`).
+
+    The Ctrl-C is also noted, and looked for after each piece: Python raises it wherever the
+    main thread is, and one raised inside a finalizer (`__del__`, a weakref callback, the
+    collector) is printed as ignored and lost, so the reply would run on to its end."""
     reply: list[str] = []
+    pressed = threading.Event()
+
+    def on_ctrl_c(signum: int, frame: object) -> None:
+        pressed.set()
+        raise KeyboardInterrupt
+
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, on_ctrl_c) if in_main else None
     try:
         for piece in pieces:
+            if pressed.is_set():
+                raise KeyboardInterrupt
             sys.stdout.write(piece)
             sys.stdout.flush()
             reply.append(piece)
             if events is not None:
                 events.mid_line = not piece.endswith("\n")
+        if pressed.is_set():
+            raise KeyboardInterrupt
     except KeyboardInterrupt:
         close = getattr(pieces, "close", None)
         if close is not None:
             close()
         raise Stopped("".join(reply)) from None
     finally:
+        if in_main:
+            signal.signal(signal.SIGINT, previous or signal.default_int_handler)
         if events is not None:
             events.mid_line = False
     sys.stdout.write("\n")
