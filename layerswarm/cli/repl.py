@@ -161,6 +161,9 @@ class Chat:
     def run(self) -> None:
         with contextlib.suppress(ImportError):
             import readline  # noqa: F401  # line editing and history for input()
+        # Ctrl-C stops a reply or leaves, even where the chat was started with SIGINT ignored
+        # (a shell's `cmd &` without job control does that, and Python then leaves it so).
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         say("chat with the model; /help lists the commands")
         try:
             while True:
