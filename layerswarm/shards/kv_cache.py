@@ -242,6 +242,8 @@ class PagedKVCache:
             How many tokens were dropped (0 when the session held no more than `length`).
         Raises:
             ValueError: `length` is negative.
+            CacheFull: the session now ends inside a page others share, and no page is free
+                for its copy: it then keeps only its whole pages before `length`.
         """
         if length < 0:
             raise ValueError(f"cannot truncate to a negative length ({length})")
@@ -268,7 +270,13 @@ class PagedKVCache:
         old = session.pages[at]
         if self._refs[old] == 1:
             return
-        self._room(1)
+        try:
+            self._room(1)
+        except CacheFull:  # never write into a shared page: drop the session's part of it
+            self._unref(old)
+            self._set_pages(session, session.pages[:at])
+            session.length = at * self.page_size
+            raise
         new = self._new_page(session.pages[at - 1] if at else -1)
         self.k[:, new] = self.k[:, old]
         self.v[:, new] = self.v[:, old]

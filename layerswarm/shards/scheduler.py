@@ -314,11 +314,12 @@ class StepScheduler:
 
     def _grow(self, job: Job, n: int) -> bool:
         end = job.start + job.ran + n
-        if job.ran == 0 and job.start < job.seq.length:
-            # A step that begins before the session's end replaces what follows (a speculative
-            # step's rejected drafts): those positions go, and pages that hold none come back.
-            self.rolled_back_tokens += self.cache.truncate(job.seq, job.start)
         try:
+            if job.ran == 0 and job.start < job.seq.length:
+                # A step that begins before the session's end replaces what follows (a
+                # speculative step's rejected drafts): those positions go, and pages that hold
+                # none come back (a shared page it now ends in is copied: CacheFull if no room).
+                self.rolled_back_tokens += self.cache.truncate(job.seq, job.start)
             self.cache.grow(job.seq, end)
         except (CacheFull, ContextOverflow) as e:
             msg = f"the session cannot grow to {end} tokens here ({e})"

@@ -148,3 +148,16 @@ def test_any_mix_of_forks_rollbacks_keeps_and_frees_leaks_no_page(
         cache.free(s)
     cache.drop_prefixes()
     assert cache.pages_free == 24 and cache._n_free == 24
+
+
+def test_no_room_to_copy_a_shared_page_never_leaves_a_session_writing_into_it() -> None:
+    cache = small_cache(3)
+    parent = cache.open_session(16)
+    write(cache, parent, 0, [1, 2, 3, 4, 5, 6, 7, 8])
+    child = cache.fork(parent)  # shares both pages
+    filler = cache.open_session(16)
+    cache.grow(filler, 4)  # the last free page
+    with pytest.raises(CacheFull):
+        cache.truncate(child, 6)  # would end inside the shared second page: no page to copy
+    assert child.length == 4 and child.pages == parent.pages[:1]
+    assert held(cache, parent) == [1, 2, 3, 4, 5, 6, 7, 8]
