@@ -118,7 +118,7 @@ async def main(host, bootstrap, model, want, relayed=""):
     node = await DhtNode.start(generate_identity(), host, 0, bootstrap.split(","), None)
     holder, _, count = relayed.partition("=")
     lookup = DhtLookup(lambda: node.get_records(dht_key(model_fingerprint(model))))
-    deadline = time.monotonic() + 90
+    deadline = time.monotonic() + 180  # a loaded host: announcements run late
     try:
         while time.monotonic() < deadline:
             await lookup.refresh()
@@ -145,7 +145,7 @@ def wait_seen(
     out = subprocess.run(
         ["ip", "netns", "exec", ns, sys.executable, "-c", SEEN, host, bootstrap, str(model),
          ",".join(peer_ids), relayed],
-        capture_output=True, text=True, timeout=150,
+        capture_output=True, text=True, timeout=240,
     )  # fmt: skip
     assert "seen" in out.stdout, out.stderr[-3000:]
 
