@@ -144,6 +144,8 @@ class PagedKVCache:
         Raises:
             CacheFull: fewer pages than that are free or evictable.
         """
+        if self._n_free >= pages:  # the common case, on every page a session grows by
+            return
         if pages > self.pages_free:
             raise CacheFull(
                 f"cache full: {pages} more pages needed, "
